@@ -1,0 +1,63 @@
+"""Argument checks with the messages users see. Each raises ValueError/TypeError naming the argument."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+VARIANTS = ("paper", "official", "official-trained")
+DEFAULT_CLUSTERS = {"paper": 3, "official": 10, "official-trained": 5}
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return int(value)
+
+
+def positive_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def choice(name: str, value, options) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+    return value
+
+
+def features(name: str, z, dim_hint: str = "[B, C, H, W] or [B, D]") -> torch.Tensor:
+    """A floating tensor with a batch dimension, flattened to ``[B, D]``."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+    if z.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {z.dtype}")
+    if z.dim() < 2:
+        raise ValueError(f"{name} must have shape {dim_hint}, got {tuple(z.shape)}")
+    return z.reshape(z.shape[0], -1)
+
+
+def labels(name: str, y, batch: int, num_classes: int, device, validate: bool) -> torch.Tensor:
+    """Integer labels ``[batch]`` in ``[0, num_classes)``, as int64 on ``device``."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(y).__name__}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of class indices, got {y.dtype}")
+    if y.dim() != 1 or y.shape[0] != batch:
+        raise ValueError(f"{name} must have shape [{batch}] (one label per sample), got {tuple(y.shape)}")
+    if y.device != torch.device(device):
+        raise ValueError(f"{name} is on {y.device} but the features are on {device}")
+    if validate and batch and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]")
+    return y.to(torch.int64)
+
+
+def finite(name: str, z: torch.Tensor) -> None:
+    if z.numel() and not bool(torch.isfinite(z).all()):
+        raise ValueError(f"{name} contains NaN or Inf")

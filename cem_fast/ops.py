@@ -1,0 +1,129 @@
+"""The CEM loss as one autograd.Function over two registered custom ops.
+
+``cem_fast::assign_stats`` (nearest cluster + per-cluster counts and squared deviations) and
+``cem_fast::scatter_grad`` (``dz_i = coef[a_i] * (z_i - mu[a_i])``) dispatch to the chosen backend
+and are registered with ``torch.library`` (schema, fake implementation, autograd), so a training step
+with ``CEMLoss`` runs under ``torch.compile``. ``CEMFunction`` runs the forward statistics, the variant
+math of ``cem_fast.variants`` (tiny ``[K, D]`` tensors) and, in backward, one ``scatter_grad`` pass.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backends, variants
+from .distributed import all_reduce_sum, world_size
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("cem_fast::assign_stats", mutates_args=())
+def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int,
+                 class_conditional: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest cluster per row of ``z [B, D]`` and the clusters' counts ``[K]`` and squared deviations ``[K, D]``."""
+    return backends.get(backend).assign_stats(z, labels, centroids, m, class_conditional)
+
+
+@assign_stats.register_fake
+def _(z, labels, centroids, m, class_conditional, backend):
+    K, D = centroids.shape
+    return (z.new_empty(z.shape[0], dtype=torch.int64), centroids.new_empty(K), centroids.new_empty(K, D))
+
+
+@torch.library.custom_op("cem_fast::scatter_grad", mutates_args=())
+def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, coef: torch.Tensor,
+                 backend: str) -> torch.Tensor:
+    """``dz[i] = coef[assign[i]] * (z[i] - centroids[assign[i]])`` in ``z``'s dtype."""
+    return backends.get(backend).scatter_grad(z, assign, centroids, coef.expand(centroids.shape).contiguous())
+
+
+@scatter_grad.register_fake
+def _(z, assign, centroids, coef, backend):
+    return torch.empty_like(z)
+
+
+def _assign_stats_setup(ctx, inputs, output):
+    z, _, centroids, _, _, backend = inputs
+    ctx.save_for_backward(z, output[0], centroids)
+    ctx.backend = backend
+
+
+def _assign_stats_backward(ctx, grad_assign, grad_counts, grad_sqdev):
+    z, assign, centroids = ctx.saved_tensors
+    return scatter_grad(z, assign, centroids, 2 * grad_sqdev, ctx.backend), None, None, None, None, None
+
+
+assign_stats.register_autograd(_assign_stats_backward, setup_context=_assign_stats_setup)
+
+
+# --------------------------------------------------------------------------- full covariance (torch)
+
+
+def second_moments(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """``[K, D, D]``: per cluster the sum of ``(z - mu)(z - mu)^T``, one batched product, no host sync."""
+    K = centroids.shape[0]
+    diff = z.to(centroids.dtype) - centroids[assign]
+    onehot = torch.nn.functional.one_hot(assign, K).to(diff.dtype)          # [B, K]
+    masked = onehot.t()[:, :, None] * diff[None]                              # [K, B, D]
+    return masked.transpose(1, 2) @ diff                                      # [K, D, D]
+
+
+def matrix_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``dz[i] = coef[a_i] @ (z_i - mu[a_i])`` for symmetric ``coef [K, D, D]``."""
+    K = centroids.shape[0]
+    diff = z.to(centroids.dtype) - centroids[assign]
+    onehot = torch.nn.functional.one_hot(assign, K).to(diff.dtype)
+    per_cluster = (onehot.t()[:, :, None] * diff[None]) @ coef                # [K, B, D]
+    return per_cluster.sum(0).to(z.dtype)
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+class CEMFunction(torch.autograd.Function):
+    """Forward: statistics -> variant math -> loss (and the new state). Backward: one gather pass."""
+
+    @staticmethod
+    def forward(ctx, z, labels, centroids, pi, variance, variant: str, covariance: str, m: int,
+                class_conditional: bool, sigma: float, reduction: str, num_classes: int,
+                dataset_size: float, var_threshold: float, log_entropy: int, replicate_index_bug: bool,
+                backend: str, process_group: Optional[object]):
+        full = variant == "paper" and covariance == "full"
+        assign, counts, sqdev = assign_stats(z, labels, centroids, m, class_conditional, backend)
+        stat = second_moments(z, assign, centroids) if full else sqdev
+        if process_group is not None:
+            counts, stat = all_reduce_sum(counts, stat, process_group)
+        new_pi, new_var = pi, variance
+        if variant == "official":
+            loss, coef = variants.official(counts, stat, m=m, class_conditional=class_conditional, sigma=sigma)
+        elif variant == "official-trained":
+            loss, coef = variants.official_trained(
+                counts, stat, pi.reshape(-1), variance.reshape(-1), m=m, class_conditional=class_conditional,
+                sigma=sigma, num_classes=num_classes, dataset_size=dataset_size, var_threshold=var_threshold,
+                log_entropy=log_entropy, replicate_index_bug=replicate_index_bug)
+        else:
+            math_fn = variants.paper_full if full else variants.paper_diag
+            K = counts.shape[0]
+            loss, coef, new_pi, new_var = math_fn(
+                counts, stat, pi.reshape(K), variance.reshape(K, *variance.shape[2:]), sigma=sigma,
+                dataset_size=dataset_size, reduction=reduction)
+            new_pi, new_var = new_pi.view_as(pi), new_var.view_as(variance)
+        ctx.save_for_backward(z, assign, centroids, coef)
+        ctx.full = full
+        ctx.backend = backend
+        ctx.grad_scale = 2.0 * world_size(process_group)
+        ctx.mark_non_differentiable(new_pi, new_var)
+        return loss, new_pi, new_var
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_pi, _grad_var):
+        z, assign, centroids, coef = ctx.saved_tensors
+        # Under data parallelism every rank holds the global loss; DDP averages gradients over ranks,
+        # so each rank's exact gradient is scaled by the world size (folded into grad_scale).
+        scaled = coef * (grad_loss * ctx.grad_scale)
+        if ctx.full:
+            dz = matrix_grad(z, assign, centroids, scaled)
+        else:
+            dz = scatter_grad(z, assign, centroids, scaled, ctx.backend)
+        return (dz,) + (None,) * 17

@@ -1,0 +1,38 @@
+"""Shared builders for the loss tests: random cluster states and the reference call."""
+import torch
+
+from cem_fast.reference import reference_loss
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def random_state(variant, C, m, D, *, covariance="diag", gen=None, dtype=torch.float64):
+    cent = torch.rand(C, m, D, generator=gen, dtype=torch.float64)
+    if variant == "paper":
+        pi = torch.rand(C, m, generator=gen, dtype=torch.float64) + 0.05
+        pi = pi / pi.sum()
+        if covariance == "full":
+            a = torch.randn(C, m, D, D, generator=gen, dtype=torch.float64) * 0.05
+            var = a @ a.transpose(-1, -2) + 0.01 * torch.eye(D, dtype=torch.float64)
+        else:
+            var = torch.rand(C, m, D, generator=gen, dtype=torch.float64) * 0.05
+    elif variant == "official-trained":
+        pi = torch.rand(C, m, generator=gen, dtype=torch.float64) + 0.05
+        pi = pi / pi.sum(1, keepdim=True)
+        var = torch.rand(C, m, generator=gen, dtype=torch.float64) * 0.05
+    else:
+        pi, var = None, None
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return cast(cent), cast(pi), cast(var)
+
+
+def run_reference(z, y, cent, pi, var, variant, **kw):
+    z64 = z.detach().double().reshape(z.shape[0], -1).requires_grad_(True)
+    loss, new_pi, new_var = reference_loss(z64, y, cent.double(), variant=variant,
+                                           pi=None if pi is None else pi.double(),
+                                           variance=None if var is None else var.double(), **kw)
+    (g,) = torch.autograd.grad(loss, z64) if loss.requires_grad else (torch.zeros_like(z64),)
+    return loss.detach(), g, new_pi, new_var

@@ -1,0 +1,307 @@
+"""Triton kernels under the Triton interpreter (CPU), against the torch backend and float64 sums.
+
+``TRITON_INTERPRET=1`` must be set when the kernels are decorated (at import of the backend), so this
+module sets it, imports (or re-imports) the backend, and restores the environment straight away: the
+rest of the suite never sees the variable. While this module's tests run, a fixture sets it again
+(the launchers and ``is_available`` read it).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+_PREV = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    triton = pytest.importorskip("triton", reason="triton is not installed")
+    from cem_fast.backends import torch_backend as ref
+    from cem_fast.backends import triton_backend as tb
+    if not tb.kernels_interpreted():   # imported earlier in this process without the interpreter
+        tb = importlib.reload(tb)
+finally:
+    if _PREV is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREV
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def gen():
+    seed = int.from_bytes(os.urandom(4), "little")
+    return torch.Generator().manual_seed(seed)   # gen.initial_seed() names the inputs of a failure
+
+
+def make_inputs(gen, B, D, C, m, dtype, spread=1.0):
+    acc = tb.accumulation_dtype(dtype)
+    z = torch.randn(B, D, generator=gen).to(dtype)
+    labels = torch.randint(0, C, (B,), generator=gen)
+    centroids = (spread * torch.randn(C * m, D, generator=gen)).to(acc)
+    return z, labels, centroids
+
+
+def f64_distances(z, labels, centroids, m, class_conditional):
+    """[B, cand] float64 squared distances to each row's candidates and the candidates' indices."""
+    K, D = centroids.shape
+    z64, c64 = z.double(), centroids.double()
+    if class_conditional:
+        cand = labels[:, None] * m + torch.arange(m)[None, :]
+    else:
+        cand = torch.arange(K).expand(z.shape[0], K)
+    d2 = ((z64[:, None, :] - c64[cand]) ** 2).sum(-1)
+    return d2, cand
+
+
+def f64_stats(z, assign, centroids):
+    K, D = centroids.shape
+    diff = z.double() - centroids.double()[assign]
+    counts = torch.zeros(K, dtype=torch.float64).index_add_(0, assign, torch.ones(len(assign), dtype=torch.float64))
+    sqdev = torch.zeros(K, D, dtype=torch.float64).index_add_(0, assign, diff * diff)
+    return counts, sqdev
+
+
+def tol(dtype):
+    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-5)
+
+
+def check_against_references(z, labels, centroids, m, cc, seed, use_atomics=False):
+    a, counts, sqdev = tb.assign_stats(z, labels, centroids, m, cc, use_atomics=use_atomics)
+    acc = centroids.dtype
+    assert a.dtype == torch.int64 and a.shape == (z.shape[0],), seed
+    assert counts.dtype == acc and sqdev.dtype == acc and sqdev.shape == centroids.shape, seed
+    a_ref, counts_ref, sqdev_ref = ref.assign_stats(z, labels, centroids, m, cc)
+    # the same distances in the same dtype: on continuous random data the argmin agrees exactly
+    assert torch.equal(a, a_ref), f"seed {seed}: assignments differ from the torch backend"
+    # and the chosen cluster is a float64 nearest one (up to the accumulation dtype's rounding)
+    d2, cand = f64_distances(z, labels, centroids, m, cc)
+    chosen = d2.gather(1, (a[:, None] - cand[:, :1]) if cc else a[:, None]).squeeze(1)
+    best = d2.min(1).values
+    slack = 1e-12 if acc == torch.float64 else 1e-5
+    assert torch.all(chosen <= best * (1 + slack) + slack), f"seed {seed}: not a nearest centroid"
+    counts64, sqdev64 = f64_stats(z, a, centroids)
+    assert torch.equal(counts.double(), counts64), seed
+    torch.testing.assert_close(sqdev.double(), sqdev64, **tol(acc), msg=lambda s: f"seed {seed}: {s}")
+    torch.testing.assert_close(sqdev, sqdev_ref, **tol(acc), msg=lambda s: f"seed {seed}: {s}")
+    return a, counts, sqdev
+
+
+# --------------------------------------------------------------------------- assign_stats
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cc", [True, False])
+def test_assign_stats_matches_references(gen, dtype, cc):
+    z, labels, centroids = make_inputs(gen, B=67, D=37, C=4, m=3, dtype=dtype)
+    check_against_references(z, labels, centroids, 3, cc, gen.initial_seed())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_atomics_path_matches(gen, dtype):
+    z, labels, centroids = make_inputs(gen, B=45, D=50, C=3, m=2, dtype=dtype)
+    for cc in (True, False):
+        check_against_references(z, labels, centroids, 2, cc, gen.initial_seed(), use_atomics=True)
+
+
+@pytest.mark.parametrize("B,D,C,m", [(1, 8, 3, 2), (5, 513, 2, 3), (40, 37, 5, 1), (33, 1, 2, 4),
+                                     (70, 20, 2, 20)])
+@pytest.mark.parametrize("cc", [True, False])
+def test_edge_shapes(gen, B, D, C, m, cc):
+    # D = 513 crosses several D tiles with a ragged tail; m = 20 and K = 40 span several candidate blocks
+    z, labels, centroids = make_inputs(gen, B, D, C, m, torch.float32)
+    check_against_references(z, labels, centroids, m, cc, gen.initial_seed())
+
+
+def test_empty_clusters_and_absent_classes(gen):
+    C, m, D = 5, 3, 24
+    z, _, centroids = make_inputs(gen, 30, D, C, m, torch.float32)
+    labels = torch.where(torch.rand(30, generator=gen) < 0.5, 1, 3)       # classes 0, 2, 4 absent
+    centroids[3 * m + 1] += 100.0                                          # a cluster nobody is near
+    a, counts, sqdev = check_against_references(z, labels, centroids, m, True, gen.initial_seed())
+    for c in (0, 2, 4):
+        assert torch.all(counts[c * m:(c + 1) * m] == 0) and torch.all(sqdev[c * m:(c + 1) * m] == 0)
+    assert counts[3 * m + 1] == 0 and torch.all(sqdev[3 * m + 1] == 0)
+    assert counts.sum() == 30
+
+
+def test_batch_of_zero_rows():
+    centroids = torch.randn(6, 9)
+    a, counts, sqdev = tb.assign_stats(torch.empty(0, 9), torch.empty(0, dtype=torch.int64), centroids, 3, True)
+    assert a.shape == (0,) and torch.all(counts == 0) and counts.shape == (6,) and torch.all(sqdev == 0)
+    dz = tb.scatter_grad(torch.empty(0, 9), torch.empty(0, dtype=torch.int64), centroids, torch.ones(6, 9))
+    assert dz.shape == (0, 9)
+
+
+@pytest.mark.parametrize("cc", [True, False])
+def test_ties_go_to_the_lowest_index(gen, cc):
+    C, m, D = 3, 4, 21
+    z, labels, centroids = make_inputs(gen, 16, D, C, m, torch.float32, spread=5.0)
+    labels[:] = 1
+    # clusters 5 and 7 (class 1, j = 1 and 3) are identical and sit on the points: an exact tie
+    centroids[7] = centroids[5] = z[0].float()
+    z[:] = z[0] + 1e-3 * torch.randn(16, D, generator=gen)
+    a, _, _ = tb.assign_stats(z, labels, centroids, m, cc)
+    assert torch.all(a == 5), gen.initial_seed()
+    # across classes (unconditional): duplicate cluster 9 into cluster 2
+    if not cc:
+        centroids[2] = centroids[9] = centroids[5] + 0.0
+        centroids[5] += 1.0
+        centroids[7] += 1.0
+        a, _, _ = tb.assign_stats(z, labels, centroids, m, False)
+        assert torch.all(a == 2), gen.initial_seed()
+
+
+def test_non_contiguous_z_and_int32_labels(gen):
+    z, labels, centroids = make_inputs(gen, 24, 19, 3, 2, torch.float32)
+    zt = z.t().contiguous().t()                                           # column-major view
+    assert not zt.is_contiguous()
+    a1 = tb.assign_stats(zt, labels.int(), centroids, 2, True)
+    a2 = tb.assign_stats(z, labels, centroids, 2, True)
+    for x, y in zip(a1, a2):
+        assert torch.equal(x, y)
+
+
+def test_out_of_range_labels_are_excluded(gen):
+    z, labels, centroids = make_inputs(gen, 12, 10, 3, 2, torch.float32)
+    labels[4], labels[7] = -1, 3
+    a, counts, _ = tb.assign_stats(z, labels, centroids, 2, True)
+    assert a[4] == -1 and a[7] == -1 and counts.sum() == 10
+    dz = tb.scatter_grad(z, a, centroids, torch.ones_like(centroids))
+    assert torch.all(dz[4] == 0) and torch.all(dz[7] == 0) and torch.any(dz[0] != 0)
+
+
+@pytest.mark.parametrize("use_atomics", [False, True])
+def test_deterministic(gen, use_atomics):
+    z, labels, centroids = make_inputs(gen, 64, 70, 2, 3, torch.float32)
+    first = tb.assign_stats(z, labels, centroids, 3, True, use_atomics=use_atomics)
+    second = tb.assign_stats(z, labels, centroids, 3, True, use_atomics=use_atomics)
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+
+
+# --------------------------------------------------------------------------- scatter_grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("coef_cols", ["D", "1"])
+def test_scatter_grad_matches_references(gen, dtype, coef_cols):
+    z, labels, centroids = make_inputs(gen, 41, 37, 3, 2, dtype)
+    K, D = centroids.shape
+    assign = torch.randint(0, K, (41,), generator=gen)
+    coef = torch.randn(K, D if coef_cols == "D" else 1, generator=gen).to(centroids.dtype)
+    dz = tb.scatter_grad(z, assign, centroids, coef)
+    assert dz.dtype == dtype and dz.shape == z.shape
+    exact = coef.double()[assign] * (z.double() - centroids.double()[assign])
+    expected = ref.scatter_grad(z, assign, centroids, coef)
+    if dtype == torch.bfloat16:
+        # the interpreter rounds float32 -> bfloat16 toward zero (a GPU rounds to nearest even):
+        # allow one bfloat16 ulp here; the GPU tests ask for bitwise equality
+        torch.testing.assert_close(dz.double(), exact, rtol=2 ** -7, atol=1e-6)
+    else:
+        assert torch.equal(dz, expected), f"seed {gen.initial_seed()}: differs from the torch backend"
+        torch.testing.assert_close(dz.double(), exact, **(tol(torch.float64) if dtype == torch.float64 else
+                                                          dict(rtol=1e-3 if dtype == torch.float16 else 1e-6,
+                                                               atol=1e-5)))
+
+
+def test_scatter_grad_ragged_tiles(gen):
+    z, _, centroids = make_inputs(gen, 3, 513, 2, 2, torch.float32)
+    assign = torch.tensor([3, 0, 3])
+    coef = torch.randn(4, 513, generator=gen)
+    assert torch.equal(tb.scatter_grad(z, assign, centroids, coef), ref.scatter_grad(z, assign, centroids, coef))
+
+
+# --------------------------------------------------------------------------- full covariance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_second_moments_and_grad(gen, dtype):
+    B, D, K = 40, 37, 5
+    z, _, centroids = make_inputs(gen, B, D, 5, 1, dtype)
+    assign = torch.randint(0, K - 1, (B,), generator=gen)                  # cluster K-1 stays empty
+    moments = tb.cluster_second_moments(z, assign, centroids, K)
+    diff = z.double() - centroids.double()[assign]
+    expected = torch.zeros(K, D, D, dtype=torch.float64).index_add_(0, assign, diff[:, :, None] * diff[:, None, :])
+    acc = centroids.dtype
+    assert moments.dtype == acc and moments.shape == (K, D, D)
+    torch.testing.assert_close(moments.double(), expected, **tol(acc))
+    assert torch.equal(moments, moments.transpose(1, 2)) and torch.all(moments[K - 1] == 0)
+
+    g = torch.randn(K, D, D, generator=gen, dtype=torch.float64)
+    g = (g + g.transpose(1, 2)).to(acc)                                   # a symmetric upstream gradient
+    zg = z.double().requires_grad_(True)
+    d = zg - centroids.double()[assign]
+    m64 = torch.zeros(K, D, D, dtype=torch.float64).index_add(0, assign, d[:, :, None] * d[:, None, :])
+    (m64 * g.double()).sum().backward()
+    dz = tb.second_moments_grad(z, assign, centroids, g)
+    assert dz.dtype == dtype
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(dz.double(), zg.grad, rtol=2 ** -7, atol=1e-3)
+    else:
+        torch.testing.assert_close(dz.double(), zg.grad, **(tol(acc) if acc == torch.float64 else
+                                                            dict(rtol=1e-4, atol=1e-4)))
+    # matrix_grad with a non-symmetric coefficient: dz_i = coef[a_i] @ (z_i - mu)
+    coef = torch.randn(K, D, D, generator=gen).to(acc)
+    expected_mg = torch.einsum("bij,bj->bi", coef.double()[assign], diff)
+    out = tb.matrix_grad(z, assign, centroids, coef)
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(out.double(), expected_mg, rtol=2 ** -7, atol=1e-3)
+    else:
+        torch.testing.assert_close(out.double(), expected_mg, **(tol(acc) if acc == torch.float64 else
+                                                                 dict(rtol=1e-4, atol=1e-4)))
+
+
+# --------------------------------------------------------------------------- availability and bad input
+
+
+def test_is_available(monkeypatch):
+    assert tb.is_available() and tb.is_available("cpu")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert tb.is_available("cpu") is False
+    assert tb.is_available() is torch.cuda.is_available()
+    z = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="z must be a CUDA tensor"):
+        tb.assign_stats(z, torch.zeros(4, dtype=torch.int64), torch.randn(2, 3), 1, True)
+
+
+def _bad(exc, match, fn, *args, **kwargs):
+    with pytest.raises(exc, match=match):
+        fn(*args, **kwargs)
+
+
+def test_bad_inputs():
+    z, lab, cen = torch.randn(6, 4), torch.zeros(6, dtype=torch.int64), torch.randn(6, 4)
+    f = tb.assign_stats
+    _bad(ValueError, "^z must be 2-D", f, z[0], lab, cen, 3, True)
+    _bad(TypeError, "^z must be float", f, z.int(), lab, cen, 3, True)
+    _bad(TypeError, "^z must be a torch.Tensor", f, z.numpy(), lab, cen, 3, True)
+    _bad(TypeError, "^centroids must be torch.float32", f, z, lab, cen.double(), 3, True)
+    _bad(TypeError, "^centroids must be torch.float64", f, z.double(), lab, cen, 3, True)
+    _bad(ValueError, "^centroids has D=5", f, z, lab, torch.randn(6, 5), 3, True)
+    _bad(ValueError, "^centroids is on meta", f, z, lab, cen.to("meta"), 3, True)
+    _bad(TypeError, "^labels must be int64", f, z, lab.float(), cen, 3, True)
+    _bad(ValueError, "^labels has 5 entries", f, z, lab[:5], cen, 3, True)
+    _bad(ValueError, "^labels must be 1-D", f, z, lab[:, None], cen, 3, True)
+    _bad(ValueError, "^m must be a positive int", f, z, lab, cen, 0, True)
+    _bad(ValueError, "^m must be a positive int", f, z, lab, cen, 2.0, True)
+    _bad(ValueError, "^centroids has K=6 rows, not a multiple of m=4", f, z, lab, cen, 4, True)
+    _bad(TypeError, "^class_conditional must be a bool", f, z, lab, cen, 3, 1)
+    _bad(TypeError, "^use_atomics must be a bool", f, z, lab, cen, 3, True, use_atomics="yes")
+    g = tb.scatter_grad
+    a = torch.zeros(6, dtype=torch.int64)
+    _bad(TypeError, "^assign must be int64", g, z, a.int(), cen, torch.ones(6, 4))
+    _bad(ValueError, "^assign has 5 entries", g, z, a[:5], cen, torch.ones(6, 4))
+    _bad(ValueError, r"^coef must be \[K, D\]", g, z, a, cen, torch.ones(6, 3))
+    _bad(ValueError, r"^coef must be \[K, D\]", g, z, a, cen, torch.ones(5, 4))
+    _bad(TypeError, "^coef must be torch.float32", g, z, a, cen, torch.ones(6, 4, dtype=torch.float64))
+    _bad(ValueError, "^coef must be 2-D", g, z, a, cen, torch.ones(6))
+    _bad(ValueError, r"^coef must be \[K, D, D\]", tb.matrix_grad, z, a, cen, torch.ones(6, 4, 3))
+    _bad(ValueError, "^K must equal", tb.cluster_second_moments, z, a, cen, 5)
