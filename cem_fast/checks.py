@@ -1,6 +1,7 @@
 """Argument checks with the messages users see. Each raises ValueError/TypeError naming the argument."""
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -40,7 +41,12 @@ def features(name: str, z, dim_hint: str = "[B, C, H, W] or [B, D]") -> torch.Te
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {z.dtype}")
     if z.dim() < 2:
         raise ValueError(f"{name} must have shape {dim_hint}, got {tuple(z.shape)}")
-    return z.reshape(z.shape[0], -1)
+    return flatten(z)
+
+
+def flatten(z: torch.Tensor) -> torch.Tensor:
+    """``[B, ...] -> [B, D]``, also for an empty batch (where ``reshape(0, -1)`` is ambiguous)."""
+    return z.reshape(z.shape[0], math.prod(z.shape[1:]))
 
 
 def labels(name: str, y, batch: int, num_classes: int, device, validate: bool) -> torch.Tensor:

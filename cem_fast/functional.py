@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from . import backends
+from .checks import flatten
 from .ops import CEMFunction
 
 
@@ -26,7 +27,7 @@ def cem_loss(z: torch.Tensor, labels: Optional[torch.Tensor], centroids: torch.T
     """
     C, m, D = centroids.shape
     acc = accumulation_dtype(z.dtype)
-    z2d = z.reshape(z.shape[0], -1).contiguous()
+    z2d = flatten(z).contiguous()
     cent = centroids.reshape(C * m, D).to(acc).contiguous()
     lab = labels.to(torch.int64).contiguous() if (class_conditional and labels is not None) else \
         torch.zeros(0, dtype=torch.int64, device=z.device)

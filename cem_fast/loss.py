@@ -308,5 +308,5 @@ class CEMLoss(nn.Module):
 
 def feature_spread(z: torch.Tensor) -> float:
     """Mean per-dimension variance of a batch of features: a collapse monitor for training loops."""
-    z2d = z.detach().reshape(z.shape[0], -1).float()
+    z2d = checks.flatten(z.detach()).float()
     return float(z2d.var(0, unbiased=False).mean()) if z2d.shape[0] > 1 else math.nan

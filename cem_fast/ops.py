@@ -21,14 +21,16 @@ from .distributed import all_reduce_sum, world_size
 @torch.library.custom_op("cem_fast::assign_stats", mutates_args=())
 def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int,
                  class_conditional: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Nearest cluster per row of ``z [B, D]`` and the clusters' counts ``[K]`` and squared deviations ``[K, D]``."""
-    return backends.get(backend).assign_stats(z, labels, centroids, m, class_conditional)
+    """``(sqdev [K, D], counts [K], assign [B])``: the clusters' squared deviations and counts, and the
+    nearest cluster of each row of ``z [B, D]`` (floating outputs first, as opcheck's autograd test needs)."""
+    assign, counts, sqdev = backends.get(backend).assign_stats(z, labels, centroids, m, class_conditional)
+    return sqdev, counts, assign
 
 
 @assign_stats.register_fake
 def _(z, labels, centroids, m, class_conditional, backend):
     K, D = centroids.shape
-    return (z.new_empty(z.shape[0], dtype=torch.int64), centroids.new_empty(K), centroids.new_empty(K, D))
+    return (centroids.new_empty(K, D), centroids.new_empty(K), z.new_empty(z.shape[0], dtype=torch.int64))
 
 
 @torch.library.custom_op("cem_fast::scatter_grad", mutates_args=())
@@ -45,11 +47,11 @@ def _(z, assign, centroids, coef, backend):
 
 def _assign_stats_setup(ctx, inputs, output):
     z, _, centroids, _, _, backend = inputs
-    ctx.save_for_backward(z, output[0], centroids)
+    ctx.save_for_backward(z, output[2], centroids)
     ctx.backend = backend
 
 
-def _assign_stats_backward(ctx, grad_assign, grad_counts, grad_sqdev):
+def _assign_stats_backward(ctx, grad_sqdev, grad_counts, grad_assign):
     z, assign, centroids = ctx.saved_tensors
     return scatter_grad(z, assign, centroids, 2 * grad_sqdev, ctx.backend), None, None, None, None, None
 
@@ -90,7 +92,7 @@ class CEMFunction(torch.autograd.Function):
                 dataset_size: float, var_threshold: float, log_entropy: int, replicate_index_bug: bool,
                 backend: str, process_group: Optional[object]):
         full = variant == "paper" and covariance == "full"
-        assign, counts, sqdev = assign_stats(z, labels, centroids, m, class_conditional, backend)
+        sqdev, counts, assign = assign_stats(z, labels, centroids, m, class_conditional, backend)
         stat = second_moments(z, assign, centroids) if full else sqdev
         if process_group is not None:
             counts, stat = all_reduce_sum(counts, stat, process_group)

@@ -201,3 +201,16 @@ def test_official_cem_weight():
 def test_public_surface():
     for name in ("CEMLoss", "cem_loss", "entropy_bound", "mse_lower_bound", "official_cem_weight"):
         assert hasattr(cem_fast, name)
+
+
+@pytest.mark.parametrize("variant", ["paper", "official", "official-trained"])
+def test_empty_batch_gives_zero_loss_and_keeps_state(variant):
+    cem = fitted(variant)
+    before = cem.pi.clone(), cem.variance.clone()
+    z = torch.rand(0, 6, requires_grad=True)
+    loss = cem(z, torch.zeros(0, dtype=torch.int64))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 or variant == "paper"
+    assert z.grad.shape == (0, 6)
+    if variant != "paper":
+        assert torch.equal(cem.pi, before[0])

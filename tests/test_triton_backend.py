@@ -1,31 +1,43 @@
 """Triton kernels under the Triton interpreter (CPU), against the torch backend and float64 sums.
 
-``TRITON_INTERPRET=1`` must be set when the kernels are decorated (at import of the backend), so this
-module sets it, imports (or re-imports) the backend, and restores the environment straight away: the
-rest of the suite never sees the variable. While this module's tests run, a fixture sets it again
-(the launchers and ``is_available`` read it).
+Triton decides interpreter-or-GPU when a kernel is decorated, i.e. when the backend file is imported,
+and reads ``TRITON_INTERPRET`` then. So this module loads its own private copy of
+``cem_fast/backends/triton_backend.py`` with the variable set and restores the environment at once:
+the real ``cem_fast.backends.triton_backend`` module (used by the rest of the suite, and by the GPU
+tests) is never touched, and no other test sees the variable. While this module's tests run, a
+fixture sets it again (the launchers and ``is_available`` read it at call time).
 """
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 
 import pytest
 import torch
 
-_PREV = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    triton = pytest.importorskip("triton", reason="triton is not installed")
-    from cem_fast.backends import torch_backend as ref
-    from cem_fast.backends import triton_backend as tb
-    if not tb.kernels_interpreted():   # imported earlier in this process without the interpreter
-        tb = importlib.reload(tb)
-finally:
-    if _PREV is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREV
+pytest.importorskip("triton", reason="triton is not installed")
+
+from cem_fast.backends import torch_backend as ref  # noqa: E402
+
+
+def _load_interpreted_copy():
+    path = os.path.join(os.path.dirname(ref.__file__), "triton_backend.py")
+    spec = importlib.util.spec_from_file_location("cem_fast_triton_backend_interpreted", path)
+    module = importlib.util.module_from_spec(spec)
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    assert module.kernels_interpreted()
+    return module
+
+
+tb = _load_interpreted_copy()
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -159,6 +171,20 @@ def test_ties_go_to_the_lowest_index(gen, cc):
         assert torch.all(a == 2), gen.initial_seed()
 
 
+@pytest.mark.parametrize("cc", [True, False])
+def test_ties_across_candidate_blocks(gen, cc):
+    # m = 20 candidates are scored 16 at a time: the tie spans two blocks
+    C, m, D = 2, 20, 9
+    z, labels, centroids = make_inputs(gen, 8, D, C, m, torch.float32, spread=5.0)
+    labels[:] = 1
+    z[:] = z[0] + 1e-3 * torch.randn(8, D, generator=gen)
+    centroids[m + 18] = centroids[m + 2] = z[0].float()
+    if not cc:
+        centroids[3] = z[0].float()
+    a, _, _ = tb.assign_stats(z, labels, centroids, m, cc)
+    assert torch.all(a == (m + 2 if cc else 3)), gen.initial_seed()
+
+
 def test_non_contiguous_z_and_int32_labels(gen):
     z, labels, centroids = make_inputs(gen, 24, 19, 3, 2, torch.float32)
     zt = z.t().contiguous().t()                                           # column-major view
@@ -283,6 +309,7 @@ def test_bad_inputs():
     _bad(ValueError, "^z must be 2-D", f, z[0], lab, cen, 3, True)
     _bad(TypeError, "^z must be float", f, z.int(), lab, cen, 3, True)
     _bad(TypeError, "^z must be a torch.Tensor", f, z.numpy(), lab, cen, 3, True)
+    _bad(ValueError, "^z must have at least one feature", f, z[:, :0], lab, cen[:, :0], 3, True)
     _bad(TypeError, "^centroids must be torch.float32", f, z, lab, cen.double(), 3, True)
     _bad(TypeError, "^centroids must be torch.float64", f, z.double(), lab, cen, 3, True)
     _bad(ValueError, "^centroids has D=5", f, z, lab, torch.randn(6, 5), 3, True)
@@ -305,3 +332,56 @@ def test_bad_inputs():
     _bad(ValueError, "^coef must be 2-D", g, z, a, cen, torch.ones(6))
     _bad(ValueError, r"^coef must be \[K, D, D\]", tb.matrix_grad, z, a, cen, torch.ones(6, 4, 3))
     _bad(ValueError, "^K must equal", tb.cluster_second_moments, z, a, cen, 5)
+
+
+# --------------------------------------------------------------------------- compiles for the GPU
+
+_I32 = ("B", "D", "K", "M", "num_classes", "stride_zb", "stride_zd", "stride_cb", "stride_cd", "stride_kb",
+        "stride_kd")
+
+
+def _compile_sm90(fn, ptr_types, constexprs):
+    """Compile one kernel for sm_90 (H100/H200) with Triton's bundled ptxas: no GPU needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ptr_types:
+            signature[name] = ptr_types[name]
+        elif name == "scale":
+            signature[name] = "fp32"
+        else:
+            assert name in _I32, name
+            signature[name] = "i32"
+    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4})
+    assert ".entry" in kernel.asm["ptx"] and "st.local" not in kernel.asm["ptx"], "no register spills"
+
+
+@pytest.mark.parametrize("zt,acc", [("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")])
+def test_kernels_compile_for_sm90(zt, acc, monkeypatch):
+    """The interpreter does not type-check like the compiler does: compile the real kernels for an H200."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"this triton has no ahead-of-time compile API ({exc})")
+    from cem_fast.backends import triton_backend as real
+    if real.kernels_interpreted():
+        pytest.skip("TRITON_INTERPRET was set when the backend was imported in this process")
+    z, a, i = f"*{zt}", f"*{acc}", "*i64"
+    common = dict(z_ptr=z, cent_ptr=a, perm_ptr=i, starts_ptr=i, sqdev_ptr=a, counts_ptr=a, labels_ptr=i,
+                  assign_ptr=i, coef_ptr=a, dz_ptr=z, out_ptr=a)
+    f64 = acc == "fp64"
+    for cc, atom, blocks in ((True, False, (16, 4, 64)), (True, True, (8, 16, 32)), (False, False, (16, 16, 16))):
+        _compile_sm90(real._assign_kernel, common, dict(CLASS_COND=cc, ATOMIC_STATS=atom, BLOCK_B=blocks[0],
+                                                        BLOCK_K=blocks[1], BLOCK_D=blocks[2] // (2 if f64 else 1)))
+    _compile_sm90(real._segment_sqdev_kernel, common, dict(BLOCK_R=32, BLOCK_D=64 if f64 else 128))
+    _compile_sm90(real._scatter_grad_kernel, common, dict(BLOCK_B=16, BLOCK_D=128))
+    if zt != "bf16":
+        _compile_sm90(real._second_moments_kernel, common, dict(BLOCK_R=16, BLOCK_DD=32, USE_DOT=not f64))
+        _compile_sm90(real._matrix_grad_kernel, common, dict(BLOCK_R=16, BLOCK_N=64, BLOCK_KD=32, USE_DOT=not f64))

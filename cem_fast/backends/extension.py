@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import glob
 import importlib
+import logging
 import os
 import shutil
 import sys
@@ -86,16 +87,48 @@ def _version_key(path: str) -> tuple:
     return tuple(int(p) if p.isdigit() else -1 for p in parts)
 
 
-def _configure_cuda_env() -> str:
-    """Point torch's extension builder at the real toolkit, and give it an arch list when it cannot ask a GPU."""
-    import torch.utils.cpp_extension as cpp_extension
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported quietly: on import it guesses CUDA_HOME from the ``nvcc`` on
+    PATH (wrong for a wrapper script) and logs a warning when no GPU is visible; we set CUDA_HOME ourselves."""
+    if "torch.utils.cpp_extension" not in sys.modules:
+        if not _valid_cuda_home(os.environ.get("CUDA_HOME")):
+            try:
+                os.environ["CUDA_HOME"] = find_cuda_home()
+            except RuntimeError:
+                pass
+        logger = logging.getLogger("torch.utils.cpp_extension")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            import torch.utils.cpp_extension
+        finally:
+            logger.setLevel(level)
+    return sys.modules["torch.utils.cpp_extension"]
 
+
+def _configure_cuda_env():
+    """Point torch's extension builder at the real toolkit, and give it an arch list when it cannot ask a GPU."""
+    cpp_extension = _cpp_extension()
     home = find_cuda_home()
     os.environ["CUDA_HOME"] = home
     cpp_extension.CUDA_HOME = home
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH
-    return home
+    return home, cpp_extension
+
+
+def _cuda_header_flags(home: str) -> list[str]:
+    """``-isystem`` flags for the CUDA library headers torch's ATen/cuda includes (cusparse.h, cublas_v2.h, ...)
+    when the toolkit lacks them, taken from the pip ``nvidia-*`` wheels torch depends on. Placed after the
+    toolkit's own include folder, so they only fill gaps."""
+    if (Path(home) / "include" / "cusparse.h").exists():
+        return []
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+    except ImportError:
+        return []
+    dirs = sorted({d for root in nvidia.__path__ for d in glob.glob(os.path.join(root, "*", "include"))})
+    return [flag for d in dirs for flag in ("-isystem", d)]
 
 
 def _import_aot(module: str):
@@ -111,16 +144,15 @@ def load_cpp_extension():
     prebuilt = _import_aot("cem_fast._cem_cpu")
     if prebuilt is not None:
         return prebuilt
-    from torch.utils.cpp_extension import load
-
     src = csrc_dir()
-    return load(name=CPU_NAME, sources=[str(src / s) for s in CPU_SOURCES], extra_include_paths=[str(src)],
-                extra_cflags=CXX_FLAGS, extra_ldflags=LD_FLAGS, build_directory=str(cache_dir(CPU_NAME)),
-                verbose=False)
+    return _cpp_extension().load(name=CPU_NAME, sources=[str(src / s) for s in CPU_SOURCES],
+                                 extra_include_paths=[str(src)], extra_cflags=CXX_FLAGS, extra_ldflags=LD_FLAGS,
+                                 build_directory=str(cache_dir(CPU_NAME)), verbose=False)
 
 
-def cuda_sources() -> list[str]:
-    src = csrc_dir()
+def cuda_sources(src: Path | None = None) -> list[str]:
+    """Paths of the CUDA extension's sources in ``src`` (default ``csrc_dir()``); raises if the .cu is missing."""
+    src = src or csrc_dir()
     missing = [s for s in CUDA_SOURCES if not (src / s).is_file()]
     if missing:
         raise FileNotFoundError(f"cem_fast: CUDA sources {missing} not found in {src}")
@@ -133,37 +165,43 @@ def load_cuda_extension():
     prebuilt = _import_aot("cem_fast._cem_cuda")
     if prebuilt is not None:
         return prebuilt
+    return build_cuda_extension(csrc_dir())
+
+
+def build_cuda_extension(src: Path, name: str = CUDA_NAME):
+    """Compile and import the CUDA sources of the folder ``src`` (nvcc of the toolkit ``find_cuda_home()``)."""
     if not torch.version.cuda:
         raise RuntimeError("cem_fast: this torch build has no CUDA support")
-    _configure_cuda_env()
-    from torch.utils.cpp_extension import load
-
-    src = csrc_dir()
+    home, cpp_extension = _configure_cuda_env()
+    headers = _cuda_header_flags(home)
     # The cache folder names the arch list: a build for one GPU generation is not reused for another.
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "native").replace(" ", "_").replace(";", "_").replace("+", "p")
-    return load(name=CUDA_NAME, sources=cuda_sources(), extra_include_paths=[str(src)],
-                extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=LD_FLAGS,
-                build_directory=str(cache_dir(f"{CUDA_NAME}-{arch}")), verbose=False)
+    return cpp_extension.load(name=name, sources=cuda_sources(src), extra_include_paths=[str(src)],
+                              extra_cflags=CXX_FLAGS + headers, extra_cuda_cflags=NVCC_FLAGS + headers,
+                              extra_ldflags=LD_FLAGS, build_directory=str(cache_dir(f"{name}-{arch}")),
+                              verbose=False)
 
 
 def aot_extensions(with_cuda: bool | None = None) -> list:
-    """``ext_modules`` for ``setup.py``: the CPU extension, plus the CUDA one when ``with_cuda``
-    (default: when torch has CUDA, a toolkit is found and ``csrc/cem_cuda.cu`` exists)."""
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
-
+    """``ext_modules`` for ``setup.py`` (run from the repository root): the CPU extension, plus the CUDA one
+    when ``with_cuda`` (default: when torch has CUDA, a toolkit is found and ``csrc/cem_cuda.cu`` exists)."""
+    cpp_extension = _cpp_extension()
     src = csrc_dir()
-    rel = os.path.relpath(src, Path.cwd())  # setuptools wants paths relative to setup.py
-    exts = [CppExtension("cem_fast._cem_cpu", [os.path.join(rel, s) for s in CPU_SOURCES], include_dirs=[str(src)],
-                         extra_compile_args=CXX_FLAGS, extra_link_args=LD_FLAGS)]
+    rel = os.path.relpath(src, Path.cwd())  # setuptools wants source paths relative to setup.py
+    exts = [cpp_extension.CppExtension(
+        "cem_fast._cem_cpu", [os.path.join(rel, s) for s in CPU_SOURCES], include_dirs=[str(src)],
+        extra_compile_args=CXX_FLAGS, extra_link_args=LD_FLAGS)]
     if with_cuda is None:
         try:
-            with_cuda = bool(torch.version.cuda) and bool(cuda_sources()) and bool(_configure_cuda_env())
+            with_cuda = bool(torch.version.cuda) and bool(cuda_sources()) and bool(find_cuda_home())
         except (FileNotFoundError, RuntimeError):
             with_cuda = False
     if with_cuda:
-        _configure_cuda_env()
+        home = _configure_cuda_env()[0]
+        headers = _cuda_header_flags(home)
         sources = [os.path.join(rel, os.path.basename(s)) for s in cuda_sources()]
-        exts.append(CUDAExtension("cem_fast._cem_cuda", sources, include_dirs=[str(src)],
-                                  extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
-                                  extra_link_args=LD_FLAGS))
+        exts.append(cpp_extension.CUDAExtension(
+            "cem_fast._cem_cuda", sources, include_dirs=[str(src)],
+            extra_compile_args={"cxx": CXX_FLAGS + headers, "nvcc": NVCC_FLAGS + headers},
+            extra_link_args=LD_FLAGS))
     return exts

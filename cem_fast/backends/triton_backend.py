@@ -55,6 +55,13 @@ def _next_pow2(n: int) -> int:
 # =========================================================================== kernels
 
 if triton is not None:
+    # Reductions go through ``tl.reduce`` with Triton's own combine functions (exactly what ``tl.sum``
+    # and ``tl.min(..., return_indices=True)`` lower to) instead of calling ``tl.sum``/``tl.min``:
+    # those wrappers are themselves @jit functions, fixed to compiled mode when triton is imported
+    # without TRITON_INTERPRET, which would make an interpreted copy of these kernels unusable in a
+    # process that has already imported triton (e.g. a test suite that also runs GPU tests).
+    _sum_combine = tl.standard._sum_combine
+    _argmin_combine = tl.standard._argmin_combine_tie_break_left    # ties -> lowest index
 
     @triton.jit
     def _assign_kernel(z_ptr, labels_ptr, cent_ptr, assign_ptr, sqdev_ptr, counts_ptr,
@@ -73,15 +80,15 @@ if triton is not None:
             n_cand = M
         else:
             valid = row_ok
-            base = tl.zeros([BLOCK_B], dtype=tl.int64)
+            base = tl.full([BLOCK_B], 0, tl.int64)
             n_cand = K
 
         best_d = tl.full([BLOCK_B], float("inf"), acc_dtype)
-        best_j = tl.zeros([BLOCK_B], dtype=tl.int64)
+        best_j = tl.full([BLOCK_B], 0, tl.int64)
         for k0 in range(0, n_cand, BLOCK_K):
             j = k0 + tl.arange(0, BLOCK_K)
             j_ok = j < n_cand
-            dist = tl.zeros([BLOCK_B, BLOCK_K], dtype=acc_dtype)
+            dist = tl.full([BLOCK_B, BLOCK_K], 0, acc_dtype)
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + tl.arange(0, BLOCK_D)
                 d_ok = d < D
@@ -98,9 +105,10 @@ if triton is not None:
                     mu = tl.load(cent_ptr + j.to(tl.int64)[:, None] * stride_cb + d[None, :] * stride_cd,
                                  mask=j_ok[:, None] & d_ok[None, :], other=0.0)[None, :, :]
                 diff = zt[:, None, :] - mu
-                dist += tl.sum(diff * diff, axis=2)
+                dist += tl.reduce(diff * diff, 2, _sum_combine)
             dist = tl.where(j_ok[None, :], dist, float("inf"))
-            blk_d, blk_j = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            jj = tl.broadcast_to(tl.arange(0, BLOCK_K)[None, :], (BLOCK_B, BLOCK_K))
+            blk_d, blk_j = tl.reduce((dist, jj), 1, _argmin_combine)
             better = blk_d < best_d          # strict: an earlier (lower-index) block wins ties
             best_d = tl.where(better, blk_d, best_d)
             best_j = tl.where(better, k0 + blk_j.to(tl.int64), best_j)
@@ -131,7 +139,7 @@ if triton is not None:
         d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = d < D
         mu = tl.load(cent_ptr + k.to(tl.int64) * stride_cb + d * stride_cd, mask=d_ok, other=0.0)
-        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=acc_dtype)
+        acc = tl.full([BLOCK_R, BLOCK_D], 0, acc_dtype)
         for r0 in range(start, end, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
             r_ok = r < end
@@ -140,7 +148,7 @@ if triton is not None:
             zt = tl.load(z_ptr + row[:, None] * stride_zb + d[None, :] * stride_zd, mask=msk, other=0.0)
             diff = tl.where(msk, zt.to(acc_dtype) - mu[None, :], 0.0)
             acc += diff * diff
-        tl.store(sqdev_ptr + k.to(tl.int64) * D + d, tl.sum(acc, axis=0), mask=d_ok)
+        tl.store(sqdev_ptr + k.to(tl.int64) * D + d, tl.reduce(acc, 0, _sum_combine), mask=d_ok)
         if pd == 0:
             tl.store(counts_ptr + k, (end - start).to(acc_dtype))
 
@@ -182,7 +190,7 @@ if triton is not None:
             dj = bj * BLOCK_DD + tl.arange(0, BLOCK_DD)
             ci = tl.load(cent_ptr + k.to(tl.int64) * stride_cb + di * stride_cd, mask=di < D, other=0.0)
             cj = tl.load(cent_ptr + k.to(tl.int64) * stride_cb + dj * stride_cd, mask=dj < D, other=0.0)
-            acc = tl.zeros([BLOCK_DD, BLOCK_DD], dtype=acc_dtype)
+            acc = tl.full([BLOCK_DD, BLOCK_DD], 0, acc_dtype)
             for r0 in range(start, end, BLOCK_R):
                 r = r0 + tl.arange(0, BLOCK_R)
                 r_ok = r < end
@@ -196,7 +204,7 @@ if triton is not None:
                 if USE_DOT:
                     acc += tl.dot(tl.trans(xi), xj, input_precision="ieee")
                 else:
-                    acc += tl.sum(xi[:, :, None] * xj[:, None, :], axis=0)
+                    acc += tl.reduce(xi[:, :, None] * xj[:, None, :], 0, _sum_combine)
             if bi == bj:
                 acc = 0.5 * (acc + tl.trans(acc))   # exactly symmetric diagonal blocks
             base = out_ptr + k.to(tl.int64) * D * D
@@ -223,7 +231,7 @@ if triton is not None:
             r = r0 + tl.arange(0, BLOCK_R)
             r_ok = r < end
             row = tl.load(perm_ptr + r, mask=r_ok, other=0)
-            acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=acc_dtype)
+            acc = tl.full([BLOCK_R, BLOCK_N], 0, acc_dtype)
             for d0 in range(0, D, BLOCK_KD):
                 dk = d0 + tl.arange(0, BLOCK_KD)
                 dk_ok = dk < D
@@ -236,7 +244,7 @@ if triton is not None:
                 if USE_DOT:
                     acc += tl.dot(x, gT, input_precision="ieee")
                 else:
-                    acc += tl.sum(x[:, :, None] * gT[None, :, :], axis=1)
+                    acc += tl.reduce(x[:, :, None] * gT[None, :, :], 1, _sum_combine)
             acc = acc * scale
             tl.store(dz_ptr + row[:, None] * D + n[None, :], acc.to(dz_ptr.dtype.element_ty),
                      mask=r_ok[:, None] & n_ok[None, :])
@@ -292,6 +300,8 @@ def _check_z(z) -> None:
     _check_tensor("z", z, 2)
     if z.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"z must be float16/bfloat16/float32/float64, got {z.dtype}")
+    if z.shape[1] < 1:
+        raise ValueError("z must have at least one feature column (D >= 1)")
     if triton is None:
         raise RuntimeError("the Triton backend needs the 'triton' package")
     if z.device.type != "cuda" and not (_interpret_requested() and kernels_interpreted()):
@@ -415,7 +425,7 @@ def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
     B, D = z.shape
     K = centroids.shape[0]
     dz = torch.empty(B, D, dtype=z.dtype, device=z.device)
-    if B == 0 or D == 0:
+    if B == 0:
         return dz
     block_d = min(128, max(16, _next_pow2(D)))
     block_b = max(1, 2048 // block_d)
@@ -449,7 +459,7 @@ def cluster_second_moments(z: torch.Tensor, assign: torch.Tensor, centroids: tor
         raise ValueError(f"K must equal centroids.shape[0] = {centroids.shape[0]}, got {K!r}")
     B, D = z.shape
     out = torch.zeros(K, D, D, dtype=centroids.dtype, device=z.device)
-    if B == 0 or D == 0:
+    if B == 0:
         return out
     perm, starts = _segments(assign, K)
     nb = triton.cdiv(D, _DD_BLOCK)
@@ -479,7 +489,7 @@ def matrix_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, 
     coef = coef.contiguous()
     B = z.shape[0]
     dz = torch.zeros(B, D, dtype=z.dtype, device=z.device)
-    if B == 0 or D == 0:
+    if B == 0:
         return dz
     perm, starts = _segments(assign, K)
     block_n = min(64, max(16, _next_pow2(D)))

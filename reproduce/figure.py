@@ -1,0 +1,140 @@
+"""Paper figures from finished runs: ``python -m reproduce.figure --figure 5 --runs RUN... --out FILE.png``.
+
+Figure 5: a grid whose first row holds test images and every further row the
+reconstructions an inversion attack made of them for one run (labelled with the
+run's defence, lambda and the attack's test MSE). It reads
+``RUN/attack_<attack>_samples.pt`` and ``RUN/attack_<attack>.json``, written by
+``python -m reproduce.attack``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+FIGURES = (5,)
+
+__all__ = ["FIGURES", "run_label", "load_samples", "figure5", "main"]
+
+
+def load_samples(run_dir: str | os.PathLike, attack: str = "decoder", setting: str = "train_time") -> dict:
+    """``{"original": uint8 [n,C,H,W], "reconstruction": float [n,C,H,W], "header": dict, "metrics": dict}``."""
+    run_dir = Path(run_dir)
+    path = run_dir / f"attack_{attack}_samples.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `python -m reproduce.attack --run {run_dir} --attack {attack}`")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if setting not in saved.get("settings", {}):
+        raise ValueError(f"{path} has no {setting!r} samples (has {sorted(saved.get('settings', {}))})")
+    report_path = run_dir / f"attack_{attack}.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    metrics = report.get("settings", {}).get(setting, {}).get("metrics", {})
+    header = {k: v for k, v in saved.items() if k != "settings"}
+    return {**saved["settings"][setting], "header": header, "metrics": metrics}
+
+
+def run_label(header: dict, metrics: dict) -> str:
+    """A short row label: defence, noise, CEM lambda and the attack's test MSE."""
+    parts = [str(header.get("defence", "?"))]
+    sigma = header.get("attack_noise_sigma")
+    if sigma:
+        parts.append(f"σ={sigma:g}")
+    lam = header.get("cem_lambda")
+    parts.append(f"λ={lam:g}" if isinstance(lam, (int, float)) else "λ=?")
+    label = " ".join(parts)
+    if "mse" in metrics:
+        label += f"\nMSE {metrics['mse']:.4f}"
+    return label
+
+
+def _to_image(t: torch.Tensor):
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    t = t.clamp(0, 1)
+    if t.shape[0] == 1:
+        return t[0].numpy(), "gray"
+    return t.permute(1, 2, 0).numpy(), None
+
+
+def figure5(
+    runs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    attack: str = "decoder",
+    setting: str = "train_time",
+    num_images: int = 8,
+    labels: Optional[Sequence[str]] = None,
+) -> Path:
+    """Write the Figure 5 grid (originals, then one row of reconstructions per run) to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not runs:
+        raise ValueError("runs must name at least one run directory")
+    if not isinstance(num_images, int) or num_images <= 0:
+        raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+    if labels is not None and len(labels) != len(runs):
+        raise ValueError(f"labels has {len(labels)} entries for {len(runs)} runs")
+    loaded = [load_samples(r, attack, setting) for r in runs]
+    originals = loaded[0]["original"]
+    n = min(num_images, *(len(s["reconstruction"]) for s in loaded))
+    for run, s in zip(runs, loaded):
+        if not torch.equal(s["original"][:n], originals[:n]):
+            raise ValueError(f"{run} was attacked on other test images than {runs[0]}; "
+                             f"attack both with the same data settings")
+    row_labels = ["original"] + [labels[i] if labels is not None else run_label(s["header"], s["metrics"])
+                                 for i, s in enumerate(loaded)]
+    rows = [originals[:n]] + [s["reconstruction"][:n] for s in loaded]
+
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n + 1.6, 1.25 * len(rows)), squeeze=False)
+    for r, (images, label) in enumerate(zip(rows, row_labels)):
+        for c in range(n):
+            ax = axes[r][c]
+            image, cmap = _to_image(images[c])
+            ax.imshow(image, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"{attack} inversion ({setting.replace('_', ' ')})", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=150)
+    plt.close(fig)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m reproduce.figure", description=__doc__.split("\n")[0])
+    parser.add_argument("--figure", type=int, required=True, choices=FIGURES)
+    parser.add_argument("--runs", nargs="+", required=True, help="run directories, one row each")
+    parser.add_argument("--out", required=True, help="output PNG")
+    parser.add_argument("--attack", choices=("decoder", "gan"), default="decoder")
+    parser.add_argument("--setting", choices=("train_time", "infer_time"), default="train_time")
+    parser.add_argument("--num-images", type=int, default=8)
+    parser.add_argument("--labels", nargs="+", default=None, help="row labels, one per run")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        out = figure5(args.runs, args.out, attack=args.attack, setting=args.setting,
+                      num_images=args.num_images, labels=args.labels)
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

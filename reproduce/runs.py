@@ -1,0 +1,117 @@
+"""Run directories: the objects a ``config.json`` describes, and ``load_run`` for the attacks.
+
+A run directory written by ``python -m reproduce.train`` holds
+
+* ``config.json``   every resolved setting (preset, data, model, defence, CEM, optimiser, seed,
+                    versions)
+* ``metrics.jsonl`` one JSON object per finished epoch
+* ``checkpoint.pt`` the full training state after the last finished epoch (atomic)
+* ``final.pt``      written once training is done: model, defence and CEM state, metrics
+
+``load_run(run_dir)`` rebuilds the trained split model and its defence in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from reproduce.checkpoint import load_checkpoint, reshape_to_state_dict
+from reproduce.defences import Defence, build_defence, with_noise
+from reproduce.models import SplitModel, build_split_model
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+FINAL_FILE = "final.pt"
+
+
+def build_model(config: dict, *, baseline: bool = False) -> SplitModel:
+    """The split model of ``config`` (``baseline``: without PATROL's extra client layer)."""
+    return build_split_model(config["arch"], config["num_classes"], config["cut"], config["image_size"],
+                             in_channels=config["in_channels"], bottleneck=config["bottleneck"],
+                             sigmoid=config["sigmoid"],
+                             extra_client_layer=config["extra_client_layer"] and not baseline)
+
+
+def build_run_defence(config: dict) -> Defence:
+    """The defence of ``config``: the named defence, with noise in front when ``noise_on``."""
+    defence = build_defence(config["defence"], **config["defence_options"])
+    if config["noise_on"]:
+        defence = with_noise(defence, config["sigma"])
+    return defence
+
+
+def setup_defence(defence: Defence, model: SplitModel, config: dict, device) -> None:
+    """``defence.setup`` for ``model``; PATROL also gets the encoder size without its extra layer."""
+    baseline = None
+    if config["extra_client_layer"]:
+        baseline = sum(p.numel() for p in build_model(config, baseline=True).encoder.parameters())
+    defence.setup(model, image_size=config["image_size"], in_channels=config["in_channels"],
+                  dataset=config["dataset"], device=device, total_epochs=config["epochs"],
+                  baseline_encoder_params=baseline)
+
+
+def load_model_state(model: nn.Module, state: dict) -> None:
+    """Load a model state_dict, first resizing layers a pruning changed (PATROL)."""
+    reshape_to_state_dict(model, state)
+    model.load_state_dict(state)
+
+
+@dataclass
+class LoadedRun:
+    """A trained run, ready for attacks. ``model`` and ``defence`` are in eval mode on ``device``.
+
+    Use ``defence.perturb(model.encoder(x))`` for what the server (and an attacker) receives;
+    the noise / dropout stay on in eval mode, as in the authors' evaluation.
+    """
+
+    config: dict
+    model: SplitModel
+    defence: Defence
+    dataset: str
+    data_root: Optional[str]
+    num_classes: int
+    sigma: float
+    noise_on: bool
+    run_dir: Path
+    which: str
+    metrics: list = field(default_factory=list)
+    cem_state: Optional[dict] = None
+
+
+def read_config(run_dir: Union[str, Path]) -> dict:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory of reproduce.train?")
+    return json.loads(path.read_text())
+
+
+def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu",
+             which: str = "final") -> LoadedRun:
+    """Load the model and defence of a training run.
+
+    which: "final" (``final.pt``, training finished) or "checkpoint" (``checkpoint.pt``, the last
+    finished epoch of a run that may still be going).
+    """
+    if which not in ("final", "checkpoint"):
+        raise ValueError(f"which must be 'final' or 'checkpoint', got {which!r}")
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    state = load_checkpoint(run_dir / (FINAL_FILE if which == "final" else CHECKPOINT_FILE), map_location=device)
+    model = build_model(config).to(device)
+    load_model_state(model, state["model"])
+    defence = build_run_defence(config)
+    setup_defence(defence, model, config, device)
+    defence.load_state_dict(state["defence"])
+    model.eval()
+    defence.eval()
+    return LoadedRun(config=config, model=model, defence=defence, dataset=config["dataset"],
+                     data_root=config["data_root"], num_classes=config["num_classes"], sigma=config["sigma"],
+                     noise_on=config["noise_on"], run_dir=run_dir, which=which,
+                     metrics=list(state.get("metrics", [])), cem_state=state.get("cem"))

@@ -1,0 +1,252 @@
+"""Defences: perturbations, regularisers, simulated attackers, pruning, registry, checkpoints."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from reproduce.checkpoint import load_checkpoint, reshape_to_state_dict, save_atomic, write_json_atomic
+from reproduce.defences import (DEFENCES, AdversarialReconstruction, Combined, FeatureDropout, GaussianNoise,
+                                NoPeek, Patrol, build_defence, default_bottleneck, distance_correlation,
+                                prune_channels, with_noise)
+from reproduce.defences.patrol import count_params
+from reproduce.models import build_split_model
+
+
+class TinySplit(nn.Module):
+    """A small stand-in for SplitModel: 3x16x16 images -> 4x4x4 smashed data in (0, 1)."""
+
+    def __init__(self, extra=False):
+        super().__init__()
+        layers = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()] if extra else []
+        c = 8 if extra else 3
+        layers += [nn.Conv2d(c, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(), nn.MaxPool2d(2),
+                   nn.Conv2d(48, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+                   nn.Conv2d(64, 4, 3, padding=1), nn.Sigmoid()]
+        self.encoder = nn.Sequential(*layers)
+        self.server = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        self.smashed_shape = (4, 4, 4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny ops: one thread avoids OpenMP wait stalls when the 2 cores are shared with other jobs.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _batch(b=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, 16, 16, generator=g), torch.randint(0, 10, (b,), generator=g)
+
+
+# ------------------------------------------------------------------ noise / dropout
+
+def test_noise_has_std_sigma_in_train_and_eval_and_passes_gradient():
+    d = GaussianNoise(sigma=0.1)
+    z = torch.full((64, 8, 8, 8), 0.5, requires_grad=True)
+    for mode in (True, False):
+        d.train(mode)
+        out = d.perturb(z)
+        assert abs(float((out - z).detach().std()) - 0.1) < 0.005
+    out.sum().backward()
+    assert torch.equal(z.grad, torch.ones_like(z))
+    d_off = GaussianNoise(sigma=0.1, active_in_eval=False).eval()
+    assert torch.equal(d_off.perturb(z), z)
+    with pytest.raises(ValueError, match="sigma"):
+        GaussianNoise(sigma=0)
+
+
+def test_dropout_zeroes_rate_without_rescaling_also_in_eval():
+    d = FeatureDropout(rate=0.3).eval()
+    z = torch.rand(32, 8, 8, 8) + 0.1
+    out = d.perturb(z)
+    dropped = out == 0
+    assert abs(float(dropped.float().mean()) - 0.3) < 0.02
+    assert torch.equal(out[~dropped], z[~dropped])  # survivors are not rescaled by 1/(1-rate)
+    with pytest.raises(ValueError, match="rate"):
+        FeatureDropout(rate=1.0)
+
+
+# ------------------------------------------------------------------ NoPeek
+
+def test_distance_correlation_range_and_dependence():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(32, 3, 8, 8, generator=g)
+    assert float(distance_correlation(x, x)) == pytest.approx(1.0, abs=1e-4)
+    assert float(distance_correlation(x, 2 * x + 1)) == pytest.approx(1.0, abs=1e-4)
+    indep = float(distance_correlation(x, torch.rand(32, 16, generator=g)))
+    dep = float(distance_correlation(x, x.flatten(1)[:, :16] ** 2))
+    assert 0 <= indep < dep <= 1
+    with pytest.raises(ValueError, match="batch"):
+        distance_correlation(x, x[:5])
+
+
+def test_nopeek_regularizer_is_differentiable_and_descent_lowers_it():
+    x, y = _batch(16)
+    z = (x.flatten(1)[:, :32] + 0.05 * torch.randn(16, 32)).requires_grad_(True)
+    d = NoPeek(strength=2.0)
+    loss = d.regularizer(x, z, y)
+    assert loss.ndim == 0 and torch.isfinite(loss) and float(loss.detach()) > 0
+    assert float(loss.detach()) == pytest.approx(2.0 * float(distance_correlation(x, z.detach())), rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    with torch.no_grad():
+        z2 = z - 0.5 * z.grad / z.grad.norm()
+    assert float(d.regularizer(x, z2, y)) < float(loss.detach())
+
+
+# ------------------------------------------------------------------ ResSFL
+
+def _ressfl(**kw):
+    model = TinySplit()
+    d = AdversarialReconstruction(pretrain_epochs=1, decoder_blocks=1, decoder_width=16, **kw)
+    d.setup(model, image_size=16, dataset="cifar10", total_epochs=4)
+    return model, d
+
+
+def test_ressfl_penalty_zero_below_threshold_positive_above_and_reaches_only_encoder():
+    model, d = _ressfl(ssim_threshold=0.99)
+    x, y = _batch()
+    z = model.encoder(x)
+    pen = d.regularizer(x, z, y, x_unit=x)
+    assert float(pen) == 0.0  # an untrained decoder is far below SSIM 0.99
+    model, d = _ressfl(ssim_threshold=0.0, strength=3.0)
+    z = model.encoder(x)
+    pen = d.regularizer(x, z, y, x_unit=x)
+    assert torch.isfinite(pen) and float(pen) != 0
+    pen.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    assert all(p.grad is None for p in d.decoder.parameters())
+    assert all(p.requires_grad for p in d.decoder.parameters())
+    assert default_ssim_threshold_of("facescrub") == 0.6 and default_ssim_threshold_of("cifar10") == 0.5
+
+
+def default_ssim_threshold_of(name):
+    from reproduce.defences import default_ssim_threshold
+    return default_ssim_threshold(name)
+
+
+def test_ressfl_adversary_step_trains_decoder_only_and_raises_ssim():
+    model, d = _ressfl(steps=2)
+    x, _ = _batch(8)
+    z = model.encoder(x)
+    enc_before = [p.clone() for p in model.encoder.parameters()]
+    dec_before = [p.clone() for p in d.decoder.parameters()]
+    first = float(d.adversary_step(x, z.detach())["adv_ssim"])
+    for _ in range(15):
+        last = float(d.adversary_step(x, z.detach())["adv_ssim"])
+    assert last > first
+    assert all(torch.equal(a, b) for a, b in zip(enc_before, model.encoder.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(dec_before, d.decoder.parameters()))
+    # the decoder optimiser's state travels with the defence's state_dict
+    model2, d2 = _ressfl(steps=2)
+    d2.load_state_dict(d.state_dict())
+    assert d2.optimizer.state_dict()["state"].keys() == d.optimizer.state_dict()["state"].keys()
+
+
+def test_ressfl_pretrain_lowers_mse_and_runs_once():
+    model, d = _ressfl()
+    d.pretrain_epochs = 10
+    x, y = _batch(16)
+    loader = [(x[:8], y[:8]), (x[8:], y[8:])]
+
+    def mse():  # decoder in train mode (batch statistics), as during pretraining
+        with torch.no_grad():
+            return float(nn.functional.mse_loss(d.decoder.train()(model.encoder.eval()(x)), x))
+    before = mse()
+    logs = d.pretrain(model.encoder, loader, denormalize=lambda t: t, device="cpu")
+    assert mse() < 0.8 * before and logs["pretrain_mse"] < before
+    assert d.pretrain(model.encoder, loader, denormalize=lambda t: t, device="cpu") == {}
+
+
+def test_noise_arl_adversary_sees_noisy_features():
+    d = build_defence("noise_arl", sigma=0.5, decoder_blocks=1, decoder_width=8)
+    assert isinstance(d, Combined) and d.adds_noise and d.needs_unit_images
+    adv = d.parts[1]
+    z = torch.full((4, 4, 4, 4), 0.5)
+    assert not torch.equal(adv._adversary_input(z), z)
+    adv.adversary_sees = "clean"
+    assert torch.equal(adv._adversary_input(z), z)
+
+
+# ------------------------------------------------------------------ PATROL
+
+def test_patrol_pruning_matches_baseline_size_and_keeps_output_shape():
+    base, model = TinySplit(), TinySplit(extra=True)
+    target = count_params(base.encoder)
+    d = Patrol(pretrain_epochs=0, decoder_blocks=1, decoder_width=8)
+    d.setup(model, image_size=16, total_epochs=4, baseline_encoder_params=target)
+    assert d.prune_epoch == 3 and d.extra_client_layer
+    x, _ = _batch()
+    before = count_params(model.encoder)
+    assert before > target
+    assert d.on_epoch_start(2, model, {}) is False
+    assert d.on_epoch_start(3, model, {}) is True
+    assert d.pruned and 0 < d.applied_ratio < 0.9
+    assert count_params(model.encoder) <= target
+    assert model.encoder(x).shape == (6, 4, 4, 4)
+    assert d.on_epoch_start(3, model, {}) is False  # prunes once
+    # a fresh model takes the pruned state after reshaping
+    fresh = TinySplit(extra=True)
+    resized = reshape_to_state_dict(fresh, model.state_dict())
+    assert resized
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval(), model.eval()
+    assert torch.equal(fresh.encoder(x), model.encoder(x))
+
+
+def test_prune_channels_on_the_real_models():
+    for arch, cut in (("vgg11_bn", 4), ("resnet20", 5)):
+        m = build_split_model(arch, 10, cut, 32, extra_client_layer=True)
+        n = count_params(m.encoder)
+        prune_channels(m.encoder, torch.zeros(1, 3, 32, 32), 0.25)
+        assert count_params(m.encoder) < n
+        z = m.encoder(torch.rand(2, 3, 32, 32))
+        assert tuple(z.shape[1:]) == m.smashed_shape
+        assert m.server(z).shape == (2, 10)
+
+
+# ------------------------------------------------------------------ registry
+
+def test_registry_builds_every_defence_and_rejects_bad_input():
+    for name in DEFENCES:
+        d = build_defence(name)
+        assert d.name == name
+    assert default_bottleneck("none") == "none" and default_bottleneck("nopeek") == "noRELU_C8S1"
+    assert build_defence("distcorr").name == "nopeek"
+    nn_ = build_defence("noise_nopeek", sigma=0.3, strength=0.7)
+    assert nn_.parts[0].sigma == 0.3 and nn_.parts[1].strength == 0.7
+    with pytest.raises(ValueError, match="unknown defence"):
+        build_defence("magic")
+    with pytest.raises(TypeError, match="rate"):
+        build_defence("noise", rate=0.3)
+    with pytest.raises(ValueError, match="strength"):
+        build_defence("nopeek", strength=-1)
+    wrapped = with_noise(build_defence("dropout"), 0.05)
+    assert wrapped.adds_noise and [type(p) for p in wrapped.parts] == [GaussianNoise, FeatureDropout]
+    assert isinstance(with_noise(build_defence("bottleneck"), 0.05), GaussianNoise)
+
+
+# ------------------------------------------------------------------ checkpoint files
+
+def test_atomic_save_replaces_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "c.pt"
+    save_atomic({"a": torch.arange(3)}, path)
+    save_atomic({"a": torch.arange(5)}, path)
+    assert torch.equal(load_checkpoint(path)["a"], torch.arange(5))
+    write_json_atomic({"x": 1}, tmp_path / "c.json")
+    assert sorted(os.listdir(tmp_path)) == ["c.json", "c.pt"]
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        save_atomic({"bad": Boom()}, path)
+    assert torch.equal(load_checkpoint(path)["a"], torch.arange(5))  # old file intact
+    assert sorted(os.listdir(tmp_path)) == ["c.json", "c.pt"]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_checkpoint(tmp_path / "nope.pt")

@@ -1,0 +1,70 @@
+"""The torch.library ops: opcheck (schema, fake tensor, autograd registration) and torch.compile."""
+import pytest
+import torch
+
+from cem_fast import CEMLoss, ops
+
+
+def _inputs(gen, B=12, C=3, m=2, D=10, dtype=torch.float32):
+    z = torch.rand(B, D, generator=gen, dtype=dtype)
+    y = torch.randint(0, C, (B,), generator=gen)
+    cent = torch.rand(C * m, D, generator=gen, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return z, y, cent, m
+
+
+@pytest.mark.parametrize("class_conditional", [True, False])
+def test_opcheck_assign_stats(rng, class_conditional):
+    z, y, cent, m = _inputs(rng)
+    z.requires_grad_(True)
+    torch.library.opcheck(ops.assign_stats, (z, y, cent, m, class_conditional, "torch"))
+
+
+def test_opcheck_scatter_grad(rng):
+    z, y, cent, m = _inputs(rng)
+    _, _, a = ops.assign_stats(z, y, cent, m, True, "torch")
+    coef = torch.rand(cent.shape, generator=rng)
+    torch.library.opcheck(ops.scatter_grad, (z, a, cent, coef, "torch"))
+
+
+def test_assign_stats_autograd_is_the_analytic_gradient(rng):
+    z, y, cent, m = _inputs(rng, dtype=torch.float64)
+    z.requires_grad_(True)
+    torch.autograd.gradcheck(lambda t: ops.assign_stats(t, y, cent, m, True, "torch")[0], (z,))
+
+
+def _train_step_losses(compiled: bool, variant: str):
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Sigmoid())
+    head = torch.nn.Linear(8, 3)
+    cem = CEMLoss(3, 2, variant=variant, dataset_size=64, backend="torch", validate=False)
+    x = torch.randn(64, 6)
+    y = torch.arange(64) % 3
+    with torch.no_grad():
+        cem.refit(enc(x), y)
+    opt = torch.optim.SGD(list(enc.parameters()) + list(head.parameters()), lr=0.1)
+
+    def step(xb, yb):
+        z = enc(xb)
+        loss = torch.nn.functional.cross_entropy(head(z + 0.025 * torch.randn_like(z)), yb) + 4.0 * cem(z, yb)
+        loss.backward()
+        return loss
+
+    fn = torch.compile(step, backend="aot_eager", fullgraph=False) if compiled else step
+    losses = []
+    for i in range(3):
+        torch.manual_seed(100 + i)
+        opt.zero_grad()
+        losses.append(float(fn(x[:16], y[:16]).detach()))
+        opt.step()
+    return losses, cem.state_dict()
+
+
+@pytest.mark.parametrize("variant", ["paper", "official-trained"])
+def test_training_step_under_torch_compile(variant):
+    eager, s_eager = _train_step_losses(False, variant)
+    torch._dynamo.reset()
+    compiled, s_comp = _train_step_losses(True, variant)
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    for k, v in s_eager.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.allclose(v, s_comp[k], rtol=1e-5, atol=1e-7), k

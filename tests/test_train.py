@@ -1,0 +1,159 @@
+"""reproduce.train: smoke runs of every defence, resume determinism, CEM on/off, load_run, CLI errors."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import cem_fast
+from reproduce import train
+from reproduce.defences import DEFENCES
+from reproduce.runs import load_run
+from reproduce.schedules import LRFactor, cem_weight
+
+# Tiny runs: 8 training images in 2 batches, 4 test images, 2 epochs, 1 decoder pretraining epoch.
+TINY = ["--preset", "smoke", "--train-subset", "8", "--test-subset", "4", "--batch-size", "4",
+        "--no-progress", "--threads", "1", "--cem-backend", "torch"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(tmp_path, *extra, name="run"):
+    out = tmp_path / name
+    assert train.main([*TINY, "--out", str(out), *extra]) == 0
+    return out
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("arch", ["vgg11_bn", "resnet20"])
+@pytest.mark.parametrize("defence", DEFENCES)
+def test_smoke_run_every_defence_with_and_without_cem(tmp_path, defence, arch):
+    for lam, epochs in (("0", 1), ("16", 2)):  # CEM needs epoch 2: no clusters before the first refit
+        extra = ["--pruning-ratio", "0.1", "--prune-epoch", "1"] if defence == "patrol" else []
+        out = _run(tmp_path, "--defense", defence, "--arch", arch, "--cem-lambda", lam, "--epochs", str(epochs),
+                   *extra, name=f"l{lam}")
+        cfg = json.loads((out / "config.json").read_text())
+        rows = _metrics(out)
+        assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+        for r in rows:
+            for key in ("loss", "ce", "train_acc", "test_acc", "lr", "lambda_eff", "feature_var", "time_s"):
+                assert key in r and r[key] == r[key]  # present and not NaN
+            assert ("cem" in r) == (lam != "0")
+        assert cfg["cem_enabled"] == (lam != "0") and cfg["defence"] == defence and cfg["arch"] == arch
+        assert cfg["noise_on"] == (lam != "0" and defence not in ("noise", "noise_nopeek", "noise_arl"))
+        if lam != "0":
+            assert rows[0]["cem"] == 0.0 and rows[1]["cem"] != 0.0  # no clusters before the first refit
+        run = load_run(out)
+        assert not run.model.training and run.num_classes == 10 and run.dataset == "cifar10-sample"
+        x = torch.rand(2, 3, 32, 32)
+        z = run.defence.perturb(run.model.encoder(x))
+        assert tuple(z.shape[1:]) == run.model.smashed_shape
+        assert run.model.server(z).shape == (2, 10)
+        if defence == "patrol":
+            parts = getattr(run.defence, "parts", [run.defence])  # with CEM the noise comes in front
+            assert parts[-1].pruned  # pruned at epoch 1 and reloaded into the right shapes
+
+
+def _final_state(out):
+    return torch.load(out / "final.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("defence,stop", [("noise_arl", 1), ("patrol", 2)])
+def test_resume_after_kill_gives_identical_weights(tmp_path, defence, stop):
+    args = ["--defense", defence, "--cem-lambda", "16", "--epochs", "3"]
+    if defence == "patrol":
+        args += ["--prune-epoch", "2"]
+    full = _run(tmp_path, *args, name="full")
+    part = _run(tmp_path, *args, "--stop-after-epoch", str(stop), name="part")
+    assert not (part / "final.pt").exists()
+    assert [r["epoch"] for r in _metrics(part)] == list(range(1, stop + 1))
+    _run(tmp_path, *args, "--resume", name="part")
+    a, b = _final_state(full), _final_state(part)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["cem"]:
+        if isinstance(a["cem"][k], torch.Tensor):
+            assert torch.equal(a["cem"][k], b["cem"][k]), k
+    ra, rb = _metrics(full), _metrics(part)
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+    assert [r["test_acc"] for r in ra] == [r["test_acc"] for r in rb]
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    out = _run(tmp_path, "--defense", "noise", "--cem-lambda", "0", "--stop-after-epoch", "1")
+    with pytest.raises(SystemExit):
+        train.main([*TINY, "--out", str(out), "--defense", "nopeek", "--cem-lambda", "0", "--resume"])
+    with pytest.raises(FileExistsError):
+        train.main([*TINY, "--out", str(out), "--defense", "noise", "--cem-lambda", "0"])
+
+
+def test_lambda_zero_builds_no_cem(tmp_path, monkeypatch):
+    built = []
+
+    class Spy(cem_fast.CEMLoss):
+        def __init__(self, *a, **k):
+            built.append(1)
+            super().__init__(*a, **k)
+    monkeypatch.setattr(cem_fast, "CEMLoss", Spy)
+    _run(tmp_path, "--defense", "bottleneck", "--cem-lambda", "0", "--epochs", "1", name="off")
+    assert built == []
+    _run(tmp_path, "--defense", "bottleneck", "--cem-lambda", "4", "--epochs", "1", name="on")
+    assert built == [1]  # the spy does see a CEM run, so the 0 above is meaningful
+
+
+def test_official_schedule_and_config_record(tmp_path):
+    out = _run(tmp_path, "--defense", "noise", "--cem-lambda", "16", "--cem-schedule", "official",
+               "--lr-schedule", "authors", "--authors-warmup-bug", "--cem-refit", "extra-pass", "--seed", "3")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["cem_schedule"] == "official" and cfg["cem_refit"] == "extra-pass" and cfg["seed"] == 3
+    assert cfg["preset"] == "smoke" and cfg["data_root"] is None and "torch" in cfg["versions"]
+    rows = _metrics(out)
+    assert rows[0]["lr"] == 0.0  # the authors' warm-up bug: epoch 1 at LR 0
+    assert rows[1]["lambda_eff"] == pytest.approx(cem_weight("official", 16, rows[1]["lr_server"]))
+    assert cem_weight("official", 16, 0.05) == pytest.approx(16 * 0.001 / 0.05)
+
+
+def test_lr_factors():
+    paper = LRFactor("paper", 240)
+    assert [paper(e) for e in (0, 59, 60, 120, 180, 239)] == pytest.approx([1, 1, 0.2, 0.04, 0.008, 0.008])
+    authors = LRFactor("authors", 240, warmup_bug=True)
+    assert [authors(e) for e in (0, 1, 58, 59, 209)] == pytest.approx([0, 1, 1, 0.2, 0.2 ** 4])
+    assert LRFactor("cosine", 10)(0) == 1 and LRFactor("cosine", 10)(5) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        LRFactor("step", 10)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--cem-lambda", "-1"], "--cem-lambda"),
+    (["--epochs", "0"], "--epochs"),
+    (["--defense", "magic"], "defence"),
+    (["--sigma", "0", "--cem-lambda", "16"], "--sigma"),
+    (["--dropout-rate", "0.3", "--defense", "noise"], "--dropout-rate"),
+    (["--bottleneck", "C8X"], "bottleneck"),
+])
+def test_bad_cli_values_name_the_flag(tmp_path, capsys, argv, flag):
+    with pytest.raises((SystemExit, ValueError)) as info:
+        train.main([*TINY, "--out", str(tmp_path / "bad"), *argv])
+    text = capsys.readouterr().err + str(info.value)
+    assert flag in text
+
+
+def test_collapse_warning():
+    cfg = {"sigma": 0.025, "num_classes": 10}
+    with pytest.warns(train.Collapse, match="variance"):
+        train._check_collapse({"epoch": 1, "feature_var": 1e-9, "train_acc": 0.9}, cfg)
+    with pytest.warns(train.Collapse, match="chance"):
+        train._check_collapse({"epoch": 3, "feature_var": 0.1, "train_acc": 0.1}, cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train._check_collapse({"epoch": 3, "feature_var": 0.1, "train_acc": 0.6}, cfg)
