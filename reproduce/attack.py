@@ -230,8 +230,9 @@ def _write_outputs(run_dir: Path, attack: str, header: dict, setting: str, entry
     return json_path
 
 
-def _entry(result, config, notes: dict, data_how: dict, extra: Optional[dict] = None) -> dict:
+def _entry(result, config, preset_name: str, notes: dict, data_how: dict, extra: Optional[dict] = None) -> dict:
     return {
+        "preset": preset_name,
         "metrics": result.test_metrics,
         "val_metrics": result.val_metrics,
         "best_epoch": result.best_epoch,
@@ -275,7 +276,7 @@ def attack_run(args) -> dict:
                                         state_dir=dec_dir, progress=not args.no_progress)
             notes = _protocol_notes("decoder", args.noise_aware, noise_sigma)
             _write_outputs(run_dir, "decoder", {**header, "attack": "decoder"}, setting,
-                           _entry(result, decoder_config, notes, how), result.samples)
+                           _entry(result, decoder_config, args.preset, notes, how), result.samples)
             print(f"[attack] decoder {setting}: {json.dumps(result.test_metrics)}", file=sys.stderr)
         if args.attack != "gan":
             continue
@@ -283,6 +284,9 @@ def attack_run(args) -> dict:
         if args.fresh and gan_dir.exists():
             shutil.rmtree(gan_dir)
         generator, saved = load_best_decoder(dec_dir)
+        if saved["protocol"]["config"] != dataclasses.asdict(decoder_config):
+            print(f"[attack] note: the GAN starts from the decoder saved in {dec_dir}, trained with "
+                  f"{saved['protocol']['config']} (not this preset's decoder settings)", file=sys.stderr)
         init_info = {"decoder_best_epoch": saved["best_epoch"], "decoder_protocol": saved["protocol"]}
         print(f"[attack] GAN attack, {setting}: {len(train)} attack-training / {len(test)} test images",
               file=sys.stderr)
@@ -290,7 +294,7 @@ def attack_run(args) -> dict:
                                 progress=not args.no_progress, init_info=init_info)
         notes = _protocol_notes("gan", args.noise_aware, noise_sigma)
         _write_outputs(run_dir, "gan", {**header, "attack": "gan"}, setting,
-                       _entry(result, gan_config, notes, how,
+                       _entry(result, gan_config, args.preset, notes, how,
                               {"generator_init": {"decoder_best_epoch": saved["best_epoch"]}, **result.extra}),
                        result.samples)
         print(f"[attack] gan {setting}: {json.dumps(result.test_metrics)}", file=sys.stderr)
@@ -315,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-train-images", type=int, default=None, help="override the preset's limit")
     parser.add_argument("--max-test-images", type=int, default=None, help="override the preset's limit")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--fresh", action="store_true", help="discard saved attack state and start over")
+    parser.add_argument("--fresh", action="store_true", help="discard this attack's saved state and start over (gan: not the decoder it starts from)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return parser
 

@@ -40,6 +40,7 @@ from reproduce import presets as presets_mod
 from reproduce.checkpoint import load_checkpoint, save_atomic, write_json_atomic
 from reproduce.data import dataset_info, denormalize, load_dataset, subset
 from reproduce.defences import canonical_name, default_bottleneck, defence_options
+from reproduce.models import parse_bottleneck
 from reproduce.runs import (CHECKPOINT_FILE, CONFIG_FILE, FINAL_FILE, METRICS_FILE, build_model,
                             build_run_defence, load_model_state, setup_defence)
 from reproduce.schedules import CEM_SCHEDULES, LR_SCHEDULES, LRFactor, cem_weight
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cem-variant", choices=CEM_VARIANTS)
     a("--cem-clusters", type=_positive_int("--cem-clusters"), help="clusters per class (default: the variant's)")
     a("--cem-covariance", choices=("diag", "full"))
-    a("--cem-backend", help="cem_fast backend: auto | torch | cpp | cuda | triton")
+    a("--cem-backend", choices=("auto", "torch", "cpp", "cuda", "triton"), help="cem_fast backend (default auto)")
     a("--cem-schedule", choices=CEM_SCHEDULES, help="constant (paper) or official (lambda*0.001/lr)")
     a("--cem-refit", choices=CEM_REFITS, help="refit from the epoch's features or an extra eval pass (authors)")
     a("--epochs", type=_positive_int("--epochs"))
@@ -199,9 +200,15 @@ def resolve_config(args: argparse.Namespace) -> dict:
         if option not in accepted:
             raise ValueError(f"--{flag.replace('_', '-')} does not apply to --defense {cfg['defence']}")
         opts[option] = value
+    if opts.get("pruning_ratio") not in (None, "match"):
+        try:
+            opts["pruning_ratio"] = float(opts["pruning_ratio"])
+        except ValueError:
+            raise ValueError(f"--pruning-ratio must be 'match' or a number, got {opts['pruning_ratio']!r}") from None
     if cfg["defence"] in ("noise", "noise_nopeek", "noise_arl"):
         opts["sigma"] = cfg["sigma"]
     cfg["defence_options"] = opts
+    parse_bottleneck(cfg["bottleneck"])  # ValueError naming the bottleneck string
 
     cem_on = cfg["cem_lambda"] > 0
     if cem_on and cfg["sigma"] <= 0:
@@ -219,6 +226,10 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if cfg["authors_warmup_bug"] and cfg["lr_schedule"] != "authors":
         raise ValueError("--authors-warmup-bug needs --lr-schedule authors")
 
+    try:
+        build_run_defence({**cfg, "noise_on": False})
+    except TypeError as e:
+        raise ValueError(str(e)) from None
     info = dataset_info(cfg["dataset"])
     cfg.update(image_size=info.image_size, in_channels=info.channels, num_classes=info.num_classes)
     cfg["extra_client_layer"] = cfg["defence"] == "patrol"
@@ -514,17 +525,16 @@ def run(cfg: dict, out: str | os.PathLike, *, resume: bool = False, stop_after_e
     train_ds, plain_ds, test_ds = _load_data(cfg)
     cfg["train_size"], cfg["test_size"] = len(train_ds), len(test_ds)
     cfg["world_size"] = dist_ctx.world
-    if resume:
-        _check_resume_config(json.loads((out / CONFIG_FILE).read_text()), cfg)
-    elif dist_ctx.main:
-        write_json_atomic(cfg, out / CONFIG_FILE)
-
     model = build_model(cfg).to(device)
     defence = build_run_defence(cfg).to(device)
     if dist_ctx.enabled and (defence.needs_unit_images or defence.extra_client_layer):
         raise ValueError(f"--defense {cfg['defence']} (a simulated attacker / pruning) is not supported under "
                          "torchrun; train it in one process")
     setup_defence(defence, model, cfg, device)
+    if resume:
+        _check_resume_config(json.loads((out / CONFIG_FILE).read_text()), cfg)
+    elif dist_ctx.main:
+        write_json_atomic(cfg, out / CONFIG_FILE)
     if state is not None:
         load_model_state(model, state["model"])  # may resize a pruned encoder first
         defence.load_state_dict(state["defence"])

@@ -312,4 +312,4 @@ def test_cli_refuses_missing_or_unfinished_runs(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SystemExit):
         _attack(tmp_path, "--attack", "decoder")
-    assert "not finished" in capsys.readouterr().err or "final.pt" in capsys.readouterr().err
+    assert "has not finished training (no final.pt)" in capsys.readouterr().err

@@ -140,12 +140,17 @@ def test_lr_factors():
     (["--sigma", "0", "--cem-lambda", "16"], "--sigma"),
     (["--dropout-rate", "0.3", "--defense", "noise"], "--dropout-rate"),
     (["--bottleneck", "C8X"], "bottleneck"),
+    (["--defense", "patrol", "--pruning-ratio", "abc"], "--pruning-ratio"),
+    (["--defense", "patrol", "--pruning-ratio", "1.5"], "pruning_ratio"),
+    (["--cem-backend", "gpu"], "--cem-backend"),
+    (["--arch", "vgg11_bn", "--cut", "40"], "cut"),
 ])
 def test_bad_cli_values_name_the_flag(tmp_path, capsys, argv, flag):
     with pytest.raises((SystemExit, ValueError)) as info:
         train.main([*TINY, "--out", str(tmp_path / "bad"), *argv])
     text = capsys.readouterr().err + str(info.value)
     assert flag in text
+    assert not (tmp_path / "bad" / "config.json").exists()  # nothing written for a bad command
 
 
 def test_collapse_warning():

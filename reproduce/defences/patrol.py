@@ -33,9 +33,9 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _output_convs(encoder: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """Convs whose output feeds the encoder's output without another conv in between (the last
-    conv in registration order is enough for the sequential client stacks used here)."""
+def _output_convs(encoder: nn.Module) -> list[nn.Module]:
+    """The conv that produces the encoder's output channels (the last one registered, which holds
+    for the sequential client stacks built by ``reproduce.models``)."""
     convs = [m for m in encoder.modules() if isinstance(m, nn.Conv2d)]
     return convs[-1:]
 
@@ -53,7 +53,7 @@ def prune_channels(encoder: nn.Module, example: torch.Tensor, ratio: float, *,
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
     if ratio == 0:
         return encoder
-    ignored = list(_output_convs(encoder, example))
+    ignored = list(_output_convs(encoder))
     ignored += [m for m in encoder.modules()
                 if isinstance(m, nn.Conv2d) and m.out_channels <= min_channels and m not in ignored]
     if importance == "l1":
@@ -76,7 +76,7 @@ def prune_channels(encoder: nn.Module, example: torch.Tensor, ratio: float, *,
 
 
 def matching_ratio(encoder: nn.Module, example: torch.Tensor, target_params: int, *,
-                   importance: str = "l1", max_ratio: float = 0.9, iters: int = 12) -> float:
+                   importance: str = "l1", max_ratio: float = 0.9, iters: int = 10) -> float:
     """Smallest uniform ratio (bisection on copies) with ``count_params(pruned) <= target_params``."""
     if count_params(encoder) <= target_params:
         return 0.0
