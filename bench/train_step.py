@@ -52,7 +52,7 @@ NUM_CLASSES = 10
 SIGMA = 0.025
 LAMBDA = 16.0
 BATCHES_PER_EPOCH = 391          # CIFAR-10 at batch 128: official-trained's epoch size is 391 * batch
-REFIT_SAMPLES = 1024
+REFIT_SAMPLES = 1024             # images whose features the clusters are fitted on (256 with --quick)
 DEVICE_BACKENDS = {"cpu": ("torch", "cpp"), "cuda": ("torch", "cuda", "triton")}
 TARGET_OVERHEAD = {"cpu": 10.0, "cuda": 5.0}   # percent, with the fastest backend at B=128
 VARIANTS = ("paper", "official-trained")
@@ -126,20 +126,24 @@ def make_base_model(device: torch.device, seed: int) -> torch.nn.Module:
     return model.to(device).train()
 
 
-def fitted_cem(variant: str, backend: str, encoder: torch.nn.Module, batch: int, device: torch.device,
-               seed: int) -> CEMLoss:
-    """A CEMLoss with clusters refit on the encoder's features of ``REFIT_SAMPLES`` random images."""
-    cem = CEMLoss(NUM_CLASSES, sigma=SIGMA, variant=variant, backend=backend,
-                  dataset_size=BATCHES_PER_EPOCH * batch).to(device)
+def refit_features(encoder: torch.nn.Module, n: int, device: torch.device, seed: int):
+    """The initial encoder's features (eval mode) of ``n`` random images, and balanced labels."""
     gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(REFIT_SAMPLES, 3, 32, 32, generator=gen).to(device)
-    y = torch.arange(REFIT_SAMPLES) % NUM_CLASSES
+    x = torch.randn(n, 3, 32, 32, generator=gen).to(device)
+    y = (torch.arange(n) % NUM_CLASSES).to(device)
     was_training = encoder.training
     encoder.eval()
     with torch.no_grad():
         z = torch.cat([encoder(chunk) for chunk in x.split(256)])
     encoder.train(was_training)
-    return cem.refit(z, y.to(device))
+    return z, y
+
+
+def fitted_cem(variant: str, backend: str, features, batch: int, device: torch.device) -> CEMLoss:
+    """A CEMLoss whose clusters are refit on ``features = (z, y)``."""
+    cem = CEMLoss(NUM_CLASSES, sigma=SIGMA, variant=variant, backend=backend,
+                  dataset_size=BATCHES_PER_EPOCH * batch).to(device)
+    return cem.refit(*features)
 
 
 def available_backends(device: torch.device) -> list:
@@ -152,8 +156,10 @@ def available_backends(device: torch.device) -> list:
     return out
 
 
-def build_rows(device: torch.device, batch: int, seed: int, official_repo: Optional[str]) -> tuple[list, dict]:
+def build_rows(device: torch.device, batch: int, seed: int, official_repo: Optional[str],
+               refit_samples: int) -> tuple[list, dict]:
     base = make_base_model(device, seed)
+    features = refit_features(base.encoder, refit_samples, device, seed)
     gen = torch.Generator().manual_seed(seed + 2)
     x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
     y = (torch.randperm(batch, generator=gen) % NUM_CLASSES).to(device)
@@ -168,23 +174,23 @@ def build_rows(device: torch.device, batch: int, seed: int, official_repo: Optio
     for variant in VARIANTS:
         for backend in info["backends"]:
             t = trainee()
-            cem = fitted_cem(variant, backend, t.encoder, batch, device, seed)
+            cem = fitted_cem(variant, backend, features, batch, device)
             rows.append(Row(variant, backend, "one backward", lambda t=t, cem=cem: one_backward_step(t, x, y, cem)))
         t = trainee()
-        cem = fitted_cem(variant, info["auto"], t.encoder, batch, device, seed)
+        cem = fitted_cem(variant, info["auto"], features, batch, device)
         rows.append(Row(variant, info["auto"], "authors' application",
                         lambda t=t, cem=cem: authors_step(t, x, y, cem)))
     if official_repo is not None:
-        rows.append(official_loss_row(official_repo, trainee(), x, y, batch, device, seed))
+        rows.append(official_loss_row(official_repo, trainee(), x, y, batch, device, features))
     return rows, info
 
 
-def official_loss_row(repo: str, t: Trainee, x, y, batch: int, device: torch.device, seed: int) -> Row:
+def official_loss_row(repo: str, t: Trainee, x, y, batch: int, device: torch.device, features) -> Row:
     """The authors' official-trained loss function (loaded from their checkout), applied their way."""
     from bench.official import load_official
 
     official = load_official(repo)
-    cem = fitted_cem("official-trained", "torch", t.encoder, batch, device, seed)
+    cem = fitted_cem("official-trained", "torch", features, batch, device)
     centroids = [c for c in cem.centroids]
     weights = [w for w in cem.pi]
     variances = [v for v in cem.variance]
@@ -271,6 +277,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.warmup, args.steps, args.rounds = 1, 2, 1
+    args.refit_samples = 256 if args.quick else REFIT_SAMPLES
     for name in ("batch", "steps", "rounds", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -291,7 +298,7 @@ def main(argv=None) -> str:
     results, infos = [], []
     for name in devices:
         device = torch.device(name)
-        rows, info = build_rows(device, args.batch, args.seed, args.official_repo)
+        rows, info = build_rows(device, args.batch, args.seed, args.official_repo, args.refit_samples)
         time_rows(rows, device, args.warmup, args.steps, args.rounds, progress=not args.quick)
         results.append((name, rows))
         infos.append(f"{name}: backends available {info['backends']}, auto -> {info['auto']}")

@@ -50,7 +50,7 @@ CEM_REFITS = ("epoch-features", "extra-pass")
 NOISE_MODES = ("auto", "on", "off")
 # Settings that may differ between a run and its --resume.
 _RESUME_MAY_CHANGE = {"device", "workers", "progress", "command", "versions", "threads"}
-_DERIVED = {"train_size", "test_size", "world_size"}
+_DERIVED = {"train_size", "test_size", "world_size", "defence_resolved"}
 # Defence options settable from the CLI: flag dest -> option name.
 _DEFENCE_FLAGS = {
     "defence_strength": "strength", "dropout_rate": "rate", "ssim_threshold": "ssim_threshold",
@@ -275,10 +275,11 @@ def _load_data(cfg: dict):
     plain = load_dataset(cfg["dataset"], "train", data_root=cfg["data_root"], augment=False)
     test = load_dataset(cfg["dataset"], "test", data_root=cfg["data_root"], augment=False)
     info = _info_of(train)
-    if info.num_classes != cfg["num_classes"]:  # e.g. the FaceScrub stand-in has 6 identities
-        warnings.warn(f"{cfg['dataset']}: the data found has {info.num_classes} classes, not "
-                      f"{cfg['num_classes']}; using {info.num_classes}")
-        cfg.update(num_classes=info.num_classes, image_size=info.image_size, in_channels=info.channels)
+    if info.name != cfg["dataset"]:  # e.g. "facescrub" served by the 6-identity stand-in "facescrub-6id"
+        warnings.warn(f"--dataset {cfg['dataset']}: training on {info.name} ({info.num_classes} classes), "
+                      "the data found under --data-root")
+        cfg.update(dataset=info.name, dataset_requested=cfg["dataset"], num_classes=info.num_classes,
+                   image_size=info.image_size, in_channels=info.channels)
     if cfg["train_subset"] is not None and cfg["train_subset"] < len(train):
         train = subset(train, cfg["train_subset"], seed=cfg["seed"])
         plain = Subset(plain, train.indices)
@@ -531,6 +532,7 @@ def run(cfg: dict, out: str | os.PathLike, *, resume: bool = False, stop_after_e
         raise ValueError(f"--defense {cfg['defence']} (a simulated attacker / pruning) is not supported under "
                          "torchrun; train it in one process")
     setup_defence(defence, model, cfg, device)
+    cfg["defence_resolved"] = defence.describe()
     if resume:
         _check_resume_config(json.loads((out / CONFIG_FILE).read_text()), cfg)
     elif dist_ctx.main:

@@ -75,6 +75,9 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, defence, stop):
     full = _run(tmp_path, *args, name="full")
     part = _run(tmp_path, *args, "--stop-after-epoch", str(stop), name="part")
     assert not (part / "final.pt").exists()
+    with pytest.raises(FileNotFoundError, match="final.pt"):
+        load_run(part)
+    assert load_run(part, which="checkpoint").metrics[-1]["epoch"] == stop
     assert [r["epoch"] for r in _metrics(part)] == list(range(1, stop + 1))
     _run(tmp_path, *args, "--resume", name="part")
     a, b = _final_state(full), _final_state(part)
@@ -121,6 +124,19 @@ def test_official_schedule_and_config_record(tmp_path):
     assert rows[0]["lr"] == 0.0  # the authors' warm-up bug: epoch 1 at LR 0
     assert rows[1]["lambda_eff"] == pytest.approx(cem_weight("official", 16, rows[1]["lr_server"]))
     assert cem_weight("official", 16, 0.05) == pytest.approx(16 * 0.001 / 0.05)
+
+
+def test_presets_resolve():
+    def cfg(*argv):
+        return train.resolve_config(train.build_parser().parse_args(["--out", "x", *argv]))
+    c = cfg("--preset", "paper", "--arch", "resnet20", "--data-root", "/tmp")
+    assert (c["epochs"], c["cut"], c["dataset"], c["batch_size"], c["lr"]) == (120, 5, "cifar10", 128, 0.05)
+    assert c["train_subset"] is None and c["lr_schedule"] == "paper" and c["cem_schedule"] == "constant"
+    c = cfg("--preset", "paper")
+    assert (c["epochs"], c["cut"], c["dataset"]) == (240, 4, "cifar10-sample")  # offline without --data-root
+    c = cfg("--preset", "cpu", "--data-root", "/tmp", "--epochs", "3", "--defense", "none", "--cem-lambda", "0")
+    assert (c["epochs"], c["train_subset"], c["bottleneck"], c["noise_on"]) == (3, 10_000, "none", False)
+    assert cfg("--preset", "cpu", "--full-data")["train_subset"] is None
 
 
 def test_lr_factors():

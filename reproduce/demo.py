@@ -1,0 +1,117 @@
+"""`make demo`: CEM against the decoder inversion attack on the shipped real CIFAR-10 sample.
+
+Two arms of split VGG11-BN (cut 4, noRELU_C8S1 bottleneck, Sigmoid at the cut), both with Gaussian
+noise sigma 0.025 before the server: without CEM (lambda 0) and with CEM (paper variant, lambda 16,
+clusters refit every epoch). Then the decoder inversion attack (8 residual blocks, 64 channels) on each,
+in the training-time and inference-time settings. Prints the comparison table, writes it as
+``OUT/results.md`` and a PNG grid of originals and reconstructions (``OUT/reconstructions.png``).
+Rerunning resumes: finished runs and attacks are reused.
+
+It is a small run (minutes on 2 CPU cores), not the paper's protocol: see reproduce/RESULTS.md for
+the larger runs and their seed spread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+ARMS = (("noise", 0.0), ("noise+CEM", 16.0))
+
+
+def _train(run: Path, lam: float, args) -> None:
+    from reproduce import train
+    if (run / "final.pt").is_file():
+        print(f"[demo] {run.name}: finished run found, reusing it")
+        return
+    argv = ["--preset", "cpu", "--dataset", "cifar10-sample", "--defence", "noise", "--sigma", "0.025",
+            "--cem-lambda", str(lam), "--epochs", str(args.epochs), "--train-subset", str(args.train_images),
+            "--test-subset", str(args.test_images), "--seed", str(args.seed), "--out", str(run)]
+    if (run / "checkpoint.pt").is_file():
+        argv.append("--resume")
+    if args.device:
+        argv += ["--device", args.device]
+    train.main(argv)
+
+
+def _attack(run: Path, args) -> dict:
+    from reproduce import attack
+    out = run / "attack_decoder.json"
+    if out.is_file() and set(json.loads(out.read_text()).get("settings", {})) >= {"train_time", "infer_time"}:
+        print(f"[demo] {run.name}: decoder attack found, reusing it")
+    else:
+        argv = ["--run", str(run), "--attack", "decoder", "--preset", "cpu", "--setting", "both",
+                "--epochs", str(args.attack_epochs), "--max-train-images", str(args.attack_images),
+                "--seed", str(args.seed)]
+        if args.device:
+            argv += ["--device", args.device]
+        attack.main(argv)
+    return json.loads(out.read_text())
+
+
+def _last_accuracy(run: Path) -> float:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return float(rows[-1]["test_acc"])
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| arm | CEM lambda | test acc (%) | train-time MSE | PSNR | SSIM | inference-time MSE | PSNR | SSIM |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        tt, it = r["train_time"], r["infer_time"]
+        lines.append(f"| {r['arm']} | {r['lambda']:g} | {100 * r['acc']:.2f} | {tt['mse']:.4f} | {tt['psnr']:.2f} | "
+                     f"{tt['ssim']:.3f} | {it['mse']:.4f} | {it['psnr']:.2f} | {it['ssim']:.3f} |")
+    if len(rows) == 2:
+        a, b = rows
+        lines.append("")
+        lines.append(f"CEM / no-CEM attacker MSE: train-time x{b['train_time']['mse'] / a['train_time']['mse']:.2f}, "
+                     f"inference-time x{b['infer_time']['mse'] / a['infer_time']['mse']:.2f}; "
+                     f"accuracy change {100 * (b['acc'] - a['acc']):+.2f} points (one seed: see reproduce/RESULTS.md "
+                     f"for the spread between seeds).")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m reproduce.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--epochs", type=int, default=4, help="training epochs per arm (default 4)")
+    p.add_argument("--train-images", type=int, default=3000, help="training images (default 3000 of the sample's 5000)")
+    p.add_argument("--test-images", type=int, default=1000, help="test images (default 1000)")
+    p.add_argument("--attack-epochs", type=int, default=3, help="decoder attack epochs (default 3)")
+    p.add_argument("--attack-images", type=int, default=1500, help="attacker's training images (default 1500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    args = p.parse_args(argv)
+    for flag in ("epochs", "train_images", "test_images", "attack_epochs", "attack_images"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be > 0")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    rows = []
+    for arm, lam in ARMS:
+        run = out / ("noise_lambda0" if lam == 0 else f"noise_cem_lambda{lam:g}")
+        print(f"[demo] === {arm}: training (lambda {lam:g}) ===", flush=True)
+        _train(run, lam, args)
+        print(f"[demo] === {arm}: decoder inversion attack ===", flush=True)
+        res = _attack(run, args)
+        rows.append({"arm": arm, "lambda": lam, "acc": _last_accuracy(run), "run": str(run),
+                     **{s: res["settings"][s]["metrics"] for s in ("train_time", "infer_time")}})
+    text = table(rows)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    from reproduce import figure
+    figure.main(["--figure", "5", "--runs", *[r["run"] for r in rows], "--out", str(out / "reconstructions.png"),
+                 "--setting", "infer_time"])
+    print("\n" + text)
+    print(f"\n[demo] table: {out / 'results.md'}  grid: {out / 'reconstructions.png'}  "
+          f"({time.time() - start:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
