@@ -50,6 +50,7 @@ setup(
         "matplotlib>=3.7",
         "torchmetrics>=1.0",
         "pillow>=9.0",
+        "torch-pruning>=1.4",
     ],
     extras_require={
         "test": ["pytest>=7.4", "pytest-benchmark>=4.0"],

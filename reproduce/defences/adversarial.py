@@ -8,7 +8,9 @@ The defender owns a small decoder ("simulated attacker", ``ResDecoder`` with 4 r
   pretrain on the first 90 % of the test split (``pretrain_split="test"``, the trainer builds
   that loader).
 * ``adversary_step``: every batch, ``steps`` Adam updates of the decoder on the detached
-  features, loss ``-SSIM(decoder(z), x)``.
+  features, loss ``-SSIM(decoder(z), x)``. The features are those of the training forward
+  (train-mode BN), reused detached; the authors recompute them with the encoder in eval mode
+  (one more encoder forward per batch).
 * ``regularizer``: the encoder is penalised by ``strength * relu(SSIM(decoder(z), x) - threshold)``
   (zero below the threshold; with threshold 0 it is ``strength * SSIM``).
 
