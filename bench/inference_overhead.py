@@ -16,7 +16,7 @@ For both encoders (eval mode) it reports parameter and buffer counts, FLOPs at b
 (``torch.utils.flop_counter.FlopCounterMode``: convolutions and matmuls), latency (median over interleaved
 ``torch.utils.benchmark`` measurements, batch 1 and 128, CPU; CUDA too when available), and it exports both
 with ``torch.export.export`` and compares the generated graph code, the aten op sequence and the
-parameter shapes, plus the largest weight difference (non-zero: the two encoders really were trained
+parameter shapes, plus how far the parameters differ (non-zero: the two encoders really were trained
 differently).
 """
 from __future__ import annotations
@@ -199,9 +199,13 @@ def structure(encoder) -> list:
     return [(name, type(m).__name__) for name, m in encoder.named_modules()] + [("hooks", tuple(hooks))]
 
 
-def max_weight_difference(a, b) -> float:
-    return max(float((p - q).abs().max()) for p, q in zip(a.state_dict().values(), b.state_dict().values())
-               if p.is_floating_point())
+def weight_difference(a, b) -> tuple[float, float]:
+    """Largest absolute and relative L2 difference ``||b - a|| / ||a||`` over the parameters."""
+    pairs = list(zip(a.parameters(), b.parameters()))
+    largest = max(float((p - q).abs().max()) for p, q in pairs)
+    num = sum(float(((p - q) ** 2).sum()) for p, q in pairs)
+    den = sum(float((p ** 2).sum()) for p, _ in pairs)
+    return largest, (num / den) ** 0.5 if den else float("inf")
 
 
 # ----------------------------------------------------------------------------- report
@@ -241,9 +245,10 @@ def compare(pair: Pair, devices: list, rounds: int, min_run_time: float) -> tupl
         f"{len(eb.ops)} aten ops, code sha256 {eb.digest}", "identical" if checks["exported graph code"] else "DIFFERENT")
     row("exported parameter shapes", f"{len(ea.param_shapes)} tensors", f"{len(eb.param_shapes)} tensors",
         "identical" if checks["parameter shapes"] else "DIFFERENT")
-    diff = max_weight_difference(a, b)
-    checks["weights differ"] = diff > 0
-    row("max abs weight difference", "-", f"{diff:.3g}", "trained apart" if diff > 0 else "SAME WEIGHTS")
+    largest, rel = weight_difference(a, b)
+    checks["weights differ"] = largest > 0
+    row("parameter difference (max abs; relative L2)", "-", f"{largest:.3g}; {rel:.3g}",
+        "trained apart" if largest > 0 else "SAME WEIGHTS")
     return rows, checks
 
 

@@ -1,7 +1,8 @@
 """Build (and check) the compiled backends: ``python -m cem_fast.build --check [--cuda] [--cpu]``.
 
-Without ``--cuda`` it builds the C++/OpenMP CPU extension; ``--cuda`` builds the CUDA extension instead
-(add ``--cpu`` for both). ``--check`` then compares each against the ``torch`` backend on small random
+It compiles the sources in ``csrc/`` (never an ahead-of-time build installed by setup.py; the result is
+cached on disk). Without ``--cuda`` it builds the C++/OpenMP CPU extension; ``--cuda`` builds the CUDA
+extension instead (add ``--cpu`` for both). ``--check`` then compares each against the ``torch`` backend on small random
 inputs (the CUDA one only where a GPU is visible; without one it is built and imported, not run).
 Prints where each extension lives; exits non-zero on any error, with the compiler's output.
 """
@@ -14,7 +15,7 @@ import traceback
 import torch
 
 from .backends import torch_backend
-from .backends.extension import find_cuda_home, load_cpp_extension, load_cuda_extension
+from .backends.extension import build_cpp_extension, build_cuda_extension, csrc_dir, find_cuda_home
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -83,14 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ok = True
     if args.cpu or not args.cuda:
-        ok &= _build("C++ CPU", load_cpp_extension, args.check, "cpu")
+        ok &= _build("C++ CPU", lambda: build_cpp_extension(csrc_dir()), args.check, "cpu")
     if args.cuda:
         try:
             print(f"[cem_fast.build] CUDA toolkit: {find_cuda_home()}")
         except RuntimeError as exc:
             print(f"[cem_fast.build] {exc}", file=sys.stderr)
             return 1
-        ok &= _build("CUDA", load_cuda_extension, args.check, "cuda" if torch.cuda.is_available() else None)
+        ok &= _build("CUDA", lambda: build_cuda_extension(csrc_dir()), args.check,
+                     "cuda" if torch.cuda.is_available() else None)
     return 0 if ok else 1
 
 

@@ -90,6 +90,7 @@ class CEMLoss(nn.Module):
         self.register_buffer("pi", torch.zeros(C, m))
         self.register_buffer("variance", torch.zeros(C, m, 0))
         self.register_buffer("fitted_size", torch.zeros((), dtype=torch.float64))  # samples in the last refit; 0 = never fitted
+        self._fitted_size = 0.0  # host mirror of the buffer, so the forward never reads the device
 
     # ------------------------------------------------------------------ state
 
@@ -127,6 +128,7 @@ class CEMLoss(nn.Module):
             if src is not None and src.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(src, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self._fitted_size = float(self.fitted_size)
 
     def _variance_shape(self, D: int) -> tuple:
         C, m = self.num_classes, self.m
@@ -171,8 +173,9 @@ class CEMLoss(nn.Module):
         self.centroids = centroids.detach().to(dev, dtype).clone()
         self.pi = weights.detach().to(dev, dtype).clone()
         self.variance = variances.detach().to(dev, dtype).clone()
-        if float(self.fitted_size) == 0:
-            self.fitted_size.fill_(float(self.dataset_size or 0))
+        if self._fitted_size == 0:
+            self._fitted_size = float(self.dataset_size or 0)
+            self.fitted_size.fill_(self._fitted_size)
         return self
 
     # ------------------------------------------------------------------ refit
@@ -238,6 +241,7 @@ class CEMLoss(nn.Module):
         self.pi = pi.reshape(C, m).to(dev)
         self.variance = var.reshape(self._variance_shape(D)).to(dev)
         self.fitted_size.fill_(float(N))
+        self._fitted_size = float(N)
         self.refits += 1
         return self
 
@@ -246,7 +250,7 @@ class CEMLoss(nn.Module):
     def _dataset_size(self, batch: int) -> Optional[float]:
         if self.variant == "official":
             return None
-        N = self.dataset_size or float(self.fitted_size)
+        N = self.dataset_size or self._fitted_size
         if N <= 0:
             raise ValueError(f"variant={self.variant!r} needs dataset_size (samples per epoch)")
         if self.variant == "paper" and batch > N:

@@ -37,7 +37,7 @@ def test_inference_overhead_quick(tmp_path):
         got = {r[1]: r[2:] for r in rows if r[0] == label}
         assert set(got) == {"parameters", "buffer elements (BN statistics)", "FLOPs per image (conv + matmul)",
                             "CPU latency, batch 1 (median)", "CPU latency, batch 128 (median)",
-                            "torch.export graph", "exported parameter shapes", "max abs weight difference"}
+                            "torch.export graph", "exported parameter shapes", "parameter difference (max abs; relative L2)"}
         assert got["parameters"][0] == got["parameters"][1] and int(got["parameters"][0].replace(",", "")) > 0
         assert got["FLOPs per image (conv + matmul)"][2] == "1.000"
         for batch in (1, 128):
@@ -45,7 +45,7 @@ def test_inference_overhead_quick(tmp_path):
             assert all(math.isfinite(v) and v > 0 for v in ms)
         assert got["torch.export graph"][2] == "identical"
         assert got["exported parameter shapes"][2] == "identical"
-        assert got["max abs weight difference"][2] == "trained apart"
+        assert got["parameter difference (max abs; relative L2)"][2] == "trained apart"
     assert "Structural fact" in text and "Every check above agrees" in text
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cem_fast.backends import cpp_backend, extension, torch_backend
+from cem_fast.backends import cpp_backend, cuda_backend, extension, torch_backend
 
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -219,6 +219,9 @@ def test_bad_input_raises(ext, fn, args, error, match):
 def test_backend_module_contract():
     assert cpp_backend.is_available("cpu")
     assert not cpp_backend.is_available("cuda")
+    assert not cuda_backend.is_available("cpu")
+    if not torch.cuda.is_available():
+        assert not cuda_backend.is_available("cuda")
     z, labels, centroids, coef = make_inputs(9, 7, 3, 2, torch.float32)
     out = cpp_backend.assign_stats(z, labels, centroids, 2, True)
     assert all(torch.equal(x, y) for x, y in zip(out, torch_backend.assign_stats(z, labels, centroids, 2, True)))

@@ -140,11 +140,15 @@ def _import_aot(module: str):
 
 @functools.cache
 def load_cpp_extension():
-    """The C++/OpenMP CPU extension (built on first use, ~1 min, then cached on disk)."""
+    """The C++/OpenMP CPU extension: the ahead-of-time build if installed, else built on first use (~1 min)."""
     prebuilt = _import_aot("cem_fast._cem_cpu")
     if prebuilt is not None:
         return prebuilt
-    src = csrc_dir()
+    return build_cpp_extension(csrc_dir())
+
+
+def build_cpp_extension(src: Path):
+    """Compile (or reuse from the cache folder when unchanged) and import the CPU sources of the folder ``src``."""
     return _cpp_extension().load(name=CPU_NAME, sources=[str(src / s) for s in CPU_SOURCES],
                                  extra_include_paths=[str(src)], extra_cflags=CXX_FLAGS, extra_ldflags=LD_FLAGS,
                                  build_directory=str(cache_dir(CPU_NAME)), verbose=False)
@@ -161,7 +165,8 @@ def cuda_sources(src: Path | None = None) -> list[str]:
 
 @functools.cache
 def load_cuda_extension():
-    """The CUDA extension (nvcc; built on first use, then cached on disk). Loads without a GPU too."""
+    """The CUDA extension: the ahead-of-time build if installed, else built with nvcc on first use.
+    It imports without a GPU too (only libcudart must load)."""
     prebuilt = _import_aot("cem_fast._cem_cuda")
     if prebuilt is not None:
         return prebuilt
@@ -169,7 +174,8 @@ def load_cuda_extension():
 
 
 def build_cuda_extension(src: Path, name: str = CUDA_NAME):
-    """Compile and import the CUDA sources of the folder ``src`` (nvcc of the toolkit ``find_cuda_home()``)."""
+    """Compile (or reuse from the cache folder when unchanged) and import the CUDA sources of the folder ``src``
+    with the nvcc of ``find_cuda_home()``."""
     if not torch.version.cuda:
         raise RuntimeError("cem_fast: this torch build has no CUDA support")
     home, cpp_extension = _configure_cuda_env()

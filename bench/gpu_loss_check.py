@@ -1,0 +1,213 @@
+"""Loss-level checks and timings of CEMLoss per backend: the second half of bench/gpu_check.sh.
+
+1. every variant through every backend of the device against the float64 reference (fresh random inputs,
+   fp32 and bf16, an empty cluster and an absent class included);
+2. no host synchronisation inside forward + backward (``torch.cuda.set_sync_debug_mode("error")``);
+3. a training step with CEMLoss captured in a CUDA graph and replayed;
+4. timings (medians): fused forward+backward per backend at B in {128, 8192}, D = 2048, against the
+   ``torch`` backend and the bytes that must move; full covariance at D = 512 with 30 clusters; a
+   refit of 50,000 x 2048 features.
+
+Runs on the CPU too (``--device cpu``: sections 2-3 are skipped there), which is how CI keeps it working.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from cem_fast import CEMLoss, backends
+from cem_fast.reference import reference_loss
+
+VARIANTS = ("paper", "official", "official-trained")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def device_backends(device):
+    names = []
+    for name in ("torch", "cpp", "cuda", "triton"):
+        if backends.resolve(name, device) == name:
+            names.append(name)
+    return names
+
+
+def make(variant, C, m, D, device, backend, gen, validate=True):
+    cem = CEMLoss(C, m, variant=variant, dataset_size=50_000, backend=backend, validate=validate).to(device)
+    x = torch.rand(max(20 * C * m, 200), D, generator=gen)
+    y = torch.arange(x.shape[0]) % C
+    cem.refit(x.to(device), y.to(device))
+    return cem
+
+
+def check_parity(device, names, gen) -> int:
+    failures = 0
+    C, m, D, B = 7, 3, 517, 96
+    for variant in VARIANTS:
+        for backend in names:
+            for dtype in (torch.float32, torch.bfloat16):
+                cem = make(variant, C, m, D, device, backend, gen)
+                far = cem.centroids.clone()
+                far[:, -1] += 50.0                      # an empty cluster in every class
+                cem.set_clusters(far, cem.pi, cem.variance)
+                state = {k: v.clone() for k, v in (("pi", cem.pi), ("var", cem.variance))}
+                z = torch.rand(B, D, generator=gen).to(dtype)
+                y = torch.randint(0, C - 1, (B,), generator=gen)            # class C-1 absent
+                zz = z.to(device).requires_grad_(True)
+                loss = cem(zz, y.to(device))
+                loss.backward()
+                z64 = z.double().requires_grad_(True)
+                ref, _, _ = reference_loss(z64, y, far.double().cpu(), variant=variant, sigma=cem.sigma,
+                                           pi=state["pi"].double().cpu(), variance=state["var"].double().cpu(),
+                                           dataset_size=50_000, var_threshold=cem.var_threshold)
+                (g,) = torch.autograd.grad(ref, z64)
+                el, eg = abs(float(loss.detach()) - float(ref)) / abs(float(ref)), rel(zz.grad, g)
+                ok = el <= TOL[dtype] and eg <= TOL[dtype]
+                failures += not ok
+                print(f"parity {variant:16s} {backend:7s} {str(dtype):15s} loss rel err {el:.2e}  grad rel err {eg:.2e}"
+                      f"  {'ok' if ok else 'FAIL'}")
+    return failures
+
+
+def check_no_sync_and_graph(device, names, gen) -> int:
+    failures = 0
+    for backend in names:
+        cem = make("paper", 10, 3, 2048, device, backend, gen, validate=False)
+        z = torch.rand(128, 2048, device=device, requires_grad=True)
+        y = torch.randint(0, 10, (128,), device=device)
+        cem(z, y).backward()                                         # warm-up (builds, autotune, caches)
+        torch.cuda.synchronize()
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            cem(z, y).backward()
+            print(f"no host sync in forward+backward: {backend} ok")
+        except RuntimeError as exc:
+            failures += 1
+            print(f"no host sync in forward+backward: {backend} FAIL ({exc})")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        enc = torch.nn.Sequential(torch.nn.Linear(64, 2048), torch.nn.Sigmoid()).to(device)
+        head = torch.nn.Linear(2048, 10).to(device)
+        opt = torch.optim.SGD(list(enc.parameters()) + list(head.parameters()), lr=0.01, capturable=True) \
+            if "capturable" in torch.optim.SGD.__init__.__code__.co_varnames else \
+            torch.optim.SGD(list(enc.parameters()) + list(head.parameters()), lr=0.01)
+        x = torch.randn(128, 64, device=device)
+
+        def step():
+            opt.zero_grad(set_to_none=False)
+            f = enc(x)
+            loss = torch.nn.functional.cross_entropy(head(f + 0.025 * torch.randn_like(f)), y) + 16 * cem(f, y)
+            loss.backward()
+            opt.step()
+            return loss
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_loss = step()
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+            ok = bool(torch.isfinite(static_loss))
+            failures += not ok
+            print(f"CUDA graph capture of a training step with CEMLoss: {backend} {'ok' if ok else 'FAIL (non-finite)'}")
+        except Exception as exc:  # report and go on: the other checks still matter
+            failures += 1
+            print(f"CUDA graph capture of a training step with CEMLoss: {backend} FAIL ({type(exc).__name__}: {exc})")
+    return failures
+
+
+def timeit(fn, device, reps=50):
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=10, rep=max(reps, 25), return_mode="median") * 1e-3
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def timings(device, names, gen, quick) -> None:
+    copy_bw = None
+    if device.type == "cuda":
+        a = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+        b = torch.empty_like(a)
+        t = timeit(lambda: b.copy_(a), device)
+        copy_bw = 2 * a.numel() / t
+        print(f"measured device copy bandwidth: {copy_bw / 1e9:.0f} GB/s")
+    print("\n| variant | B | D | classes | m | backend | fwd+bwd (us) | vs torch | bytes-bound time (us) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    shapes = [(128, 2048, 10, 3)] if quick else [(128, 2048, 10, 3), (1024, 2048, 10, 3), (8192, 2048, 10, 3),
+                                                 (8192, 512, 100, 10)]
+    for variant in ("paper", "official-trained"):
+        for B, D, C, m in shapes:
+            base = None
+            for backend in names:
+                cem = make(variant, C, m, D, device, backend, gen, validate=False)
+                z = torch.rand(B, D, device=device, requires_grad=True)
+                y = torch.randint(0, C, (B,), device=device)
+                t = timeit(lambda: cem(z, y).backward(), device, reps=10 if quick else 50)
+                base = t if backend == "torch" else base
+                # must move: z read twice (forward, backward), dz written once, centroids read twice
+                need = (3 * B * D + 2 * C * m * D) * 4
+                bound = f"{need / copy_bw * 1e6:.1f}" if copy_bw else "-"
+                ratio = f"{base / t:.2f}x" if base else "-"
+                print(f"| {variant} | {B} | {D} | {C} | {m} | {backend} | {t * 1e6:.0f} | {ratio} | {bound} |")
+    cem = CEMLoss(10, 3, variant="paper", covariance="full", dataset_size=50_000).to(device)
+    D = 128 if quick else 512
+    cem.refit(torch.rand(3000, D, generator=gen).to(device), (torch.arange(3000) % 10).to(device))
+    z = torch.rand(128, D, device=device, requires_grad=True)
+    y = torch.randint(0, 10, (128,), device=device)
+    t = timeit(lambda: cem(z, y).backward(), device, reps=5 if quick else 20)
+    print(f"\nfull covariance, D={D}, 30 clusters, B=128: fwd+bwd {t * 1e3:.2f} ms")
+    N, D = (5000, 256) if quick else (50_000, 2048)
+    x = torch.rand(N, D, generator=gen).to(device)
+    yy = (torch.arange(N) % 10).to(device)
+    for label, fresh in (("k-means++ start", True), ("warm start", False)):
+        cem = CEMLoss(10, 3).to(device)
+        if not fresh:
+            cem.refit(x, yy)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        cem.refit(x, yy)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        print(f"refit of {N} x {D} features ({label}): {time.perf_counter() - t0:.3f} s")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes and few repeats (CI smoke)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(1234)
+    names = device_backends(device)
+    print(f"device {device}, backends {names}, torch {torch.__version__}")
+    failures = check_parity(device, names, gen)
+    if device.type == "cuda":
+        failures += check_no_sync_and_graph(device, names, gen)
+    timings(device, names, gen, args.quick)
+    print(f"\n{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Figures 3 and 4 of the paper from finished, attacked runs (matplotlib, PNG).
+
+* Figure 3: the attacker's reconstruction MSE against the conditional-entropy bound of Eq. 3 (relative
+  H(x|z), nats), one point per run, with Theorem 1's floor ``mse_lower_bound(H(x) + bound, d)``. The
+  paper replaces the intractable constant H(x) by "a proper value"; here it is ``--h-x`` or, by default,
+  the largest value for which the floor stays under every point (the tightest floor the runs allow).
+  The bound comes from the run's saved CEM state (``final.pt``, variants paper / official-trained) or,
+  for runs without one (lambda = 0, variant official), from a CEMLoss (variant paper) fitted on the
+  run's encoder features of its training split.
+* Figure 4: accuracy against the attacker's MSE while sweeping sigma (and lambda): one point per run,
+  one line per family (defence, lambda, cut), dashed without CEM.
+
+    python -m reproduce.figures_curves --figure 3 --runs RUN... --out fig3.png
+    (or ``python -m reproduce.figure --figure 3 ...`` once figure.py dispatches here)
+
+``--runs`` takes run directories or folders holding them (searched recursively for config.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+FIGURES = (3, 4)
+BOUND_SOURCES = ("auto", "state", "refit")
+
+__all__ = ["FIGURES", "expand_runs", "run_point", "entropy_bound_of_run", "tightest_h_x", "figure3", "figure4",
+           "requested", "main"]
+
+
+def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Run directories among ``paths``: each path that has a config.json, else the runs found under it."""
+    if not paths:
+        raise ValueError("runs must name at least one run directory")
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "config.json").is_file():
+            found.append(p)
+        elif p.is_dir():
+            below = sorted(c.parent for c in p.rglob("config.json"))
+            if not below:
+                raise FileNotFoundError(f"{p} is not a run directory and holds none (no config.json below it)")
+            found += below
+        else:
+            raise FileNotFoundError(f"run directory {p} does not exist")
+    return list(dict.fromkeys(found))
+
+
+def run_point(run_dir: str | Path, attack: str = "decoder", setting: str = "train_time") -> dict:
+    """``{"config", "acc" (%), "mse"}`` of a run; acc/mse None when training or the attack is missing."""
+    from reproduce.table import final_accuracy
+
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    report = run_dir / f"attack_{attack}.json"
+    mse = None
+    if report.is_file():
+        mse = json.loads(report.read_text()).get("settings", {}).get(setting, {}).get("metrics", {}).get("mse")
+    return {"config": config, "acc": final_accuracy(run_dir), "mse": mse, "run": run_dir}
+
+
+def _bound_from_state(run_dir: Path, config: dict) -> Optional[float]:
+    import torch
+    from cem_fast import CEMLoss
+
+    from reproduce.checkpoint import load_checkpoint
+
+    state = load_checkpoint(run_dir / "final.pt", map_location="cpu").get("cem")
+    if state is None or config.get("cem_variant") == "official":
+        return None
+    cem = CEMLoss(config["num_classes"], clusters_per_class=config.get("cem_clusters"), sigma=config["sigma"],
+                  variant=config["cem_variant"], covariance=config.get("cem_covariance", "diag"),
+                  dataset_size=config.get("train_size"), backend="torch")
+    cem.load_state_dict(state)
+    if not cem.fitted:
+        return None
+    with torch.no_grad():
+        return float(cem.entropy_bound())
+
+
+def _bound_from_refit(run_dir: Path, config: dict, max_images: int, device: str) -> float:
+    import torch
+    from cem_fast import CEMLoss
+    from torch.utils.data import DataLoader, Subset
+
+    from reproduce.data import load_dataset, subset
+    from reproduce.runs import load_run
+
+    if config["sigma"] <= 0:
+        raise ValueError(f"{run_dir}: sigma is 0, the entropy bound needs noise (sigma > 0)")
+    loaded = load_run(run_dir, device=device)
+    data = load_dataset(config["dataset"], "train", data_root=config.get("data_root"), augment=False)
+    indices = list(range(len(data)))
+    if config.get("train_subset") is not None and config["train_subset"] < len(data):
+        indices = list(subset(data, config["train_subset"], seed=config["seed"]).indices)
+    if len(indices) > max_images:
+        chosen = subset(Subset(data, indices), max_images, seed=0).indices
+        indices = [indices[i] for i in chosen]
+    feats, labels = [], []
+    with torch.no_grad():
+        for x, y in DataLoader(Subset(data, indices), batch_size=256):
+            feats.append(loaded.model.encoder(x.to(device)).flatten(1).double().cpu())
+            labels.append(y)
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    cem = CEMLoss(loaded.num_classes, clusters_per_class=config.get("cem_clusters"), sigma=config["sigma"],
+                  variant="paper", dataset_size=len(feats), backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a collapsed encoder still has a (high) bound
+        cem.refit(feats, labels)
+    return float(cem.entropy_bound())
+
+
+def entropy_bound_of_run(run_dir: str | Path, source: str = "auto", max_images: int = 5000,
+                         device: str = "cpu") -> tuple[float, str]:
+    """Eq. 3's bound on H(x|z) (up to H(x)) of a finished run, and where it came from ("state"/"refit")."""
+    if source not in BOUND_SOURCES:
+        raise ValueError(f"source must be one of {BOUND_SOURCES}, got {source!r}")
+    if not isinstance(max_images, int) or max_images < 1:
+        raise ValueError(f"max_images must be a positive int, got {max_images!r}")
+    run_dir = Path(run_dir)
+    if not (run_dir / "final.pt").is_file():
+        raise ValueError(f"{run_dir} has not finished training (no final.pt)")
+    config = json.loads((run_dir / "config.json").read_text())
+    if source in ("auto", "state"):
+        bound = _bound_from_state(run_dir, config)
+        if bound is not None:
+            return bound, "state"
+        if source == "state":
+            raise ValueError(f"{run_dir} saved no CEM state with a bound (lambda 0 or variant official); "
+                             "use source 'refit' or 'auto'")
+    return _bound_from_refit(run_dir, config, max_images, device), "refit"
+
+
+def tightest_h_x(bounds: Sequence[float], mses: Sequence[float], d: int) -> float:
+    """Largest H(x) with ``mse_lower_bound(H(x) + b_i, d) <= mse_i`` for every point (Theorem 1 inverted)."""
+    if not bounds or len(bounds) != len(mses):
+        raise ValueError("bounds and mses must be non-empty and of equal length")
+    if any(m <= 0 for m in mses):
+        raise ValueError("every MSE must be > 0")
+    return min(0.5 * d * math.log(2 * math.pi * math.e * m) - b for b, m in zip(bounds, mses))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=150)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return out
+
+
+def _usable(points: list[dict], what: str) -> list[dict]:
+    good = [p for p in points if p["acc"] is not None and p["mse"] is not None]
+    for p in points:
+        if p not in good:
+            print(f"[figure] skipping {p['run']}: {'training unfinished' if p['acc'] is None else 'no ' + what}",
+                  file=sys.stderr)
+    if not good:
+        raise ValueError(f"none of the runs has finished training and has {what}")
+    return good
+
+
+def figure3(runs: Sequence[str | Path], out: str | Path, *, attack: str = "decoder", setting: str = "train_time",
+            h_x: Optional[float] = None, bound_source: str = "auto", max_images: int = 5000,
+            device: str = "cpu") -> Path:
+    """Attacker MSE vs. the entropy bound, with Theorem 1's floor; returns the PNG path."""
+    import numpy as np
+    from cem_fast import mse_lower_bound
+
+    points = _usable([run_point(r, attack, setting) for r in expand_runs(runs)], f"an {attack} {setting} attack")
+    dims = {p["config"]["in_channels"] * p["config"]["image_size"] ** 2 for p in points}
+    if len(dims) != 1:
+        raise ValueError(f"the runs have different input dimensions {sorted(dims)}; plot one dataset at a time")
+    d = dims.pop()
+    for p in points:
+        p["bound"], p["source"] = entropy_bound_of_run(p["run"], bound_source, max_images, device)
+    b = np.array([p["bound"] for p in points])
+    m = np.array([p["mse"] for p in points])
+    fitted = h_x is None
+    if fitted:
+        h_x = tightest_h_x(b.tolist(), m.tolist(), d)
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4))
+    for cem, marker, label in ((True, "o", "with CEM"), (False, "s", "without CEM")):
+        sel = [p for p in points if (p["config"].get("cem_lambda", 0) > 0) == cem]
+        if sel:
+            ax.scatter([p["bound"] for p in sel], [p["mse"] for p in sel], marker=marker, label=label, zorder=3)
+            for p in sel:
+                ax.annotate(f"σ={p['config']['sigma']:g}", (p["bound"], p["mse"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+    span = max(b.max() - b.min(), 1e-6)
+    xs = np.linspace(b.min() - 0.1 * span, b.max() + 0.1 * span, 200)
+    floor = [mse_lower_bound(float(h_x + x), d) for x in xs]
+    ax.plot(xs, floor, "k--", label=f"Theorem 1 floor, H(x)={h_x:.4g}{' (tightest)' if fitted else ''}")
+    if len(points) >= 2 and np.ptp(b) > 0:
+        slope, icpt = np.polyfit(b, np.log(m), 1)
+        r = np.corrcoef(b, np.log(m))[0, 1]
+        ax.plot(xs, np.exp(icpt + slope * xs), ":", color="gray", label=f"exp fit (r={r:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("relative H(x|z) bound (Eq. 3, nats)")
+    ax.set_ylabel(f"{attack} attack MSE ({setting.replace('_', ' ')})")
+    sources = sorted({p["source"] for p in points})
+    ax.set_title(f"Reconstruction MSE vs. H(x|z) (bound from {'/'.join(sources)})", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def _family(config: dict) -> tuple:
+    lam = config.get("cem_lambda", 0.0) if config.get("cem_enabled", config.get("cem_lambda", 0) > 0) else 0.0
+    return (config.get("defence"), lam, config.get("cut"), config.get("cem_variant") if lam else None)
+
+
+def figure4(runs: Sequence[str | Path], out: str | Path, *, attack: str = "decoder",
+            setting: str = "train_time") -> Path:
+    """Accuracy vs. attacker MSE, one line per (defence, lambda, cut) family, points sorted by sigma."""
+    points = _usable([run_point(r, attack, setting) for r in expand_runs(runs)], f"an {attack} {setting} attack")
+    families: dict[tuple, list[dict]] = {}
+    for p in points:
+        families.setdefault(_family(p["config"]), []).append(p)
+    several_cuts = len({k[2] for k in families}) > 1
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4))
+    for key in sorted(families, key=lambda k: (str(k[0]), k[1], k[2] or 0)):
+        defence, lam, cut, variant = key
+        fam = sorted(families[key], key=lambda p: p["config"]["sigma"])
+        label = f"{defence}, " + (f"CEM λ={lam:g}" if lam else "w/o CEM")
+        if variant not in (None, "paper"):
+            label += f" ({variant})"
+        if several_cuts:
+            label += f", cut {cut}"
+        ax.plot([p["mse"] for p in fam], [p["acc"] for p in fam], "-" if lam else "--", marker="o" if lam else "s",
+                label=label)
+        for p in fam:
+            ax.annotate(f"{p['config']['sigma']:g}", (p["mse"], p["acc"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.set_xlabel(f"{attack} attack MSE ({setting.replace('_', ' ')}; higher = more robust)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Utility-robustness trade-off (labels: noise σ)", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m reproduce.figure", description="Figures 3 and 4 of the paper.")
+    p.add_argument("--figure", type=int, required=True, choices=FIGURES)
+    p.add_argument("--runs", nargs="+", required=True, help="run directories or folders holding them")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--attack", choices=("decoder", "gan"), default="decoder")
+    p.add_argument("--setting", choices=("train_time", "infer_time"), default="train_time")
+    p.add_argument("--h-x", type=float, default=None, help="figure 3: the constant H(x) (default: tightest)")
+    p.add_argument("--bound-source", choices=BOUND_SOURCES, default="auto",
+                   help="figure 3: saved CEM state, a refit on the encoder features, or auto (state if any)")
+    p.add_argument("--max-images", type=int, default=5000, help="figure 3: training images for a refit")
+    p.add_argument("--device", default="cpu", help="figure 3: device for the refit's encoder pass")
+    return p
+
+
+def requested(argv: Optional[Sequence[str]]) -> bool:
+    """Whether a ``reproduce.figure`` command line asks for one of this module's figures."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--figure", type=int)
+    known, _ = p.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    return known.figure in FIGURES
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(None if argv is None else list(argv))
+    try:
+        if args.figure == 3:
+            out = figure3(args.runs, args.out, attack=args.attack, setting=args.setting, h_x=args.h_x,
+                          bound_source=args.bound_source, max_images=args.max_images, device=args.device)
+        else:
+            out = figure4(args.runs, args.out, attack=args.attack, setting=args.setting)
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,695 @@
+"""The paper's tables, reproduced: ``python -m reproduce.table --table N --preset P --runs-root DIR --out T.md``.
+
+For table ``N`` (1-9) it lists the arms the paper reports (dataset, architecture, cut, defence, with and
+without CEM), trains what is missing (``reproduce.train``) and attacks it (``reproduce.attack``: the
+decoder attack, train- and inference-time, and the GAN attack), each arm in
+``DIR/<arm name>/seed<S>/``. A finished run or attack is skipped, an interrupted one resumes. With
+``--no-run`` it only collects what exists (missing cells read "—").
+
+Tables 1-8: one row per defence without CEM and one with CEM, columns accuracy, MSE, SSIM and PSNR of
+the decoder and GAN attacks, each beside the paper's number (``reproduce.paper_numbers``); then the
+gain of CEM per defence (MSE with CEM / MSE without) and on average. Table 9: parameters, MMAC per
+image and latency (a batch of 128) of the encoder and the server, PATROL and the others, with and
+without CEM. Writes ``T.md`` and ``T.csv``. Several ``--seeds``: mean ± std per cell.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shlex
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from reproduce import paper_numbers
+
+TABLES = tuple(range(1, 10))
+PRESETS = ("smoke", "cpu", "paper")
+ATTACKS = ("decoder", "gan")
+MISSING = "—"
+DATASET_MISSING = "n/a: dataset missing"
+NOISE_DEFENCES = ("noise", "noise_nopeek", "noise_arl")
+
+# Our metric key -> (attack, setting, key in the attack report's metrics). The PSNR is the authors'
+# per-batch average, the number the paper prints; SSIM/PSNR are the train-time attack's (scored on
+# held-out test images, the paper's "validation set").
+ATTACK_METRICS = {
+    "dec_train_mse": ("decoder", "train_time", "mse"),
+    "dec_infer_mse": ("decoder", "infer_time", "mse"),
+    "gan_train_mse": ("gan", "train_time", "mse"),
+    "gan_infer_mse": ("gan", "infer_time", "mse"),
+    "dec_ssim": ("decoder", "train_time", "ssim"),
+    "dec_psnr": ("decoder", "train_time", "psnr_per_batch_authors"),
+    "gan_ssim": ("gan", "train_time", "ssim"),
+    "gan_psnr": ("gan", "train_time", "psnr_per_batch_authors"),
+}
+MSE_KEYS = ("dec_train_mse", "dec_infer_mse", "gan_train_mse", "gan_infer_mse")
+HEADERS = {
+    "acc": "Acc. (%)", "dec_train_mse": "Dec. MSE Train", "dec_infer_mse": "Dec. MSE Infer",
+    "gan_train_mse": "GAN MSE Train", "gan_infer_mse": "GAN MSE Infer", "dec_ssim": "Dec. SSIM",
+    "dec_psnr": "Dec. PSNR", "gan_ssim": "GAN SSIM", "gan_psnr": "GAN PSNR",
+    "enc_params_m": "Enc. params (M)", "enc_mmac": "Enc. MMAC", "enc_time_ms": "Enc. time (ms)",
+    "srv_params_m": "Server params (M)", "srv_mmac": "Server MMAC", "srv_time_ms": "Server time (ms)",
+}
+DECIMALS = {"acc": 2, "ssim": 3, "psnr": 2, "mse": 4, "params_m": 3, "mmac": 2, "time_ms": 2}
+# Table 9: latency repetitions per preset (the paper: 100 batches of 128 images).
+LATENCY_REPS = {"smoke": 2, "cpu": 10, "paper": 100}
+LATENCY_BATCH = 128
+# Table 9's rows: paper row -> the defence that stands for it.
+EFFICIENCY_ROWS = {"PATROL": "patrol", "OTHERS": "bottleneck"}
+
+
+def _decimals(key: str) -> int:
+    return next(d for suffix, d in DECIMALS.items() if key.endswith(suffix))
+
+
+# ----------------------------------------------------------------------------- arms
+
+@dataclass(frozen=True)
+class Arm:
+    """One trained configuration of a table: a paper row with or without CEM."""
+
+    row: str            # the paper's row label without "+CEM", e.g. "Bottleneck" ("OTHERS" in Table 9)
+    defence: str        # reproduce.defences registry name
+    cem: bool
+    dataset: str        # the dataset the paper uses (before resolving to the data found)
+    arch: str
+    sigma: float = 0.025
+    cem_lambda: float = 16.0
+    cem_variant: str = "paper"
+
+    @property
+    def label(self) -> str:
+        return f"{self.row} — {'w/ CEM' if self.cem else 'w/o CEM'}"
+
+    @property
+    def paper_row(self) -> str:
+        return self.row + ("+CEM" if self.cem else "")
+
+    def name(self, dataset: str) -> str:
+        """Directory name of this arm trained on ``dataset`` (the resolved one)."""
+        lam = self.cem_lambda if self.cem else 0.0
+        name = f"{dataset}_{self.arch}_{self.defence}_lam{lam:g}_sigma{self.sigma:g}"
+        return name + (f"_{self.cem_variant}" if self.cem and self.cem_variant != "paper" else "")
+
+    def train_args(self) -> list[str]:
+        args = ["--arch", self.arch, "--defense", self.defence, "--sigma", repr(self.sigma),
+                "--cem-lambda", repr(self.cem_lambda if self.cem else 0.0)]
+        if self.cem:
+            args += ["--cem-variant", self.cem_variant]
+        return args
+
+
+def table_arms(number: int, sigma: float = 0.025, cem_lambda: float = 16.0,
+               cem_variant: str = "paper") -> list[Arm]:
+    """The arms of table ``number`` in the paper's row order."""
+    spec = paper_numbers.table(number)
+    if number == 9:
+        return [Arm(row, EFFICIENCY_ROWS[row], cem, spec["dataset"], spec["arch"], sigma, cem_lambda, cem_variant)
+                for row in spec["rows"] for cem in (False, True)]
+    arms = []
+    for label in spec["rows"]:
+        if label in paper_numbers.AVERAGE_ROWS:
+            continue
+        row = label.removesuffix("+CEM")
+        arms.append(Arm(row, paper_numbers.DEFENCE_OF_ROW[row], label.endswith("+CEM"), spec["dataset"],
+                        spec["arch"], sigma, cem_lambda, cem_variant))
+    return arms
+
+
+def table_columns(number: int) -> tuple[str, ...]:
+    """The table's own columns, then its companion's (MSE <-> SSIM/PSNR of the same dataset)."""
+    spec = paper_numbers.table(number)
+    cols = list(spec["columns"])
+    if spec["companion"] is not None:
+        cols += [c for c in paper_numbers.table(spec["companion"])["columns"] if c not in cols]
+    return tuple(cols)
+
+
+def paper_value(number: int, row: str, column: str) -> Optional[float]:
+    """The paper's value for a cell of our table ``number`` (from the table or its companion)."""
+    for n in (number, paper_numbers.table(number)["companion"]):
+        if n is not None and column in paper_numbers.table(n)["columns"]:
+            return paper_numbers.value(n, row, column)
+    return None
+
+
+# ----------------------------------------------------------------------------- data
+
+class DatasetMissing(Exception):
+    """The table's dataset is not available here."""
+
+
+@dataclass(frozen=True)
+class ResolvedData:
+    name: str                  # the dataset name runs are trained on
+    data_root: Optional[str]   # passed as --data-root (None: train's default)
+    note: str
+
+
+def resolve_dataset(name: str, data_root: Optional[str], download: bool = False) -> ResolvedData:
+    """Find ``name`` under ``data_root`` (or the default root); CIFAR-10 falls back to the shipped sample.
+
+    Raises DatasetMissing (with the loader's reason) when nothing usable is found.
+    """
+    from reproduce.data import load_dataset
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the FaceScrub stand-in warning: we report it in the note
+            ds = load_dataset(name, "test", data_root=data_root, download=download)
+    except FileNotFoundError as err:
+        if name == "cifar10":
+            return ResolvedData("cifar10-sample", None, "cifar10 not found: the shipped offline sample "
+                                "(5,000 + 1,000 real CIFAR-10 images; pass --data-root for the full set)")
+        raise DatasetMissing(str(err)) from None
+    used = ds.info.name
+    note = f"{used} from {getattr(ds, 'source', '?')}"
+    if used != name:
+        note += f" (stand-in for {name}: {ds.info.num_classes} classes)"
+    return ResolvedData(used, data_root, note)
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def final_accuracy(run_dir: Path) -> Optional[float]:
+    """Test accuracy (%) of the last finished epoch, if training finished."""
+    if not (run_dir / "final.pt").is_file() or not (run_dir / "metrics.jsonl").is_file():
+        return None
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return 100.0 * rows[-1]["test_acc"] if rows and "test_acc" in rows[-1] else None
+
+
+def collect_run(run_dir: str | Path) -> dict:
+    """Everything tables 1-8 show of one run: ``{"acc": %, "dec_train_mse": ..., ...}`` (None if missing)."""
+    run_dir = Path(run_dir)
+    out: dict[str, Optional[float]] = {"acc": final_accuracy(run_dir)}
+    reports = {a: _read_json(run_dir / f"attack_{a}.json") for a in ATTACKS}
+    for key, (attack, setting, metric) in ATTACK_METRICS.items():
+        value = reports[attack].get("settings", {}).get(setting, {}).get("metrics", {}).get(metric)
+        out[key] = None if value is None else float(value)
+    return out
+
+
+def run_status(run_dir: Path) -> str:
+    if not (run_dir / "config.json").is_file():
+        return "not run"
+    if not (run_dir / "final.pt").is_file():
+        return "training unfinished"
+    return "trained"
+
+
+# ----------------------------------------------------------------------------- running
+
+@dataclass
+class Options:
+    preset: str
+    runs_root: Path
+    seeds: list[int]
+    data: Optional[ResolvedData]
+    device: Optional[str]
+    attacks: tuple[str, ...]
+    train_args: list[str]
+    attack_args: list[str]
+    threads: Optional[int]
+    arm_options: dict = None   # sigma, cem_lambda, cem_variant of table_arms
+    log: callable = print
+
+
+def _call(main, argv: list[str], what: str) -> None:
+    """Run a CLI's ``main(argv)`` in this process (datasets stay cached); raise RuntimeError on failure."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    if code not in (0, None):
+        raise RuntimeError(f"{what} failed (exit status {code}): {' '.join(argv)}")
+
+
+def ensure_trained(arm: Arm, seed: int, opts: Options) -> Path:
+    """Train ``arm`` with ``seed`` unless finished; resume an interrupted run. Returns the run directory."""
+    from reproduce import train
+
+    run_dir = opts.runs_root / arm.name(opts.data.name) / f"seed{seed}"
+    if (run_dir / "final.pt").is_file():
+        return run_dir
+    argv = ["--preset", opts.preset, "--out", str(run_dir), "--dataset", opts.data.name, "--seed", str(seed),
+            "--no-progress", *arm.train_args()]
+    if opts.data.data_root is not None:
+        argv += ["--data-root", opts.data.data_root]
+    if opts.device:
+        argv += ["--device", opts.device]
+    if opts.threads:
+        argv += ["--threads", str(opts.threads)]
+    argv += opts.train_args
+    config = _read_json(run_dir / "config.json")
+    if config and config.get("preset") != opts.preset:
+        raise ValueError(f"{run_dir} holds a run of preset {config.get('preset')!r}, not {opts.preset!r}: "
+                         f"use another --runs-root per preset")
+    if (run_dir / "checkpoint.pt").is_file():
+        opts.log(f"[table] resuming {run_dir}")
+        argv.append("--resume")
+    elif config:
+        # Killed before its first checkpoint: nothing to resume, start over.
+        for name in ("config.json", "metrics.jsonl"):
+            (run_dir / name).unlink(missing_ok=True)
+    else:
+        opts.log(f"[table] training {run_dir}")
+    _call(train.main, argv, "reproduce.train")
+    return run_dir
+
+
+def ensure_attacked(run_dir: Path, attack: str, seed: int, opts: Options) -> None:
+    """Run ``attack`` on ``run_dir`` for each setting its report lacks (the attack resumes its own state)."""
+    from reproduce import attack as attack_cli
+
+    settings = _read_json(run_dir / f"attack_{attack}.json").get("settings", {})
+    missing = [s for s in ("train_time", "infer_time") if "metrics" not in settings.get(s, {})]
+    if not missing:
+        return
+    argv = ["--run", str(run_dir), "--attack", attack, "--preset", opts.preset, "--seed", str(seed),
+            "--setting", missing[0] if len(missing) == 1 else "both", "--no-progress"]
+    if opts.device:
+        argv += ["--device", opts.device]
+    if opts.threads:
+        argv += ["--threads", str(opts.threads)]
+    argv += opts.attack_args
+    opts.log(f"[table] {attack} attack on {run_dir} ({', '.join(missing)})")
+    _call(attack_cli.main, argv, "reproduce.attack")
+
+
+# ----------------------------------------------------------------------------- cells
+
+def summarize(values: Sequence[Optional[float]]) -> dict:
+    """``{"mean", "std", "n", "of"}`` of the values present (std 0 for one value, None for none)."""
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    if not present:
+        return {"mean": None, "std": None, "n": 0, "of": len(values)}
+    std = statistics.stdev(present) if len(present) > 1 else 0.0
+    return {"mean": statistics.fmean(present), "std": std, "n": len(present), "of": len(values)}
+
+
+def format_cell(cell: dict, key: str) -> str:
+    if cell.get("status"):
+        return cell["status"]
+    if cell["mean"] is None:
+        return MISSING
+    d = _decimals(key)
+    text = f"{cell['mean']:.{d}f}"
+    if cell["of"] > 1:
+        text += f" ± {cell['std']:.{d}f}"
+        if cell["n"] < cell["of"]:
+            text += f" ({cell['n']}/{cell['of']} seeds)"
+    return text
+
+
+def format_paper(value: Optional[float], key: str) -> str:
+    return MISSING if value is None else f"{value:.{_decimals(key)}f}"
+
+
+def cem_gains(means: dict[tuple[str, bool], dict], rows: Sequence[str], keys: Sequence[str] = MSE_KEYS) -> dict:
+    """Relative gain of CEM: MSE with CEM / MSE without, per defence row and on average.
+
+    ``means[(row, cem)][key]`` is a number or None. Returns ``{"per_row": {row: {key: ratio}},
+    "mean_ratio": {key: ...}, "ratio_of_means": {key: ...}, "count": {key: defences with both}}``;
+    the averages use only defences that have both arms.
+    """
+    per_row = {row: {} for row in rows}
+    mean_ratio, ratio_of_means, count = {}, {}, {}
+    for key in keys:
+        ratios, without, with_ = [], [], []
+        for row in rows:
+            a = means.get((row, False), {}).get(key)
+            b = means.get((row, True), {}).get(key)
+            if a is None or b is None or a <= 0:
+                per_row[row][key] = None
+                continue
+            per_row[row][key] = b / a
+            ratios.append(b / a)
+            without.append(a)
+            with_.append(b)
+        count[key] = len(ratios)
+        mean_ratio[key] = statistics.fmean(ratios) if ratios else None
+        ratio_of_means[key] = statistics.fmean(with_) / statistics.fmean(without) if ratios else None
+    return {"per_row": per_row, "mean_ratio": mean_ratio, "ratio_of_means": ratio_of_means, "count": count}
+
+
+def _paper_gains(number: int) -> dict:
+    """The same gains from the paper's printed MSE rows (this table's MSE companion)."""
+    mse_table = number if "dec_train_mse" in paper_numbers.table(number)["columns"] \
+        else paper_numbers.table(number)["companion"]
+    spec = paper_numbers.table(mse_table)
+    rows = [r for r in spec["rows"] if "+" not in r and r not in paper_numbers.AVERAGE_ROWS and r != "No_defense"]
+    means = {(r.removesuffix("+CEM"), r.endswith("+CEM")): dict(zip(spec["columns"], v))
+             for r, v in spec["rows"].items() if r not in paper_numbers.AVERAGE_ROWS}
+    return cem_gains(means, rows)
+
+
+def _fmt_ratio(r: Optional[float]) -> str:
+    return MISSING if r is None else f"{r:.2f}× ({100 * (r - 1):+.1f}%)"
+
+
+# ----------------------------------------------------------------------------- tables 1-8
+
+def build_result_table(number: int, opts: Options, run: bool, run_defences: Optional[set[str]],
+                       errors: list[str]) -> dict:
+    """Collect (and with ``run``, first produce) every cell of table ``number`` (1-8)."""
+    arms = table_arms(number, **(opts.arm_options or {}))
+    columns = table_columns(number)
+    cells: dict[Arm, dict[str, dict]] = {}
+    for arm in arms:
+        if opts.data is None:
+            cells[arm] = {k: {"status": DATASET_MISSING} for k in columns}
+            continue
+        per_seed = []
+        for seed in opts.seeds:
+            run_dir = opts.runs_root / arm.name(opts.data.name) / f"seed{seed}"
+            if run and (run_defences is None or arm.defence in run_defences):
+                try:
+                    run_dir = ensure_trained(arm, seed, opts)
+                    for attack in opts.attacks:
+                        ensure_attacked(run_dir, attack, seed, opts)
+                except Exception as err:  # one failing arm must not lose the others
+                    errors.append(f"{arm.label} (seed {seed}): {type(err).__name__}: {err}")
+                    opts.log(traceback.format_exc())
+            per_seed.append(collect_run(run_dir))
+        cells[arm] = {k: summarize([r[k] for r in per_seed]) for k in columns}
+    return {"number": number, "arms": arms, "columns": columns, "cells": cells}
+
+
+def _average_rows(result: dict) -> dict[bool, dict[str, dict]]:
+    """Our 'Average w/o CEM' / 'w/ CEM' rows: per column, over defences (not No_defense) with both arms."""
+    arms = [a for a in result["arms"] if a.row != "No_defense"]
+    rows = sorted({a.row for a in arms}, key=[a.row for a in arms].index)
+    out = {False: {}, True: {}}
+    for key in result["columns"]:
+        vals = {(a.row, a.cem): result["cells"][a][key].get("mean") for a in arms}
+        both = [r for r in rows if vals.get((r, False)) is not None and vals.get((r, True)) is not None]
+        for cem in (False, True):
+            if not both:
+                status = DATASET_MISSING if result["cells"][arms[0]][key].get("status") else None
+                out[cem][key] = {"mean": None, "std": None, "n": 0, "of": 1, "status": status}
+            else:
+                out[cem][key] = {"mean": statistics.fmean(vals[(r, cem)] for r in both), "std": 0.0,
+                                 "n": 1, "of": 1, "count": len(both), "of_rows": len(rows)}
+    return out
+
+
+def result_markdown(result: dict, opts: Options, errors: Sequence[str]) -> str:
+    number, columns = result["number"], result["columns"]
+    spec = paper_numbers.table(number)
+    lines = [f"# Table {number} (reproduction): {spec['dataset']}, {spec['arch']}", "",
+             f"Paper: {spec['caption']}", "",
+             f"- preset: `{opts.preset}`; seeds: {', '.join(map(str, opts.seeds))}; runs: `{opts.runs_root}`",
+             f"- data: {opts.data.note if opts.data else DATASET_MISSING}",
+             "- each metric is followed by the paper's number (\"paper\"); PSNR is the authors' per-batch "
+             "average; SSIM/PSNR are of the train-time attack, scored on held-out test images",
+             "- averages: over the defences (not No_defense) that have both arms in this column", ""]
+    header = ["Method"] + [h for k in columns for h in (HEADERS[k], "paper")]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in result["arms"]:
+        cells = result["cells"][arm]
+        row = [arm.label] + [x for k in columns for x in
+                             (format_cell(cells[k], k), format_paper(paper_value(number, arm.paper_row, k), k))]
+        lines.append("| " + " | ".join(row) + " |")
+    averages = _average_rows(result)
+    for cem, label in ((False, "Average w/o CEM"), (True, "Average w/ CEM")):
+        row = [label]
+        for k in columns:
+            cell = averages[cem][k]
+            text = format_cell(cell, k)
+            if cell.get("count") is not None and cell["count"] < cell["of_rows"]:
+                text += f" ({cell['count']} of {cell['of_rows']})"
+            row += [text, format_paper(paper_value(number, label, k), k)]
+        lines.append("| " + " | ".join(row) + " |")
+
+    means = {(a.row, a.cem): {k: result["cells"][a][k].get("mean") for k in MSE_KEYS} for a in result["arms"]}
+    rows = [r for r in dict.fromkeys(a.row for a in result["arms"]) if r != "No_defense"]
+    ours, paper = cem_gains(means, rows), _paper_gains(number)
+    lines += ["", "## Gain of CEM: reconstruction MSE with CEM / without CEM (higher = more robust)", ""]
+    header = ["Defence"] + [h for k in MSE_KEYS for h in (HEADERS[k], "paper")]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join([r] + [x for k in MSE_KEYS for x in
+                                              (_fmt_ratio(ours["per_row"][r][k]), _fmt_ratio(paper["per_row"][r][k]))])
+                     + " |")
+    for name, title in (("mean_ratio", "Mean of the ratios"), ("ratio_of_means", "Ratio of the averages")):
+        lines.append("| " + " | ".join([title] + [x for k in MSE_KEYS for x in
+                                                  (_fmt_ratio(ours[name][k]), _fmt_ratio(paper[name][k]))]) + " |")
+    mse_table = number if number in paper_numbers.STATED_AVERAGE_GAIN else spec["companion"]
+    stated = paper_numbers.STATED_AVERAGE_GAIN.get(mse_table)
+    if stated:
+        lines += ["", f"The paper's text states an average MSE increase of {100 * stated['train']:.1f}% "
+                  f"(training data) and {100 * stated['infer']:.1f}% (inference data) for this dataset."]
+    notes = [f"- paper, {r} / {HEADERS[c]}: {text}" for (n, r, c), text in paper_numbers.NOTES.items()
+             if n in (number, spec["companion"]) and c in columns]
+    if notes:
+        lines += ["", "Notes on the paper's numbers:", *notes]
+    if errors:
+        lines += ["", "Errors (these cells are missing):", *[f"- {e}" for e in errors]]
+    return "\n".join(lines) + "\n"
+
+
+def result_csv_rows(result: dict) -> list[dict]:
+    number = result["number"]
+    rows = []
+    averages = _average_rows(result)
+    entries = [(a.label, a.defence, a.cem, a.paper_row, result["cells"][a]) for a in result["arms"]]
+    entries += [("Average w/o CEM", "", False, "Average w/o CEM", averages[False]),
+                ("Average w/ CEM", "", True, "Average w/ CEM", averages[True])]
+    for label, defence, cem, paper_row, cells in entries:
+        row = {"table": number, "method": label, "defence": defence, "cem": int(cem)}
+        status = ""
+        for k in result["columns"]:
+            c = cells[k]
+            status = status or (c.get("status") or "")
+            row[k] = "" if c.get("mean") is None else c["mean"]
+            row[f"{k}_std"] = "" if c.get("mean") is None else c["std"]
+            row[f"{k}_n"] = c.get("n", 0)
+            p = paper_value(number, paper_row, k)
+            row[f"{k}_paper"] = "" if p is None else p
+        row["status"] = status
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- table 9
+
+def measure_efficiency(run_dir: Path, device: str, reps: int, batch: int = LATENCY_BATCH) -> dict:
+    """Parameters (M), MMAC per image and latency (ms per batch) of a trained run's encoder and server."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from reproduce.runs import load_run
+
+    loaded = load_run(run_dir, device=device)
+    model = loaded.model
+    cfg = loaded.config
+    x1 = torch.randn(1, cfg["in_channels"], cfg["image_size"], cfg["image_size"], device=device)
+    xb = torch.randn(batch, *x1.shape[1:], device=device)
+    out = {}
+    with torch.no_grad():
+        zb = model.encoder(xb)
+        for prefix, module, inp1, inpb in (("enc", model.encoder, x1, xb), ("srv", model.server, zb[:1], zb)):
+            out[f"{prefix}_params_m"] = sum(p.numel() for p in module.parameters()) / 1e6
+            counter = FlopCounterMode(display=False)
+            with counter:
+                module(inp1)
+            out[f"{prefix}_mmac"] = counter.get_total_flops() / 2 / 1e6  # FLOPs = 2 x multiply-accumulates
+            module(inpb)  # warm-up
+            times = []
+            for _ in range(reps):
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                module(inpb)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append(1000 * (time.perf_counter() - t0))
+            out[f"{prefix}_time_ms"] = statistics.median(times)
+    return out
+
+
+def build_efficiency_table(opts: Options, run: bool, run_defences: Optional[set[str]], errors: list[str]) -> dict:
+    arms = table_arms(9, **(opts.arm_options or {}))
+    columns = paper_numbers.EFFICIENCY_COLUMNS
+    device = opts.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    reps = LATENCY_REPS[opts.preset]
+    cells = {}
+    for arm in arms:
+        if opts.data is None:
+            cells[arm] = {k: {"status": DATASET_MISSING} for k in columns}
+            continue
+        per_seed = []
+        for seed in opts.seeds:
+            run_dir = opts.runs_root / arm.name(opts.data.name) / f"seed{seed}"
+            try:
+                if run and (run_defences is None or arm.defence in run_defences):
+                    run_dir = ensure_trained(arm, seed, opts)
+                per_seed.append(measure_efficiency(run_dir, device, reps) if (run_dir / "final.pt").is_file()
+                                else dict.fromkeys(columns))
+            except Exception as err:
+                errors.append(f"{arm.label} (seed {seed}): {type(err).__name__}: {err}")
+                opts.log(traceback.format_exc())
+                per_seed.append(dict.fromkeys(columns))
+        cells[arm] = {k: summarize([r[k] for r in per_seed]) for k in columns}
+    return {"number": 9, "arms": arms, "columns": columns, "cells": cells, "device": device, "reps": reps}
+
+
+def efficiency_markdown(result: dict, opts: Options, errors: Sequence[str]) -> str:
+    columns = result["columns"]
+    lines = ["# Table 9 (reproduction): efficiency of the encoder and the server, VGG11", "",
+             f"- preset: `{opts.preset}`; seeds: {', '.join(map(str, opts.seeds))}; runs: `{opts.runs_root}`",
+             f"- data: {opts.data.note if opts.data else DATASET_MISSING}",
+             f"- MMAC: multiply-accumulates per image (torch.utils.flop_counter FLOPs / 2); time: median of "
+             f"{result['reps']} forward passes of a batch of {LATENCY_BATCH} on `{result['device']}` "
+             "(the paper: one RTX 4090)",
+             "- the paper reports PATROL and OTHERS once (CEM adds nothing at inference); its numbers stand "
+             "beside both our rows", ""]
+    header = ["Method"] + [h for k in columns for h in (HEADERS[k], "paper")]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm in result["arms"]:
+        label = f"{'PATROL' if arm.row == 'PATROL' else 'Others (Bottleneck)'} — {'w/ CEM' if arm.cem else 'w/o CEM'}"
+        row = [label] + [x for k in columns for x in (format_cell(result["cells"][arm][k], k),
+                                                      format_paper(paper_numbers.value(9, arm.row, k), k))]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "CEM overhead at inference (w/ CEM − w/o CEM):", ""]
+    for row in EFFICIENCY_ROWS:
+        a, b = (next(x for x in result["arms"] if x.row == row and x.cem == c) for c in (False, True))
+        diffs = []
+        for k in ("enc_params_m", "enc_mmac", "srv_params_m", "srv_mmac"):
+            va, vb = result["cells"][a][k].get("mean"), result["cells"][b][k].get("mean")
+            diffs.append(f"{HEADERS[k]} {MISSING if va is None or vb is None else f'{vb - va:+.4g}'}")
+        lines.append(f"- {row}: " + ", ".join(diffs))
+    if errors:
+        lines += ["", "Errors (these cells are missing):", *[f"- {e}" for e in errors]]
+    return "\n".join(lines) + "\n"
+
+
+def efficiency_csv_rows(result: dict) -> list[dict]:
+    rows = []
+    for arm in result["arms"]:
+        row = {"table": 9, "method": arm.label, "defence": arm.defence, "cem": int(arm.cem)}
+        status = ""
+        for k in result["columns"]:
+            c = result["cells"][arm][k]
+            status = status or (c.get("status") or "")
+            row[k] = "" if c.get("mean") is None else c["mean"]
+            row[f"{k}_std"] = "" if c.get("mean") is None else c["std"]
+            row[f"{k}_n"] = c.get("n", 0)
+            p = paper_numbers.value(9, arm.row, k)
+            row[f"{k}_paper"] = "" if p is None else p
+        row["status"] = status
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def _write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m reproduce.table", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", type=int, required=True, choices=TABLES)
+    p.add_argument("--preset", default="smoke", choices=PRESETS, help="training and attack budget (default smoke)")
+    p.add_argument("--runs-root", default=None, help="where the arms' runs live (default runs/<preset>)")
+    p.add_argument("--out", default=None, help="output markdown file (default table<N>_<preset>.md); a .csv beside it")
+    p.add_argument("--no-run", action="store_true", help="only collect the runs that exist")
+    p.add_argument("--data-root", default=None, help="folder with the datasets (default: train's default)")
+    p.add_argument("--download", action="store_true", help="let torchvision download a missing CIFAR set")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the preset's)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for training and attacks")
+    p.add_argument("--defences", nargs="+", default=None,
+                   help="run only these defences (registry names or paper labels); the table still lists all")
+    p.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS), help="attacks to run")
+    p.add_argument("--sigma", type=float, default=0.025, help="noise std / CEM sigma (paper: 0.025)")
+    p.add_argument("--cem-lambda", type=float, default=16.0, help="CEM weight of the w/ CEM arms (paper: 16)")
+    p.add_argument("--cem-variant", default="paper", choices=("paper", "official", "official-trained"))
+    p.add_argument("--train-args", default="", help="extra flags for reproduce.train, one string")
+    p.add_argument("--attack-args", default="", help="extra flags for reproduce.attack, one string")
+    return p
+
+
+def _parse_defences(names: Optional[list[str]]) -> Optional[set[str]]:
+    if names is None:
+        return None
+    from reproduce.defences import canonical_name
+
+    labels = {k.lower(): v for k, v in paper_numbers.DEFENCE_OF_ROW.items()}
+    labels["others"] = "bottleneck"
+    return {labels.get(n.lower()) or canonical_name(n) for n in names}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """CLI entry point; returns 0, or 1 if an arm failed (its cells are then missing)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run_defences = _parse_defences(args.defences)
+    except ValueError as err:
+        parser.error(f"--defences: {err}")
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        parser.error("--seeds must not repeat a seed")
+    if args.sigma <= 0 or args.cem_lambda <= 0:
+        parser.error("--sigma and --cem-lambda must be > 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    from reproduce.presets import preset
+
+    seeds = args.seeds if args.seeds is not None else [preset(args.preset)["seed"]]
+    runs_root = Path(args.runs_root or f"runs/{args.preset}")
+    out = Path(args.out or f"table{args.table}_{args.preset}.md")
+    dataset = paper_numbers.table(args.table)["dataset"]
+    try:
+        data = resolve_dataset(dataset, args.data_root, download=args.download)
+    except DatasetMissing as err:
+        print(f"[table] {dataset}: {err}; its cells read '{DATASET_MISSING}'", file=sys.stderr)
+        data = None
+    opts = Options(preset=args.preset, runs_root=runs_root, seeds=seeds, data=data, device=args.device,
+                   attacks=tuple(args.attacks), train_args=shlex.split(args.train_args),
+                   attack_args=shlex.split(args.attack_args), threads=args.threads,
+                   arm_options={"sigma": args.sigma, "cem_lambda": args.cem_lambda, "cem_variant": args.cem_variant},
+                   log=lambda msg: print(msg, file=sys.stderr))
+    errors: list[str] = []
+    if args.table == 9:
+        result = build_efficiency_table(opts, not args.no_run, run_defences, errors)
+        text, rows = efficiency_markdown(result, opts, errors), efficiency_csv_rows(result)
+    else:
+        result = build_result_table(args.table, opts, not args.no_run, run_defences, errors)
+        text, rows = result_markdown(result, opts, errors), result_csv_rows(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_text(text, out)
+    _write_csv(rows, out.with_suffix(".csv"))
+    print(text)
+    print(f"wrote {out} and {out.with_suffix('.csv')}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""reproduce.table (Tables 1-9), reproduce.paper_numbers and the Figure 3/4 helpers (reproduce.figures_curves)."""
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from reproduce import paper_numbers, table
+from reproduce.figures_curves import (expand_runs, figure3, figure4, requested, tightest_h_x)
+
+PAPER_TEXT = Path("/work/shared/docs/000_0a885371968b6844.txt")
+ROW_LABELS_T1 = [f"{r} — w/o CEM" for r in paper_numbers.DEFENCE_OF_ROW] + \
+    [f"{r} — w/ CEM" for r in paper_numbers.DEFENCE_OF_ROW if r != "No_defense"]
+TINY = ["--attacks", "decoder", "--train-args", "--epochs 1",
+        "--attack-args", "--epochs 1 --max-train-images 16 --max-test-images 20", "--device", "cpu"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _md_rows(text: str) -> dict:
+    """First-column label -> cells of every markdown table row."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows.setdefault(cells[0], cells[1:])
+    return rows
+
+
+def _fake_run(root: Path, arm: table.Arm, dataset: str, seed: int, acc: float, mses: dict, sigma=None):
+    """A hand-made finished run with known numbers (no model: enough for --no-run and figure 4)."""
+    run = root / arm.name(dataset) / f"seed{seed}"
+    run.mkdir(parents=True)
+    cfg = {"preset": "smoke", "defence": arm.defence, "cem_lambda": arm.cem_lambda if arm.cem else 0.0,
+           "cem_enabled": arm.cem, "cem_variant": "paper", "sigma": arm.sigma if sigma is None else sigma,
+           "cut": 4, "in_channels": 3, "image_size": 32}
+    (run / "config.json").write_text(json.dumps(cfg))
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc": 0.1}) + "\n"
+                                       + json.dumps({"epoch": 2, "test_acc": acc}) + "\n")
+    (run / "final.pt").write_bytes(b"")
+    settings = {s: {"metrics": {"mse": m, "ssim": 0.5, "psnr": 20.0, "psnr_per_batch_authors": 19.0}}
+                for s, m in mses.items()}
+    (run / "attack_decoder.json").write_text(json.dumps({"attack": "decoder", "settings": settings}))
+    return run
+
+
+def _arm(row, cem):
+    return next(a for a in table.table_arms(1) if a.row == row and a.cem == cem)
+
+
+# ----------------------------------------------------------------------------- paper numbers
+
+def test_paper_tables_are_complete_and_their_averages_agree():
+    for n in range(1, 9):
+        spec = paper_numbers.table(n)
+        rows = spec["rows"]
+        assert all(len(v) == len(spec["columns"]) for v in rows.values())
+        defences = [r for r in rows if r not in paper_numbers.AVERAGE_ROWS]
+        assert len(defences) == (15 if n in (1, 2, 3) else 14)
+        assert {r.removesuffix("+CEM") for r in defences} <= set(paper_numbers.DEFENCE_OF_ROW)
+        # The printed averages are the seven defences' means, truncated to the printed digits.
+        for avg, cem in (("Average w/o CEM", False), ("Average w/ CEM", True)):
+            for j, col in enumerate(spec["columns"]):
+                if paper_numbers.note(n, avg, col):
+                    continue
+                vals = [v[j] for r, v in rows.items() if r in defences and r != "No_defense"
+                        and r.endswith("+CEM") == cem]
+                assert len(vals) == 7
+                unit = 1e-4 if col.endswith("mse") else 1e-3 if col.endswith("ssim") else 1e-2
+                assert abs(sum(vals) / 7 - rows[avg][j]) <= 1.01 * unit, (n, avg, col)
+    assert paper_numbers.value(1, "Bottleneck+CEM", "dec_train_mse") == 0.0054
+    assert paper_numbers.value(9, "OTHERS", "srv_mmac") == 133.59
+    assert paper_numbers.value(5, "No_defense", "acc") is None
+    with pytest.raises(ValueError, match="number"):
+        paper_numbers.table(10)
+    with pytest.raises(ValueError, match="column"):
+        paper_numbers.value(1, "Bottleneck", "dec_ssim")
+
+
+def test_paper_numbers_match_the_paper_text():
+    if not PAPER_TEXT.is_file():
+        pytest.skip(f"the paper text {PAPER_TEXT} is not on this machine")
+    text = PAPER_TEXT.read_text().splitlines()
+    current, seen = None, 0
+    for line in text:
+        m = re.match(r"Table (\d): ", line)
+        if m:
+            current = int(m.group(1))
+            continue
+        m = re.match(r"^([A-Za-z_]+(?: w/o CEM| w/ CEM)?)(?:\s*\[\d+\]\s*)?(\+CEM)?\s+([\d. ]+)$", line)
+        if current in range(1, 9) and m:
+            label = m.group(1) + (m.group(2) or "")
+            assert paper_numbers.TABLES[current]["rows"][label] == tuple(float(v) for v in m.group(3).split())
+            seen += 1
+    assert seen == 3 * 17 + 5 * 16
+
+
+# ----------------------------------------------------------------------------- tables 1-8
+
+@pytest.fixture(scope="module")
+def smoke_table1(tmp_path_factory):
+    """Table 1 at the smoke preset, run for two defences (No_defense; Bottleneck w/o and w/ CEM)."""
+    root = tmp_path_factory.mktemp("runs")
+    out = root.parent / "t1_first.md"
+    code = table.main(["--table", "1", "--preset", "smoke", "--runs-root", str(root), "--out", str(out),
+                       "--defences", "no_defense", "bottleneck", *TINY])
+    assert code == 0
+    dataset = table.resolve_dataset("cifar10", None).name
+    return root, dataset
+
+
+def _real(smoke, row, cem):
+    root, dataset = smoke
+    return root / _arm(row, cem).name(dataset) / "seed0"
+
+
+def _mse(run, setting="train_time"):
+    return json.loads((run / "attack_decoder.json").read_text())["settings"][setting]["metrics"]["mse"]
+
+
+def test_table1_smoke_has_the_full_layout(smoke_table1, tmp_path):
+    root, _ = smoke_table1
+    runs = {(r, c): _real(smoke_table1, r, c) for r, c in (("No_defense", False), ("Bottleneck", False),
+                                                          ("Bottleneck", True))}
+    for run in runs.values():
+        assert (run / "final.pt").is_file() and (run / "attack_decoder.json").is_file()
+    out = tmp_path / "t1.md"
+    # --no-run: collect only; the other five defences stay a skeleton.
+    assert table.main(["--table", "1", "--preset", "smoke", "--runs-root", str(root), "--out", str(out),
+                       "--no-run"]) == 0
+    rows = _md_rows(out.read_text())
+    header = rows["Method"]
+    assert header == [h for k in table.table_columns(1) for h in (table.HEADERS[k], "paper")]
+    for label in ROW_LABELS_T1 + ["Average w/o CEM", "Average w/ CEM"]:
+        assert len(rows[label]) == len(header), label
+    # Our numbers from the real runs; the paper's beside them.
+    nd = rows["No_defense — w/o CEM"]
+    nd_run = runs[("No_defense", False)]
+    assert nd[0] == f"{table.final_accuracy(nd_run):.2f}" and nd[1] == "91.86"
+    assert nd[2] == f"{_mse(nd_run):.4f}" and nd[3] == "0.0013"
+    assert nd[4] == f"{_mse(nd_run, 'infer_time'):.4f}" and nd[5] == "0.0014"
+    assert nd[6] == table.MISSING and nd[7] == "0.0014"  # no GAN attack was run; the paper's value is there
+    assert nd[11] == table.MISSING  # the paper has no SSIM for No_defense
+    assert rows["Bottleneck — w/ CEM"][1] == "90.69" and rows["Bottleneck — w/o CEM"][11] == "0.863"
+    assert rows["PATROL — w/ CEM"][0] == table.MISSING and rows["PATROL — w/ CEM"][1] == "89.67"
+    assert rows["Average w/ CEM"][3] == "0.0183"
+    ratio = _mse(runs[("Bottleneck", True)]) / _mse(runs[("Bottleneck", False)])
+    assert rows["Bottleneck"][:2] == [f"{ratio:.2f}× ({100 * (ratio - 1):+.1f}%)", "1.50× (+50.0%)"]
+    assert rows["DistCorr"][0] == table.MISSING and rows["DistCorr"][1] == "1.22× (+21.6%)"
+    assert rows["Average w/o CEM"][2] == f"{_mse(runs[('Bottleneck', False)]):.4f} (1 of 7)"
+    with open(out.with_suffix(".csv")) as f:
+        records = list(csv.DictReader(f))
+    assert [r["method"] for r in records] == ROW_LABELS_T1[:1] + [
+        lab for r in list(paper_numbers.DEFENCE_OF_ROW)[1:] for lab in (f"{r} — w/o CEM", f"{r} — w/ CEM")] + \
+        ["Average w/o CEM", "Average w/ CEM"]
+    assert float(records[0]["dec_train_mse"]) == pytest.approx(_mse(nd_run))
+    assert float(records[0]["dec_train_mse_paper"]) == 0.0013
+    assert records[3]["dec_train_mse"] == "" and float(records[3]["dec_train_mse_paper"]) == 0.0074
+
+
+def test_cem_gain_arithmetic_with_seeds(tmp_path):
+    root = tmp_path / "runs"
+    ds = "cifar10-sample"
+    for seed in (0, 1):
+        _fake_run(root, _arm("Bottleneck", False), ds, seed, 0.80, {"train_time": 0.010, "infer_time": 0.020})
+        _fake_run(root, _arm("Bottleneck", True), ds, seed, 0.70, {"train_time": 0.015, "infer_time": 0.030})
+    _fake_run(root, _arm("DistCorr", False), ds, 0, 0.6, {"train_time": 0.018, "infer_time": 0.040})
+    _fake_run(root, _arm("DistCorr", False), ds, 1, 0.6, {"train_time": 0.022, "infer_time": 0.040})
+    _fake_run(root, _arm("DistCorr", True), ds, 0, 0.6, {"train_time": 0.025, "infer_time": 0.050})
+    _fake_run(root, _arm("DistCorr", True), ds, 1, 0.6, {"train_time": 0.025, "infer_time": 0.050})
+    out = tmp_path / "t.md"
+    argv = ["--table", "1", "--runs-root", str(root), "--out", str(out), "--no-run", "--seeds", "0", "1"]
+    assert table.main(argv) == 0
+    rows = _md_rows(out.read_text())
+    assert rows["DistCorr — w/o CEM"][2] == "0.0200 ± 0.0028"  # stdev(0.018, 0.022) = 0.00283
+    # per defence: 0.015/0.010 = 1.5 and 0.025/0.020 = 1.25
+    assert rows["Bottleneck"][0] == "1.50× (+50.0%)" and rows["DistCorr"][0] == "1.25× (+25.0%)"
+    assert rows["DistCorr"][2] == "1.25× (+25.0%)"
+    assert rows["Mean of the ratios"][0] == "1.38× (+37.5%)"
+    assert rows["Ratio of the averages"][0] == "1.33× (+33.3%)"  # (0.015 + 0.025) / (0.010 + 0.020)
+    assert rows["Average w/o CEM"][2] == "0.0150 (2 of 7)" and rows["Average w/ CEM"][2] == "0.0200 (2 of 7)"
+    gains = table.cem_gains({("A", False): {"dec_train_mse": 2.0}, ("A", True): {"dec_train_mse": 3.0},
+                             ("B", False): {"dec_train_mse": 1.0}}, ["A", "B"], ["dec_train_mse"])
+    assert gains["per_row"]["B"]["dec_train_mse"] is None and gains["count"]["dec_train_mse"] == 1
+    assert gains["ratio_of_means"]["dec_train_mse"] == pytest.approx(1.5)
+    # one of two seeds missing is marked
+    cell = table.summarize([0.5, None])
+    assert table.format_cell(cell, "dec_ssim") == "0.500 ± 0.000 (1/2 seeds)"
+
+
+def test_missing_dataset_gives_a_clear_table(tmp_path):
+    out = tmp_path / "t8.md"
+    empty = tmp_path / "no_data"
+    empty.mkdir()
+    assert table.main(["--table", "8", "--runs-root", str(tmp_path / "r"), "--out", str(out),
+                       "--data-root", str(empty)]) == 0
+    rows = _md_rows(out.read_text())
+    assert rows["Bottleneck — w/o CEM"][0] == table.DATASET_MISSING
+    assert rows["Bottleneck — w/o CEM"][1] == "68.43"
+    assert rows["Average w/ CEM"][2] == table.DATASET_MISSING
+    with open(out.with_suffix(".csv")) as f:
+        assert all(r["status"] == table.DATASET_MISSING for r in csv.DictReader(f))
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit):
+        table.main(["--table", "10", "--out", str(tmp_path / "x.md")])
+    with pytest.raises(SystemExit):
+        table.main(["--table", "1", "--defences", "nonsense", "--out", str(tmp_path / "x.md")])
+    with pytest.raises(SystemExit):
+        table.main(["--table", "1", "--seeds", "1", "1", "--out", str(tmp_path / "x.md")])
+
+
+# ----------------------------------------------------------------------------- table 9
+
+def test_efficiency_of_a_real_run_and_table9_layout(smoke_table1, tmp_path):
+    root, _ = smoke_table1
+    eff = table.measure_efficiency(_real(smoke_table1, "No_defense", False), "cpu", reps=1, batch=4)
+    # VGG11 encoder without bottleneck on 32x32: conv 3->64 at 32x32 and conv 64->128 at 16x16 (MAC per image)
+    convs = (3 * 64 * 9 * 32 * 32 + 64 * 128 * 9 * 16 * 16) / 1e6
+    assert convs <= eff["enc_mmac"] <= convs * 1.05
+    assert eff["srv_params_m"] > 9 and eff["enc_time_ms"] > 0
+    out = tmp_path / "t9.md"
+    assert table.main(["--table", "9", "--preset", "smoke", "--runs-root", str(root), "--out", str(out),
+                       "--no-run"]) == 0
+    text = out.read_text()
+    rows = _md_rows(text)
+    assert rows["PATROL — w/ CEM"][1] == "0.083" and rows["Others (Bottleneck) — w/o CEM"][3] == "21.90"
+    assert rows["PATROL — w/o CEM"][0] == table.MISSING
+    with_cem, without = rows["Others (Bottleneck) — w/ CEM"], rows["Others (Bottleneck) — w/o CEM"]
+    assert float(with_cem[0]) > 0 and with_cem[0] == without[0] and with_cem[2] == without[2]
+    assert "- OTHERS: Enc. params (M) +0, Enc. MMAC +0, Server params (M) +0, Server MMAC +0" in text
+
+
+# ----------------------------------------------------------------------------- figures 3 and 4
+
+def test_tightest_h_x_touches_the_lowest_point():
+    from cem_fast import mse_lower_bound
+
+    bounds, mses, d = [-50.0, -20.0, -5.0], [0.01, 0.02, 0.05], 3072
+    h = tightest_h_x(bounds, mses, d)
+    floors = [mse_lower_bound(h + b, d) for b in bounds]
+    assert all(f <= m * (1 + 1e-9) for f, m in zip(floors, mses))
+    assert min(m / f for f, m in zip(floors, mses)) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        tightest_h_x([1.0], [0.0], d)
+
+
+def test_figure4_from_hand_made_runs(tmp_path):
+    import matplotlib.image
+
+    root = tmp_path / "sweep"
+    for sigma, (acc_a, mse_a, acc_b, mse_b) in {0.01: (0.9, 0.01, 0.89, 0.013), 0.1: (0.8, 0.03, 0.8, 0.04)}.items():
+        arm = table.Arm("Noise_ARL", "noise_arl", False, "cifar10", "vgg11_bn", sigma=sigma)
+        _fake_run(root, arm, "x", 0, acc_a, {"train_time": mse_a})
+        arm_cem = table.Arm("Noise_ARL", "noise_arl", True, "cifar10", "vgg11_bn", sigma=sigma)
+        _fake_run(root, arm_cem, "x", 0, acc_b, {"train_time": mse_b})
+    assert len(expand_runs([root])) == 4
+    out = figure4([root], tmp_path / "f4.png")
+    image = matplotlib.image.imread(out)
+    assert image.ndim == 3 and image.shape[0] > 200
+    with pytest.raises(ValueError, match="none of the runs"):
+        figure4([root], tmp_path / "x.png", setting="infer_time")
+    assert requested(["--figure", "4", "--runs", "a"]) and not requested(["--figure", "5"])
+
+
+def test_figure3_from_a_smoke_run(smoke_table1, tmp_path):
+    import matplotlib.image
+
+    from reproduce.figures_curves import entropy_bound_of_run, main
+
+    runs = [_real(smoke_table1, r, c) for r, c in (("No_defense", False), ("Bottleneck", False),
+                                                   ("Bottleneck", True))]
+    bound, source = entropy_bound_of_run(runs[1], max_images=64)
+    assert source == "refit" and math.isfinite(bound)  # lambda 0: no CEM state saved
+    bound_cem, source = entropy_bound_of_run(runs[2])
+    assert source == "state" and math.isfinite(bound_cem)
+    with pytest.raises(ValueError, match="no CEM state"):
+        entropy_bound_of_run(runs[1], source="state")
+    out = tmp_path / "f3.png"
+    assert main(["--figure", "3", "--runs", *map(str, runs), "--out", str(out), "--max-images", "64"]) == 0
+    assert matplotlib.image.imread(out).shape[0] > 200
+    with pytest.raises(SystemExit):
+        main(["--figure", "3", "--runs", str(tmp_path / "missing"), "--out", str(out)])
