@@ -59,11 +59,13 @@ class Row:
     config: Config
     impl: str
     backend: str
-    fwd: float
+    fwd: float          # medians, seconds
     bwd: float
     fwdbwd: float
-    runs: str
-    ratios: dict = field(default_factory=dict)
+    fwdbwd_min: float   # the fastest forward+backward block: the least disturbed by other load
+    runs: str           # blocks (or single runs) behind fwd/bwd/fwdbwd
+    ratios: dict = field(default_factory=dict)       # authors' median fwd+bwd / this row's
+    min_ratios: dict = field(default_factory=dict)   # the same with the minima
 
 
 def available_backends(device: torch.device) -> list:
@@ -83,31 +85,56 @@ def available_backends(device: torch.device) -> list:
 
 
 class Bench:
-    def __init__(self, threads: int, min_run_time: float, reference_runs: int):
+    """Medians of ``blocked_autorange`` blocks, interleaved: every contender of a configuration is timed
+    in each of ``rounds`` rounds (round-robin), so all of them see the same share of a busy machine;
+    the block times of all rounds are pooled. The slow float64 reference runs ``reference_runs`` times."""
+
+    KINDS = ("fwd", "bwd", "fwdbwd")
+
+    def __init__(self, threads: int, min_run_time: float, rounds: int, reference_runs: int):
         self.threads = threads
         self.min_run_time = min_run_time
+        self.rounds = rounds
         self.reference_runs = reference_runs
+
+    @staticmethod
+    def statements(loss_fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> dict:
+        """Forward, backward on a retained graph, and forward+backward of ``loss_fn(z)``."""
+        z = z.detach().clone().requires_grad_(True)
+        loss = loss_fn(z)
+        return {"fwd": lambda: loss_fn(z),
+                "bwd": lambda: torch.autograd.grad(loss, z, retain_graph=True),
+                "fwdbwd": lambda: torch.autograd.grad(loss_fn(z), z)}
 
     def _timer(self, fn: Callable[[], object]) -> Timer:
         return Timer(stmt="fn()", globals={"fn": fn}, num_threads=self.threads)
 
-    def _median(self, fn: Callable[[], object], slow: bool) -> tuple:
-        fn()  # warm-up (first-call allocations, lazy builds)
-        timer = self._timer(fn)
-        if slow:
-            times = [timer.timeit(1).median for _ in range(self.reference_runs)]
-            return statistics.median(times), f"{len(times)}"
-        m = timer.blocked_autorange(min_run_time=self.min_run_time)
-        return m.median, f"{len(m.times)}x{m.number_per_run}"
+    def interleaved(self, contenders: dict, progress) -> dict:
+        """``{name: {kind: (median s, min s, blocks)}}`` for ``contenders = {name: (loss_fn, z)}``."""
+        stmts = {(name, kind): self._timer(fn) for name, (loss_fn, z) in contenders.items()
+                 for kind, fn in self.statements(loss_fn, z).items()}
+        for timer in stmts.values():
+            timer.timeit(1)  # warm-up: first-call allocations, lazy builds
+        pooled = {key: [] for key in stmts}
+        for r in range(self.rounds):
+            for key, timer in stmts.items():
+                progress.set_postfix_str(f"round {r + 1}/{self.rounds} {key[0]} {key[1]}")
+                pooled[key] += timer.blocked_autorange(min_run_time=self.min_run_time).times
+            progress.update(1)
+        out = {}
+        for (name, kind), times in pooled.items():
+            out.setdefault(name, {})[kind] = (statistics.median(times), min(times), len(times))
+        return out
 
-    def measure(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, slow: bool = False):
-        """Median seconds of forward, backward (retained graph) and forward+backward of ``loss_fn(z)``."""
-        z = z.detach().clone().requires_grad_(True)
-        fwd, n1 = self._median(lambda: loss_fn(z), slow)
-        loss = loss_fn(z)
-        bwd, n2 = self._median(lambda: torch.autograd.grad(loss, z, retain_graph=True), slow)
-        both, n3 = self._median(lambda: torch.autograd.grad(loss_fn(z), z), slow)
-        return fwd, bwd, both, "/".join((n1, n2, n3))
+    def slow(self, loss_fn, z, progress) -> dict:
+        """The same three numbers from ``reference_runs`` single runs (for the slow reference)."""
+        out = {}
+        for kind, fn in self.statements(loss_fn, z).items():
+            timer = self._timer(fn)
+            times = [timer.timeit(1).median for _ in range(self.reference_runs)]
+            out[kind] = (statistics.median(times), min(times), len(times))
+        progress.update(1)
+        return out
 
 
 # --------------------------------------------------------------------------- the contenders
@@ -159,21 +186,23 @@ def authors(official: Official, which: str, case, cfg: Config) -> Callable:
 def run_config(cfg: Config, device: torch.device, bench: Bench, backend_names: list,
                official: Optional[Official], with_reference: bool, progress) -> list:
     case = parity_case(BATCH, cfg.C, cfg.m, cfg.H, seed=0, dtype=torch.float32, device=device)
-    jobs = [(f"ours {v}", b, ours(v, b, case, cfg), case.z, False) for v in VARIANTS for b in backend_names]
+    progress.set_description(f"D={cfg.D} C={cfg.C} m={cfg.m}")
+    fast = {(f"ours {v}", b): (ours(v, b, case, cfg), case.z) for v in VARIANTS for b in backend_names}
+    if official is not None:
+        fast.update({(f"authors {w}", "-"): (authors(official, w, case, cfg), case.z) for w in ("GMM", "PP")})
+    results = bench.interleaved(fast, progress)
     if with_reference:
         z64 = case.z.double()
-        jobs += [(f"reference {v} (f64)", "-", reference(v, case, cfg), z64, True) for v in VARIANTS]
-    if official is not None:
-        jobs += [(f"authors {w}", "-", authors(official, w, case, cfg), case.z, False) for w in ("GMM", "PP")]
-    rows = []
-    for impl, backend, fn, z, slow in jobs:
-        progress.set_postfix_str(f"D={cfg.D} C={cfg.C} m={cfg.m} {impl} {backend}")
-        fwd, bwd, both, runs = bench.measure(fn, z, slow)
-        rows.append(Row(cfg, impl, backend, fwd, bwd, both, runs))
-        progress.update(1)
-    theirs = {r.impl.split()[1]: r.fwdbwd for r in rows if r.impl.startswith("authors")}
+        for v in VARIANTS:
+            progress.set_postfix_str(f"reference {v}")
+            results[(f"reference {v} (f64)", "-")] = bench.slow(reference(v, case, cfg), z64, progress)
+    rows = [Row(cfg, impl, backend, *(t[kind][0] for kind in Bench.KINDS), t["fwdbwd"][1],
+                "/".join(str(t[kind][2]) for kind in Bench.KINDS))
+            for (impl, backend), t in results.items()]
+    theirs = {r.impl.split()[1]: r for r in rows if r.impl.startswith("authors")}
     for r in rows:
-        r.ratios = {k: t / r.fwdbwd for k, t in theirs.items()}
+        r.ratios = {k: t.fwdbwd / r.fwdbwd for k, t in theirs.items()}
+        r.min_ratios = {k: t.fwdbwd_min / r.fwdbwd_min for k, t in theirs.items()}
     return rows
 
 
@@ -181,14 +210,15 @@ def run_config(cfg: Config, device: torch.device, bench: Bench, backend_names: l
 
 
 def markdown(rows: list, with_authors: bool) -> str:
-    head = ["features", "D", "C", "m", "implementation", "backend", "fwd ms", "bwd ms", "fwd+bwd ms"]
+    head = ["features", "D", "C", "m", "implementation", "backend", "fwd ms", "bwd ms", "fwd+bwd ms",
+            "fwd+bwd min ms"]
     if with_authors:
         head += ["GMM / this (f+b)", "PP / this (f+b)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         c = r.config
         cells = [f"[{BATCH},8,{c.H},{c.H}]", str(c.D), str(c.C), str(c.m), r.impl, r.backend,
-                 f"{r.fwd * 1e3:.3f}", f"{r.bwd * 1e3:.3f}", f"{r.fwdbwd * 1e3:.3f}"]
+                 f"{r.fwd * 1e3:.3f}", f"{r.bwd * 1e3:.3f}", f"{r.fwdbwd * 1e3:.3f}", f"{r.fwdbwd_min * 1e3:.3f}"]
         if with_authors:
             cells += [f"{r.ratios[k]:.1f}x" if k in r.ratios else "" for k in ("GMM", "PP")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -199,12 +229,14 @@ def bar_summary(rows: list) -> str:
     bar = [r for r in rows if (r.config.H, r.config.C, r.config.m) == (BAR["H"], BAR["C"], BAR["m"])]
     if not bar or not bar[0].ratios:
         return ""
-    out = [f"Bar (D={8 * BAR['H'] ** 2}, C={BAR['C']}, m={BAR['m']}, forward+backward, authors' time / ours):"]
+    out = [f"Bar (D={8 * BAR['H'] ** 2}, C={BAR['C']}, m={BAR['m']}, forward+backward, authors' time / ours; "
+           f"medians, and in brackets minima):"]
     for r in bar:
         if r.impl.startswith("ours"):
             verdict = "meets" if min(r.ratios.values()) >= 10 else "MISSES"
-            out.append(f"  {r.impl:<24} {r.backend:<6} vs GMM {r.ratios['GMM']:6.1f}x  vs PP {r.ratios['PP']:6.1f}x"
-                       f"  ({verdict} the 10x bar against both)")
+            out.append(f"  {r.impl:<24} {r.backend:<6} vs GMM {r.ratios['GMM']:6.1f}x ({r.min_ratios['GMM']:.1f}x)"
+                       f"  vs PP {r.ratios['PP']:6.1f}x ({r.min_ratios['PP']:.1f}x)"
+                       f"  ({verdict} the 10x bar against both, medians)")
     return "\n".join(out)
 
 
@@ -212,11 +244,11 @@ def write_csv(path: str, rows: list) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["batch", "H", "D", "C", "m", "impl", "backend", "fwd_s", "bwd_s", "fwdbwd_s", "runs",
-                    "gmm_over_this", "pp_over_this"])
+        w.writerow(["batch", "H", "D", "C", "m", "impl", "backend", "fwd_s", "bwd_s", "fwdbwd_s", "fwdbwd_min_s",
+                    "runs", "gmm_over_this", "pp_over_this"])
         for r in rows:
             c = r.config
-            w.writerow([BATCH, c.H, c.D, c.C, c.m, r.impl, r.backend, r.fwd, r.bwd, r.fwdbwd, r.runs,
+            w.writerow([BATCH, c.H, c.D, c.C, c.m, r.impl, r.backend, r.fwd, r.bwd, r.fwdbwd, r.fwdbwd_min, r.runs,
                         r.ratios.get("GMM", ""), r.ratios.get("PP", "")])
     os.replace(tmp, path)
 
@@ -246,6 +278,13 @@ def run_parity(official: Official, backend_names: list) -> bool:
 # --------------------------------------------------------------------------- main
 
 
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--official-repo", metavar="PATH",
@@ -257,12 +296,16 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--min-run-time", type=float, default=None,
-                   help="seconds per blocked_autorange (default 0.5, 0.1 with --quick)")
+                   help="seconds per blocked_autorange call (default 0.1, 0.05 with --quick)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds per configuration (default 5, 2 with --quick)")
     p.add_argument("--reference-runs", type=int, default=3, help="timed runs of the float64 reference (default 3)")
     p.add_argument("--no-reference", action="store_true", help="skip the float64 reference")
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.rounds is not None and args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.reference_runs < 1:
         p.error(f"--reference-runs must be >= 1, got {args.reference_runs}")
     if args.parity and not args.official_repo:
@@ -295,15 +338,18 @@ def main(argv=None) -> int:
         configs = [Config(**BAR)]
     else:
         configs = [Config(H, C, m) for H in (8, 16) for C in (10, 100) for m in (3, 10)]
-    bench = Bench(args.threads, args.min_run_time or (0.1 if args.quick else 0.5), args.reference_runs)
-    per_config = len(VARIANTS) * len(backend_names) + (0 if args.no_reference else len(VARIANTS)) + \
-        (2 if official else 0)
+    bench = Bench(args.threads, args.min_run_time or (0.05 if args.quick else 0.1),
+                  args.rounds or (2 if args.quick else 5), args.reference_runs)
+    per_config = bench.rounds + (0 if args.no_reference else len(VARIANTS))
     rows = []
+    print(f"load average before: {_loadavg()}", file=sys.stderr)
     with tqdm(total=per_config * len(configs), desc="bench", file=sys.stderr) as progress:
         for cfg in configs:
             rows += run_config(cfg, args.device, bench, backend_names, official, not args.no_reference, progress)
     print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, batch {BATCH}, "
-          f"float32 features (reference: float64); medians")
+          f"float32 features (reference: float64); medians of {bench.rounds} interleaved rounds of "
+          f"blocked_autorange({bench.min_run_time:g} s); reference: median of {bench.reference_runs} runs; "
+          f"load average after: {_loadavg()}")
     print(markdown(rows, official is not None))
     summary = bar_summary(rows)
     if summary:

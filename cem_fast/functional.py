@@ -29,8 +29,9 @@ def cem_loss(z: torch.Tensor, labels: Optional[torch.Tensor], centroids: torch.T
     acc = accumulation_dtype(z.dtype)
     z2d = flatten(z).contiguous()
     cent = centroids.reshape(C * m, D).to(acc).contiguous()
+    # Unconditional assignment ignores the labels; every backend still gets one (unused) label per row.
     lab = labels.to(torch.int64).contiguous() if (class_conditional and labels is not None) else \
-        torch.zeros(0, dtype=torch.int64, device=z.device)
+        torch.zeros(z2d.shape[0], dtype=torch.int64, device=z.device)
     empty = cent.new_zeros(C, m)
     pi = empty if pi is None else pi.to(acc)
     variance = empty if variance is None else variance.to(acc)

@@ -293,7 +293,8 @@ NOTES: dict[tuple[int, str, str], str] = {
     (8, "Average w/ CEM", "gan_train_mse"): "printed 0.0095; the seven rows average 0.0092",
     (8, "Average w/ CEM", "gan_infer_mse"): "printed 0.0102; the seven rows average 0.0098",
     (6, "Bottleneck+CEM", "acc"): "printed 52.52 here but 52.25 in Table 2; the Average row (51.62) fits 52.25",
-    (6, "Average w/ CEM", "acc"): "51.62 is the average with Table 2's 52.25 for Bottleneck+CEM, not this table's 52.52",
+    (6, "Average w/ CEM", "acc"): ("51.62 is the average with Table 2's 52.25 for Bottleneck+CEM, "
+                                   "not this table's 52.52"),
 }
 
 # The relative MSE increases the paper's text states for CEM ("an average increase in reconstruction MSE of

@@ -26,7 +26,7 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from reproduce import paper_numbers
 
@@ -224,7 +224,7 @@ class Options:
     attack_args: list[str]
     threads: Optional[int]
     arm_options: dict = None   # sigma, cem_lambda, cem_variant of table_arms
-    log: callable = print
+    log: Callable[[str], None] = print
 
 
 def _call(main, argv: list[str], what: str) -> None:

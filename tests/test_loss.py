@@ -1,15 +1,19 @@
 """CEMLoss (fast path) against the float64 reference: loss, gradient and state, across variants and edge cases."""
 import math
+import os
 
 import pytest
 import torch
 
 from cem_fast import CEMLoss
+from cem_fast.backends import resolve
 from helpers import random_state, rel_err, run_reference
 
 VARIANTS = ["paper", "official", "official-trained"]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
-BACKENDS = ["torch"]
+# The C++ backend is built on first use and must work here; test_loss_triton.py reruns this module with
+# CEM_TEST_BACKENDS=triton under TRITON_INTERPRET=1 in a subprocess.
+BACKENDS = os.environ.get("CEM_TEST_BACKENDS", "torch,cpp").split(",")
 
 
 def make_loss(variant, C, m, D, gen, *, dtype=torch.float64, covariance="diag", backend="torch", **kw):
@@ -50,6 +54,7 @@ def check_against_reference(cem, z, y, variant, dtype, **ref_kw):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("class_conditional", [True, False])
 def test_matches_reference(rng, backend, variant, dtype, class_conditional):
+    assert resolve(backend, "cpu") == backend, f"backend {backend!r} is not available here"
     C, m, D, B = 5, 3, 37, 41          # non-power-of-2 D, several clusters per class
     cem, *_ = make_loss(variant, C, m, D, rng, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
                         class_conditional=class_conditional, backend=backend)
@@ -67,11 +72,12 @@ def test_four_dim_input_and_full_precision(rng, variant):
     check_against_reference(cem, z, y, variant, torch.float64)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", ["one_sample", "empty_cluster", "absent_class", "all_in_one_cluster", "singletons"])
-def test_edge_cases(rng, variant, case):
+def test_edge_cases(rng, backend, variant, case):
     C, m, D = 4, 3, 8
-    cem, cent, pi, var = make_loss(variant, C, m, D, rng)
+    cem, cent, pi, var = make_loss(variant, C, m, D, rng, backend=backend)
     if case == "one_sample":
         z = torch.rand(1, D, generator=rng, dtype=torch.float64)
         y = torch.tensor([2])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from reproduce import paper_numbers, table
-from reproduce.figures_curves import (expand_runs, figure3, figure4, requested, tightest_h_x)
+from reproduce.figures_curves import expand_runs, figure4, requested, tightest_h_x
 
 PAPER_TEXT = Path("/work/shared/docs/000_0a885371968b6844.txt")
 ROW_LABELS_T1 = [f"{r} — w/o CEM" for r in paper_numbers.DEFENCE_OF_ROW] + \
@@ -284,3 +284,57 @@ def test_figure3_from_a_smoke_run(smoke_table1, tmp_path):
     assert matplotlib.image.imread(out).shape[0] > 200
     with pytest.raises(SystemExit):
         main(["--figure", "3", "--runs", str(tmp_path / "missing"), "--out", str(out)])
+
+
+def test_runs_are_resumed_skipped_or_restarted(tmp_path, monkeypatch):
+    """What table asks train/attack to do for each state of a run directory (the CLIs are stubbed)."""
+    from reproduce import attack, train
+
+    calls = []
+
+    def fake_train(argv):
+        calls.append(("train", argv))
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"preset": "smoke"}))
+        (out / "metrics.jsonl").write_text(json.dumps({"test_acc": 0.5}) + "\n")
+        (out / "final.pt").write_bytes(b"")
+        return 0
+
+    def fake_attack(argv):
+        calls.append(("attack", argv))
+        return 0
+
+    monkeypatch.setattr(train, "main", fake_train)
+    monkeypatch.setattr(attack, "main", fake_attack)
+    root, ds = tmp_path / "runs", "cifar10-sample"
+    opts = table.Options(preset="smoke", runs_root=root, seeds=[0], data=table.ResolvedData(ds, None, ""),
+                         device="cpu", attacks=("decoder",), train_args=["--epochs", "1"], attack_args=[],
+                         threads=None, log=lambda m: None)
+    fresh, killed, partial, done = (_arm(r, False) for r in ("DistCorr", "Dropout", "PATROL", "ResSFL"))
+    for arm, files in ((killed, ["config.json"]), (partial, ["config.json", "checkpoint.pt"]),
+                       (done, ["config.json", "final.pt"])):
+        run = root / arm.name(ds) / "seed0"
+        run.mkdir(parents=True)
+        for name in files:
+            (run / name).write_text(json.dumps({"preset": "smoke"}))
+    (root / done.name(ds) / "seed0" / "attack_decoder.json").write_text(
+        json.dumps({"settings": {"train_time": {"metrics": {"mse": 0.1}}}}))
+
+    for arm in (fresh, killed, partial, done):
+        calls.clear()
+        run = table.ensure_trained(arm, 0, opts)
+        table.ensure_attacked(run, "decoder", 0, opts)
+        trained = [a for k, a in calls if k == "train"]
+        attacked = [a for k, a in calls if k == "attack"]
+        if arm is done:
+            assert not trained
+            assert attacked[0][attacked[0].index("--setting") + 1] == "infer_time"  # only the missing setting
+        else:
+            assert len(trained) == 1 and ("--resume" in trained[0]) == (arm is partial)
+            assert trained[0][trained[0].index("--epochs") + 1] == "1" and "--defense" in trained[0]
+            assert attacked[0][attacked[0].index("--setting") + 1] == "both"
+    (root / done.name(ds) / "seed0" / "config.json").write_text(json.dumps({"preset": "cpu"}))
+    (root / done.name(ds) / "seed0" / "final.pt").unlink()
+    with pytest.raises(ValueError, match="preset 'cpu'"):
+        table.ensure_trained(done, 0, opts)

@@ -371,6 +371,8 @@ def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
         raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")
     B, D = z.shape
     K = centroids.shape[0]
+    if not class_conditional and labels.shape[0] != B:
+        labels = torch.zeros(B, dtype=torch.int64, device=z.device)  # unused by the kernel: a placeholder
     if labels.shape[0] != B:
         raise ValueError(f"labels has {labels.shape[0]} entries but z has {B} rows")
     if class_conditional and K % m != 0:
