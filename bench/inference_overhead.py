@@ -201,7 +201,7 @@ def structure(encoder) -> list:
 
 def weight_difference(a, b) -> tuple[float, float]:
     """Largest absolute and relative L2 difference ``||b - a|| / ||a||`` over the parameters."""
-    pairs = list(zip(a.parameters(), b.parameters()))
+    pairs = [(p.detach(), q.detach()) for p, q in zip(a.parameters(), b.parameters())]
     largest = max(float((p - q).abs().max()) for p, q in pairs)
     num = sum(float(((p - q) ** 2).sum()) for p, q in pairs)
     den = sum(float((p ** 2).sum()) for p, _ in pairs)

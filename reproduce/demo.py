@@ -29,7 +29,8 @@ def _train(run: Path, lam: float, args) -> None:
         return
     argv = ["--preset", "cpu", "--dataset", "cifar10-sample", "--defence", "noise", "--sigma", "0.025",
             "--cem-lambda", str(lam), "--epochs", str(args.epochs), "--train-subset", str(args.train_images),
-            "--test-subset", str(args.test_images), "--seed", str(args.seed), "--out", str(run)]
+            "--test-subset", str(args.test_images), "--seed", str(args.seed), "--out", str(run),
+            "--cem-backend", args.cem_backend]
     if (run / "checkpoint.pt").is_file():
         argv.append("--resume")
     if args.device:
@@ -79,11 +80,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m reproduce.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--epochs", type=int, default=4, help="training epochs per arm (default 4)")
-    p.add_argument("--train-images", type=int, default=3000, help="training images (default 3000 of the sample's 5000)")
+    p.add_argument("--train-images", type=int, default=2000, help="training images (default 2000 of the sample's 5000)")
     p.add_argument("--test-images", type=int, default=1000, help="test images (default 1000)")
     p.add_argument("--attack-epochs", type=int, default=3, help="decoder attack epochs (default 3)")
     p.add_argument("--attack-images", type=int, default=1500, help="attacker's training images (default 1500)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cem-backend", default="torch",
+                   help="cem_fast backend (default torch: the loss is a negligible share of a VGG step, and the "
+                        "demo then needs no compiler; 'auto' picks the C++ kernels)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     args = p.parse_args(argv)
     for flag in ("epochs", "train_images", "test_images", "attack_epochs", "attack_images"):
