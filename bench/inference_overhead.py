@@ -242,7 +242,8 @@ def compare(pair: Pair, devices: list, rounds: int, min_run_time: float) -> tupl
         "parameter shapes": ea.param_shapes == eb.param_shapes,
     }
     row("torch.export graph", f"{len(ea.ops)} aten ops, code sha256 {ea.digest}",
-        f"{len(eb.ops)} aten ops, code sha256 {eb.digest}", "identical" if checks["exported graph code"] else "DIFFERENT")
+        f"{len(eb.ops)} aten ops, code sha256 {eb.digest}",
+        "identical" if checks["exported graph code"] else "DIFFERENT")
     row("exported parameter shapes", f"{len(ea.param_shapes)} tensors", f"{len(eb.param_shapes)} tensors",
         "identical" if checks["parameter shapes"] else "DIFFERENT")
     largest, rel = weight_difference(a, b)

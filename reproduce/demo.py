@@ -1,6 +1,6 @@
 """`make demo`: CEM against the decoder inversion attack on the shipped real CIFAR-10 sample.
 
-Two arms of split VGG11-BN (cut 4, noRELU_C8S1 bottleneck, Sigmoid at the cut), both with Gaussian
+Two arms of split VGG11-BN (cosine LR, which suits a run of a few epochs) (cut 4, noRELU_C8S1 bottleneck, Sigmoid at the cut), both with Gaussian
 noise sigma 0.025 before the server: without CEM (lambda 0) and with CEM (paper variant, lambda 16,
 clusters refit every epoch). Then the decoder inversion attack (8 residual blocks, 64 channels) on each,
 in the training-time and inference-time settings. Prints the comparison table, writes it as
@@ -30,7 +30,7 @@ def _train(run: Path, lam: float, args) -> None:
     argv = ["--preset", "cpu", "--dataset", "cifar10-sample", "--defence", "noise", "--sigma", "0.025",
             "--cem-lambda", str(lam), "--epochs", str(args.epochs), "--train-subset", str(args.train_images),
             "--test-subset", str(args.test_images), "--seed", str(args.seed), "--out", str(run),
-            "--cem-backend", args.cem_backend]
+            "--cem-backend", args.cem_backend, "--lr-schedule", "cosine"]
     if (run / "checkpoint.pt").is_file():
         argv.append("--resume")
     if args.device:

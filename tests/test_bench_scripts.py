@@ -37,7 +37,8 @@ def test_inference_overhead_quick(tmp_path):
         got = {r[1]: r[2:] for r in rows if r[0] == label}
         assert set(got) == {"parameters", "buffer elements (BN statistics)", "FLOPs per image (conv + matmul)",
                             "CPU latency, batch 1 (median)", "CPU latency, batch 128 (median)",
-                            "torch.export graph", "exported parameter shapes", "parameter difference (max abs; relative L2)"}
+                            "torch.export graph", "exported parameter shapes",
+                            "parameter difference (max abs; relative L2)"}
         assert got["parameters"][0] == got["parameters"][1] and int(got["parameters"][0].replace(",", "")) > 0
         assert got["FLOPs per image (conv + matmul)"][2] == "1.000"
         for batch in (1, 128):
