@@ -46,7 +46,7 @@ def _attack(run: Path, args) -> dict:
     else:
         argv = ["--run", str(run), "--attack", "decoder", "--preset", "cpu", "--setting", "both",
                 "--epochs", str(args.attack_epochs), "--max-train-images", str(args.attack_images),
-                "--seed", str(args.seed)]
+                "--batch-size", str(args.attack_batch_size), "--seed", str(args.seed)]
         if args.device:
             argv += ["--device", args.device]
         attack.main(argv)
@@ -79,18 +79,20 @@ def table(rows: list[dict]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m reproduce.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--epochs", type=int, default=4, help="training epochs per arm (default 4)")
-    p.add_argument("--train-images", type=int, default=2000, help="training images (default 2000 of the sample's 5000)")
+    p.add_argument("--epochs", type=int, default=6, help="training epochs per arm (default 6)")
+    p.add_argument("--train-images", type=int, default=3000, help="training images (default 3000 of the sample's 5000)")
     p.add_argument("--test-images", type=int, default=1000, help="test images (default 1000)")
-    p.add_argument("--attack-epochs", type=int, default=3, help="decoder attack epochs (default 3)")
-    p.add_argument("--attack-images", type=int, default=1500, help="attacker's training images (default 1500)")
+    p.add_argument("--attack-epochs", type=int, default=6, help="decoder attack epochs (default 6)")
+    p.add_argument("--attack-images", type=int, default=2000, help="attacker's training images (default 2000)")
+    p.add_argument("--attack-batch-size", type=int, default=32,
+                   help="decoder attack batch (default 32: small data needs many steps; the paper uses 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cem-backend", default="torch",
                    help="cem_fast backend (default torch: the loss is a negligible share of a VGG step, and the "
                         "demo then needs no compiler; 'auto' picks the C++ kernels)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     args = p.parse_args(argv)
-    for flag in ("epochs", "train_images", "test_images", "attack_epochs", "attack_images"):
+    for flag in ("epochs", "train_images", "test_images", "attack_epochs", "attack_images", "attack_batch_size"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be > 0")
     out = Path(args.out)

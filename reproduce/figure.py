@@ -1,4 +1,7 @@
-"""Paper figures from finished runs: ``python -m reproduce.figure --figure 5 --runs RUN... --out FILE.png``.
+"""Paper figures from finished runs: ``python -m reproduce.figure --figure 3|4|5 --runs RUN... --out FILE.png``.
+
+Figures 3 (attacker MSE against the conditional-entropy bound, with Theorem 1's curve) and 4 (accuracy
+against attacker MSE over a sigma / lambda sweep) are drawn by ``reproduce.figures_curves``.
 
 Figure 5: a grid whose first row holds test images and every further row the
 reconstructions an inversion attack made of them for one run (labelled with the
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from reproduce import figures_curves
 
 FIGURES = (5,)
 
@@ -125,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    if figures_curves.requested(argv):  # figures 3 and 4
+        return figures_curves.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
