@@ -59,11 +59,14 @@ def labels(name: str, y, batch: int, num_classes: int, device, validate: bool) -
         raise ValueError(f"{name} must have shape [{batch}] (one label per sample), got {tuple(y.shape)}")
     if y.device != torch.device(device):
         raise ValueError(f"{name} is on {y.device} but the features are on {device}")
-    if validate and batch and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{int(y.min())}, {int(y.max())}]")
-    return y.to(torch.int64)
+    if validate and batch:
+        lo, hi = (int(v) for v in torch.aminmax(y))
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
+    return y if y.dtype == torch.int64 else y.to(torch.int64)
 
 
 def finite(name: str, z: torch.Tensor) -> None:
-    if z.numel() and not bool(torch.isfinite(z).all()):
+    # NaN and Inf reach the sum; an overflowing sum of finite values is told apart by the full check.
+    if z.numel() and not bool(torch.isfinite(z.sum(dtype=torch.float64))) and not bool(torch.isfinite(z).all()):
         raise ValueError(f"{name} contains NaN or Inf")

@@ -14,6 +14,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def cem_loss(z: torch.Tensor, labels: Optional[torch.Tensor], centroids: torch.Tensor, *, variant: str = "paper",
              sigma: float = 0.025, pi: Optional[torch.Tensor] = None, variance: Optional[torch.Tensor] = None,
              dataset_size: Optional[float] = None, covariance: str = "diag", reduction: str = "mean_dim",
@@ -28,13 +32,14 @@ def cem_loss(z: torch.Tensor, labels: Optional[torch.Tensor], centroids: torch.T
     C, m, D = centroids.shape
     acc = accumulation_dtype(z.dtype)
     z2d = flatten(z).contiguous()
-    cent = centroids.reshape(C * m, D).to(acc).contiguous()
+    cent = _as(centroids.reshape(C * m, D), acc).contiguous()
     # Unconditional assignment ignores the labels; every backend still gets one (unused) label per row.
-    lab = labels.to(torch.int64).contiguous() if (class_conditional and labels is not None) else \
+    lab = _as(labels, torch.int64).contiguous() if (class_conditional and labels is not None) else \
         torch.zeros(z2d.shape[0], dtype=torch.int64, device=z.device)
-    empty = cent.new_zeros(C, m)
-    pi = empty if pi is None else pi.to(acc)
-    variance = empty if variance is None else variance.to(acc)
+    if pi is None or variance is None:
+        empty = cent.new_zeros(C, m)
+    pi = empty if pi is None else _as(pi, acc)
+    variance = empty if variance is None else _as(variance, acc)
     name = backends.resolve(backend, z.device)
     loss, new_pi, new_var = CEMFunction.apply(
         z2d, lab, cent, pi, variance, variant, covariance, m, class_conditional, float(sigma), reduction, C,

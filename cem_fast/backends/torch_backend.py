@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-# Rows of z processed at once when computing distances (bounds the [rows, m, D] temporary).
+# Elements of the [rows, K] distance block computed at once.
 _CHUNK_ELEMS = 1 << 24
 
 
@@ -30,40 +30,41 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def assign(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int,
            class_conditional: bool) -> torch.Tensor:
-    """Nearest centroid (squared Euclidean, summed elementwise in the accumulation dtype), ties to the lowest index."""
+    """Nearest centroid by squared Euclidean distance, ties to the lowest index.
+
+    Distances use the GEMM form ``|mu|^2 - 2 z.mu`` (``|z|^2`` is the same for every candidate) over all
+    ``K`` clusters, then keep each row's candidates: a matrix product instead of a ``[B, m, D]``
+    temporary. The kernels sum ``(z - mu)^2`` directly; the two can differ only on near-exact ties.
+    """
     B, D = z.shape
     K = centroids.shape[0]
-    zc = z.to(centroids.dtype)
     if B == 0:
         return torch.zeros(0, dtype=torch.int64, device=z.device)
-    cand = m if class_conditional else K
-    rows = max(1, _CHUNK_ELEMS // max(1, cand * D))
+    zc = z if z.dtype == centroids.dtype else z.to(centroids.dtype)
+    c_sq = (centroids * centroids).sum(1)
+    rows = max(1, _CHUNK_ELEMS // max(1, K))
     out = []
     for s in range(0, B, rows):
-        zs = zc[s:s + rows]
+        d2 = torch.addmm(c_sq[None, :], zc[s:s + rows], centroids.t(), alpha=-2.0)    # [b, K]
         if class_conditional:
-            base = labels[s:s + rows].to(torch.int64) * m
-            mu = centroids.view(-1, m, D)[labels[s:s + rows]]            # [b, m, D]
-            d2 = (zs[:, None, :] - mu).pow(2).sum(-1)                   # [b, m]
-            out.append(base + d2.argmin(dim=1))
+            cols = labels[s:s + rows, None] * m + torch.arange(m, device=z.device)[None]
+            out.append(cols.gather(1, d2.gather(1, cols).argmin(1, keepdim=True)).squeeze(1))
         else:
-            d2 = (zs[:, None, :] - centroids[None]).pow(2).sum(-1)      # [b, K]
             out.append(d2.argmin(dim=1))
-    return torch.cat(out)
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int,
                  class_conditional: bool):
     K, D = centroids.shape
     a = assign(z, labels, centroids, m, class_conditional)
-    diff = z.to(centroids.dtype) - centroids[a]
-    counts = torch.zeros(K, dtype=centroids.dtype, device=z.device).index_add_(
-        0, a, torch.ones_like(a, dtype=centroids.dtype))
+    diff = z.to(centroids.dtype) - centroids.index_select(0, a)
+    counts = torch.bincount(a, minlength=K).to(centroids.dtype)
     sqdev = torch.zeros(K, D, dtype=centroids.dtype, device=z.device).index_add_(0, a, diff * diff)
     return a, counts, sqdev
 
 
 def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
                  coef: torch.Tensor) -> torch.Tensor:
-    diff = z.to(centroids.dtype) - centroids[assign]
-    return (coef[assign] * diff).to(z.dtype)
+    diff = z.to(centroids.dtype) - centroids.index_select(0, assign)
+    return (coef.index_select(0, assign) * diff).to(z.dtype)
