@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from reproduce.attacks.evaluate import evaluate_reconstruction, reconstruct, seeded
 from reproduce.attacks.features import FeatureSet, Perturbation, split_train_val
-from reproduce.attacks.state import load_resumable
+from reproduce.attacks.state import check_config, load_resumable
 from reproduce.checkpoint import save_atomic
 
 __all__ = [
@@ -53,19 +53,8 @@ class DecoderAttackConfig:
     num_samples: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "num_blocks", "width", "eval_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("lr", "eta_min"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
-        if not isinstance(self.num_samples, int) or self.num_samples < 0:
-            raise ValueError(f"num_samples must be a non-negative int, got {self.num_samples!r}")
+        check_config(self, positive_ints=("epochs", "batch_size", "num_blocks", "width", "eval_batch_size"),
+                     positive=("lr", "eta_min"), nonnegative=("weight_decay",))
 
 
 @dataclass

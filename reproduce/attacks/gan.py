@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from reproduce.attacks.decoder import AttackResult
 from reproduce.attacks.evaluate import evaluate_reconstruction, reconstruct, seeded
 from reproduce.attacks.features import FeatureSet, Perturbation, split_train_val
-from reproduce.attacks.state import load_resumable
+from reproduce.attacks.state import check_config, load_resumable
 from reproduce.checkpoint import save_atomic
 
 __all__ = ["GANAttackConfig", "gradient_penalty", "run_gan_attack"]
@@ -52,22 +52,10 @@ class GANAttackConfig:
     num_samples: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "t_max", "n_critic", "eval_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("lr_generator", "lr_critic"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("gp_weight", "mse_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        check_config(self, positive_ints=("epochs", "batch_size", "t_max", "n_critic", "eval_batch_size"),
+                     positive=("lr_generator", "lr_critic"), nonnegative=("gp_weight", "mse_weight"))
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
-        if not isinstance(self.num_samples, int) or self.num_samples < 0:
-            raise ValueError(f"num_samples must be a non-negative int, got {self.num_samples!r}")
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

@@ -28,3 +28,22 @@ def load_resumable(path: Path, fmt: str, protocol: dict) -> Optional[dict]:
             f"(or pass --fresh) to restart.\n saved: {state['protocol']}\n now:   {protocol}"
         )
     return state
+
+
+def check_config(cfg, *, positive_ints=(), positive=(), nonnegative=()) -> None:
+    """The shared checks of an attack config: each name's value must be a positive int, a positive
+    number or a number >= 0; ``val_fraction`` in (0, 1) and ``num_samples`` a non-negative int always."""
+    for name in positive_ints:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)!r}")
+    for name in nonnegative:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {cfg.val_fraction!r}")
+    if not isinstance(cfg.num_samples, int) or cfg.num_samples < 0:
+        raise ValueError(f"num_samples must be a non-negative int, got {cfg.num_samples!r}")
