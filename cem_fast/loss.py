@@ -181,13 +181,17 @@ class CEMLoss(nn.Module):
     # ------------------------------------------------------------------ refit
 
     @torch.no_grad()
-    def refit(self, features: torch.Tensor, labels: Optional[torch.Tensor] = None) -> "CEMLoss":
+    def refit(self, features: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+              gather: bool = True) -> "CEMLoss":
         """Fit the clusters (k-means inside each class) on a whole epoch of features ``[N, ...]``.
 
         The variant decides the start: ``official`` draws fresh random members every time (as the authors);
         ``paper`` and ``official-trained`` use k-means++ the first time and warm-start afterwards. Under a
-        ``process_group`` the features of all ranks are gathered so every rank holds the same clusters.
+        ``process_group`` the features of all ranks are gathered so every rank holds the same clusters;
+        ``gather=False`` skips that when every rank already passes the same, complete set of features.
         """
+        if not isinstance(gather, bool):
+            raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
         x = checks.features("features", features, "[N, C, H, W] or [N, D]").detach()
         if self.class_conditional:
             if labels is None:
@@ -195,7 +199,7 @@ class CEMLoss(nn.Module):
             y = checks.labels("labels", labels, x.shape[0], self.num_classes, x.device, validate=True)
         else:
             y = None
-        if self.process_group is not None:
+        if self.process_group is not None and gather:
             x = all_gather_rows(x, self.process_group)
             y = all_gather_rows(y, self.process_group) if y is not None else None
         N = x.shape[0]

@@ -355,6 +355,117 @@ class Dist:
             import torch.distributed as dist
             dist.barrier()
 
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate ``x [n_r, ...]`` of all ranks in rank order (the ``n_r`` may differ)."""
+        if not self.enabled:
+            return x
+        import torch.distributed as dist
+        sizes = [int(s) for s in self.gather_objects(int(x.shape[0]))]
+        padded = x.new_zeros((max(sizes),) + tuple(x.shape[1:]))
+        padded[: x.shape[0]] = x
+        chunks = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(chunks, padded)
+        return torch.cat([c[:n] for c, n in zip(chunks, sizes)])
+
+
+class GlobalBatchShard(torch.utils.data.Sampler):
+    """This rank's rows of each global batch of ``batches`` (a batch sampler over the whole dataset).
+
+    Rank ``r`` of ``W`` takes rows ``[r*b//W, (r+1)*b//W)`` of a batch of ``b`` rows, so the ranks' shards
+    concatenated in rank order are exactly the 1-process batch. ``positions`` lists the epoch-order
+    positions of the rows this rank was given so far in the current epoch (for the CEM refit's order).
+    """
+
+    def __init__(self, batches, rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+        self.positions: list[int] = []
+
+    def __iter__(self):
+        self.positions = []
+        start = 0
+        for batch in self.batches:
+            b = len(batch)
+            lo, hi = self.rank * b // self.world, (self.rank + 1) * b // self.world
+            self.positions.extend(range(start + lo, start + hi))
+            start += b
+            yield batch[lo:hi]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _GlooSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Train-mode BatchNorm with statistics over all ranks, for CPU tensors (torch's SyncBatchNorm is GPU-only).
+
+    Two differentiable all-reduces per layer (sum and count, then squared deviations). Their backward sums
+    the gradients over the ranks, so after DDP's averaging each parameter gets the gradient of the
+    global batch. Eval mode, and training outside torch.distributed, is plain BatchNorm.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1):
+            return super().forward(x)
+        self._check_input_dim(x)
+        from torch.distributed.nn.functional import all_reduce
+        group = self.process_group or dist.group.WORLD
+        dims = [0, *range(2, x.dim())]
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        # In float64, as ATen's CPU BatchNorm accumulates: float32 sums lose ~1e-4 in small-variance channels.
+        xd = x.double()
+        count = xd.new_full((1,), x.numel() // x.shape[1] if x.numel() else 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # its replacement has no autograd support
+            packed = all_reduce(torch.cat([xd.sum(dims), count]), group=group)
+            total = packed[-1]
+            mean = packed[:-1] / total
+            xc = xd - mean.view(shape)
+            var = all_reduce((xc * xc).sum(dims), group=group) / total
+        y = xc * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.double().view(shape) + self.bias.double().view(shape)
+        y = y.to(x.dtype)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - f).add_(mean.detach().to(self.running_mean.dtype), alpha=f)
+                n = float(total)
+                unbiased = var.detach() * (n / (n - 1)) if n > 1 else var.detach()
+                self.running_var.mul_(1 - f).add_(unbiased.to(self.running_var.dtype), alpha=f)
+        return y
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device, process_group=None) -> torch.nn.Module:
+    """``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` on accelerators; on CPU the gloo version above.
+
+    Parameters and buffers are shared with the original layers and the state_dict keys stay the same.
+    """
+    if device.type != "cpu":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    out = module
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        out = _GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                 module.track_running_stats, process_group)
+        if module.affine:
+            out.weight, out.bias = module.weight, module.bias
+        out.running_mean, out.running_var = module.running_mean, module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, device, process_group))
+    return out
+
 
 class _Net:
     """The encoder and server the step calls (DDP-wrapped under torchrun)."""
@@ -364,6 +475,9 @@ class _Net:
         self.encoder, self.server = model.encoder, model.server
         if dist_ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
+            # Global train-mode BN statistics: the same normalisation as one process on the global batch.
+            model.encoder = self.encoder = convert_sync_batchnorm(model.encoder, device)
+            model.server = self.server = convert_sync_batchnorm(model.server, device)
             ids = [device.index] if device.type == "cuda" and device.index is not None else None
             self.encoder = DDP(model.encoder, device_ids=ids)
             self.server = DDP(model.server, device_ids=ids)
@@ -389,6 +503,7 @@ def train_epoch(epoch, model, defence, cem, loader, opts, cfg, device, lam_eff,
     model.train()
     defence.train()
     keep_features = cem is not None and cfg["cem_refit"] == "epoch-features"
+    ddp = dist_ctx is not None and dist_ctx.enabled
     feats, labels = [], []
     sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("loss", "ce", "cem", "reg", "adv_ssim")}
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -401,17 +516,30 @@ def train_epoch(epoch, model, defence, cem, loader, opts, cfg, device, lam_eff,
         z = model.encoder(x)
         adv = defence.adversary_step(x_unit, z.detach())
         logits = model.server(defence.perturb(z))
-        ce = F.cross_entropy(logits, y)
+        if ddp:
+            # This rank's share of the global-batch mean, times the world size (DDP averages the ranks'
+            # gradients): exact also when the last batch splits unevenly.
+            b_global = int(dist_ctx.sum_(torch.tensor([x.shape[0]], device=device)))
+            ce_sum = F.cross_entropy(logits, y, reduction="sum")
+            ce = ce_sum.detach() / x.shape[0]
+            objective = ce_sum * (dist_ctx.world / b_global)
+        else:
+            ce = F.cross_entropy(logits, y)
         loss = ce
         reg = defence.regularizer(x, z, y, x_unit=x_unit)
         if reg is not None:
             loss = loss + reg
         if cem is not None:
-            cem_value = cem(z, y)
+            cem_value = cem(z, y)  # global value; under DDP its gradient is pre-scaled like objective's
             loss = loss + lam_eff * cem_value
+        if ddp:
+            if reg is not None:
+                objective = objective + reg  # a per-rank estimate (NoPeek's dCor needs the whole batch)
+            if cem is not None:
+                objective = objective + lam_eff * cem_value
         for opt in opts.values():
             opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (objective if ddp else loss).backward()
         for opt in opts.values():
             opt.step()
 
@@ -550,21 +678,26 @@ def run(cfg: dict, out: str | os.PathLike, *, resume: bool = False, stop_after_e
     n = len(train_ds)
     bs = cfg["batch_size"]
     gen = torch.Generator().manual_seed(cfg["seed"])
+    drop_last = n > bs and n % bs == 1  # a 1-sample batch breaks train-mode BN
+    per_epoch = n - (n % bs if drop_last else 0)
     if dist_ctx.enabled:
-        from torch.utils.data.distributed import DistributedSampler
-        sampler = DistributedSampler(train_ds, num_replicas=dist_ctx.world, rank=dist_ctx.rank, shuffle=True,
-                                     seed=cfg["seed"])
-        shard = len(sampler)
-        drop_last = shard > bs and shard % bs == 1  # a 1-sample batch breaks train-mode BN
-        loader = DataLoader(train_ds, batch_size=bs, sampler=sampler, drop_last=drop_last,
-                            num_workers=cfg["workers"], pin_memory=device.type == "cuda")
-        per_epoch = (shard - (shard % bs if drop_last else 0)) * dist_ctx.world
+        # --batch-size is the global batch: each rank takes its slice of the 1-process loader's batch
+        # (same generator, same permutation), so the ranks together train on exactly its batches.
+        if bs % dist_ctx.world:
+            raise ValueError(f"--batch-size {bs} (the global batch) must be divisible by the number of "
+                             f"processes ({dist_ctx.world})")
+        if 0 < per_epoch % bs < dist_ctx.world:
+            raise ValueError(f"the last batch ({per_epoch % bs} rows) cannot be split over {dist_ctx.world} "
+                             "processes: change --batch-size or --train-subset")
+        batches = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(train_ds, generator=gen), bs,
+                                                drop_last)
+        sampler = GlobalBatchShard(batches, dist_ctx.rank, dist_ctx.world)
+        loader = DataLoader(train_ds, batch_sampler=sampler, generator=gen, num_workers=cfg["workers"],
+                            pin_memory=device.type == "cuda")
     else:
         sampler = None
-        drop_last = n > bs and n % bs == 1
         loader = DataLoader(train_ds, batch_size=bs, shuffle=True, generator=gen, drop_last=drop_last,
                             num_workers=cfg["workers"], pin_memory=device.type == "cuda")
-        per_epoch = n - (n % bs if drop_last else 0)
     cem = _build_cem(cfg, per_epoch, device, process_group=dist_ctx.group)
     test_loader = DataLoader(test_ds, batch_size=cfg["eval_batch_size"], shuffle=False, num_workers=cfg["workers"])
     metrics: list[dict] = []
@@ -598,8 +731,6 @@ def run(cfg: dict, out: str | os.PathLike, *, resume: bool = False, stop_after_e
 
     for epoch in range(start, cfg["epochs"] + 1):
         t0 = time.time()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
         if defence.on_epoch_start(epoch, model, opts):
             _repoint_client_optimizer(opts["client"], model.encoder)
             log(f"epoch {epoch}: {cfg['defence']} changed the encoder "
@@ -610,18 +741,21 @@ def run(cfg: dict, out: str | os.PathLike, *, resume: bool = False, stop_after_e
         row, feats, labels = train_epoch(epoch, net, defence, cem, loader, opts, cfg, device, lam_eff, dist_ctx)
         if cem is not None:
             if cfg["cem_refit"] == "extra-pass":
-                extra_sampler = None
-                if dist_ctx.enabled:
-                    from torch.utils.data.distributed import DistributedSampler
-                    extra_sampler = DistributedSampler(train_ds, num_replicas=dist_ctx.world, rank=dist_ctx.rank,
-                                                       shuffle=False)
-                extra = DataLoader(train_ds, batch_size=cfg["eval_batch_size"], sampler=extra_sampler)
+                # Under DDP each rank encodes a contiguous part; gathered in rank order = dataset order.
+                part = range(dist_ctx.rank * n // dist_ctx.world, (dist_ctx.rank + 1) * n // dist_ctx.world)
+                extra = DataLoader(Subset(train_ds, part) if dist_ctx.enabled else train_ds,
+                                   batch_size=cfg["eval_batch_size"])
                 f_all, y_all = collect_features(model, extra, device)
+                f_all, y_all = dist_ctx.gather_rows(f_all), dist_ctx.gather_rows(y_all)
             else:
                 f_all, y_all = torch.cat(feats), torch.cat(labels)
+                if dist_ctx.enabled:  # every rank's features, in the 1-process epoch order (k-means++ depends on it)
+                    pos = dist_ctx.gather_rows(torch.tensor(sampler.positions, dtype=torch.int64, device=device))
+                    order = torch.argsort(pos)
+                    f_all, y_all = dist_ctx.gather_rows(f_all)[order], dist_ctx.gather_rows(y_all)[order]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # our own collapse check below says it once
-                cem.refit(f_all, y_all)  # under DDP it gathers every rank's features
+                cem.refit(f_all, y_all, gather=False)  # under DDP the features are already every rank's
             del feats, labels, f_all, y_all
         row["test_acc"] = evaluate(model, defence, test_loader, device)
         for sch in scheds.values():

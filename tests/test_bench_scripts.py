@@ -95,3 +95,32 @@ def test_train_step_quick(tmp_path):
 def test_train_step_rejects_bad_counts(argv):
     with pytest.raises(SystemExit):
         train_step.parse_args(argv)
+
+
+def test_bench_kernels_quick(tmp_path):
+    from bench import bench_kernels
+
+    repo = tmp_path / "official"
+    repo.mkdir()
+    for name in ("model_training_GMM.py", "model_training_paral_pruning.py"):
+        (repo / name).write_text(FAKE_OFFICIAL)
+    out = tmp_path / "kernels.csv"
+    text = bench_kernels.main(["--quick", "--threads", "1", "--official-repo", str(repo), "--csv", str(out),
+                               "--refit-runs", "1"])
+    cpu_backends = [b for b in ("torch", "cpp") if backends.resolve(b, torch.device("cpu")) == b]
+    rows = [r for r in table_rows(text) if r[0] in ("loss", "kernel")]
+    expected = []
+    for D in ("512", "2048"):
+        expected += [("loss", D, "ours official-trained", b) for b in cpu_backends]
+        expected += [("loss", D, "authors GMM", "-"), ("loss", D, "authors PP", "-")]
+        expected += [("kernel", D, "kernels", b) for b in cpu_backends]
+    assert [(r[0], r[2], r[5], r[6]) for r in rows] == expected
+    for r in rows:
+        assert all(math.isfinite(float(v)) and float(v) > 0 for v in r[7:11])   # fwd, bwd, fwd+bwd ms, GB/s
+    refit = [r for r in table_rows(text) if r[0].startswith(("ours CEMLoss.refit", "authors' per-class"))]
+    assert len(refit) == 2 and all(float(r[5]) > 0 and float(r[6]) > 0 for r in refit)
+    if "cpp" in cpu_backends:
+        assert "Bar (B=128, D=2048, C=10, m=3" in text
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("device,level,B,D,C,m,impl,backend,kind,median_s")
+    assert len(lines) == 1 + 3 * len(rows) + 2 * len(refit)

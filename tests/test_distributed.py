@@ -47,6 +47,9 @@ def _worker(rank, world, init_file, out_dir):
     cem = CEMLoss(C, M, dataset_size=90, process_group=dist.group.WORLD).refit(feats[fsl], flabels[fsl])
     zs = z[sl] if rank == 0 else z[:0]
     results["empty"] = float(cem(zs.clone().requires_grad_(True), y[sl] if rank == 0 else y[:0]).detach())
+    # gather=False: every rank passes the complete feature set itself, refit without a second gather
+    full = CEMLoss(C, M, dataset_size=90, process_group=dist.group.WORLD).refit(feats, flabels, gather=False)
+    results["no_gather"] = {k: v for k, v in full.state_dict().items() if isinstance(v, torch.Tensor)}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -68,3 +71,10 @@ def test_two_gloo_processes_match_one_process():
     single = CEMLoss(C, M, dataset_size=90).refit(feats, flabels)
     assert ranks[0]["empty"] == pytest.approx(float(single(z[:13], y[:13])), rel=1e-12)
     assert ranks[1]["empty"] == ranks[0]["empty"]
+    for k, v in single.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            for r in range(2):
+                assert torch.equal(ranks[r]["no_gather"][k], v), k
+    assert float(ranks[0]["no_gather"]["fitted_size"]) == 90  # not 180: nothing was gathered
+    with pytest.raises(TypeError, match="gather"):
+        CEMLoss(C, M).refit(feats, flabels, gather="no")

@@ -1,0 +1,482 @@
+"""Kernels and refit: every backend's CEMLoss and kernel pair over the issue's grid, and the k-means refit.
+
+    python bench/bench_kernels.py --official-repo /tmp/cem_official --csv /tmp/kernels.csv   # CPU, full grid
+    python bench/bench_kernels.py --device cuda --official-repo /tmp/cem_official            # GPU
+    python bench/bench_kernels.py --quick                                                    # smoke run
+
+Grid: B in {128, 1024, 8192}, D in {512, 2048}, 10 or 100 classes, m in {3, 10}; sigmoid-range float32
+features (``bench.official.parity_case``). Levels:
+
+* ``loss``: the whole ``CEMLoss`` forward, backward (on a retained graph) and forward+backward per
+  backend and variant (``bench.bench_loss.ours``), and the authors' ``compute_class_means`` GMM and PP
+  (``bench.bench_loss.authors``) when ``--official-repo`` is given;
+* ``kernel``: ``assign_stats`` (fwd), ``scatter_grad`` (bwd) and both (``bench_backends_cpu.step``).
+
+Timing: on CPU ``torch.utils.benchmark`` ``blocked_autorange`` medians, contenders interleaved over
+``--rounds`` rounds; a call slower than ``SLOW_S`` gets ``--slow-runs`` single runs instead. On CUDA
+``triton.testing.do_bench`` medians (L2 flushed between reps) and a no-flush number: the median over
+repeats of a tight loop of back-to-back calls timed with CUDA events (warm L2, launch overlap).
+GB/s is against the bytes that must move (``loss_bytes``, ``kernel_bytes``).
+
+Refit: seconds of ``CEMLoss.refit`` (variant official-trained: k-means++ then warm starts) against the
+authors' per-class loop restated in ``bench/official_kmeans.py``, on 50,000 synthetic features x D,
+10 classes x 10 clusters: a first refit (k-means++) and a warm refit on the next epoch's features.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+from torch.utils.benchmark import Timer  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from bench import official_kmeans  # noqa: E402
+from bench.bench_backends_cpu import step  # noqa: E402
+from bench.bench_loss import BATCH, BATCHES_PER_EPOCH, Bench, Config, authors, available_backends, ours  # noqa: E402
+from bench.official import Official, OfficialRepoError, load_official, parity_case  # noqa: E402
+from cem_fast import CEMLoss, backends  # noqa: E402
+
+KINDS = ("fwd", "bwd", "fwdbwd")
+SIZES = (128, 1024, 8192)
+DIMS = (512, 2048)
+CLASSES = (10, 100)
+CLUSTERS = (3, 10)
+BAR = dict(B=128, D=2048, C=10, m=3)        # the CPU "done when": cpp >= 2x torch and >= 20x the authors
+BAR_VS_TORCH, BAR_VS_AUTHORS = 2.0, 20.0
+SLOW_S = 0.05
+REFIT_N, REFIT_C, REFIT_M = 50_000, 10, 10
+
+
+@dataclass
+class Timing:
+    median: float                       # seconds (do_bench, L2 flushed, on CUDA)
+    minimum: float
+    runs: int
+    noflush: Optional[float] = None     # CUDA only: tight-loop median, warm L2
+
+
+@dataclass
+class Row:
+    level: str                          # "loss" or "kernel"
+    B: int
+    D: int
+    C: int
+    m: int
+    impl: str                           # "ours <variant>", "authors GMM|PP" or "kernels"
+    backend: str
+    times: Dict[str, Timing]
+    nbytes: Dict[str, int]
+    ratios: Dict[str, float] = field(default_factory=dict)   # e.g. "torch/this", "GMM/this" on fwdbwd
+
+
+# --------------------------------------------------------------------------- bytes that must move
+
+
+def loss_bytes(B: int, D: int, K: int, z_size: int, state_bytes: int) -> Dict[str, int]:
+    """Forward reads z, labels and the cluster state; backward reads z, labels and the centroids and writes
+    dz; forward+backward reads each input once and writes dz once."""
+    z, lab, cent = B * D * z_size, 8 * B, K * D * 4
+    return {"fwd": z + lab + state_bytes, "bwd": 2 * z + lab + cent, "fwdbwd": 2 * z + lab + state_bytes}
+
+
+def state_bytes(variant: str, K: int, D: int) -> int:
+    """float32 cluster state a variant's forward reads: centroids, plus weights and variances."""
+    extra = {"official": 0, "official-trained": 2 * K, "paper": K + K * D}[variant]
+    return 4 * (K * D + extra)
+
+
+def kernel_bytes(B: int, D: int, K: int, z_size: int, acc_size: int = 4) -> Dict[str, int]:
+    """assign_stats reads z, labels, centroids and writes assign, counts, sqdev; scatter_grad reads z,
+    assign, centroids, coef and writes dz; both (fused minimum): every input read once, every output written once."""
+    z, lab, kd = B * D * z_size, 8 * B, K * D * acc_size
+    fwd = z + lab + kd + 8 * B + K * acc_size + kd
+    bwd = z + 8 * B + 2 * kd + z
+    both = z + lab + 2 * kd + 8 * B + K * acc_size + kd + z
+    return {"fwd": fwd, "bwd": bwd, "fwdbwd": both}
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class Clock:
+    """Interleaved medians on CPU, do_bench + tight loop on CUDA (see the module docstring)."""
+
+    def __init__(self, device: torch.device, threads: int, min_run_time: float, rounds: int, slow_runs: int,
+                 cuda_rep_ms: int):
+        self.device = device
+        self.threads = threads
+        self.min_run_time = min_run_time
+        self.rounds = rounds
+        self.slow_runs = slow_runs
+        self.cuda_rep_ms = cuda_rep_ms
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _once(self, fn) -> float:
+        self._sync()
+        t = time.perf_counter()
+        fn()
+        self._sync()
+        return time.perf_counter() - t
+
+    def measure(self, stmts: Dict[Tuple, Callable], progress) -> Dict[Tuple, Timing]:
+        for fn in stmts.values():
+            fn()                                                     # warm-up: allocations, lazy builds
+        first = {key: self._once(fn) for key, fn in stmts.items()}   # slow-call detection
+        if self.device.type == "cuda":
+            return {key: self._cuda(fn, first[key], progress, key) for key, fn in stmts.items()}
+        fast = {key: Timer("fn()", globals={"fn": fn}, num_threads=self.threads)
+                for key, fn in stmts.items() if first[key] < SLOW_S}
+        pooled = {key: [] for key in stmts}
+        for r in range(self.rounds):
+            for key, timer in fast.items():
+                progress.set_postfix_str(f"round {r + 1}/{self.rounds} {' '.join(map(str, key))}")
+                pooled[key] += timer.blocked_autorange(min_run_time=self.min_run_time).times
+        for key, fn in stmts.items():
+            if key not in fast:
+                progress.set_postfix_str(f"slow {' '.join(map(str, key))}")
+                pooled[key] = [first[key]] + [self._once(fn) for _ in range(self.slow_runs - 1)]
+        return {key: Timing(statistics.median(t), min(t), len(t)) for key, t in pooled.items()}
+
+    def _cuda(self, fn, first_s: float, progress, key) -> Timing:
+        from triton.testing import do_bench
+
+        progress.set_postfix_str(" ".join(map(str, key)))
+        rep = max(self.cuda_rep_ms, int(3e3 * first_s))      # at least a few calls for slow ones
+        flushed = do_bench(fn, warmup=max(5, rep // 4), rep=rep, return_mode="median") * 1e-3
+        per_loop = max(1, min(200, int(0.02 / max(first_s, 1e-6))))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        loops = []
+        for _ in range(max(3, self.rounds)):
+            start.record()
+            for _ in range(per_loop):
+                fn()
+            end.record()
+            end.synchronize()
+            loops.append(start.elapsed_time(end) * 1e-3 / per_loop)
+        return Timing(flushed, flushed, 1, statistics.median(loops))
+
+
+# --------------------------------------------------------------------------- contenders of one configuration
+
+
+def loss_rows(B, D, C, m, device, timer: Clock, backend_names, variants, official: Optional[Official],
+              progress, official_batches=SIZES) -> list:
+    cfg = Config(int(round((D // 8) ** 0.5)), C, m)
+    case = parity_case(B, C, m, cfg.H, seed=0, dtype=torch.float32, device=device)
+    contenders, state = {}, {}
+    for v in variants:
+        for b in backend_names:
+            contenders[(f"ours {v}", b)] = ours(v, b, case, cfg)
+            state[(f"ours {v}", b)] = state_bytes(v, C * m, D)
+    if official is not None and B in official_batches:
+        for which in ("GMM", "PP"):
+            contenders[(f"authors {which}", "-")] = authors(official, which, case, cfg)
+            state[(f"authors {which}", "-")] = state_bytes("official" if which == "GMM" else "official-trained",
+                                                          C * m, D)
+    stmts = {(name, b, kind): f for (name, b), loss_fn in contenders.items()
+             for kind, f in Bench.statements(loss_fn, case.z).items()}
+    t = timer.measure(stmts, progress)
+    return [Row("loss", B, D, C, m, name, b, {k: t[(name, b, k)] for k in KINDS},
+                loss_bytes(B, D, C * m, 4, state[(name, b)])) for (name, b) in contenders]
+
+
+def kernel_rows(B, D, C, m, device, timer: Clock, backend_names, progress) -> list:
+    gen = torch.Generator().manual_seed(0)
+    K = C * m
+    z = torch.randn(B, D, generator=gen).to(device)
+    labels = torch.randint(0, C, (B,), generator=gen).to(device)
+    cent = torch.randn(K, D, generator=gen).to(device)
+    coef = torch.randn(K, D, generator=gen).to(device)
+    stmts = {}
+    for b in backend_names:
+        mod = backends.get(b)
+        a = mod.assign_stats(z, labels, cent, m, True)[0]
+        stmts[(b, "fwd")] = lambda mod=mod: mod.assign_stats(z, labels, cent, m, True)
+        stmts[(b, "bwd")] = lambda mod=mod, a=a: mod.scatter_grad(z, a, cent, coef)
+        stmts[(b, "fwdbwd")] = lambda mod=mod: step(mod, z, labels, cent, coef, m, True)
+    t = timer.measure(stmts, progress)
+    return [Row("kernel", B, D, C, m, "kernels", b, {k: t[(b, k)] for k in KINDS}, kernel_bytes(B, D, K, 4))
+            for b in backend_names]
+
+
+def add_ratios(rows: list) -> None:
+    """Per configuration and level: torch's forward+backward / this row's, and the authors' / this row's."""
+    for r in rows:
+        same = [o for o in rows if (o.level, o.B, o.D, o.C, o.m) == (r.level, r.B, r.D, r.C, r.m)]
+        for o in same:
+            if o.backend == "torch" and (r.level == "kernel" or o.impl == r.impl):
+                r.ratios["torch/this"] = o.times["fwdbwd"].median / r.times["fwdbwd"].median
+            if o.impl.startswith("authors"):
+                r.ratios[f"{o.impl.split()[1]}/this"] = o.times["fwdbwd"].median / r.times["fwdbwd"].median
+
+
+# --------------------------------------------------------------------------- refit
+
+
+def refit_features(N: int, D: int, C: int, m: int, seed: int, device) -> Tuple[torch.Tensor, torch.Tensor, Callable]:
+    """Sigmoid-range features with ``m`` true modes per class, and a maker of the next epoch's pass."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(N) % C
+    modes = torch.randn(C, m, D, generator=gen)
+    mode_of = torch.randint(0, m, (N,), generator=gen)
+
+    def epoch(s: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed + 1 + s)
+        return torch.sigmoid(modes[labels, mode_of] + torch.randn(N, D, generator=g)).to(device)
+
+    return epoch(0), labels.to(device), epoch
+
+
+def refit_rows(D: int, device, N: int, C: int, m: int, with_authors: bool, runs: int, progress) -> list:
+    """Seconds of a first (k-means++) and a warm refit, ours and (optionally) the authors' loop."""
+    x0, y, epoch = refit_features(N, D, C, m, seed=0, device=device)
+    x1 = epoch(1)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def clock(fn) -> float:
+        sync()
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - t, out
+
+    rows = []
+    first, warm = [], []
+    for r in range(runs):
+        progress.set_postfix_str(f"refit ours D={D} run {r + 1}/{runs}")
+        cem = CEMLoss(C, m, variant="official-trained", dataset_size=N).to(device)
+        first.append(clock(lambda: cem.refit(x0, y))[0])
+        warm.append(clock(lambda: cem.refit(x1, y))[0])
+    rows.append(dict(impl="ours CEMLoss.refit (official-trained)", D=D, N=N, C=C, m=m,
+                     first_s=statistics.median(first), warm_s=statistics.median(warm), runs=runs,
+                     iterations="", covariance_s=""))
+    if with_authors:
+        progress.set_postfix_str(f"refit authors D={D}")
+        gen = torch.Generator().manual_seed(0)
+        t_first, fits = clock(lambda: official_kmeans.refit(x0, y, C, m, covariances=False, generator=gen))
+        t_warm, fits1 = clock(lambda: official_kmeans.refit(x1, y, C, m, previous=fits, covariances=False))
+        # the covariances their refit also builds every epoch, timed on the warm result's assignment
+        t_cov, _ = clock(lambda: [official_kmeans.class_statistics(x1[y == c], f.centroids,
+                                                                    torch.cdist(x1[y == c], f.centroids).argmin(1),
+                                                                    covariances=True)
+                                  for c, f in enumerate(fits1) if f is not None])
+        rows.append(dict(impl="authors' per-class loop (official_kmeans.py)", D=D, N=N, C=C, m=m,
+                         first_s=t_first, warm_s=t_warm, runs=1,
+                         iterations=f"{_max_iterations(fits)} / {_max_iterations(fits1)}", covariance_s=t_cov))
+    return rows
+
+
+def _max_iterations(fits) -> int:
+    return max(f.iterations for f in fits if f is not None)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _ms(t: Optional[float]) -> str:
+    return "" if t is None else f"{t * 1e3:.3f}"
+
+
+def markdown(rows: list, cuda: bool) -> str:
+    head = ["level", "B", "D", "C", "m", "implementation", "backend", "fwd ms", "bwd ms", "fwd+bwd ms",
+            "fwd+bwd GB/s"]
+    if cuda:
+        head += ["no-flush fwd ms", "no-flush bwd ms", "no-flush fwd+bwd ms", "no-flush GB/s"]
+    head += ["torch / this", "GMM / this", "PP / this"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        t = r.times
+        cells = [r.level, str(r.B), str(r.D), str(r.C), str(r.m), r.impl, r.backend,
+                 *(_ms(t[k].median) for k in KINDS), f"{r.nbytes['fwdbwd'] / t['fwdbwd'].median / 1e9:.2f}"]
+        if cuda:
+            cells += [*(_ms(t[k].noflush) for k in KINDS), f"{r.nbytes['fwdbwd'] / t['fwdbwd'].noflush / 1e9:.2f}"]
+        cells += [f"{r.ratios[k]:.1f}x" if k in r.ratios else "" for k in ("torch/this", "GMM/this", "PP/this")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def refit_markdown(rows: list) -> str:
+    lines = ["| implementation | N | D | C | m | first refit s (k-means++) | warm refit s | runs | "
+             "Lloyd iterations (max per class, first / warm) | + full covariances s |", "|" + "---|" * 10]
+    for r in rows:
+        cov = f"{r['covariance_s']:.2f}" if r["covariance_s"] != "" else ""
+        lines.append(f"| {r['impl']} | {r['N']} | {r['D']} | {r['C']} | {r['m']} | {r['first_s']:.3f} | "
+                     f"{r['warm_s']:.3f} | {r['runs']} | {r['iterations']} | {cov} |")
+    ours_ = {r["D"]: r for r in rows if r["impl"].startswith("ours")}
+    for r in rows:
+        if r["impl"].startswith("authors"):
+            o = ours_[r["D"]]
+            lines.append(f"\nD={r['D']}: authors' loop / ours: first {r['first_s'] / o['first_s']:.1f}x, "
+                         f"warm {r['warm_s'] / o['warm_s']:.1f}x (without their covariances)")
+    return "\n".join(lines)
+
+
+def bar_summary(rows: list) -> str:
+    """The CPU "done when" at B=128, D=2048, 10 classes, m=3: cpp vs torch and vs the authors (fwd+bwd)."""
+    bar = [r for r in rows if r.level == "loss" and (r.B, r.D, r.C, r.m) == tuple(BAR.values())]
+    cpp = [r for r in bar if r.backend == "cpp"]
+    if not cpp:
+        return ""
+    out = [f"Bar (B={BAR['B']}, D={BAR['D']}, C={BAR['C']}, m={BAR['m']}, forward+backward medians): "
+           f"cpp >= {BAR_VS_TORCH:g}x torch and >= {BAR_VS_AUTHORS:g}x the authors' function"]
+    for r in cpp:
+        parts = [f"  {r.impl:<24} cpp {r.times['fwdbwd'].median * 1e3:.3f} ms"]
+        vt = r.ratios.get("torch/this")
+        if vt is not None:
+            parts.append(f"vs torch {vt:.2f}x ({'meets' if vt >= BAR_VS_TORCH else 'MISSES'})")
+        for k in ("GMM", "PP"):
+            v = r.ratios.get(f"{k}/this")
+            if v is not None:
+                parts.append(f"vs authors {k} {v:.1f}x ({'meets' if v >= BAR_VS_AUTHORS else 'MISSES'})")
+        out.append(", ".join(parts))
+    return "\n".join(out)
+
+
+def write_csv(path: str, rows: list, refits: list, device) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["device", "level", "B", "D", "C", "m", "impl", "backend", "kind", "median_s", "min_s", "runs",
+                    "bytes", "gbps", "noflush_s", "noflush_gbps", "torch_over_this", "gmm_over_this",
+                    "pp_over_this"])
+        for r in rows:
+            for k in KINDS:
+                t, nb = r.times[k], r.nbytes[k]
+                w.writerow([device, r.level, r.B, r.D, r.C, r.m, r.impl, r.backend, k, t.median, t.minimum, t.runs,
+                            nb, nb / t.median / 1e9, "" if t.noflush is None else t.noflush,
+                            "" if t.noflush is None else nb / t.noflush / 1e9,
+                            *(r.ratios.get(x, "") if k == "fwdbwd" else "" for x in ("torch/this", "GMM/this",
+                                                                                    "PP/this"))])
+        for r in refits:
+            for kind in ("first", "warm"):
+                w.writerow([device, "refit", r["N"], r["D"], r["C"], r["m"], r["impl"], "-", kind, r[f"{kind}_s"],
+                            "", r["runs"], "", "", "", "", "", "", ""])
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="B=128, D=512 and 2048, 10 classes, m=3, short timing, small refit (a smoke run)")
+    p.add_argument("--csv", default=None, help="write every number to this CSV")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU (default 2)")
+    p.add_argument("--official-repo", default=None, help="checkout of github.com/xiasong0501/CEM (authors' rows)")
+    p.add_argument("--official-batches", type=int, nargs="+", default=list(SIZES),
+                   help="batch sizes at which the authors' functions are timed (default all; at B=8192 one "
+                        "call of theirs takes seconds on a CPU)")
+    p.add_argument("--no-refit", action="store_true", help="skip the refit timing")
+    p.add_argument("--variants", nargs="+", default=["official-trained"],
+                   choices=["paper", "official", "official-trained"],
+                   help="CEMLoss variants timed (default official-trained, the loss the authors train with)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, 1 with --quick)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds per blocked_autorange block (default 0.05, 0.01 with --quick)")
+    p.add_argument("--slow-runs", type=int, default=3, help=f"single runs of calls slower than {SLOW_S} s")
+    p.add_argument("--refit-dims", type=int, nargs="+", default=None,
+                   help="refit feature dimensions (default 512 on CPU, 2048 on CUDA)")
+    p.add_argument("--refit-runs", type=int, default=3, help="runs of our refit (median); the authors' runs once")
+    args = p.parse_args(argv)
+    for name in ("threads", "slow_runs", "refit_runs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.rounds is not None and args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.min_run_time is not None and args.min_run_time <= 0:
+        p.error(f"--min-run-time must be > 0, got {args.min_run_time}")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError as exc:
+        p.error(f"--device: {exc}")
+    if args.device.type not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda, got {args.device}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def main(argv=None) -> str:
+    """Run the benchmark; prints and returns the markdown report."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    official = None
+    if args.official_repo:
+        try:
+            official = load_official(args.official_repo)
+        except OfficialRepoError as exc:
+            raise SystemExit(f"error: --official-repo: {exc}")
+    names = available_backends(args.device)
+    if args.quick:
+        grid = [(128, D, 10, 3) for D in DIMS]
+    else:
+        grid = list(itertools.product(SIZES, DIMS, CLASSES, CLUSTERS))
+    timer = Clock(args.device, args.threads, args.min_run_time or (0.01 if args.quick else 0.05),
+                    args.rounds or (1 if args.quick else 3), args.slow_runs, cuda_rep_ms=20 if args.quick else 100)
+    refit_dims = [] if args.no_refit else (args.refit_dims or ([64] if args.quick else
+                                                               [2048 if args.device.type == "cuda" else 512]))
+    n_refit = 2000 if args.quick else REFIT_N
+    rows, refits = [], []
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    load0 = _loadavg()
+    with tqdm(total=2 * len(grid) + len(refit_dims), desc="bench_kernels", file=sys.stderr) as progress:
+        for B, D, C, m in grid:
+            progress.set_description(f"B={B} D={D} C={C} m={m}")
+            rows += loss_rows(B, D, C, m, args.device, timer, names, args.variants, official, progress,
+                              args.official_batches)
+            progress.update(1)
+            rows += kernel_rows(B, D, C, m, args.device, timer, names, progress)
+            progress.update(1)
+        for D in refit_dims:
+            refits += refit_rows(D, args.device, n_refit, REFIT_C, REFIT_M, official is not None, args.refit_runs,
+                                 progress)
+            progress.update(1)
+    add_ratios(rows)
+    cuda = args.device.type == "cuda"
+    timing = (f"triton.testing.do_bench medians (L2 flushed), no-flush: tight-loop medians" if cuda else
+              f"medians of {timer.rounds} interleaved rounds of blocked_autorange({timer.min_run_time:g} s); "
+              f"calls over {SLOW_S} s: {args.slow_runs} single runs")
+    parts = [f"{started}; torch {torch.__version__}, device {args.device}"
+             f"{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}, threads {args.threads}, float32, "
+             f"backends {', '.join(names)}, variants {', '.join(args.variants)}, authors' functions at B in "
+             f"{args.official_batches if official else '(not given)'}, epoch size "
+             f"{BATCHES_PER_EPOCH * BATCH}; {timing}; load average {load0} -> {_loadavg()}",
+             markdown(rows, cuda)]
+    summary = bar_summary(rows)
+    if summary:
+        parts.append(summary)
+    if refits:
+        parts.append(refit_markdown(refits))
+    text = "\n\n".join(parts)
+    print(text)
+    if args.csv:
+        write_csv(args.csv, rows, refits, args.device)
+    return text
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+if __name__ == "__main__":
+    main()
