@@ -294,7 +294,7 @@ def _ms(t: Optional[float]) -> str:
 
 def markdown(rows: list, cuda: bool) -> str:
     head = ["level", "B", "D", "C", "m", "implementation", "backend", "fwd ms", "bwd ms", "fwd+bwd ms",
-            "fwd+bwd GB/s"]
+            "fwd+bwd GB/s", "fwd+bwd min ms"]
     if cuda:
         head += ["no-flush fwd ms", "no-flush bwd ms", "no-flush fwd+bwd ms", "no-flush GB/s"]
     head += ["torch / this", "GMM / this", "PP / this"]
@@ -302,7 +302,8 @@ def markdown(rows: list, cuda: bool) -> str:
     for r in rows:
         t = r.times
         cells = [r.level, str(r.B), str(r.D), str(r.C), str(r.m), r.impl, r.backend,
-                 *(_ms(t[k].median) for k in KINDS), f"{r.nbytes['fwdbwd'] / t['fwdbwd'].median / 1e9:.2f}"]
+                 *(_ms(t[k].median) for k in KINDS), f"{r.nbytes['fwdbwd'] / t['fwdbwd'].median / 1e9:.2f}",
+                 _ms(t["fwdbwd"].minimum)]
         if cuda:
             cells += [*(_ms(t[k].noflush) for k in KINDS), f"{r.nbytes['fwdbwd'] / t['fwdbwd'].noflush / 1e9:.2f}"]
         cells += [f"{r.ratios[k]:.1f}x" if k in r.ratios else "" for k in ("torch/this", "GMM/this", "PP/this")]
@@ -343,6 +344,10 @@ def bar_summary(rows: list) -> str:
             v = r.ratios.get(f"{k}/this")
             if v is not None:
                 parts.append(f"vs authors {k} {v:.1f}x ({'meets' if v >= BAR_VS_AUTHORS else 'MISSES'})")
+        mins = {o.backend if o.impl == r.impl else o.impl.split()[-1]: o.times["fwdbwd"].minimum for o in bar
+                if o.impl == r.impl or o.impl.startswith("authors")}
+        here = r.times["fwdbwd"].minimum
+        parts.append("minima: " + ", ".join(f"{k} / cpp {v / here:.1f}x" for k, v in mins.items() if k != "cpp"))
         out.append(", ".join(parts))
     return "\n".join(out)
 
