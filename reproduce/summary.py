@@ -1,0 +1,71 @@
+"""One markdown row per run: ``python -m reproduce.summary RUN... [--out FILE.md]``.
+
+Reads each run's config.json, metrics.jsonl and attack_*.json (nothing is recomputed): defence, sigma,
+CEM weight and variant, epochs done, the last epoch's test accuracy, the training wall time (the sum of
+the epochs' times, so a paused or resumed run counts only its working time), the last clean-feature
+variance, and the decoder and GAN attacks' test MSE / SSIM where they exist. Unfinished runs are marked.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+HEADER = ("| run | defence | sigma | CEM lambda (variant) | epochs | test acc (%) | train wall (min) | feature var "
+          "| decoder MSE train / infer | decoder SSIM train / infer | GAN MSE train |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _attack(run: Path, name: str) -> dict:
+    path = run / f"attack_{name}.json"
+    return json.loads(path.read_text()).get("settings", {}) if path.is_file() else {}
+
+
+def _metric(settings: dict, setting: str, key: str, fmt: str) -> str:
+    value = settings.get(setting, {}).get("metrics", {}).get(key)
+    return format(value, fmt) if value is not None else "—"
+
+
+def row(run: Path) -> str:
+    """The markdown row of one run directory (ValueError if it is not one)."""
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{run} is not a run directory (no config.json)")
+    cfg = json.loads(cfg_path.read_text())
+    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
+    epochs = [json.loads(line) for line in lines if line.strip()]
+    done = len(epochs)
+    status = "" if (run / "final.pt").is_file() else " (unfinished)"
+    last = epochs[-1] if epochs else {}
+    acc = f"{100 * last['test_acc']:.2f}" if "test_acc" in last else "—"
+    wall = f"{sum(e.get('time_s', 0.0) for e in epochs) / 60:.1f}" if epochs else "—"
+    fvar = f"{last['feature_var']:.4g}" if "feature_var" in last else "—"
+    lam = cfg.get("cem_lambda", 0.0)
+    cem = f"{lam:g} ({cfg.get('cem_variant')}, {cfg.get('cem_schedule')})" if lam else "0"
+    dec, gan = _attack(run, "decoder"), _attack(run, "gan")
+    return (f"| {run.name}{status} | {cfg.get('defence')} | {cfg.get('sigma')} | {cem} | {done}/{cfg.get('epochs')} "
+            f"| {acc} | {wall} | {fvar} "
+            f"| {_metric(dec, 'train_time', 'mse', '.4f')} / {_metric(dec, 'infer_time', 'mse', '.4f')} "
+            f"| {_metric(dec, 'train_time', 'ssim', '.3f')} / {_metric(dec, 'infer_time', 'ssim', '.3f')} "
+            f"| {_metric(gan, 'train_time', 'mse', '.4f')} |")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m reproduce.summary", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", help="also write the table to this file")
+    args = p.parse_args(argv)
+    try:
+        text = "\n".join([HEADER] + [row(Path(r)) for r in args.runs])
+    except ValueError as err:
+        p.error(str(err))
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
