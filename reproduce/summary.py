@@ -45,7 +45,8 @@ def row(run: Path) -> str:
     lam = cfg.get("cem_lambda", 0.0)
     cem = f"{lam:g} ({cfg.get('cem_variant')}, {cfg.get('cem_schedule')})" if lam else "0"
     dec, gan = _attack(run, "decoder"), _attack(run, "gan")
-    return (f"| {run.name}{status} | {cfg.get('defence')} | {cfg.get('sigma')} | {cem} | {done}/{cfg.get('epochs')} "
+    name = f"{run.parent.name}/{run.name}" if run.name.startswith("seed") else run.name  # reproduce.table's layout
+    return (f"| {name}{status} | {cfg.get('defence')} | {cfg.get('sigma')} | {cem} | {done}/{cfg.get('epochs')} "
             f"| {acc} | {wall} | {fvar} "
             f"| {_metric(dec, 'train_time', 'mse', '.4f')} / {_metric(dec, 'infer_time', 'mse', '.4f')} "
             f"| {_metric(dec, 'train_time', 'ssim', '.3f')} / {_metric(dec, 'infer_time', 'ssim', '.3f')} "
