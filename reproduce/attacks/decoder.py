@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from reproduce.attacks.evaluate import evaluate_reconstruction, reconstruct, seeded
-from reproduce.attacks.features import FeatureSet, Perturbation, split_train_val
+from reproduce.attacks.features import FeatureSet, Perturbation, fit_val_split
 from reproduce.attacks.state import check_config, load_resumable
 from reproduce.checkpoint import save_atomic
 
@@ -145,19 +145,9 @@ def run_decoder_attack(
     """
     if not isinstance(config, DecoderAttackConfig):
         raise TypeError(f"config must be a DecoderAttackConfig, got {type(config).__name__}")
-    if not isinstance(train_data, FeatureSet) or not isinstance(test_data, FeatureSet):
-        raise TypeError("train_data and test_data must be FeatureSets")
-    if train_data.smashed_shape != test_data.smashed_shape or train_data.image_shape != test_data.image_shape:
-        raise ValueError("train_data and test_data have different feature or image shapes")
-    if len(test_data) == 0:
-        raise ValueError("test_data is empty")
     started = time.perf_counter()
     device = torch.device(device)
-
-    fit_idx, val_idx = split_train_val(len(train_data), config.val_fraction, config.seed)
-    fit, val = train_data.subset(fit_idx), train_data.subset(val_idx)
-    if device.type != "cpu":
-        fit, val = fit.to(device), val.to(device)
+    fit, val = fit_val_split(train_data, test_data, config.val_fraction, config.seed, device)
     protocol = _protocol(config, fit, val, test_data)
 
     with seeded(config.seed, device):

@@ -25,6 +25,7 @@ __all__ = [
     "gaussian_perturbation",
     "make_perturbation",
     "split_train_val",
+    "fit_val_split",
     "split_infer_time",
 ]
 
@@ -178,3 +179,20 @@ def split_infer_time(n: int, attack_fraction: float = 0.9) -> tuple[torch.Tensor
     if n_attack < 1 or n_attack >= n:
         raise ValueError(f"test split of {n} images too small for a {attack_fraction} split")
     return torch.arange(n_attack), torch.arange(n_attack, n)
+
+
+def fit_val_split(train_data: "FeatureSet", test_data: "FeatureSet", val_fraction: float, seed: int,
+                  device: torch.device) -> tuple["FeatureSet", "FeatureSet"]:
+    """Check an attack's two feature sets and split the training one into a fit and a held-out part
+    (on ``device``); the held-out part picks the best epoch, the test data is only scored."""
+    if not isinstance(train_data, FeatureSet) or not isinstance(test_data, FeatureSet):
+        raise TypeError("train_data and test_data must be FeatureSets")
+    if train_data.smashed_shape != test_data.smashed_shape or train_data.image_shape != test_data.image_shape:
+        raise ValueError("train_data and test_data have different feature or image shapes")
+    if len(test_data) == 0:
+        raise ValueError("test_data is empty")
+    fit_idx, val_idx = split_train_val(len(train_data), val_fraction, seed)
+    fit, val = train_data.subset(fit_idx), train_data.subset(val_idx)
+    if device.type != "cpu":
+        fit, val = fit.to(device), val.to(device)
+    return fit, val
