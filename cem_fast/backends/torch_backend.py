@@ -30,11 +30,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def assign(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int,
            class_conditional: bool) -> torch.Tensor:
-    """Nearest centroid by squared Euclidean distance, ties to the lowest index.
+    """Nearest centroid by the elementwise sum of squared differences, ties to the lowest index.
 
-    Distances use the GEMM form ``|mu|^2 - 2 z.mu`` (``|z|^2`` is the same for every candidate) over all
-    ``K`` clusters, then keep each row's candidates: a matrix product instead of a ``[B, m, D]``
-    temporary. The kernels sum ``(z - mu)^2`` directly; the two can differ only on near-exact ties.
+    A GEMM (``|mu|^2 - 2 z.mu``) shortlists each row's two best candidates; their distances are then
+    summed exactly as ``(z - mu)^2``, like the kernels and the reference do. The GEMM's rounding thus
+    only matters if it drops the true best from the shortlist, not on near-ties between the two best.
     """
     B, D = z.shape
     K = centroids.shape[0]
@@ -45,12 +45,22 @@ def assign(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: in
     rows = max(1, _CHUNK_ELEMS // max(1, K))
     out = []
     for s in range(0, B, rows):
-        d2 = torch.addmm(c_sq[None, :], zc[s:s + rows], centroids.t(), alpha=-2.0)    # [b, K]
+        zs = zc[s:s + rows]
+        d2 = torch.addmm(c_sq[None, :], zs, centroids.t(), alpha=-2.0)                 # [b, K]
         if class_conditional:
-            cols = labels[s:s + rows, None] * m + torch.arange(m, device=z.device)[None]
-            out.append(cols.gather(1, d2.gather(1, cols).argmin(1, keepdim=True)).squeeze(1))
+            cand = labels[s:s + rows, None] * m + torch.arange(m, device=z.device)[None]
+            d2 = d2.gather(1, cand)
         else:
-            out.append(d2.argmin(dim=1))
+            cand = torch.arange(K, device=z.device).expand(zs.shape[0], K)
+        full = cand
+        if cand.shape[1] > 2:
+            cand = cand.gather(1, d2.topk(2, dim=1, largest=False).indices).sort(dim=1).values
+        mu = centroids.index_select(0, cand.reshape(-1)).view(cand.shape[0], cand.shape[1], D)
+        exact = (zs[:, None, :] - mu).pow(2).sum(-1)                                  # [b, <=2]
+        best = cand.gather(1, exact.argmin(1, keepdim=True)).squeeze(1)
+        # A NaN distance: torch's argmin picks the first NaN candidate, which topk may leave out.
+        first_nan = full.gather(1, d2.argmin(1, keepdim=True)).squeeze(1)
+        out.append(torch.where(d2.isnan().any(1), first_nan, best))
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
