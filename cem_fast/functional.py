@@ -6,12 +6,9 @@ from typing import Optional
 import torch
 
 from . import backends
+from .backends.torch_backend import accumulation_dtype
 from .checks import flatten
 from .ops import CEMFunction
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
