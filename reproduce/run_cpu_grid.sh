@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The --preset cpu runs of reproduce/RESULTS.md section 2, on CIFAR-10 from ../shared/data (or DATA=...).
-# Each step skips what is finished and resumes what is not, so rerunning continues the grid.
-#   bash reproduce/run_cpu_grid.sh        (PY=... for another interpreter)
+# The --preset cpu runs behind reproduce/RESULTS.md, on CIFAR-10 from ../shared/data (or DATA=...).
+# Every step skips what is finished and resumes what is not, so rerunning continues the grid; the
+# steps are ordered so that an interrupted grid leaves the most useful runs finished.
+#   bash reproduce/run_cpu_grid.sh        (PY=... for another interpreter, RUNS=... for another root)
+# Run layout (the one reproduce.table collects): RUNS/cifar10_vgg11_bn_<defence>_lam<L>_sigma<S>/seed<N>.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -9,19 +11,42 @@ DATA=${DATA:-../shared/data}
 RUNS=${RUNS:-runs/cpu}
 # The attacker at the cpu preset: batch 64 for 8 epochs (about 1,250 steps on 10,000 images). With the
 # preset's batch of 256 and 4 epochs, 160 steps left the decoder close to the mean image on small data.
-ATTACK=(--batch-size 64 --epochs 8)
+ATTACK="--batch-size 64 --epochs 8"
 
-train() {  # RUN LAMBDA DEFENCE SEED
-  [ -f "$1/final.pt" ] && return 0
-  local resume=(); [ -f "$1/checkpoint.pt" ] && resume=(--resume)
-  "$PY" -m reproduce.train --preset cpu --dataset cifar10 --data-root "$DATA" --defence "$3" --sigma 0.025 \
-        --cem-lambda "$2" --seed "$4" --threads 2 --no-progress --out "$1" "${resume[@]}"
+table() {  # reproduce.table 1 over the given defences/seeds/attacks; trains and attacks what is missing
+  "$PY" -m reproduce.table --table 1 --preset cpu --runs-root "$RUNS" --data-root "$DATA" --threads 2 \
+        --attack-args "$ATTACK" "$@"
 }
-attack() {  # RUN
-  "$PY" -m reproduce.attack --run "$1" --attack decoder --preset cpu --threads 2 --no-progress "${ATTACK[@]}"
+arm() {  # SIGMA LAMBDA SEED: one noise arm off the table's grid (Figure 4's sweep), trained then attacked
+  local run="$RUNS/cifar10_vgg11_bn_noise_lam$2_sigma$1/seed$3"
+  if [ ! -f "$run/final.pt" ]; then
+    local resume=(); [ -f "$run/checkpoint.pt" ] && resume=(--resume)
+    "$PY" -m reproduce.train --preset cpu --dataset cifar10 --data-root "$DATA" --defence noise --sigma "$1" \
+          --cem-lambda "$2" --seed "$3" --threads 2 --no-progress --out "$run" "${resume[@]}" || return 1
+  fi
+  attack "$run" decoder "$3" $ATTACK
+}
+attack() {  # RUN NAME SEED [ARGS...]: run an attack unless its report holds every setting it runs
+  local run=$1 name=$2 seed=$3; shift 3
+  "$PY" - "$run/attack_$name.json" "$name" <<'PY' && return 0
+import json, sys
+try:
+    settings = json.load(open(sys.argv[1]))["settings"]
+except (OSError, KeyError, ValueError):
+    sys.exit(1)
+wanted = ("train_time", "infer_time") if sys.argv[2] == "decoder" else ("train_time",)
+sys.exit(0 if all("metrics" in settings.get(s, {}) for s in wanted) else 1)
+PY
+  "$PY" -m reproduce.attack --run "$run" --attack "$name" --preset cpu --seed "$seed" --threads 2 --no-progress "$@"
 }
 
-for lam in 0 16; do train "$RUNS/noise_lam${lam}_seed125" "$lam" noise 125; done
-for lam in 0 16; do attack "$RUNS/noise_lam${lam}_seed125"; done
-"$PY" -m reproduce.table --table 1 --preset cpu --runs-root "$RUNS" --data-root "$DATA" --attacks decoder \
-      --threads 2 --defences noise_arl --attack-args "${ATTACK[*]}" --out reproduce/results/table1_cpu.md
+# 1. Table 1's noise and noise_arl rows (issue 4: both arms of each; issue 5: decoder attack).
+table --defences noise noise_arl --attacks decoder --out reproduce/results/table1_cpu.md || exit 1
+# 2. noise with and without CEM over three seeds (issue 5: mean and spread).
+table --defences noise --seeds 125 126 --attacks decoder --out reproduce/results/table1_cpu_seeds.md || exit 1
+table --defences noise --seeds 125 126 127 --attacks decoder --out reproduce/results/table1_cpu_seeds.md || exit 1
+# 3. Figure 4's question: more noise alone against CEM at a lower weight.
+arm 0.05 0 125 && arm 0.1 0 125 && arm 0.025 4 125 || exit 1
+# 4. The GAN attack (the cpu preset's budget) on the noise arms, starting from their decoders.
+for lam in 0 16; do attack "$RUNS/cifar10_vgg11_bn_noise_lam${lam}_sigma0.025/seed125" gan 125 || exit 1; done
+table --no-run --defences noise noise_arl --attacks decoder gan --out reproduce/results/table1_cpu.md

@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int)
     a("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     a("--threads", type=_positive_int("--threads"), help="torch CPU threads (default: torch's)")
+    a("--dtype", choices=("float32", "float64"), default="float32",
+      help="parameter and activation dtype (float64 for exactness checks, e.g. several processes against one)")
     a("--no-progress", dest="progress", action="store_false", default=True)
     a("--stop-after-epoch", type=_positive_int("--stop-after-epoch"),
       help="debug: stop (as if killed) after this epoch's checkpoint")
@@ -236,6 +238,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
     cfg["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg["progress"] = bool(args.progress)
     cfg["threads"] = args.threads
+    cfg["dtype"] = args.dtype
     cfg["command"] = None
     cfg["versions"] = _versions()
     return cfg
@@ -511,7 +514,7 @@ def train_epoch(epoch, model, defence, cem, loader, opts, cfg, device, lam_eff,
     zsum = zsq = None
     for x, y in _progress(loader, cfg if dist_ctx is None or dist_ctx.main else {**cfg, "progress": False},
                           f"epoch {epoch}/{cfg['epochs']}"):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = x.to(device, _param_dtype(model), non_blocking=True), y.to(device, non_blocking=True)
         x_unit = denormalize(x, cfg["dataset"]) if defence.needs_unit_images else None
         z = model.encoder(x)
         adv = defence.adversary_step(x_unit, z.detach())
@@ -580,13 +583,17 @@ def train_epoch(epoch, model, defence, cem, loader, opts, cfg, device, lam_eff,
     return row, feats, labels
 
 
+def _param_dtype(model) -> torch.dtype:
+    return next(model.encoder.parameters()).dtype
+
+
 @torch.no_grad()
 def collect_features(model, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The authors' extra pass: clean features of the training set, encoder in eval mode."""
     model.eval()
     feats, labels = [], []
     for x, y in loader:
-        feats.append(model.encoder(x.to(device)))
+        feats.append(model.encoder(x.to(device, _param_dtype(model))))
         labels.append(y.to(device))
     return torch.cat(feats), torch.cat(labels)
 
@@ -599,7 +606,7 @@ def evaluate(model, defence, loader, device) -> float:
     correct = torch.zeros((), dtype=torch.long, device=device)
     count = 0
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, _param_dtype(model)), y.to(device)
         correct += (model.server(defence.perturb(model.encoder(x))).argmax(1) == y).sum()
         count += x.shape[0]
     return float(correct) / max(count, 1)
@@ -616,6 +623,7 @@ def _build_cem(cfg: dict, dataset_size: int, device, process_group=None):
 
 
 def _check_resume_config(old: dict, new: dict) -> None:
+    old = {"dtype": "float32", **old}  # runs from before --dtype existed
     diff = sorted(k for k in set(old) | set(new)
                   if k not in _RESUME_MAY_CHANGE and k not in _DERIVED and old.get(k) != new.get(k))
     if diff:
@@ -654,8 +662,9 @@ def run(cfg: dict, out: str | os.PathLike, *, resume: bool = False, stop_after_e
     train_ds, plain_ds, test_ds = _load_data(cfg)
     cfg["train_size"], cfg["test_size"] = len(train_ds), len(test_ds)
     cfg["world_size"] = dist_ctx.world
-    model = build_model(cfg).to(device)
-    defence = build_run_defence(cfg).to(device)
+    dtype = getattr(torch, cfg.get("dtype", "float32"))
+    model = build_model(cfg).to(device, dtype)
+    defence = build_run_defence(cfg).to(device, dtype)
     if dist_ctx.enabled and (defence.needs_unit_images or defence.extra_client_layer):
         raise ValueError(f"--defense {cfg['defence']} (a simulated attacker / pruning) is not supported under "
                          "torchrun; train it in one process")
