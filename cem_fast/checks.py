@@ -69,5 +69,6 @@ def labels(name: str, y, batch: int, num_classes: int, device, validate: bool) -
 def finite(name: str, z: torch.Tensor) -> None:
     # NaN and Inf reach the sum (one cheap reduction); a sum that overflows although every value is
     # finite (large values, or fp16/bf16) is told apart by the full elementwise check.
-    if z.numel() and not bool(torch.isfinite(z.sum())) and not bool(torch.isfinite(z).all()):
+    z = z.detach()  # a sum that tracks gradients would cost a graph node per call
+    if z.numel() and not math.isfinite(z.sum().item()) and not bool(torch.isfinite(z).all()):
         raise ValueError(f"{name} contains NaN or Inf")

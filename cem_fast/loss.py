@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import checks
+from . import backends, checks
 from .clustering import cluster_second_moments, kmeans
 from .distributed import all_gather_rows
 from .functional import accumulation_dtype, cem_loss
@@ -265,15 +265,23 @@ class CEMLoss(nn.Module):
         """The CEM loss of encoder features ``z [B, C, H, W]`` or ``[B, D]`` with class ``labels [B]``."""
         z2d = checks.features("z", z)
         B = z2d.shape[0]
+        backend = backends.resolve(self.backend, z.device)
+        # On the CPU the NaN/Inf check follows the loss: a NaN or Inf in z always reaches it (its row joins a
+        # cluster whose statistics and term it poisons), so z is scanned only when the loss is not finite.
+        # The C++ backend checks the label range itself, with the same message.
+        check_after = self.validate and z.device.type == "cpu"
         if self.class_conditional:
             if labels is None:
                 raise ValueError("labels are required when class_conditional=True")
-            labels = checks.labels("labels", labels, B, self.num_classes, z.device, self.validate)
+            labels = checks.labels("labels", labels, B, self.num_classes, z.device,
+                                   self.validate and not (backend == "cpp" and self.fitted))
         elif labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape[:1] != (B,)):
             raise ValueError(f"labels must be None or a tensor of shape [{B}] when class_conditional=False")
-        if self.validate:
+        if self.validate and not check_after:
             checks.finite("z", z2d)
         if not self.fitted:
+            if check_after:
+                checks.finite("z", z2d)
             if self.warmup == "zero":
                 return z2d.sum() * 0.0
             raise RuntimeError("CEMLoss has no clusters yet: call cem.refit(features, labels) on an epoch of "
@@ -287,8 +295,10 @@ class CEMLoss(nn.Module):
             z2d, labels, self.centroids, variant=self.variant, sigma=self.sigma, pi=self.pi, variance=self.variance,
             dataset_size=self._dataset_size(B), covariance=self.covariance, reduction=self.reduction,
             class_conditional=self.class_conditional, var_threshold=self.var_threshold,
-            log_entropy=self.log_entropy, replicate_index_bug=self.replicate_index_bug, backend=self.backend,
+            log_entropy=self.log_entropy, replicate_index_bug=self.replicate_index_bug, backend=backend,
             process_group=self.process_group)
+        if check_after and not math.isfinite(loss.item()):
+            checks.finite("z", z2d)
         if self.training and self.variant == "paper":
             with torch.no_grad():
                 self.pi.copy_(new_pi)

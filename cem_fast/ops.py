@@ -71,7 +71,7 @@ def _stats(z, labels, centroids, m, class_conditional, backend):
 def _gather_grad(z, assign, centroids, coef, backend):
     if torch.compiler.is_compiling():
         return scatter_grad(z, assign, centroids, coef, backend)
-    if backend == "torch":  # broadcasts a [K, 1] coefficient itself
+    if backend in ("torch", "cpp"):  # both broadcast a [K, 1] coefficient themselves
         return backends.get(backend).scatter_grad(z, assign, centroids, coef)
     return backends.get(backend).scatter_grad(z, assign, centroids, coef.expand(centroids.shape).contiguous())
 
@@ -99,6 +99,29 @@ def matrix_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, 
 
 # --------------------------------------------------------------------------- the loss
 
+_VARIANT_CODES = {"official": 0, "official-trained": 1, "paper": 2}  # csrc/cem_cpu_variants.h
+
+
+def _variant_math(variant, full, counts, stat, pi, variance, *, m, class_conditional, sigma, num_classes,
+                  dataset_size, var_threshold, log_entropy, replicate_index_bug, reduction):
+    """``cem_fast.variants`` on the statistics: ``(loss, coef, new_pi, new_variance)``."""
+    if variant == "official":
+        loss, coef = variants.official(counts, stat, m=m, class_conditional=class_conditional, sigma=sigma)
+        return loss, coef, pi, variance
+    if variant == "official-trained":
+        loss, coef = variants.official_trained(
+            counts, stat, pi.reshape(-1), variance.reshape(-1), m=m, class_conditional=class_conditional,
+            sigma=sigma, num_classes=num_classes, dataset_size=dataset_size, var_threshold=var_threshold,
+            log_entropy=log_entropy, replicate_index_bug=replicate_index_bug)
+        return loss, coef, pi, variance
+    math_fn = variants.paper_full if full else variants.paper_diag
+    K = counts.shape[0]
+    loss, coef, new_pi, new_var = math_fn(
+        counts, stat, pi.reshape(K), variance.reshape(K, *variance.shape[2:]), sigma=sigma,
+        dataset_size=dataset_size, reduction=reduction)
+    return loss, coef, new_pi.view_as(pi), new_var.view_as(variance)
+
+
 
 class CEMFunction(torch.autograd.Function):
     """Forward: statistics -> variant math -> loss (and the new state). Backward: one gather pass."""
@@ -109,25 +132,28 @@ class CEMFunction(torch.autograd.Function):
                 dataset_size: float, var_threshold: float, log_entropy: int, replicate_index_bug: bool,
                 backend: str, process_group: Optional[object]):
         full = variant == "paper" and covariance == "full"
-        sqdev, counts, assign = _stats(z, labels, centroids, m, class_conditional, backend)
-        stat = second_moments(z, assign, centroids) if full else sqdev
-        if process_group is not None:
-            counts, stat = all_reduce_sum(counts, stat, process_group)
-        new_pi, new_var = pi, variance
-        if variant == "official":
-            loss, coef = variants.official(counts, stat, m=m, class_conditional=class_conditional, sigma=sigma)
-        elif variant == "official-trained":
-            loss, coef = variants.official_trained(
-                counts, stat, pi.reshape(-1), variance.reshape(-1), m=m, class_conditional=class_conditional,
-                sigma=sigma, num_classes=num_classes, dataset_size=dataset_size, var_threshold=var_threshold,
-                log_entropy=log_entropy, replicate_index_bug=replicate_index_bug)
+        fused = backend == "cpp" and not full and not torch.compiler.is_compiling()
+        variant_code = _VARIANT_CODES[variant]
+        threshold = variants.trained_threshold(sigma, var_threshold) if variant == "official-trained" else 0.0
+        if fused and process_group is None:
+            # One C++ call: statistics and the variant math (thirty ATen calls on tiny tensors cost more).
+            loss, coef, new_pi, new_var, assign = backends.get(backend).forward_diag(
+                z, labels, centroids, pi, variance, variant_code, m, class_conditional, sigma, num_classes,
+                dataset_size, threshold, bool(log_entropy), replicate_index_bug, reduction == "mean_dim")
         else:
-            math_fn = variants.paper_full if full else variants.paper_diag
-            K = counts.shape[0]
-            loss, coef, new_pi, new_var = math_fn(
-                counts, stat, pi.reshape(K), variance.reshape(K, *variance.shape[2:]), sigma=sigma,
-                dataset_size=dataset_size, reduction=reduction)
-            new_pi, new_var = new_pi.view_as(pi), new_var.view_as(variance)
+            sqdev, counts, assign = _stats(z, labels, centroids, m, class_conditional, backend)
+            stat = second_moments(z, assign, centroids) if full else sqdev
+            if process_group is not None:
+                counts, stat = all_reduce_sum(counts, stat, process_group)
+            if fused:
+                loss, coef, new_pi, new_var = backends.get(backend).variant_math(
+                    counts, stat, pi, variance, variant_code, m, class_conditional, sigma, num_classes,
+                    dataset_size, threshold, bool(log_entropy), replicate_index_bug, reduction == "mean_dim")
+            else:
+                loss, coef, new_pi, new_var = _variant_math(
+                    variant, full, counts, stat, pi, variance, m=m, class_conditional=class_conditional,
+                    sigma=sigma, num_classes=num_classes, dataset_size=dataset_size, var_threshold=var_threshold,
+                    log_entropy=log_entropy, replicate_index_bug=replicate_index_bug, reduction=reduction)
         ctx.save_for_backward(z, assign, centroids, coef)
         ctx.full = full
         ctx.backend = backend
@@ -140,7 +166,10 @@ class CEMFunction(torch.autograd.Function):
         z, assign, centroids, coef = ctx.saved_tensors
         # Under data parallelism every rank holds the global loss; DDP averages gradients over ranks,
         # so each rank's exact gradient is scaled by the world size (folded into grad_scale).
-        scaled = coef * (grad_loss * ctx.grad_scale)
+        if ctx.backend == "cpp":  # a CPU scalar: one multiplication instead of two
+            scaled = coef * (float(grad_loss) * ctx.grad_scale)
+        else:
+            scaled = coef * (grad_loss * ctx.grad_scale)
         if ctx.full:
             dz = matrix_grad(z, assign, centroids, scaled)
         else:

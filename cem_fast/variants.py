@@ -51,9 +51,15 @@ def official(counts, sqdev, *, m, class_conditional, sigma):
     return loss, coef
 
 
+_THRESHOLDS: dict = {}
+
+
 def trained_threshold(sigma: float, var_threshold: float) -> float:
     """The hinge constant ``log(var_threshold * sigma^2 + 0.01)``, built in float32 as the authors do."""
-    return float(torch.log(var_threshold * torch.tensor(sigma ** 2) + TRAINED_GAMMA))
+    key = (sigma, var_threshold)
+    if key not in _THRESHOLDS:  # cached: it is read on every loss evaluation
+        _THRESHOLDS[key] = float(torch.log(var_threshold * torch.tensor(sigma ** 2) + TRAINED_GAMMA))
+    return _THRESHOLDS[key]
 
 
 def index_bug_rows(counts: torch.Tensor, m: int) -> torch.Tensor:

@@ -254,6 +254,55 @@ at::Tensor scatter_grad(const at::Tensor& z_in, const at::Tensor& assign_in, con
   return dz;
 }
 
+#include "cem_cpu_variants.h"
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> variant_math(
+    const at::Tensor& counts_in, const at::Tensor& sqdev_in, const at::Tensor& pi_in, const at::Tensor& variance_in,
+    int64_t variant, int64_t m, bool class_conditional, double sigma, int64_t num_classes, double dataset_size,
+    double trained_threshold, bool log_entropy, bool replicate_index_bug, bool mean_dim) {
+  const char* fn = "variant_math";
+  TORCH_CHECK_VALUE(variant >= 0 && variant <= 2, fn, ": variant must be 0 (official), 1 (official-trained) or 2 "
+                    "(paper, diag), got ", variant);
+  TORCH_CHECK_VALUE(sqdev_in.dim() == 2 && counts_in.dim() == 1 && counts_in.size(0) == sqdev_in.size(0), fn,
+                    ": counts must be [K] and sqdev [K, D], got ", counts_in.sizes(), " and ", sqdev_in.sizes());
+  const int64_t K = sqdev_in.size(0), D = sqdev_in.size(1);
+  TORCH_CHECK_VALUE(m >= 1 && K % m == 0, fn, ": K = ", K, " must be a multiple of m = ", m);
+  const auto acc = sqdev_in.scalar_type();
+  TORCH_CHECK_TYPE(acc == at::kFloat || acc == at::kDouble, fn, ": sqdev must be float32 or float64, got ",
+                   dtype_name(acc));
+  for (const at::Tensor* t : {&counts_in, &sqdev_in, &pi_in, &variance_in}) {
+    TORCH_CHECK_TYPE(t->device().is_cpu() && t->scalar_type() == acc, fn,
+                     ": counts, sqdev, pi and variance must be CPU tensors of one dtype, got ",
+                     dtype_name(t->scalar_type()), " on ", t->device(), " beside ", dtype_name(acc));
+  }
+  if (variant != 0) {
+    TORCH_CHECK_VALUE(pi_in.numel() == K, fn, ": pi must hold K = ", K, " values, got shape ", pi_in.sizes());
+    const int64_t want = variant == 1 ? K : K * D;
+    TORCH_CHECK_VALUE(variance_in.numel() == want, fn, ": variance must hold ", want, " values, got shape ",
+                      variance_in.sizes());
+    TORCH_CHECK_VALUE(dataset_size > 0, fn, ": dataset_size must be > 0, got ", dataset_size);
+  }
+  const VariantOptions o{variant, m, class_conditional, sigma, num_classes, dataset_size, trained_threshold,
+                         log_entropy, replicate_index_bug, mean_dim};
+  const at::Tensor counts = counts_in.contiguous(), sqdev = sqdev_in.contiguous();
+  const at::Tensor pi = pi_in.contiguous(), variance = variance_in.contiguous();
+  if (acc == at::kDouble) return variant_math_impl<double>(counts, sqdev, pi, variance, o);
+  return variant_math_impl<float>(counts, sqdev, pi, variance, o);
+}
+
+// assign_stats then variant_math in one call: the whole forward of a diagonal-covariance CEM loss.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_diag(
+    const at::Tensor& z, const at::Tensor& labels, const at::Tensor& centroids, const at::Tensor& pi,
+    const at::Tensor& variance, int64_t variant, int64_t m, bool class_conditional, double sigma,
+    int64_t num_classes, double dataset_size, double trained_threshold, bool log_entropy, bool replicate_index_bug,
+    bool mean_dim) {
+  auto [assign, counts, sqdev] = assign_stats(z, labels, centroids, m, class_conditional);
+  auto [loss, coef, pi_new, var_new] = variant_math(counts, sqdev, pi, variance, variant, m, class_conditional,
+                                                    sigma, num_classes, dataset_size, trained_threshold,
+                                                    log_entropy, replicate_index_bug, mean_dim);
+  return {loss, coef, pi_new, var_new, assign};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -263,6 +312,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("class_conditional"), pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def("scatter_grad", &scatter_grad, "dz[i] = coef[assign[i]] * (z[i] - centroids[assign[i]]) in z's dtype",
              pybind11::arg("z"), pybind11::arg("assign"), pybind11::arg("centroids"), pybind11::arg("coef"),
+             pybind11::call_guard<pybind11::gil_scoped_release>());
+  module.def("variant_math", &variant_math,
+             "A variant's loss, dL/dsqdev and new (pi, variance) from counts [K] and sqdev [K, D] (cem_fast/variants.py)",
+             pybind11::arg("counts"), pybind11::arg("sqdev"), pybind11::arg("pi"), pybind11::arg("variance"),
+             pybind11::arg("variant"), pybind11::arg("m"), pybind11::arg("class_conditional"), pybind11::arg("sigma"),
+             pybind11::arg("num_classes"), pybind11::arg("dataset_size"), pybind11::arg("trained_threshold"),
+             pybind11::arg("log_entropy"), pybind11::arg("replicate_index_bug"), pybind11::arg("mean_dim"),
+             pybind11::call_guard<pybind11::gil_scoped_release>());
+  module.def("forward_diag", &forward_diag,
+             "assign_stats then variant_math: (loss, coef, pi_new, variance_new, assign) in one call",
+             pybind11::arg("z"), pybind11::arg("labels"), pybind11::arg("centroids"), pybind11::arg("pi"),
+             pybind11::arg("variance"), pybind11::arg("variant"), pybind11::arg("m"),
+             pybind11::arg("class_conditional"), pybind11::arg("sigma"), pybind11::arg("num_classes"),
+             pybind11::arg("dataset_size"), pybind11::arg("trained_threshold"), pybind11::arg("log_entropy"),
+             pybind11::arg("replicate_index_bug"), pybind11::arg("mean_dim"),
              pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def("cpu_tier", &cpu_tier, "Instruction-set tier the kernels run with: 'base', 'avx2' or 'avx512'");
   module.def("set_cpu_tier", &set_cpu_tier, "Run a lower instruction-set tier (tests, benchmarks)", pybind11::arg("name"));

@@ -187,6 +187,71 @@ def test_set_cpu_tier_rejects_unknown(ext):
         ext.set_cpu_tier("sse9")
 
 
+# --------------------------------------------------------------------------- the variants' math in C++
+
+def _random_stats(K, D, dtype, gen, empty=(1, 4)):
+    counts = torch.randint(0, 6, (K,), generator=gen).to(dtype)
+    counts[list(empty)] = 0  # empty clusters; with m=2, clusters 4 and 5 of class 2 leave it absent when 5 is too
+    sqdev = torch.rand(K, D, generator=gen, dtype=dtype) * counts[:, None] * 0.05
+    return counts, sqdev
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("class_conditional", [True, False])
+@pytest.mark.parametrize("variant", ["official", "official-trained", "paper"])
+@pytest.mark.parametrize("options", [dict(log_entropy=1, bug=False, mean_dim=True),
+                                     dict(log_entropy=0, bug=True, mean_dim=False),
+                                     dict(log_entropy=1, bug=True, mean_dim=True)], ids=str)
+def test_variant_math_matches_python(ext, variant, class_conditional, dtype, options):
+    from cem_fast import variants
+    from cem_fast.ops import _VARIANT_CODES
+    gen = torch.Generator().manual_seed(hash((variant, class_conditional, str(dtype), str(options))) % 2**31)
+    C, m, D, N, sigma, thr = 4, 2, 37, 40.0, 0.1, 0.5
+    K = C * m
+    counts, sqdev = _random_stats(K, D, dtype, gen, empty=(1, 4, 5))
+    pi = torch.rand(C, m, generator=gen, dtype=dtype) * 0.3 + 0.01
+    variance = torch.rand(*((C, m) if variant == "official-trained" else (C, m, D)), generator=gen, dtype=dtype) * 0.02
+    threshold = variants.trained_threshold(sigma, thr)
+    got = ext.variant_math(counts, sqdev, pi, variance, _VARIANT_CODES[variant], m, class_conditional, sigma, C, N,
+                           threshold, bool(options["log_entropy"]), options["bug"], options["mean_dim"])
+    # The python math in float64 (the C++ math runs in double whatever the dtype).
+    c64, s64, p64, v64 = (t.double() for t in (counts, sqdev, pi, variance))
+    if variant == "official":
+        loss, coef = variants.official(c64, s64, m=m, class_conditional=class_conditional, sigma=sigma)
+        new_pi, new_var = p64, v64
+    elif variant == "official-trained":
+        loss, coef = variants.official_trained(
+            c64, s64, p64.reshape(-1), v64.reshape(-1), m=m, class_conditional=class_conditional, sigma=sigma,
+            num_classes=C, dataset_size=N, var_threshold=thr, log_entropy=options["log_entropy"],
+            replicate_index_bug=options["bug"])
+        new_pi, new_var = p64, v64
+    else:
+        loss, coef, new_pi, new_var = variants.paper_diag(
+            c64, s64, p64.reshape(K), v64.reshape(K, D), sigma=sigma, dataset_size=N,
+            reduction="mean_dim" if options["mean_dim"] else "sum")
+    tol = tolerance(dtype)
+    assert got[0].dtype == dtype and got[0].dim() == 0
+    torch.testing.assert_close(got[0].double(), loss, **tol)
+    assert got[1].shape == coef.shape and got[1].dtype == dtype
+    torch.testing.assert_close(got[1].double(), coef, **tol)
+    torch.testing.assert_close(got[2].double().reshape(-1), new_pi.reshape(-1), **tol)
+    torch.testing.assert_close(got[3].double().reshape(-1), new_var.reshape(-1), **tol)
+    assert got[2].shape == pi.shape and got[3].shape == variance.shape
+
+
+def test_forward_diag_is_assign_stats_then_variant_math(ext):
+    z, labels, centroids, _ = make_inputs(33, 20, 3, 2, torch.float32)
+    pi = torch.full((3, 2), 0.5)
+    var = torch.full((3, 2), 0.01)
+    args = (1, 2, True, 0.05, 3, 300.0, -3.0, True, False, True)
+    loss, coef, new_pi, new_var, assign = ext.forward_diag(z, labels, centroids, pi, var, *args)
+    a, counts, sqdev = ext.assign_stats(z, labels, centroids, 2, True)
+    expected = ext.variant_math(counts, sqdev, pi, var, *args)
+    assert torch.equal(assign, a)
+    for x, y in zip((loss, coef, new_pi, new_var), expected):
+        assert torch.equal(x, y)
+
+
 def _bad_calls():
     z, labels, mu, coef = make_inputs(4, 3, 2, 2, torch.float32)
     a = torch.zeros(4, dtype=torch.int64)
@@ -207,6 +272,22 @@ def _bad_calls():
         ("scatter_grad", (z, a, mu, coef[:, :2]), ValueError, "coef must be \\[K, D\\]"),
         ("scatter_grad", (z, a, mu, coef.double()), TypeError, "coef must have the dtype of centroids"),
         ("scatter_grad", (z.double(), a, mu, coef), TypeError, "centroids must have the accumulation dtype float64"),
+    ] + _bad_variant_math_calls()
+
+
+def _bad_variant_math_calls():
+    counts, sqdev = torch.ones(4), torch.rand(4, 3)
+    pi, var = torch.full((2, 2), 0.5), torch.zeros(2, 2)
+    opts = (2, True, 0.1, 2, 100.0, -3.0, True, False, True)
+    return [
+        ("variant_math", (counts, sqdev, pi, var, 3, *opts), ValueError, "variant must be 0"),
+        ("variant_math", (counts[:3], sqdev, pi, var, 1, *opts), ValueError, "counts must be \\[K\\]"),
+        ("variant_math", (counts, sqdev, pi, var, 1, 3, *opts[1:]), ValueError, "multiple of m"),
+        ("variant_math", (counts.double(), sqdev, pi, var, 1, *opts), TypeError, "one dtype"),
+        ("variant_math", (counts.int(), sqdev.int(), pi, var, 1, *opts), TypeError, "sqdev must be float32"),
+        ("variant_math", (counts, sqdev, pi[:1], var, 1, *opts), ValueError, "pi must hold K = 4"),
+        ("variant_math", (counts, sqdev, pi, var, 2, *opts), ValueError, "variance must hold 12"),
+        ("variant_math", (counts, sqdev, pi, var, 1, *opts[:4], 0.0, *opts[5:]), ValueError, "dataset_size must be > 0"),
     ]
 
 

@@ -43,11 +43,20 @@ def _module_if_available(name: str, device_type: str):
 
 def resolve(name: str, device: torch.device) -> str:
     """The backend that will run for ``name`` (``'auto'`` or a backend) on ``device``."""
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (name, os.environ.get(ENV_VAR) or None, device_type)
+    if key not in _RESOLVED:  # a plain dict, not lru_cache: torch.compile traces this on every loss evaluation
+        _RESOLVED[key] = _resolve(*key)
+    return _RESOLVED[key]
+
+
+_RESOLVED: dict = {}
+
+
+def _resolve(name: str, forced, device_type: str) -> str:
     name = _check_name(name)
-    forced = os.environ.get(ENV_VAR)
     if forced:
         name = _check_name(forced)
-    device_type = torch.device(device).type
     candidates = _AUTO_ORDER.get(device_type, ("torch",)) if name == "auto" else (name,)
     for cand in candidates:
         if cand == "torch" or _module_if_available(cand, device_type) is not None:
@@ -60,4 +69,10 @@ def resolve(name: str, device: torch.device) -> str:
 
 def get(name: str):
     """The module of a resolved backend name."""
-    return importlib.import_module(_MODULES[name])
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = importlib.import_module(_MODULES[name])
+    return module
+
+
+_LOADED: dict = {}

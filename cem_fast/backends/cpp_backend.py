@@ -37,3 +37,21 @@ def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
 def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
                  coef: torch.Tensor) -> torch.Tensor:
     return load_cpp_extension().scatter_grad(z, assign, centroids, coef)
+
+
+def variant_math(counts, sqdev, pi, variance, variant_code: int, m: int, class_conditional: bool, sigma: float,
+                 num_classes: int, dataset_size: float, trained_threshold: float, log_entropy: bool,
+                 replicate_index_bug: bool, mean_dim: bool):
+    """``cem_fast.variants`` (diagonal covariance) in C++: ``(loss, coef, pi_new, variance_new)``."""
+    return load_cpp_extension().variant_math(counts, sqdev, pi, variance, variant_code, m, class_conditional, sigma,
+                                             num_classes, dataset_size, trained_threshold, log_entropy,
+                                             replicate_index_bug, mean_dim)
+
+
+def forward_diag(z, labels, centroids, pi, variance, variant_code: int, m: int, class_conditional: bool,
+                 sigma: float, num_classes: int, dataset_size: float, trained_threshold: float, log_entropy: bool,
+                 replicate_index_bug: bool, mean_dim: bool):
+    """``assign_stats`` then ``variant_math`` in one call: ``(loss, coef, pi_new, variance_new, assign)``."""
+    return load_cpp_extension().forward_diag(z, labels, centroids, pi, variance, variant_code, m, class_conditional,
+                                             sigma, num_classes, dataset_size, trained_threshold, log_entropy,
+                                             replicate_index_bug, mean_dim)

@@ -24,7 +24,7 @@ import torch
 CPU_NAME = "cem_fast_cpu"
 CUDA_NAME = "cem_fast_cuda"
 CPU_SOURCES = ("cem_cpu.cpp",)
-CPU_HEADERS = ("cem_cpu_kernels.h",)
+CPU_HEADERS = ("cem_cpu_kernels.h", "cem_cpu_variants.h")
 CUDA_SOURCES = ("cem_cuda.cu",)
 CUDA_OPTIONAL_SOURCES = ("cem_cuda_bindings.cpp",)  # compiled with the .cu when present
 # -ffp-contract=off: no fused multiply-add, so every instruction-set tier gives the same bits.
