@@ -353,6 +353,7 @@ def bar_summary(rows: list) -> str:
 
 
 def write_csv(path: str, rows: list, refits: list, device) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
