@@ -42,11 +42,11 @@ PY
 
 # 1. Table 1's noise and noise_arl rows (issue 4: both arms of each; issue 5: decoder attack).
 table --defences noise noise_arl --attacks decoder --out reproduce/results/table1_cpu.md || exit 1
-# 2. noise with and without CEM over three seeds (issue 5: mean and spread).
+# 2. Figure 4's question: more noise alone against CEM at a lower weight.
+arm 0.05 0 125 && arm 0.1 0 125 && arm 0.025 4 125 || exit 1
+# 3. noise with and without CEM over three seeds (issue 5: mean and spread).
 table --defences noise --seeds 125 126 --attacks decoder --out reproduce/results/table1_cpu_seeds.md || exit 1
 table --defences noise --seeds 125 126 127 --attacks decoder --out reproduce/results/table1_cpu_seeds.md || exit 1
-# 3. Figure 4's question: more noise alone against CEM at a lower weight.
-arm 0.05 0 125 && arm 0.1 0 125 && arm 0.025 4 125 || exit 1
 # 4. The GAN attack (the cpu preset's budget) on the noise arms, starting from their decoders.
 for lam in 0 16; do attack "$RUNS/cifar10_vgg11_bn_noise_lam${lam}_sigma0.025/seed125" gan 125 || exit 1; done
 table --no-run --defences noise noise_arl --attacks decoder gan --out reproduce/results/table1_cpu.md

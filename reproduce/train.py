@@ -623,7 +623,7 @@ def _build_cem(cfg: dict, dataset_size: int, device, process_group=None):
 
 
 def _check_resume_config(old: dict, new: dict) -> None:
-    old = {"dtype": "float32", **old}  # runs from before --dtype existed
+    old, new = ({"dtype": "float32", **c} for c in (old, new))  # runs from before --dtype existed
     diff = sorted(k for k in set(old) | set(new)
                   if k not in _RESUME_MAY_CHANGE and k not in _DERIVED and old.get(k) != new.get(k))
     if diff:
@@ -848,7 +848,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         path = Path(args.out) / CONFIG_FILE
         if not path.is_file():
             parser.error(f"--resume: no {CONFIG_FILE} in {args.out}")
-        stored = json.loads(path.read_text())
+        stored = {"dtype": "float32", **json.loads(path.read_text())}  # runs from before --dtype existed
         given = {k for k, v in vars(args).items() if v is not None and k in stored}
         clash = sorted(k for k in given - _RESUME_MAY_CHANGE if stored[k] != cfg[k])
         if clash:

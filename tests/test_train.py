@@ -100,6 +100,19 @@ def test_resume_refuses_changed_settings(tmp_path):
         train.main([*TINY, "--out", str(out), "--defense", "noise", "--cem-lambda", "0"])
 
 
+def test_resume_of_a_run_from_before_dtype_existed(tmp_path):
+    out = _run(tmp_path, "--defense", "noise", "--cem-lambda", "0", "--epochs", "2", "--stop-after-epoch", "1")
+    config = json.loads((out / "config.json").read_text())
+    assert config.pop("dtype") == "float32"
+    (out / "config.json").write_text(json.dumps(config))
+    assert train.main([*TINY, "--out", str(out), "--defense", "noise", "--cem-lambda", "0", "--epochs", "2",
+                       "--resume"]) == 0
+    assert [r["epoch"] for r in _metrics(out)] == [1, 2]
+    with pytest.raises(SystemExit):  # a float64 resume of a float32 run is a different run
+        train.main([*TINY, "--out", str(out), "--defense", "noise", "--cem-lambda", "0", "--epochs", "2",
+                    "--dtype", "float64", "--resume"])
+
+
 def test_lambda_zero_builds_no_cem(tmp_path, monkeypatch):
     built = []
 
