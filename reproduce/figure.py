@@ -118,8 +118,11 @@ def figure5(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m reproduce.figure", description=__doc__.split("\n")[0])
-    parser.add_argument("--figure", type=int, required=True, choices=FIGURES)
+    parser = argparse.ArgumentParser(
+        prog="python -m reproduce.figure", description=__doc__.split("\n")[0],
+        epilog="Figures 3 and 4 take other options: python -m reproduce.figure --figure 3 --help")
+    parser.add_argument("--figure", type=int, required=True, choices=FIGURES,
+                        help="5 here; 3 and 4 are handed to reproduce.figures_curves")
     parser.add_argument("--runs", nargs="+", required=True, help="run directories, one row each")
     parser.add_argument("--out", required=True, help="output PNG")
     parser.add_argument("--attack", choices=("decoder", "gan"), default="decoder")
