@@ -199,9 +199,13 @@ def figure3(runs: Sequence[str | Path], out: str | Path, *, attack: str = "decod
         sel = [p for p in points if (p["config"].get("cem_lambda", 0) > 0) == cem]
         if sel:
             ax.scatter([p["bound"] for p in sel], [p["mse"] for p in sel], marker=marker, label=label, zorder=3)
+            several = len({q["config"].get("defence") for q in points}) > 1
             for p in sel:
-                ax.annotate(f"σ={p['config']['sigma']:g}", (p["bound"], p["mse"]), fontsize=6,
-                            xytext=(3, 3), textcoords="offset points")
+                lam = p["config"].get("cem_lambda", 0)
+                text = f"σ={p['config']['sigma']:g}" + (f", λ={lam:g}" if lam else "")
+                if several:  # name the defence when the figure mixes them
+                    text = f"{p['config'].get('defence')} {text}"
+                ax.annotate(text, (p["bound"], p["mse"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     span = max(b.max() - b.min(), 1e-6)
     xs = np.linspace(b.min() - 0.1 * span, b.max() + 0.1 * span, 200)
     floor = [mse_lower_bound(float(h_x + x), d) for x in xs]
