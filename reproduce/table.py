@@ -654,6 +654,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         run_defences = _parse_defences(args.defences)
     except ValueError as err:
         parser.error(f"--defences: {err}")
+    if run_defences is not None:
+        arms = table_arms(args.table)
+        in_table = {a.defence for a in arms}
+        absent = sorted(run_defences - in_table)
+        if absent:
+            parser.error(f"--defences: {', '.join(absent)} is not a defence of table {args.table} "
+                         f"(its defences: {', '.join(sorted(in_table))}); train other arms with reproduce.train")
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds must not repeat a seed")
     if args.sigma <= 0 or args.cem_lambda <= 0:

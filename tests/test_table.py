@@ -213,6 +213,14 @@ def test_bad_arguments(tmp_path):
         table.main(["--table", "1", "--seeds", "1", "1", "--out", str(tmp_path / "x.md")])
 
 
+def test_a_defence_outside_the_table_is_refused(tmp_path, capsys):
+    # plain "noise" is a registered defence but no row of Table 1: it would run nothing, silently
+    with pytest.raises(SystemExit):
+        table.main(["--table", "1", "--no-run", "--defences", "noise", "--out", str(tmp_path / "x.md")])
+    assert "noise is not a defence of table 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.md").exists()
+
+
 # ----------------------------------------------------------------------------- table 9
 
 def test_efficiency_of_a_real_run_and_table9_layout(smoke_table1, tmp_path):
