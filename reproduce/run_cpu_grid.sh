@@ -49,4 +49,4 @@ arm 0.05 0 125 && arm 0.1 0 125 && arm 0.025 4 125 || exit 1
 for seed in 126 127; do arm 0.025 0 "$seed" && arm 0.025 16 "$seed" || exit 1; done
 # 4. The GAN attack (the cpu preset's budget) on the noise arms, starting from their decoders.
 for lam in 0 16; do attack "$RUNS/cifar10_vgg11_bn_noise_lam${lam}_sigma0.025/seed125" gan 125 || exit 1; done
-table --no-run --defences noise noise_arl --attacks decoder gan --out reproduce/results/table1_cpu.md
+table --no-run --attacks decoder gan --out reproduce/results/table1_cpu.md
