@@ -277,11 +277,9 @@ class CEMLoss(nn.Module):
                                    self.validate and not (backend == "cpp" and self.fitted))
         elif labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape[:1] != (B,)):
             raise ValueError(f"labels must be None or a tensor of shape [{B}] when class_conditional=False")
-        if self.validate and not check_after:
+        if self.validate and not (check_after and self.fitted):
             checks.finite("z", z2d)
         if not self.fitted:
-            if check_after:
-                checks.finite("z", z2d)
             if self.warmup == "zero":
                 return z2d.sum() * 0.0
             raise RuntimeError("CEMLoss has no clusters yet: call cem.refit(features, labels) on an epoch of "

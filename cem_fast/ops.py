@@ -133,8 +133,9 @@ class CEMFunction(torch.autograd.Function):
                 backend: str, process_group: Optional[object]):
         full = variant == "paper" and covariance == "full"
         fused = backend == "cpp" and not full and not torch.compiler.is_compiling()
-        variant_code = _VARIANT_CODES[variant]
-        threshold = variants.trained_threshold(sigma, var_threshold) if variant == "official-trained" else 0.0
+        if fused:
+            variant_code = _VARIANT_CODES[variant]
+            threshold = variants.trained_threshold(sigma, var_threshold) if variant == "official-trained" else 0.0
         if fused and process_group is None:
             # One C++ call: statistics and the variant math (thirty ATen calls on tiny tensors cost more).
             loss, coef, new_pi, new_var, assign = backends.get(backend).forward_diag(
@@ -166,10 +167,7 @@ class CEMFunction(torch.autograd.Function):
         z, assign, centroids, coef = ctx.saved_tensors
         # Under data parallelism every rank holds the global loss; DDP averages gradients over ranks,
         # so each rank's exact gradient is scaled by the world size (folded into grad_scale).
-        if ctx.backend == "cpp":  # a CPU scalar: one multiplication instead of two
-            scaled = coef * (float(grad_loss) * ctx.grad_scale)
-        else:
-            scaled = coef * (grad_loss * ctx.grad_scale)
+        scaled = coef * (grad_loss * ctx.grad_scale)
         if ctx.full:
             dz = matrix_grad(z, assign, centroids, scaled)
         else:
