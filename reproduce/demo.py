@@ -31,7 +31,7 @@ def _train(run: Path, lam: float, args) -> None:
             "--cem-lambda", str(lam), "--epochs", str(args.epochs), "--train-subset", str(args.train_images),
             "--test-subset", str(args.test_images), "--seed", str(args.seed), "--out", str(run),
             "--cem-backend", args.cem_backend, "--lr-schedule", "cosine"]
-    if (run / "checkpoint.pt").is_file():
+    if (run / "config.json").is_file():  # resumes, or starts over a run killed in its first epoch
         argv.append("--resume")
     if args.device:
         argv += ["--device", args.device]

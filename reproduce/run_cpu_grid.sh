@@ -20,7 +20,7 @@ table() {  # reproduce.table 1 over the given defences/seeds/attacks; trains and
 arm() {  # SIGMA LAMBDA SEED: one noise arm (not a Table 1 row), trained then attacked
   local run="$RUNS/cifar10_vgg11_bn_noise_lam$2_sigma$1/seed$3"
   if [ ! -f "$run/final.pt" ]; then
-    local resume=(); [ -f "$run/checkpoint.pt" ] && resume=(--resume)
+    local resume=(); [ -f "$run/config.json" ] && resume=(--resume)  # train starts over a run killed in epoch 1
     "$PY" -m reproduce.train --preset cpu --dataset cifar10 --data-root "$DATA" --defence noise --sigma "$1" \
           --cem-lambda "$2" --seed "$3" --threads 2 --no-progress --out "$run" "${resume[@]}" || return 1
   fi
@@ -47,6 +47,8 @@ arm 0.05 0 125 && arm 0.1 0 125 && arm 0.025 4 125 || exit 1
 # 3. noise with and without CEM over three seeds (issue 5: mean and spread). Plain noise is no row of
 #    the paper's Table 1, so these arms are trained here; reproduce.summary reads them.
 for seed in 126 127; do arm 0.025 0 "$seed" && arm 0.025 16 "$seed" || exit 1; done
-# 4. The GAN attack (the cpu preset's budget) on the noise arms, starting from their decoders.
-for lam in 0 16; do attack "$RUNS/cifar10_vgg11_bn_noise_lam${lam}_sigma0.025/seed125" gan 125 || exit 1; done
+# 4. The GAN attack (the cpu preset's budget) on the noise and noise_arl arms, starting from their decoders.
+for defence in noise noise_arl; do
+  for lam in 0 16; do attack "$RUNS/cifar10_vgg11_bn_${defence}_lam${lam}_sigma0.025/seed125" gan 125 || exit 1; done
+done
 table --no-run --attacks decoder gan --out reproduce/results/table1_cpu.md

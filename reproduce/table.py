@@ -257,13 +257,9 @@ def ensure_trained(arm: Arm, seed: int, opts: Options) -> Path:
     if config and config.get("preset") != opts.preset:
         raise ValueError(f"{run_dir} holds a run of preset {config.get('preset')!r}, not {opts.preset!r}: "
                          f"use another --runs-root per preset")
-    if (run_dir / "checkpoint.pt").is_file():
+    if config:  # train resumes from checkpoint.pt, or starts over a run killed before its first one
         opts.log(f"[table] resuming {run_dir}")
         argv.append("--resume")
-    elif config:
-        # Killed before its first checkpoint: nothing to resume, start over.
-        for name in ("config.json", "metrics.jsonl"):
-            (run_dir / name).unlink(missing_ok=True)
     else:
         opts.log(f"[table] training {run_dir}")
     _call(train.main, argv, "reproduce.train")

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--preset", default="cpu", choices=tuple(presets_mod.PRESETS), help="base settings (default cpu)")
     a("--out", required=True, help="run directory (config.json, checkpoint.pt, metrics.jsonl, final.pt)")
-    a("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    a("--resume", action="store_true", help="continue from OUT/checkpoint.pt (a run stopped before its first "
+      "checkpoint starts over with its stored settings)")
     a("--dataset", help="cifar10 | cifar100 | facescrub | tinyimagenet | cifar10-sample "
                         "(default: the preset's with --data-root, else cifar10-sample)")
     a("--data-root", help="folder with the datasets (default: none -> the offline cifar10-sample)")
@@ -651,9 +652,12 @@ def run(cfg: dict, out: str | os.PathLike, *, resume: bool = False, stop_after_e
     ckpt_path = out / CHECKPOINT_FILE
     state = None
     if resume:
-        if not ckpt_path.is_file():
+        if ckpt_path.is_file():
+            state = load_checkpoint(ckpt_path, map_location=device)
+        elif not (out / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"--resume: no {CHECKPOINT_FILE} in {out}")
-        state = load_checkpoint(ckpt_path, map_location=device)
+        else:  # killed during its first epoch: nothing to keep but the settings, which are checked below
+            log(f"--resume: {out} has no {CHECKPOINT_FILE} yet (stopped before the end of epoch 1); starting it over")
     elif (out / CONFIG_FILE).exists() or ckpt_path.exists():
         raise FileExistsError(f"{out} already holds a run; use --resume or another --out")
     dist_ctx.barrier()

@@ -339,7 +339,7 @@ def test_runs_are_resumed_skipped_or_restarted(tmp_path, monkeypatch):
             assert not trained
             assert attacked[0][attacked[0].index("--setting") + 1] == "infer_time"  # only the missing setting
         else:
-            assert len(trained) == 1 and ("--resume" in trained[0]) == (arm is partial)
+            assert len(trained) == 1 and ("--resume" in trained[0]) == (arm is not fresh)
             assert trained[0][trained[0].index("--epochs") + 1] == "1" and "--defense" in trained[0]
             assert attacked[0][attacked[0].index("--setting") + 1] == "both"
     (root / done.name(ds) / "seed0" / "config.json").write_text(json.dumps({"preset": "cpu"}))

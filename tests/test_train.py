@@ -92,6 +92,22 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, defence, stop):
     assert [r["test_acc"] for r in ra] == [r["test_acc"] for r in rb]
 
 
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path):
+    args = ["--defense", "noise", "--cem-lambda", "16", "--epochs", "2"]
+    full = _run(tmp_path, *args, name="full")
+    killed = _run(tmp_path, *args, "--stop-after-epoch", "1", name="killed")
+    (killed / "checkpoint.pt").unlink()  # as if killed during epoch 1: config.json and a stray metrics line
+    _run(tmp_path, *args, "--resume", name="killed")
+    assert [r["epoch"] for r in _metrics(killed)] == [1, 2]
+    a, b = _final_state(full), _final_state(killed)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    with pytest.raises(SystemExit):  # the stored settings still bind
+        train.main([*TINY, "--out", str(killed), "--defense", "nopeek", "--cem-lambda", "0", "--resume"])
+    with pytest.raises(SystemExit, match="2"):  # nothing there at all: argparse error
+        train.main([*TINY, "--out", str(tmp_path / "none"), *args, "--resume"])
+
+
 def test_resume_refuses_changed_settings(tmp_path):
     out = _run(tmp_path, "--defense", "noise", "--cem-lambda", "0", "--stop-after-epoch", "1")
     with pytest.raises(SystemExit):
