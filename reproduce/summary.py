@@ -1,15 +1,19 @@
-"""One markdown row per run: ``python -m reproduce.summary RUN... [--out FILE.md]``.
+"""One markdown row per run: ``python -m reproduce.summary RUN... [--by-arm] [--out FILE.md]``.
 
 Reads each run's config.json, metrics.jsonl and attack_*.json (nothing is recomputed): defence, sigma,
 CEM weight and variant, epochs done, the last epoch's test accuracy, the training wall time (the sum of
 the epochs' times, so a paused or resumed run counts only its working time), the last clean-feature
 variance, and the decoder and GAN attacks' test MSE / SSIM where they exist. Unfinished runs are marked.
+``--by-arm`` instead gives one row per arm (the seeds of ``ARM/seed<N>``, reproduce.table's layout): the
+mean, the sample standard deviation and the range over its finished runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -53,13 +57,67 @@ def row(run: Path) -> str:
             f"| {_metric(gan, 'train_time', 'mse', '.4f')} |")
 
 
+ARM_HEADER = ("| arm | seeds | test acc (%) | decoder MSE train | decoder MSE infer | decoder SSIM train "
+              "| GAN MSE train |\n|---|---|---|---|---|---|---|")
+_ARM_VALUES = (("test acc", lambda m, d, g: 100 * m["test_acc"] if "test_acc" in m else None, ".2f"),
+               ("decoder MSE train", lambda m, d, g: _value(d, "train_time", "mse"), ".4f"),
+               ("decoder MSE infer", lambda m, d, g: _value(d, "infer_time", "mse"), ".4f"),
+               ("decoder SSIM train", lambda m, d, g: _value(d, "train_time", "ssim"), ".3f"),
+               ("GAN MSE train", lambda m, d, g: _value(g, "train_time", "mse"), ".4f"))
+
+
+def _value(settings: dict, setting: str, key: str) -> Optional[float]:
+    return settings.get(setting, {}).get("metrics", {}).get(key)
+
+
+def _spread(values: list, fmt: str) -> str:
+    """``mean ± sd [min, max] (n)`` of the values present; the sd is the sample one (n - 1)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:{fmt}} (1)"
+    return (f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}} "
+            f"[{min(values):{fmt}}, {max(values):{fmt}}] ({len(values)})")
+
+
+def arm_rows(runs: Sequence[Path]) -> list[str]:
+    """One markdown row per arm over its finished runs (seeds); unfinished runs are left out and named."""
+    arms: dict[str, list[Path]] = defaultdict(list)
+    for run in runs:
+        if not (run / "config.json").is_file():
+            raise ValueError(f"{run} is not a run directory (no config.json)")
+        arms[run.parent.name if run.name.startswith("seed") else run.name].append(run)
+    out = []
+    for arm, members in arms.items():
+        done = [r for r in members if (r / "final.pt").is_file()]
+        values = defaultdict(list)
+        for r in done:
+            lines = (r / "metrics.jsonl").read_text().splitlines() if (r / "metrics.jsonl").is_file() else []
+            last = json.loads(lines[-1]) if lines else {}
+            dec, gan = _attack(r, "decoder"), _attack(r, "gan")
+            for name, get, _ in _ARM_VALUES:
+                values[name].append(get(last, dec, gan))
+        seeds = ", ".join(r.name.removeprefix("seed") for r in sorted(done))
+        left = [r.name for r in members if r not in done]
+        note = f" (unfinished: {', '.join(left)})" if left else ""
+        out.append(f"| {arm}{note} | {seeds or '—'} | "
+                   + " | ".join(_spread(values[name], fmt) for name, _, fmt in _ARM_VALUES) + " |")
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m reproduce.summary", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--by-arm", action="store_true",
+                   help="one row per arm: mean ± sample sd [min, max] (n) over its finished seeds")
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args(argv)
     try:
-        text = "\n".join([HEADER] + [row(Path(r)) for r in args.runs])
+        if args.by_arm:
+            text = "\n".join([ARM_HEADER] + arm_rows([Path(r) for r in args.runs]))
+        else:
+            text = "\n".join([HEADER] + [row(Path(r)) for r in args.runs])
     except ValueError as err:
         p.error(str(err))
     print(text)

@@ -35,3 +35,15 @@ def test_rows_come_from_the_run_files(tmp_path, capsys):
 def test_not_a_run_directory(tmp_path):
     with pytest.raises(SystemExit):
         summary.main([str(tmp_path)])
+
+
+def test_by_arm_gives_mean_sd_and_range_over_finished_seeds(tmp_path, capsys):
+    arm = tmp_path / "noise_lam16"
+    arm.mkdir()
+    for seed, mse, finished in ((1, 0.01, True), (2, 0.03, True), (3, 0.5, False)):
+        _run(arm, f"seed{seed}", 16.0, finished, {"train_time": {"metrics": {"mse": mse, "ssim": 0.5}}})
+    assert summary.main(["--by-arm", *(str(p) for p in sorted(arm.iterdir()))]) == 0
+    out = capsys.readouterr().out
+    # seeds 1 and 2 only: mean 0.02, sample sd 0.0141; the unfinished seed 3 is named, not averaged
+    assert "| noise_lam16 (unfinished: seed3) | 1, 2 | 70.00 ± 0.00 [70.00, 70.00] (2) " \
+           "| 0.0200 ± 0.0141 [0.0100, 0.0300] (2) | — | 0.500 ± 0.000 [0.500, 0.500] (2) | — |" in out
