@@ -180,7 +180,7 @@ def figure3(runs: Sequence[str | Path], out: str | Path, *, attack: str = "decod
     import numpy as np
     from cem_fast import mse_lower_bound
 
-    points = _usable([run_point(r, attack, setting) for r in expand_runs(runs)], f"an {attack} {setting} attack")
+    points = _usable([run_point(r, attack, setting) for r in expand_runs(runs)], f"{attack} {setting} attack results")
     dims = {p["config"]["in_channels"] * p["config"]["image_size"] ** 2 for p in points}
     if len(dims) != 1:
         raise ValueError(f"the runs have different input dimensions {sorted(dims)}; plot one dataset at a time")
@@ -228,36 +228,57 @@ def _family(config: dict) -> tuple:
     return (config.get("defence"), lam, config.get("cut"), config.get("cem_variant") if lam else None)
 
 
+def figure4_series(points: list[dict]) -> dict[tuple, list[dict]]:
+    """Figure 4's points grouped by (defence, lambda, cut, variant) family, then by sigma: the seeds of one
+    sigma become one point, ``mse``/``acc`` their means and ``mse_sd``/``acc_sd`` their sample sds (0 for
+    one seed), ``n`` their number; each family sorted by sigma."""
+    import statistics
+
+    groups: dict[tuple, dict[float, list[dict]]] = {}
+    for p in points:
+        groups.setdefault(_family(p["config"]), {}).setdefault(p["config"]["sigma"], []).append(p)
+    series = {}
+    for key, by_sigma in groups.items():
+        series[key] = []
+        for sigma in sorted(by_sigma):
+            ps = by_sigma[sigma]
+            mse, acc = [p["mse"] for p in ps], [p["acc"] for p in ps]
+            sd = statistics.stdev if len(ps) > 1 else (lambda v: 0.0)
+            series[key].append(dict(sigma=sigma, n=len(ps), mse=statistics.mean(mse), acc=statistics.mean(acc),
+                                    mse_sd=sd(mse), acc_sd=sd(acc)))
+    return series
+
+
 def figure4(runs: Sequence[str | Path], out: str | Path, *, attack: str = "decoder",
             setting: str = "train_time") -> Path:
-    """Accuracy vs. attacker MSE, one line per (defence, lambda, cut) family, points sorted by sigma."""
-    points = _usable([run_point(r, attack, setting) for r in expand_runs(runs)], f"an {attack} {setting} attack")
-    families: dict[tuple, list[dict]] = {}
-    for p in points:
-        families.setdefault(_family(p["config"]), []).append(p)
+    """Accuracy vs. attacker MSE, one line per (defence, lambda, cut) family, points sorted by sigma; the
+    seeds of one arm are drawn as their mean with sample-sd error bars."""
+    points = _usable([run_point(r, attack, setting) for r in expand_runs(runs)], f"{attack} {setting} attack results")
+    families = figure4_series(points)
     several_cuts = len({k[2] for k in families}) > 1
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4))
     for key in sorted(families, key=lambda k: (str(k[0]), k[1], k[2] or 0)):
         defence, lam, cut, variant = key
-        fam = sorted(families[key], key=lambda p: p["config"]["sigma"])
+        fam = families[key]
         label = f"{defence}, " + (f"CEM λ={lam:g}" if lam else "w/o CEM")
         if variant not in (None, "paper"):
             label += f" ({variant})"
         if several_cuts:
             label += f", cut {cut}"
-        ax.plot([p["mse"] for p in fam], [p["acc"] for p in fam], "-" if lam else "--", marker="o" if lam else "s",
-                label=label)
+        ax.errorbar([p["mse"] for p in fam], [p["acc"] for p in fam], xerr=[p["mse_sd"] for p in fam],
+                    yerr=[p["acc_sd"] for p in fam], fmt=("-" if lam else "--") + ("o" if lam else "s"),
+                    capsize=2, label=label)
         for p in fam:
-            ax.annotate(f"{p['config']['sigma']:g}", (p["mse"], p["acc"]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(f"{p['sigma']:g}" + (f" (n={p['n']})" if p["n"] > 1 else ""), (p["mse"], p["acc"]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.tick_params(axis="x", labelrotation=30)
     ax.set_xlabel(f"{attack} attack MSE ({setting.replace('_', ' ')}; higher = more robust)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Utility-robustness trade-off (labels: noise σ)", fontsize=9)
+    ax.set_title("Utility-robustness trade-off (labels: noise σ; seeds: mean ± sd)", fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, out)
 

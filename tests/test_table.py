@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from reproduce import paper_numbers, table
-from reproduce.figures_curves import expand_runs, figure4, requested, tightest_h_x
+from reproduce.figures_curves import expand_runs, figure4, figure4_series, requested, run_point, tightest_h_x
 
 PAPER_TEXT = Path("/work/shared/docs/000_0a885371968b6844.txt")
 ROW_LABELS_T1 = [f"{r} — w/o CEM" for r in paper_numbers.DEFENCE_OF_ROW] + \
@@ -265,7 +265,15 @@ def test_figure4_from_hand_made_runs(tmp_path):
         _fake_run(root, arm, "x", 0, acc_a, {"train_time": mse_a})
         arm_cem = table.Arm("Noise_ARL", "noise_arl", True, "cifar10", "vgg11_bn", sigma=sigma)
         _fake_run(root, arm_cem, "x", 0, acc_b, {"train_time": mse_b})
-    assert len(expand_runs([root])) == 4
+    arm = table.Arm("Noise_ARL", "noise_arl", False, "cifar10", "vgg11_bn", sigma=0.01)
+    _fake_run(root, arm, "x", 1, 0.7, {"train_time": 0.02})          # a second seed of one arm
+    assert len(expand_runs([root])) == 5
+    points = [run_point(r) for r in expand_runs([root])]
+    series = figure4_series(points)
+    assert sorted(len(v) for v in series.values()) == [2, 2]
+    seeds = next(v for k, v in series.items() if not k[1])[0]          # w/o CEM at sigma 0.01: seeds 0 and 1
+    assert seeds["n"] == 2 and seeds["mse"] == pytest.approx(0.015) and seeds["mse_sd"] == pytest.approx(0.005 * 2 ** 0.5)
+    assert seeds["acc"] == pytest.approx(80.0) and seeds["acc_sd"] == pytest.approx(10 * 2 ** 0.5)
     out = figure4([root], tmp_path / "f4.png")
     image = matplotlib.image.imread(out)
     assert image.ndim == 3 and image.shape[0] > 200
