@@ -256,15 +256,17 @@ def refit_rows(D: int, device, N: int, C: int, m: int, with_authors: bool, runs:
         return time.perf_counter() - t, out
 
     rows = []
-    first, warm = [], []
+    first, warm, iters = [], [], ()
     for r in range(runs):
         progress.set_postfix_str(f"refit ours D={D} run {r + 1}/{runs}")
         cem = CEMLoss(C, m, variant="official-trained", dataset_size=N).to(device)
         first.append(clock(lambda: cem.refit(x0, y))[0])
+        it_first = cem.last_refit_iterations
         warm.append(clock(lambda: cem.refit(x1, y))[0])
+        iters = (it_first, cem.last_refit_iterations)
     rows.append(dict(impl="ours CEMLoss.refit (official-trained)", D=D, N=N, C=C, m=m,
                      first_s=statistics.median(first), warm_s=statistics.median(warm), runs=runs,
-                     iterations="", covariance_s=""))
+                     iterations=f"{iters[0]} / {iters[1]} (all classes)", covariance_s=""))
     if with_authors:
         progress.set_postfix_str(f"refit authors D={D}")
         gen = torch.Generator().manual_seed(0)
