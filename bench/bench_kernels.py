@@ -256,15 +256,17 @@ def refit_rows(D: int, device, N: int, C: int, m: int, with_authors: bool, runs:
         return time.perf_counter() - t, out
 
     rows = []
-    first, warm = [], []
+    first, warm, iters = [], [], ()
     for r in range(runs):
         progress.set_postfix_str(f"refit ours D={D} run {r + 1}/{runs}")
         cem = CEMLoss(C, m, variant="official-trained", dataset_size=N).to(device)
         first.append(clock(lambda: cem.refit(x0, y))[0])
+        it_first = cem.last_refit_iterations
         warm.append(clock(lambda: cem.refit(x1, y))[0])
+        iters = (it_first, cem.last_refit_iterations)
     rows.append(dict(impl="ours CEMLoss.refit (official-trained)", D=D, N=N, C=C, m=m,
                      first_s=statistics.median(first), warm_s=statistics.median(warm), runs=runs,
-                     iterations="", covariance_s=""))
+                     iterations=f"{iters[0]} / {iters[1]} (all classes)", covariance_s=""))
     if with_authors:
         progress.set_postfix_str(f"refit authors D={D}")
         gen = torch.Generator().manual_seed(0)
@@ -390,6 +392,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="batch sizes at which the authors' functions are timed (default all; at B=8192 one "
                         "call of theirs takes seconds on a CPU)")
     p.add_argument("--no-refit", action="store_true", help="skip the refit timing")
+    p.add_argument("--refit-only", action="store_true", help="only the refit timing (no loss or kernel grid)")
     p.add_argument("--variants", nargs="+", default=["official-trained"],
                    choices=["paper", "official", "official-trained"],
                    help="CEMLoss variants timed (default official-trained, the loss the authors train with)")
@@ -430,7 +433,11 @@ def main(argv=None) -> str:
         except OfficialRepoError as exc:
             raise SystemExit(f"error: --official-repo: {exc}")
     names = available_backends(args.device)
-    if args.quick:
+    if args.no_refit and args.refit_only:
+        raise SystemExit("error: --no-refit and --refit-only exclude each other")
+    if args.refit_only:
+        grid = []
+    elif args.quick:
         grid = [(128, D, 10, 3) for D in DIMS]
     else:
         grid = list(itertools.product(SIZES, DIMS, CLASSES, CLUSTERS))
@@ -463,8 +470,9 @@ def main(argv=None) -> str:
              f"{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}, threads {args.threads}, float32, "
              f"backends {', '.join(names)}, variants {', '.join(args.variants)}, authors' functions at B in "
              f"{args.official_batches if official else '(not given)'}, epoch size "
-             f"{BATCHES_PER_EPOCH * BATCH}; {timing}; load average {load0} -> {_loadavg()}",
-             markdown(rows, cuda)]
+             f"{BATCHES_PER_EPOCH * BATCH}; {timing}; load average {load0} -> {_loadavg()}"]
+    if rows:
+        parts.append(markdown(rows, cuda))
     summary = bar_summary(rows)
     if summary:
         parts.append(summary)

@@ -1,8 +1,9 @@
 """k-means for all classes at once (segmented by class), with k-means++, random and warm starts.
 
 One host synchronisation per Lloyd iteration (the convergence test). Distances use the matmul
-expansion ``|x|^2 - 2 x.mu + |mu|^2`` in row chunks, so a refit on 50,000 x 2048 features is a few
-GEMMs per iteration.
+expansion ``|x|^2 - 2 x.mu + |mu|^2``: on the GPU one GEMM against all centroids in row chunks, on the
+CPU the rows sorted by class once and one small GEMM per class, so a refit on 50,000 x 2048 features is
+a few GEMMs per iteration.
 """
 from __future__ import annotations
 
@@ -21,19 +22,46 @@ class KMeansResult:
     assign: torch.Tensor      # [N] flat cluster index c * m + j
     counts: torch.Tensor      # [C * m]
     iterations: int
+    sq_dist: torch.Tensor     # [N] squared distance of each row to its centroid (GEMM expansion, >= 0)
 
 
-def nearest(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int) -> torch.Tensor:
-    """Flat index of the nearest of the ``m`` centroids of each row's class (``centroids [C*m, D]``)."""
-    K = centroids.shape[0]
+def _row_sq_norms(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x, dim=1).square()  # much faster on the CPU than (x * x).sum(1)
+
+
+def nearest(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest of the ``m`` centroids of each row's class (``centroids [C*m, D]``), one GEMM per row chunk.
+
+    Returns the flat index and ``|mu|^2 - 2 x.mu`` at it (the squared distance less ``|x|^2``).
+    """
     c_sq = (centroids * centroids).sum(1)
-    out = []
+    idx, part = [], []
     for s in range(0, x.shape[0], _CHUNK_ROWS):
         xs = x[s:s + _CHUNK_ROWS]
-        d2 = c_sq[None, :] - 2.0 * (xs @ centroids.t())                          # [b, K] (|x|^2 dropped)
+        d2 = c_sq[None, :] - 2.0 * (xs @ centroids.t())                          # [b, K]
         cols = labels[s:s + _CHUNK_ROWS, None] * m + torch.arange(m, device=x.device)[None]
-        out.append(cols.gather(1, d2.gather(1, cols).argmin(1, keepdim=True)).squeeze(1))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=x.device)
+        best, j = d2.gather(1, cols).min(1, keepdim=True)
+        idx.append(cols.gather(1, j).squeeze(1))
+        part.append(best.squeeze(1))
+    if not idx:
+        return torch.zeros(0, dtype=torch.int64, device=x.device), x.new_zeros(0)
+    return torch.cat(idx), torch.cat(part)
+
+
+def nearest_sorted(x: torch.Tensor, bounds: list[int], centroids: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nearest`` for rows sorted by class (class ``c`` in rows ``bounds[c]:bounds[c+1]``): one small GEMM
+    per class against its own ``m`` centroids, ``C`` times fewer flops than the one GEMM against all."""
+    c_sq = (centroids * centroids).sum(1)
+    idx = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    part = x.new_empty(x.shape[0])
+    for c in range(len(bounds) - 1):
+        s, e = bounds[c], bounds[c + 1]
+        if e > s:
+            cent = centroids[c * m:(c + 1) * m]
+            best, j = (c_sq[c * m:(c + 1) * m][None, :] - 2.0 * (x[s:e] @ cent.t())).min(1)
+            idx[s:e] = j + c * m
+            part[s:e] = best
+    return idx, part
 
 
 def _per_class_argmin(key: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -57,8 +85,12 @@ def _random_init(x, labels, num_classes, m, generator):
     return x[order[pick.clamp_max(x.shape[0] - 1)]], counts
 
 
-def _kmeanspp_init(x, labels, num_classes, m, generator):
-    """k-means++ (D^2 sampling) within every class at once, with an exponential race per class."""
+def _kmeanspp_init(x, labels, num_classes, m, generator, x_sq):
+    """k-means++ (D^2 sampling) within every class at once, with an exponential race per class.
+
+    Each row's distance to a new centre comes from one ``[N, C]`` GEMM (``|x|^2 - 2 x.c + |c|^2``); the
+    chosen rows are set to exactly 0 so that rounding never lets a centre be drawn twice.
+    """
     n = x.shape[0]
     dev = x.device
 
@@ -66,20 +98,26 @@ def _kmeanspp_init(x, labels, num_classes, m, generator):
         return torch.rand(n, generator=generator, device=dev if generator is None else generator.device,
                           dtype=torch.float64).to(dev).clamp_min(1e-300)
 
+    def sq_dist_to(rows):                                                         # rows [C] -> [N]
+        centres = x[rows]
+        cross = (x @ centres.t()).gather(1, labels[:, None]).squeeze(1)
+        d = (x_sq - 2.0 * cross + x_sq[rows][labels]).clamp_min(0)
+        return d.index_fill(0, rows, 0.0)
+
     first = _per_class_argmin(uniform(), labels, num_classes).clamp_max(n - 1)
-    chosen = [x[first]]                                                            # each [C, D]
-    d2 = ((x - chosen[0][labels]) ** 2).sum(1)
+    chosen = [first]
+    d2 = sq_dist_to(first)
     for _ in range(1, m):
         key = -torch.log(uniform()) / d2.to(torch.float64)                         # Exp(1)/w: min ~ P proportional to w
         nxt = _per_class_argmin(key, labels, num_classes).clamp_max(n - 1)
-        chosen.append(x[nxt])
-        d2 = torch.minimum(d2, ((x - chosen[-1][labels]) ** 2).sum(1))
-    return torch.stack(chosen, 1), torch.bincount(labels, minlength=num_classes)
+        chosen.append(nxt)
+        d2 = torch.minimum(d2, sq_dist_to(nxt))
+    return x[torch.stack(chosen, 1)], torch.bincount(labels, minlength=num_classes)
 
 
 def kmeans(x: torch.Tensor, labels: Optional[torch.Tensor], num_classes: int, m: int, *, init: str = "kmeans++",
            centroids: Optional[torch.Tensor] = None, max_iter: int = 50,
-           generator: Optional[torch.Generator] = None) -> KMeansResult:
+           generator: Optional[torch.Generator] = None, segmented: Optional[bool] = None) -> KMeansResult:
     """Lloyd's k-means with ``m`` clusters inside each class, all classes at once.
 
     Args:
@@ -90,6 +128,9 @@ def kmeans(x: torch.Tensor, labels: Optional[torch.Tensor], num_classes: int, m:
         centroids: ``[num_classes, m, D]`` previous centroids: the warm start, and the fallback for
             classes with no rows (otherwise those get the mean of all rows, with a warning).
         max_iter: Lloyd iterations at most; stops early when no assignment changes.
+        segmented: sort the rows by class once and run one small GEMM per class (default on the CPU,
+            where it saves a factor ``num_classes`` of flops); otherwise one GEMM against all centroids
+            (few launches, the GPU default).
     """
     if init not in ("kmeans++", "random", "warm"):
         raise ValueError(f"init must be 'kmeans++', 'random' or 'warm', got {init!r}")
@@ -98,13 +139,14 @@ def kmeans(x: torch.Tensor, labels: Optional[torch.Tensor], num_classes: int, m:
     C, mm = (num_classes, m) if labels is not None else (1, num_classes * m)
     lab = labels if labels is not None else torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
     D = x.shape[1]
+    x_sq = _row_sq_norms(x)
     prev = centroids.reshape(C, mm, D).to(x) if centroids is not None else None
     if init == "warm":
         cent, class_counts = prev.clone(), torch.bincount(lab, minlength=C)
     elif init == "random":
         cent, class_counts = _random_init(x, lab, C, mm, generator)
     else:
-        cent, class_counts = _kmeanspp_init(x, lab, C, mm, generator)
+        cent, class_counts = _kmeanspp_init(x, lab, C, mm, generator, x_sq)
     absent = class_counts == 0
     if bool(absent.any()):
         fill = prev if prev is not None else x.mean(0).expand(C, mm, D)
@@ -113,18 +155,35 @@ def kmeans(x: torch.Tensor, labels: Optional[torch.Tensor], num_classes: int, m:
                           "their centroids are set to the mean of all features", RuntimeWarning, stacklevel=3)
         cent = torch.where(absent[:, None, None], fill, cent)
     flat = cent.reshape(C * mm, D).contiguous()
-    assign = nearest(x, lab, flat, mm)
+
+    if segmented is None:
+        segmented = x.device.type == "cpu" and C > 1
+    order = None
+    if segmented:
+        order = torch.argsort(lab, stable=True)
+        bounds = [0] + torch.cumsum(class_counts, 0).tolist()
+        xs, xs_sq = x[order], x_sq[order]
+        find = lambda centres: nearest_sorted(xs, bounds, centres, mm)  # noqa: E731
+    else:
+        xs, xs_sq = x, x_sq
+        find = lambda centres: nearest(xs, lab, centres, mm)  # noqa: E731
+    assign, part = find(flat)
     iterations = 0
     for iterations in range(1, max_iter + 1):
         counts = torch.bincount(assign, minlength=C * mm).to(x.dtype)
-        sums = torch.zeros_like(flat).index_add_(0, assign, x)
+        sums = torch.zeros_like(flat).index_add_(0, assign, xs)
         flat = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], flat)
-        new_assign = nearest(x, lab, flat, mm)
+        new_assign, part = find(flat)
         if torch.equal(new_assign, assign):
             break
         assign = new_assign
+    # ``part`` always belongs to ``flat`` and ``assign`` (the loop's last nearest is what it keeps).
     counts = torch.bincount(assign, minlength=C * mm).to(x.dtype)
-    return KMeansResult(flat.reshape(num_classes, m, D), assign, counts, iterations)
+    sq_dist = (xs_sq + part).clamp_min(0)
+    if order is not None:
+        assign = torch.empty_like(assign).index_copy_(0, order, assign)
+        sq_dist = torch.empty_like(sq_dist).index_copy_(0, order, sq_dist)
+    return KMeansResult(flat.reshape(num_classes, m, D), assign, counts, iterations, sq_dist)
 
 
 def cluster_second_moments(x: torch.Tensor, assign: torch.Tensor, centroids_flat: torch.Tensor) -> torch.Tensor:

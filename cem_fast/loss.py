@@ -85,6 +85,7 @@ class CEMLoss(nn.Module):
         self.kmeans_iters = checks.positive_int("kmeans_iters", iters)
         self.seed = int(opts["seed"])
         self.refits = 0
+        self.last_refit_iterations = 0  # Lloyd iterations of the last refit (not saved in the state)
         C, m = self.num_classes, self.m
         self.register_buffer("centroids", torch.zeros(C, m, 0))
         self.register_buffer("pi", torch.zeros(C, m))
@@ -207,7 +208,7 @@ class CEMLoss(nn.Module):
             raise ValueError("features must hold at least one sample")
         checks.finite("features", x)
         x = x.to(accumulation_dtype(x.dtype))
-        spread = float(x.var(0, unbiased=False).mean()) if N > 1 else float("nan")
+        spread = _mean_variance(x) if N > 1 else float("nan")
         if spread < _COLLAPSE_RATIO * self.sigma ** 2:
             warnings.warn(f"cem_fast: the features have collapsed (mean per-dimension variance {spread:.3g} < "
                           f"{_COLLAPSE_RATIO:g} x sigma^2): the encoder is close to a constant; lower the CEM "
@@ -234,8 +235,7 @@ class CEMLoss(nn.Module):
         elif self.variant == "official-trained":
             class_n = counts.view(C, m).sum(1, keepdim=True).clamp_min(1)
             pi = counts.view(C, m) / class_n
-            sq = torch.zeros(C * m, dtype=x.dtype, device=x.device).index_add_(
-                0, res.assign, ((x - flat[res.assign]) ** 2).mean(1))
+            sq = torch.zeros(C * m, dtype=x.dtype, device=x.device).index_add_(0, res.assign, res.sq_dist / D)
             var = sq / n_safe
         else:
             pi = counts / counts.view(C, m).sum(1).repeat_interleave(m).clamp_min(1)
@@ -247,6 +247,7 @@ class CEMLoss(nn.Module):
         self.fitted_size.fill_(float(N))
         self._fitted_size = float(N)
         self.refits += 1
+        self.last_refit_iterations = res.iterations
         return self
 
     # ------------------------------------------------------------------ loss
@@ -325,4 +326,13 @@ class CEMLoss(nn.Module):
 def feature_spread(z: torch.Tensor) -> float:
     """Mean per-dimension variance of a batch of features: a collapse monitor for training loops."""
     z2d = checks.flatten(z.detach()).float()
-    return float(z2d.var(0, unbiased=False).mean()) if z2d.shape[0] > 1 else math.nan
+    return _mean_variance(z2d) if z2d.shape[0] > 1 else math.nan
+
+
+def _mean_variance(x: torch.Tensor, chunk_rows: int = 4096) -> float:
+    """``x.var(0, unbiased=False).mean()`` for ``x [N, D]``, two-pass in row chunks (``var(0)`` is a slow
+    strided reduction on the CPU: 8x slower at 50,000 x 512)."""
+    mu = x.mean(0)
+    total = sum(float(torch.linalg.vector_norm(x[s:s + chunk_rows] - mu).square())
+                for s in range(0, x.shape[0], chunk_rows))
+    return total / x.numel()

@@ -124,3 +124,15 @@ def test_bench_kernels_quick(tmp_path):
     lines = out.read_text().splitlines()
     assert lines[0].startswith("device,level,B,D,C,m,impl,backend,kind,median_s")
     assert len(lines) == 1 + 3 * len(rows) + 2 * len(refit)
+
+
+def test_bench_kernels_refit_only(tmp_path):
+    from bench import bench_kernels
+
+    text = bench_kernels.main(["--quick", "--refit-only", "--threads", "1", "--refit-runs", "1"])
+    assert not [r for r in table_rows(text) if r[0] in ("loss", "kernel")]
+    (ours,) = [r for r in table_rows(text) if r[0].startswith("ours CEMLoss.refit")]
+    first_iters, warm_iters = (int(v) for v in ours[8].split(" (")[0].split(" / "))
+    assert float(ours[5]) > 0 and first_iters >= 1 and warm_iters >= 1
+    with pytest.raises(SystemExit):
+        bench_kernels.main(["--refit-only", "--no-refit"])
