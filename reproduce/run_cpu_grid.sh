@@ -52,3 +52,9 @@ for defence in noise noise_arl; do
   for lam in 0 16; do attack "$RUNS/cifar10_vgg11_bn_${defence}_lam${lam}_sigma0.025/seed125" gan 125 || exit 1; done
 done
 table --no-run --attacks decoder gan --out reproduce/results/table1_cpu.md
+# 5. Seeds for Figure 4's strongest noise-only arm (sigma 0.1), the comparison CEM has to win.
+for seed in 126 127; do arm 0.1 0 "$seed" || exit 1; done
+# 6. Seeds for noise_arl with and without CEM (about 30 minutes an arm at this preset).
+for seed in 126 127; do
+  table --defences noise_arl --attacks decoder --seeds "$seed" --out "runs/cpu/table1_noise_arl_seed$seed.md" || exit 1
+done
