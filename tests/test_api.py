@@ -214,3 +214,12 @@ def test_empty_batch_gives_zero_loss_and_keeps_state(variant):
     assert z.grad.shape == (0, 6)
     if variant != "paper":
         assert torch.equal(cem.pi, before[0])
+
+
+def test_feature_spread_is_the_mean_per_dimension_variance():
+    g = torch.Generator().manual_seed(0)
+    z = 5.0 + 0.1 * torch.randn(9000, 2, 3, 5, generator=g)    # more rows than one chunk, an offset
+    want = z.double().reshape(9000, -1).var(0, unbiased=False).mean()
+    assert cem_fast.feature_spread(z) == pytest.approx(float(want), rel=1e-5)
+    assert math.isnan(cem_fast.feature_spread(z[:1]))
+    assert cem_fast.feature_spread(torch.ones(4, 7)) == 0.0
