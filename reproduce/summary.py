@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
+from reproduce.table import collect_run
+
 HEADER = ("| run | defence | sigma | CEM lambda (variant) | epochs | test acc (%) | train wall (min) | feature var "
           "| decoder MSE train / infer | decoder SSIM train / infer | GAN MSE train |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|")
@@ -59,15 +61,9 @@ def row(run: Path) -> str:
 
 ARM_HEADER = ("| arm | seeds | test acc (%) | decoder MSE train | decoder MSE infer | decoder SSIM train "
               "| GAN MSE train |\n|---|---|---|---|---|---|---|")
-_ARM_VALUES = (("test acc", lambda m, d, g: 100 * m["test_acc"] if "test_acc" in m else None, ".2f"),
-               ("decoder MSE train", lambda m, d, g: _value(d, "train_time", "mse"), ".4f"),
-               ("decoder MSE infer", lambda m, d, g: _value(d, "infer_time", "mse"), ".4f"),
-               ("decoder SSIM train", lambda m, d, g: _value(d, "train_time", "ssim"), ".3f"),
-               ("GAN MSE train", lambda m, d, g: _value(g, "train_time", "mse"), ".4f"))
-
-
-def _value(settings: dict, setting: str, key: str) -> Optional[float]:
-    return settings.get(setting, {}).get("metrics", {}).get(key)
+# reproduce.table.collect_run's keys, in ARM_HEADER's order, with their formats
+_ARM_VALUES = (("acc", ".2f"), ("dec_train_mse", ".4f"), ("dec_infer_mse", ".4f"), ("dec_ssim", ".3f"),
+               ("gan_train_mse", ".4f"))
 
 
 def _spread(values: list, fmt: str) -> str:
@@ -91,18 +87,12 @@ def arm_rows(runs: Sequence[Path]) -> list[str]:
     out = []
     for arm, members in arms.items():
         done = [r for r in members if (r / "final.pt").is_file()]
-        values = defaultdict(list)
-        for r in done:
-            lines = (r / "metrics.jsonl").read_text().splitlines() if (r / "metrics.jsonl").is_file() else []
-            last = json.loads(lines[-1]) if lines else {}
-            dec, gan = _attack(r, "decoder"), _attack(r, "gan")
-            for name, get, _ in _ARM_VALUES:
-                values[name].append(get(last, dec, gan))
+        collected = [collect_run(r) for r in done]
         seeds = ", ".join(r.name.removeprefix("seed") for r in sorted(done))
         left = [r.name for r in members if r not in done]
         note = f" (unfinished: {', '.join(left)})" if left else ""
         out.append(f"| {arm}{note} | {seeds or '—'} | "
-                   + " | ".join(_spread(values[name], fmt) for name, _, fmt in _ARM_VALUES) + " |")
+                   + " | ".join(_spread([c[key] for c in collected], fmt) for key, fmt in _ARM_VALUES) + " |")
     return out
 
 
