@@ -42,7 +42,7 @@ def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
 
 @scatter_grad.register_fake
 def _(z, assign, centroids, coef, backend):
-    return torch.empty_like(z)
+    return z.new_empty(z.shape)  # contiguous, as every backend returns
 
 
 def _assign_stats_setup(ctx, inputs, output):
@@ -79,22 +79,46 @@ def _gather_grad(z, assign, centroids, coef, backend):
 # --------------------------------------------------------------------------- full covariance (torch)
 
 
+def _member_diff(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor):
+    """``(z - mu[a] [B, D], one-hot [B, K])`` with rows of ``assign == -1`` (a label out of range on the
+    GPU backends, which cannot raise without a host sync) zeroed: they belong to no cluster."""
+    valid = (assign >= 0)[:, None]
+    a = assign.clamp_min(0)
+    diff = (z.to(centroids.dtype) - centroids[a]) * valid
+    onehot = torch.nn.functional.one_hot(a, centroids.shape[0]).to(diff.dtype) * valid   # one_hot(-1) asserts on CUDA
+    return diff, onehot
+
+
 def second_moments(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """``[K, D, D]``: per cluster the sum of ``(z - mu)(z - mu)^T``, one batched product, no host sync."""
-    K = centroids.shape[0]
-    diff = z.to(centroids.dtype) - centroids[assign]
-    onehot = torch.nn.functional.one_hot(assign, K).to(diff.dtype)          # [B, K]
+    diff, onehot = _member_diff(z, assign, centroids)
     masked = onehot.t()[:, :, None] * diff[None]                              # [K, B, D]
     return masked.transpose(1, 2) @ diff                                      # [K, D, D]
 
 
 def matrix_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """``dz[i] = coef[a_i] @ (z_i - mu[a_i])`` for symmetric ``coef [K, D, D]``."""
-    K = centroids.shape[0]
-    diff = z.to(centroids.dtype) - centroids[assign]
-    onehot = torch.nn.functional.one_hot(assign, K).to(diff.dtype)
+    diff, onehot = _member_diff(z, assign, centroids)
     per_cluster = (onehot.t()[:, :, None] * diff[None]) @ coef                # [K, B, D]
     return per_cluster.sum(0).to(z.dtype)
+
+
+def _grouped_kernels(backend: str) -> bool:
+    # Triton has grouped kernels over rows sorted by cluster (O(B D^2) work, IEEE fp32, no [K, B, D] buffer);
+    # under torch.compile the torch form is traced instead (the custom ops cover the diagonal statistics only).
+    return backend == "triton" and not torch.compiler.is_compiling()
+
+
+def _full_moments(z, assign, centroids, backend):
+    if _grouped_kernels(backend):
+        return backends.get(backend).cluster_second_moments(z, assign, centroids)
+    return second_moments(z, assign, centroids)
+
+
+def _full_grad(z, assign, centroids, coef, backend):
+    if _grouped_kernels(backend):
+        return backends.get(backend).matrix_grad(z, assign, centroids, coef.contiguous())
+    return matrix_grad(z, assign, centroids, coef)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -143,7 +167,7 @@ class CEMFunction(torch.autograd.Function):
                 dataset_size, threshold, bool(log_entropy), replicate_index_bug, reduction == "mean_dim")
         else:
             sqdev, counts, assign = _stats(z, labels, centroids, m, class_conditional, backend)
-            stat = second_moments(z, assign, centroids) if full else sqdev
+            stat = _full_moments(z, assign, centroids, backend) if full else sqdev
             if process_group is not None:
                 counts, stat = all_reduce_sum(counts, stat, process_group)
             if fused:
@@ -169,7 +193,7 @@ class CEMFunction(torch.autograd.Function):
         # so each rank's exact gradient is scaled by the world size (folded into grad_scale).
         scaled = coef * (grad_loss * ctx.grad_scale)
         if ctx.full:
-            dz = matrix_grad(z, assign, centroids, scaled)
+            dz = _full_grad(z, assign, centroids, scaled, ctx.backend)
         else:
             dz = _gather_grad(z, assign, centroids, scaled, ctx.backend)
         return (dz,) + (None,) * 17

@@ -85,7 +85,8 @@ __global__ void assign_kernel(const scalar_t* __restrict__ z, int64_t szb, int64
 #pragma unroll
     for (int u = 0; u < kCandPerPass; ++u) {
       const acc_t dist = warp_sum(s[u]);
-      if (j0 + u < cand && dist < best) {  // strict: lower index wins ties
+      // torch's argmin order, as the C++ kernel: the first NaN wins, else the first strict minimum
+      if (j0 + u < cand && (dist < best || (dist != dist && best == best))) {
         best = dist;
         best_j = j0 + u;
       }
@@ -181,9 +182,10 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> assign_stats(const torch
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto acc_opts = centroids.options().memory_format(at::MemoryFormat::Contiguous);
   auto assign = torch::empty({B}, z.options().dtype(at::kLong));
-  auto counts = torch::zeros({K}, acc_opts);
-  auto sqdev = torch::zeros({K, D}, acc_opts);
-  if (B == 0) return {assign, counts, sqdev};
+  if (B == 0) return {assign, torch::zeros({K}, acc_opts), torch::zeros({K, D}, acc_opts)};
+  // segment_sqdev_kernel writes every element of both (empty clusters get 0)
+  auto counts = torch::empty({K}, acc_opts);
+  auto sqdev = torch::empty({K, D}, acc_opts);
   auto labels_c = labels.contiguous();
 
   const dim3 block(kWarp * kAssignWarps);
@@ -241,6 +243,7 @@ torch::Tensor scatter_grad(const torch::Tensor& z, const torch::Tensor& assign, 
               "cem_cuda: coef must be [K, D] = [", K, ", ", D, "] or [K, 1], got ", coef.sizes());
 
   const c10::cuda::CUDAGuard guard(z.device());
+  const auto assign_c = assign.contiguous();  // the kernel indexes assign[row]
   auto dz = torch::empty({B, D}, z.options().memory_format(at::MemoryFormat::Contiguous));
   if (B == 0 || D == 0) return dz;
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -252,7 +255,7 @@ torch::Tensor scatter_grad(const torch::Tensor& z, const torch::Tensor& assign, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cem_cuda_scatter_grad", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     scatter_grad_kernel<scalar_t, acc_t><<<grid, block, 0, stream>>>(
-        z.data_ptr<scalar_t>(), z.stride(0), z.stride(1), assign.data_ptr<int64_t>(), centroids.data_ptr<acc_t>(),
+        z.data_ptr<scalar_t>(), z.stride(0), z.stride(1), assign_c.data_ptr<int64_t>(), centroids.data_ptr<acc_t>(),
         centroids.stride(0), centroids.stride(1), coef.data_ptr<acc_t>(), coef.stride(0), skd,
         dz.data_ptr<scalar_t>(), B, D, K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -136,3 +136,16 @@ def test_bench_kernels_refit_only(tmp_path):
     assert float(ours[5]) > 0 and first_iters >= 1 and warm_iters >= 1
     with pytest.raises(SystemExit):
         bench_kernels.main(["--refit-only", "--no-refit"])
+
+
+def test_gpu_loss_check_runs_on_the_cpu(capsys):
+    """bench/gpu_loss_check.py --device cpu --quick: every parity line passes and the script reports 0 failures."""
+    from bench import gpu_loss_check
+    torch.set_num_threads(1)
+    assert gpu_loss_check.main(["--device", "cpu", "--quick"]) == 0
+    out = capsys.readouterr().out
+    parity = [line for line in out.splitlines() if line.startswith("parity ")]
+    cpu_backends = [b for b in ("torch", "cpp") if backends.resolve(b, torch.device("cpu")) == b]
+    assert len(parity) == len(cpu_backends) * (3 * 2 + 1)       # 3 variants x (fp32, bf16), and full covariance
+    assert all(line.endswith(" ok") for line in parity), out
+    assert "full covariance, D=128" in out and "refit of 5000 x 256" in out and "\n0 failure(s)" in out

@@ -127,10 +127,13 @@ def test_index_bug_changes_the_loss_when_classes_are_uneven():
     assert out[0] != pytest.approx(out[1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_paper_full_covariance(rng, dtype):
-    C, m, D = 3, 2, 6
-    cem, *_ = make_loss("paper", C, m, D, rng, covariance="full", dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+@pytest.mark.parametrize("D", [6, 37])
+def test_paper_full_covariance(rng, backend, dtype, D):
+    C, m = 3, 2
+    cem, *_ = make_loss("paper", C, m, D, rng, covariance="full", backend=backend,
+                        dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     z = torch.rand(17, D, generator=rng, dtype=torch.float64).to(dtype)
     y = torch.randint(0, C, (17,), generator=rng)
     check_against_reference(cem, z, y, "paper", dtype)

@@ -32,6 +32,23 @@ def test_assign_stats_autograd_is_the_analytic_gradient(rng):
     torch.autograd.gradcheck(lambda t: ops.assign_stats(t, y, cent, m, True, "torch")[0], (z,))
 
 
+def test_full_covariance_helpers_skip_unassigned_rows(rng):
+    """``assign == -1`` (a GPU kernel's mark for a label out of range) belongs to no cluster and gets no gradient."""
+    z, y, cent, m = _inputs(rng, dtype=torch.float64)
+    _, _, a = ops.assign_stats(z, y, cent, m, True, "torch")
+    a_bad = a.clone()
+    a_bad[[0, 5]] = -1
+    keep = a_bad >= 0
+    want = ops.second_moments(z[keep], a[keep], cent)
+    assert torch.allclose(ops.second_moments(z, a_bad, cent), want, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(ops.second_moments(z, a, cent), want)
+    coef = torch.rand(cent.shape[0], cent.shape[1], cent.shape[1], generator=rng, dtype=torch.float64)
+    coef = coef + coef.transpose(1, 2)
+    dz = ops.matrix_grad(z, a_bad, cent, coef)
+    assert torch.equal(dz[~keep], torch.zeros_like(dz[~keep]))
+    assert torch.allclose(dz[keep], ops.matrix_grad(z[keep], a[keep], cent, coef), rtol=1e-12, atol=1e-12)
+
+
 def _train_step_losses(compiled: bool, variant: str):
     torch.manual_seed(0)
     enc = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Sigmoid())

@@ -10,6 +10,7 @@ fixture sets it again (the launchers and ``is_available`` read it at call time).
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 
 import pytest
@@ -204,11 +205,12 @@ def test_out_of_range_labels_are_excluded(gen):
     assert torch.all(dz[4] == 0) and torch.all(dz[7] == 0) and torch.any(dz[0] != 0)
 
 
-@pytest.mark.parametrize("use_atomics", [False, True])
-def test_deterministic(gen, use_atomics):
+def test_deterministic(gen):
+    # the default path only: the interpreter runs programs one at a time, so the opt-in atomics path would be
+    # reproducible here too, which it is not on a GPU (tests/gpu checks it against float64 sums instead)
     z, labels, centroids = make_inputs(gen, 64, 70, 2, 3, torch.float32)
-    first = tb.assign_stats(z, labels, centroids, 3, True, use_atomics=use_atomics)
-    second = tb.assign_stats(z, labels, centroids, 3, True, use_atomics=use_atomics)
+    first = tb.assign_stats(z, labels, centroids, 3, True)
+    second = tb.assign_stats(z, labels, centroids, 3, True)
     for x, y in zip(first, second):
         assert torch.equal(x, y)
 
@@ -351,14 +353,22 @@ def _compile_sm90(fn, ptr_types, constexprs):
             signature[name] = "constexpr"
         elif name in ptr_types:
             signature[name] = ptr_types[name]
-        elif name == "scale":
-            signature[name] = "fp32"
         else:
             assert name in _I32, name
             signature[name] = "i32"
     kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 4})
-    assert ".entry" in kernel.asm["ptx"] and "st.local" not in kernel.asm["ptx"], "no register spills"
+    assert ".entry" in kernel.asm["ptx"]
+    # spills are made by ptxas (register allocation), never visible in the PTX: ask ptxas
+    import subprocess, tempfile
+    from triton import knobs
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(kernel.asm["ptx"])
+        info = subprocess.run([knobs.nvidia.ptxas.path, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+    assert " 0 bytes spill stores" in info, f"{fn.__name__} {constexprs}: register spills\n{info}"
 
 
 @pytest.mark.parametrize("zt,acc", [("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")])
@@ -375,13 +385,28 @@ def test_kernels_compile_for_sm90(zt, acc, monkeypatch):
         pytest.skip("TRITON_INTERPRET was set when the backend was imported in this process")
     z, a, i = f"*{zt}", f"*{acc}", "*i64"
     common = dict(z_ptr=z, cent_ptr=a, perm_ptr=i, starts_ptr=i, sqdev_ptr=a, counts_ptr=a, labels_ptr=i,
-                  assign_ptr=i, coef_ptr=a, dz_ptr=z, out_ptr=a)
+                  assign_ptr=i, coef_ptr=a, dz_ptr=z, out_ptr=a, scale_ptr=a)
     f64 = acc == "fp64"
-    for cc, atom, blocks in ((True, False, (16, 4, 64)), (True, True, (8, 16, 32)), (False, False, (16, 16, 16))):
+    acc_dtype = torch.float64 if f64 else torch.float32
+    configs = {(cc, real._assign_blocks(cand, 2048, cc, acc_dtype))              # what the launcher picks
+               for cc, cand in itertools.product((True, False), (1, 2, 3, 5, 10, 30))}
+    for (cc, blocks), atom in itertools.product(sorted(configs), (False, True)):
         _compile_sm90(real._assign_kernel, common, dict(CLASS_COND=cc, ATOMIC_STATS=atom, BLOCK_B=blocks[0],
-                                                        BLOCK_K=blocks[1], BLOCK_D=blocks[2] // (2 if f64 else 1)))
+                                                        BLOCK_K=blocks[1], BLOCK_D=blocks[2]))
     _compile_sm90(real._segment_sqdev_kernel, common, dict(BLOCK_R=32, BLOCK_D=64 if f64 else 128))
     _compile_sm90(real._scatter_grad_kernel, common, dict(BLOCK_B=16, BLOCK_D=128))
     if zt != "bf16":
-        _compile_sm90(real._second_moments_kernel, common, dict(BLOCK_R=16, BLOCK_DD=32, USE_DOT=not f64))
-        _compile_sm90(real._matrix_grad_kernel, common, dict(BLOCK_R=16, BLOCK_N=64, BLOCK_KD=32, USE_DOT=not f64))
+        _compile_sm90(real._second_moments_kernel, common, dict(BLOCK_R=4 if f64 else 16, BLOCK_DD=32,
+                                                                USE_DOT=not f64))
+        _compile_sm90(real._matrix_grad_kernel, common, dict(BLOCK_R=16, BLOCK_N=32 if f64 else 64,
+                                                             BLOCK_KD=8 if f64 else 32, USE_DOT=not f64))
+
+
+def test_scatter_grad_non_contiguous_assign(gen):
+    z, _, centroids = make_inputs(gen, 12, 7, 2, 2, torch.float32)
+    K = centroids.shape[0]
+    pairs = torch.randint(0, K, (12, 2), generator=gen)
+    a = pairs[:, 1]                                                       # stride 2
+    assert not a.is_contiguous()
+    coef = torch.randn(K, 7, generator=gen)
+    assert torch.equal(tb.scatter_grad(z, a, centroids, coef), ref.scatter_grad(z, a, centroids, coef))

@@ -15,9 +15,13 @@ from .extension import load_cuda_extension
 @functools.cache
 def _loaded() -> bool:
     try:
-        load_cuda_extension()
+        ext = load_cuda_extension()
+        if torch.cuda.is_available():  # one tiny launch: a binary without code for this GPU fails here, not mid-training
+            z = torch.zeros(1, 1, device="cuda")
+            ext.assign_stats(z, torch.zeros(1, dtype=torch.int64, device="cuda"), z, 1, True)
+            torch.cuda.synchronize()
         return True
-    except Exception as exc:  # no toolkit, a compile error, an import error
+    except Exception as exc:  # no toolkit, a compile error, an import error, no kernel image for this GPU
         warnings.warn(f"cem_fast: the CUDA extension could not be built or loaded, so the 'cuda' backend is "
                       f"unavailable ({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=3)
         return False

@@ -31,7 +31,7 @@ CUDA_OPTIONAL_SOURCES = ("cem_cuda_bindings.cpp",)  # compiled with the .cu when
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3"]
-DEFAULT_CUDA_ARCH = "9.0"  # H200, when no GPU is visible to pick the architecture from
+DEFAULT_CUDA_ARCH = "9.0+PTX"  # H200 SASS when no GPU is visible to pick the architecture from; PTX for newer GPUs
 
 
 def csrc_dir() -> Path:

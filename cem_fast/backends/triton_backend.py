@@ -28,6 +28,7 @@ sync; they get ``assign = -1``, count in no cluster and receive a zero gradient.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -214,7 +215,7 @@ if triton is not None:
                          mask=(dj < D)[:, None] & (di < D)[None, :])
 
     @triton.jit
-    def _matrix_grad_kernel(z_ptr, cent_ptr, coef_ptr, perm_ptr, starts_ptr, dz_ptr, scale,
+    def _matrix_grad_kernel(z_ptr, cent_ptr, coef_ptr, perm_ptr, starts_ptr, dz_ptr, scale_ptr,
                             D, stride_zb, stride_zd, stride_cb, stride_cd,
                             BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr,
                             USE_DOT: tl.constexpr):
@@ -227,6 +228,7 @@ if triton is not None:
         start = tl.load(starts_ptr + k)
         end = tl.load(starts_ptr + k + 1)
         g_base = coef_ptr + k.to(tl.int64) * D * D
+        scale = tl.load(scale_ptr)   # a Python float argument is passed as fp32
         for r0 in range(start, end, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
             r_ok = r < end
@@ -341,14 +343,28 @@ def _segments(assign: torch.Tensor, K: int) -> Tuple[torch.Tensor, torch.Tensor]
 # =========================================================================== launchers
 
 
+def _on_z_device(fn):
+    """Triton launches on the *current* CUDA device and its current stream, not on the tensors' device."""
+    @functools.wraps(fn)
+    def launcher(z, *args, **kwargs):
+        if isinstance(z, torch.Tensor) and z.device.type == "cuda":
+            with torch.cuda.device(z.device):
+                return fn(z, *args, **kwargs)
+        return fn(z, *args, **kwargs)
+    return launcher
+
+
 def _assign_blocks(cand: int, D: int, class_conditional: bool, acc: torch.dtype):
     block_k = min(_next_pow2(cand), 16)
-    block_b = 16 if (block_k <= 4 or not class_conditional) else 8
+    block_b = 16 if (block_k <= 2 or not class_conditional) else 8
     budget = 4096 if acc == torch.float32 else 2048      # elements of the [B, K, D] tile (registers)
-    block_d = max(16, min(128, budget // (block_b * block_k)))
+    if class_conditional and block_k < 16:
+        budget //= 2      # the per-row gather also holds a 64-bit address per element (ptxas -v: no spills)
+    block_d = max(16, min(128 if acc == torch.float32 else 64, budget // (block_b * block_k)))
     return block_b, block_k, min(block_d, max(16, _next_pow2(D)))
 
 
+@_on_z_device
 def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int,
                  class_conditional: bool, use_atomics: bool = False):
     """Nearest centroid per row and the per-cluster counts and squared deviations.
@@ -417,6 +433,7 @@ def _check_coef_kd(coef, z: torch.Tensor, centroids: torch.Tensor) -> None:
         raise ValueError(f"coef must be [K, D] = [{K}, {D}] or [K, 1], got {tuple(coef.shape)}")
 
 
+@_on_z_device
 def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
                  coef: torch.Tensor) -> torch.Tensor:
     """``dz[i] = coef[a_i] * (z_i - mu[a_i])`` in ``z``'s dtype (``coef`` is ``[K, D]`` or ``[K, 1]``)."""
@@ -432,6 +449,7 @@ def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
     block_d = min(128, max(16, _next_pow2(D)))
     block_b = max(1, 2048 // block_d)
     stride_kd = 0 if coef.shape[1] == 1 else coef.stride(1)
+    assign = assign.contiguous()      # the kernel reads assign[i] at assign_ptr + i
     _scatter_grad_kernel[(triton.cdiv(B, block_b), triton.cdiv(D, block_d))](
         z, assign, centroids, coef, dz, B, D, K,
         z.stride(0), z.stride(1), centroids.stride(0), centroids.stride(1), coef.stride(0), stride_kd,
@@ -445,6 +463,7 @@ _DD_BLOCK = 32     # D tile of the second-moment blocks (tl.dot needs >= 16)
 _ROW_BLOCK = 16
 
 
+@_on_z_device
 def cluster_second_moments(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
                            K: Optional[int] = None) -> torch.Tensor:
     """``[K, D, D]``: per cluster the sum over members of ``(z_i - mu)(z_i - mu)^T`` (accumulation dtype).
@@ -468,10 +487,12 @@ def cluster_second_moments(z: torch.Tensor, assign: torch.Tensor, centroids: tor
     _second_moments_kernel[(K, nb, nb)](
         z, centroids, perm, starts, out, D, z.stride(0), z.stride(1),
         centroids.stride(0), centroids.stride(1),
-        BLOCK_R=_ROW_BLOCK, BLOCK_DD=_DD_BLOCK, USE_DOT=centroids.dtype != torch.float64, num_warps=4)
+        BLOCK_R=4 if centroids.dtype == torch.float64 else _ROW_BLOCK, BLOCK_DD=_DD_BLOCK,
+        USE_DOT=centroids.dtype != torch.float64, num_warps=4)
     return out
 
 
+@_on_z_device
 def matrix_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, coef: torch.Tensor,
                 scale: float = 1.0) -> torch.Tensor:
     """``dz[i] = scale * coef[a_i] @ (z_i - mu[a_i])`` in ``z``'s dtype, ``coef [K, D, D]``.
@@ -494,11 +515,13 @@ def matrix_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, 
     if B == 0:
         return dz
     perm, starts = _segments(assign, K)
-    block_n = min(64, max(16, _next_pow2(D)))
+    f64 = centroids.dtype == torch.float64
+    block_n = min(32 if f64 else 64, max(16, _next_pow2(D)))
+    scale_t = torch.full((1,), float(scale), dtype=centroids.dtype, device=z.device)
     _matrix_grad_kernel[(K, triton.cdiv(D, block_n))](
-        z, centroids, coef, perm, starts, dz, float(scale), D,
+        z, centroids, coef, perm, starts, dz, scale_t, D,
         z.stride(0), z.stride(1), centroids.stride(0), centroids.stride(1),
-        BLOCK_R=_ROW_BLOCK, BLOCK_N=block_n, BLOCK_KD=32, USE_DOT=centroids.dtype != torch.float64,
+        BLOCK_R=_ROW_BLOCK, BLOCK_N=block_n, BLOCK_KD=8 if f64 else 32, USE_DOT=not f64,
         num_warps=4)
     return dz
 
