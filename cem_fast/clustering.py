@@ -186,13 +186,23 @@ def kmeans(x: torch.Tensor, labels: Optional[torch.Tensor], num_classes: int, m:
     return KMeansResult(flat.reshape(num_classes, m, D), assign, counts, iterations, sq_dist)
 
 
+def cluster_segments(assign: torch.Tensor, K: int) -> tuple[torch.Tensor, list[int]]:
+    """Row order grouping the rows by cluster, and each cluster's row count (host list: one sync).
+
+    Rows with ``assign == -1`` (no cluster) are left out.
+    """
+    keep = (assign >= 0).nonzero().squeeze(1)
+    kept = assign[keep]
+    return keep[torch.argsort(kept, stable=True)], torch.bincount(kept, minlength=K).tolist()
+
+
 def cluster_second_moments(x: torch.Tensor, assign: torch.Tensor, centroids_flat: torch.Tensor) -> torch.Tensor:
-    """``[K, D, D]`` sum over members of ``(x - mu)(x - mu)^T``, one GEMM per cluster on sorted rows (refit only)."""
+    """``[K, D, D]`` sum over members of ``(x - mu)(x - mu)^T`` in the centroids' dtype, one GEMM per cluster
+    on rows sorted by cluster (``B D^2`` flops; the refit, and full covariance on the CPU)."""
     K, D = centroids_flat.shape
-    order = torch.argsort(assign, stable=True)
-    counts = torch.bincount(assign, minlength=K).tolist()
-    diff = x[order] - centroids_flat[assign[order]]
-    out = x.new_zeros(K, D, D)
+    order, counts = cluster_segments(assign, K)
+    diff = x[order].to(centroids_flat.dtype) - centroids_flat[assign[order]]
+    out = diff.new_zeros(K, D, D)
     start = 0
     for k, n in enumerate(counts):
         if n:

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from . import backends, variants
+from .clustering import cluster_second_moments, cluster_segments
 from .distributed import all_reduce_sum, world_size
 
 # --------------------------------------------------------------------------- custom ops
@@ -103,21 +104,48 @@ def matrix_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, 
     return per_cluster.sum(0).to(z.dtype)
 
 
-def _grouped_kernels(backend: str) -> bool:
-    # Triton has grouped kernels over rows sorted by cluster (O(B D^2) work, IEEE fp32, no [K, B, D] buffer);
-    # under torch.compile the torch form is traced instead (the custom ops cover the diagonal statistics only).
-    return backend == "triton" and not torch.compiler.is_compiling()
+def segmented_full_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, chol: torch.Tensor,
+                        factor: torch.Tensor) -> torch.Tensor:
+    """``dz[i] = factor[a_i] (L L^T)^-1_{a_i} (z_i - mu[a_i])``: one Cholesky solve per cluster on the rows
+    sorted by cluster (reads the cluster sizes: for the CPU), no explicit inverse."""
+    order, counts = cluster_segments(assign, centroids.shape[0])
+    diff = z[order].to(centroids.dtype) - centroids[assign[order]]
+    dz = diff.new_zeros(z.shape)
+    start = 0
+    for k, n in enumerate(counts):
+        if n:
+            dz[order[start:start + n]] = variants.full_coef_solve(chol[k], factor[k], diff[start:start + n])
+        start += n
+    return dz.to(z.dtype)
+
+
+# Grouped forms over the rows sorted by cluster do B D^2 work, where the batched form above does K B D^2 and
+# builds a [K, B, D] tensor: Triton kernels on the GPU (IEEE fp32), a GEMM per cluster on the CPU (where
+# reading the cluster sizes costs nothing). Under torch.compile the batched form is traced instead.
+def _grouped(z, backend: str) -> Optional[str]:
+    if torch.compiler.is_compiling():
+        return None
+    if backend == "triton":
+        return "triton"
+    return "cpu" if z.device.type == "cpu" else None
 
 
 def _full_moments(z, assign, centroids, backend):
-    if _grouped_kernels(backend):
+    kind = _grouped(z, backend)
+    if kind == "triton":
         return backends.get(backend).cluster_second_moments(z, assign, centroids)
+    if kind == "cpu":
+        return cluster_second_moments(z, assign, centroids)
     return second_moments(z, assign, centroids)
 
 
-def _full_grad(z, assign, centroids, coef, backend):
-    if _grouped_kernels(backend):
-        return backends.get(backend).matrix_grad(z, assign, centroids, coef.contiguous())
+def _full_grad(z, assign, centroids, chol, factor, backend):
+    kind = _grouped(z, backend)
+    if kind == "cpu":
+        return segmented_full_grad(z, assign, centroids, chol, factor)
+    coef = variants.full_coef_matrix(chol, factor)
+    if kind == "triton":
+        return backends.get(backend).matrix_grad(z, assign, centroids, coef)
     return matrix_grad(z, assign, centroids, coef)
 
 
@@ -179,7 +207,11 @@ class CEMFunction(torch.autograd.Function):
                     variant, full, counts, stat, pi, variance, m=m, class_conditional=class_conditional,
                     sigma=sigma, num_classes=num_classes, dataset_size=dataset_size, var_threshold=var_threshold,
                     log_entropy=log_entropy, replicate_index_bug=replicate_index_bug, reduction=reduction)
-        ctx.save_for_backward(z, assign, centroids, coef)
+        if full:
+            chol, factor = coef
+            ctx.save_for_backward(z, assign, centroids, factor, chol)
+        else:
+            ctx.save_for_backward(z, assign, centroids, coef)
         ctx.full = full
         ctx.backend = backend
         ctx.grad_scale = 2.0 * world_size(process_group)
@@ -188,12 +220,12 @@ class CEMFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_pi, _grad_var):
-        z, assign, centroids, coef = ctx.saved_tensors
+        z, assign, centroids, coef = ctx.saved_tensors[:4]
         # Under data parallelism every rank holds the global loss; DDP averages gradients over ranks,
         # so each rank's exact gradient is scaled by the world size (folded into grad_scale).
-        scaled = coef * (grad_loss * ctx.grad_scale)
+        scaled = coef * (grad_loss * ctx.grad_scale)       # for full covariance, the per-cluster factor
         if ctx.full:
-            dz = _full_grad(z, assign, centroids, scaled, ctx.backend)
+            dz = _full_grad(z, assign, centroids, ctx.saved_tensors[4], scaled, ctx.backend)
         else:
             dz = _gather_grad(z, assign, centroids, scaled, ctx.backend)
         return (dz,) + (None,) * 17

@@ -133,20 +133,38 @@ def paper_diag(counts, sqdev, pi, variance, *, sigma, dataset_size, reduction):
 
 
 def paper_full(counts, moments, pi, covariance, *, sigma, dataset_size, reduction):
-    """Eq. 5-7 with full covariances: batched Cholesky for the log-det and the inverse (no host sync)."""
+    """Eq. 5-7 with full covariances: batched Cholesky for the log-det (no host sync).
+
+    Returns ``loss, (chol, factor), pi_new, covariance_new``: the gradient coefficient of cluster ``k`` is
+    ``factor[k] * (I + S_k/s2)^-1`` with ``chol[k]`` the Cholesky factor of ``I + S_k/s2``. It stays
+    factored: the backward needs it only against the batch's rows (``full_coef_solve``), ``B D^2`` work
+    where the explicit inverse is ``K D^3`` (``full_coef_matrix`` when a kernel wants the matrix).
+    """
     K, D, _ = moments.shape
     s2 = sigma * sigma
     pi_new, alpha = _paper_weights(counts, pi, dataset_size)
     n_safe = counts.clamp_min(1.0)
-    blend = alpha[:, None, None]
-    cov_new = torch.where((counts > 0)[:, None, None],
-                          (1 - blend) * covariance + blend * (moments / n_safe[:, None, None]), covariance)
-    eye = torch.eye(D, dtype=moments.dtype, device=moments.device)
-    chol, _ = torch.linalg.cholesky_ex(cov_new / s2 + eye)      # I + S/s2 is always positive definite
+    # alpha = 0 for an empty cluster, and lerp with weight 0 returns the start exactly: no where() needed.
+    # Each op here is a pass over K D^2 elements, as costly as the factorisation on the CPU: keep them few.
+    cov_new = torch.lerp(covariance, moments / n_safe[:, None, None], alpha[:, None, None])
+    a = cov_new / s2
+    a.diagonal(dim1=-2, dim2=-1).add_(1.0)                        # I + S/s2: always positive definite
+    chol, _ = torch.linalg.cholesky_ex(a)
+    # the log-det of I + S/s2, not of S + s2 I: the latter less D log s2 cancels catastrophically in fp32
     half_logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
     scale = 1.0 / D if reduction == "mean_dim" else 1.0
     loss = scale * (_neg_pi_log_pi(pi_new) + pi_new * half_logdet).sum()
-    inv = torch.cholesky_inverse(chol) / s2                      # (S + s2 I)^-1
-    coef = (scale * 0.5 * pi_new * alpha / n_safe)[:, None, None] * inv
-    return loss, coef, pi_new, cov_new
+    # (S + s2 I)^-1 = (I + S/s2)^-1 / s2, with the 1/s2 folded into the per-cluster factor
+    factor = scale * 0.5 * pi_new * alpha / (n_safe * s2)
+    return loss, (chol, factor), pi_new, cov_new
+
+
+def full_coef_matrix(chol: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``[K, D, D]``: ``factor[k] * (L_k L_k^T)^-1``, the explicit gradient coefficient of ``paper_full``."""
+    return torch.cholesky_inverse(chol).mul_(factor[:, None, None])
+
+
+def full_coef_solve(chol_k: torch.Tensor, factor_k: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """``factor_k * (L_k L_k^T)^-1 diff_i`` for the rows ``diff [n, D]`` of one cluster."""
+    return torch.cholesky_solve(diff.t(), chol_k).t() * factor_k
 

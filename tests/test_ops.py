@@ -47,13 +47,21 @@ def test_full_covariance_helpers_skip_unassigned_rows(rng):
     dz = ops.matrix_grad(z, a_bad, cent, coef)
     assert torch.equal(dz[~keep], torch.zeros_like(dz[~keep]))
     assert torch.allclose(dz[keep], ops.matrix_grad(z[keep], a[keep], cent, coef), rtol=1e-12, atol=1e-12)
+    # the grouped CPU forms (one GEMM per cluster) give the same, -1 rows included
+    assert torch.allclose(ops.cluster_second_moments(z, a_bad, cent), want, rtol=1e-12, atol=1e-12)
+    spd = coef @ coef.transpose(1, 2) + torch.eye(coef.shape[1], dtype=coef.dtype)
+    chol = torch.linalg.cholesky(spd)
+    factor = torch.rand(cent.shape[0], generator=rng, dtype=torch.float64)
+    want_dz = ops.matrix_grad(z, a_bad, cent, torch.linalg.inv(spd) * factor[:, None, None])
+    assert torch.allclose(ops.segmented_full_grad(z, a_bad, cent, chol, factor), want_dz, rtol=1e-10, atol=1e-12)
+    assert ops.segmented_full_grad(z.float(), a_bad, cent, chol, factor).dtype == torch.float32
 
 
-def _train_step_losses(compiled: bool, variant: str):
+def _train_step_losses(compiled: bool, variant: str, covariance: str = "diag"):
     torch.manual_seed(0)
     enc = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Sigmoid())
     head = torch.nn.Linear(8, 3)
-    cem = CEMLoss(3, 2, variant=variant, dataset_size=64, backend="torch", validate=False)
+    cem = CEMLoss(3, 2, variant=variant, covariance=covariance, dataset_size=64, backend="torch", validate=False)
     x = torch.randn(64, 6)
     y = torch.arange(64) % 3
     with torch.no_grad():
@@ -76,11 +84,12 @@ def _train_step_losses(compiled: bool, variant: str):
     return losses, cem.state_dict()
 
 
-@pytest.mark.parametrize("variant", ["paper", "official-trained"])
-def test_training_step_under_torch_compile(variant):
-    eager, s_eager = _train_step_losses(False, variant)
+@pytest.mark.parametrize("variant,covariance", [("paper", "diag"), ("official-trained", "diag"), ("paper", "full")])
+def test_training_step_under_torch_compile(variant, covariance):
+    # with full covariance, eager (CPU) solves per cluster and compiled traces the batched explicit inverse
+    eager, s_eager = _train_step_losses(False, variant, covariance)
     torch._dynamo.reset()
-    compiled, s_comp = _train_step_losses(True, variant)
+    compiled, s_comp = _train_step_losses(True, variant, covariance)
     assert compiled == pytest.approx(eager, rel=1e-5)
     for k, v in s_eager.items():
         if isinstance(v, torch.Tensor):
