@@ -260,3 +260,53 @@ def test_triton_second_moments(gen, dtype, B, D, K):
     want_dz = 2 * torch.einsum("bij,bj->bi", g.double()[assign], diff)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(dz.double(), want_dz, **tol)
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_opcheck_on_gpu(name, gen, request):
+    """The registered ops (schema, fake implementation, autograd) with CUDA tensors and a GPU backend."""
+    from cem_fast import ops
+    _triton() if name == "triton" else request.getfixturevalue("cuda_ext")
+    z, labels, centroids = make_inputs(gen, 12, 10, 3, 2, torch.float32)
+    for cc in (True, False):
+        torch.library.opcheck(ops.assign_stats, (z.clone().requires_grad_(True), labels, centroids, 2, cc, name))
+    a = ops.assign_stats(z, labels, centroids, 2, True, name)[2]
+    coef = torch.randn(centroids.shape, generator=gen).to(DEV)
+    torch.library.opcheck(ops.scatter_grad, (z, a, centroids, coef, name))
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_training_step_under_torch_compile_on_gpu(name, covariance, request):
+    """Three SGD steps with CEMLoss, eager and under torch.compile (aot_eager), give the same losses."""
+    from cem_fast import CEMLoss
+    _triton() if name == "triton" else request.getfixturevalue("cuda_ext")
+
+    def run(compiled):
+        torch.manual_seed(0)
+        enc = torch.nn.Sequential(torch.nn.Linear(6, 40), torch.nn.Sigmoid()).to(DEV)
+        head = torch.nn.Linear(40, 3).to(DEV)
+        cem = CEMLoss(3, 2, covariance=covariance, dataset_size=64, backend=name, validate=False).to(DEV)
+        x = torch.randn(64, 6, device=DEV)
+        y = torch.arange(64, device=DEV) % 3
+        with torch.no_grad():
+            cem.refit(enc(x), y)
+        opt = torch.optim.SGD(list(enc.parameters()) + list(head.parameters()), lr=0.1)
+
+        def step(xb, yb):
+            z = enc(xb)
+            loss = torch.nn.functional.cross_entropy(head(z), yb) + 4.0 * cem(z, yb)
+            loss.backward()
+            return loss
+
+        fn = torch.compile(step, backend="aot_eager") if compiled else step
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            losses.append(float(fn(x[:16], y[:16]).detach()))
+            opt.step()
+        return losses
+
+    eager = run(False)
+    torch._dynamo.reset()
+    assert run(True) == pytest.approx(eager, rel=1e-5)
