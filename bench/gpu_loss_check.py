@@ -33,6 +33,12 @@ def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def errors(loss, grad, ref, ref_grad):
+    """Relative error of a loss and of its gradient against the float64 reference."""
+    ref = float(ref.detach())
+    return abs(float(loss.detach()) - ref) / abs(ref), rel(grad, ref_grad)
+
+
 def device_backends(device):
     names = []
     for name in ("torch", "cpp", "cuda", "triton"):
@@ -70,7 +76,7 @@ def check_parity(device, names, gen) -> int:
                                            pi=state["pi"].double().cpu(), variance=state["var"].double().cpu(),
                                            dataset_size=50_000, var_threshold=cem.var_threshold)
                 (g,) = torch.autograd.grad(ref, z64)
-                el, eg = abs(float(loss.detach()) - float(ref.detach())) / abs(float(ref.detach())), rel(zz.grad, g)
+                el, eg = errors(loss, zz.grad, ref, g)
                 ok = el <= TOL[dtype] and eg <= TOL[dtype]
                 failures += not ok
                 print(f"parity {variant:16s} {backend:7s} {str(dtype):15s} loss rel err {el:.2e}  grad rel err {eg:.2e}"
@@ -101,7 +107,7 @@ def check_full_parity(device, names, gen) -> int:
         ref, _, _ = reference_loss(z64, y, cem.centroids.double().cpu(), variant="paper", sigma=cem.sigma, pi=pi0,
                                    variance=var0, dataset_size=50_000, covariance="full")
         (g,) = torch.autograd.grad(ref, z64)
-        el, eg = abs(float(loss.detach()) - float(ref.detach())) / abs(float(ref.detach())), rel(zz.grad, g)
+        el, eg = errors(loss, zz.grad, ref, g)
         if bar is None:                       # the torch backend: plain fp32 PyTorch
             bar = max(TOL[torch.float32], 2 * el, 2 * eg)
             ok = max(el, eg) <= 1e-4

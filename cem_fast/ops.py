@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from . import backends, variants
-from .clustering import cluster_second_moments, cluster_segments
+from .clustering import cluster_member_diffs, cluster_second_moments
 from .distributed import all_reduce_sum, world_size
 
 # --------------------------------------------------------------------------- custom ops
@@ -108,14 +108,9 @@ def segmented_full_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.
                         factor: torch.Tensor) -> torch.Tensor:
     """``dz[i] = factor[a_i] (L L^T)^-1_{a_i} (z_i - mu[a_i])``: one Cholesky solve per cluster on the rows
     sorted by cluster (reads the cluster sizes: for the CPU), no explicit inverse."""
-    order, counts = cluster_segments(assign, centroids.shape[0])
-    diff = z[order].to(centroids.dtype) - centroids[assign[order]]
-    dz = diff.new_zeros(z.shape)
-    start = 0
-    for k, n in enumerate(counts):
-        if n:
-            dz[order[start:start + n]] = variants.full_coef_solve(chol[k], factor[k], diff[start:start + n])
-        start += n
+    dz = centroids.new_zeros(z.shape)
+    for k, rows, diff in cluster_member_diffs(z, assign, centroids):
+        dz[rows] = variants.full_coef_solve(chol[k], factor[k], diff)
     return dz.to(z.dtype)
 
 
@@ -220,12 +215,12 @@ class CEMFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_pi, _grad_var):
-        z, assign, centroids, coef = ctx.saved_tensors[:4]
+        z, assign, centroids, coef, *chol = ctx.saved_tensors   # chol: full covariance only
         # Under data parallelism every rank holds the global loss; DDP averages gradients over ranks,
         # so each rank's exact gradient is scaled by the world size (folded into grad_scale).
         scaled = coef * (grad_loss * ctx.grad_scale)       # for full covariance, the per-cluster factor
         if ctx.full:
-            dz = _full_grad(z, assign, centroids, ctx.saved_tensors[4], scaled, ctx.backend)
+            dz = _full_grad(z, assign, centroids, chol[0], scaled, ctx.backend)
         else:
             dz = _gather_grad(z, assign, centroids, scaled, ctx.backend)
         return (dz,) + (None,) * 17

@@ -396,10 +396,9 @@ def test_kernels_compile_for_sm90(zt, acc, monkeypatch):
     _compile_sm90(real._segment_sqdev_kernel, common, dict(BLOCK_R=32, BLOCK_D=64 if f64 else 128))
     _compile_sm90(real._scatter_grad_kernel, common, dict(BLOCK_B=16, BLOCK_D=128))
     if zt != "bf16":
-        _compile_sm90(real._second_moments_kernel, common, dict(BLOCK_R=4 if f64 else 16, BLOCK_DD=32,
-                                                                USE_DOT=not f64))
-        _compile_sm90(real._matrix_grad_kernel, common, dict(BLOCK_R=16, BLOCK_N=32 if f64 else 64,
-                                                             BLOCK_KD=8 if f64 else 32, USE_DOT=not f64))
+        moments, grad = real._full_cov_blocks(2048, acc_dtype)                     # what the launchers pick
+        _compile_sm90(real._second_moments_kernel, common, moments)
+        _compile_sm90(real._matrix_grad_kernel, common, grad)
 
 
 def test_scatter_grad_non_contiguous_assign(gen):

@@ -463,6 +463,16 @@ _DD_BLOCK = 32     # D tile of the second-moment blocks (tl.dot needs >= 16)
 _ROW_BLOCK = 16
 
 
+def _full_cov_blocks(D: int, acc: torch.dtype) -> tuple[dict, dict]:
+    """Tiles of ``_second_moments_kernel`` and ``_matrix_grad_kernel``. fp64 has no ``tl.dot`` path, and its
+    broadcast products get smaller tiles so that nothing spills (ptxas -v, sm_90)."""
+    f64 = acc == torch.float64
+    moments = dict(BLOCK_R=4 if f64 else _ROW_BLOCK, BLOCK_DD=_DD_BLOCK, USE_DOT=not f64)
+    grad = dict(BLOCK_R=_ROW_BLOCK, BLOCK_N=min(32 if f64 else 64, max(16, _next_pow2(D))),
+                BLOCK_KD=8 if f64 else 32, USE_DOT=not f64)
+    return moments, grad
+
+
 @_on_z_device
 def cluster_second_moments(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
                            K: Optional[int] = None) -> torch.Tensor:
@@ -486,9 +496,7 @@ def cluster_second_moments(z: torch.Tensor, assign: torch.Tensor, centroids: tor
     nb = triton.cdiv(D, _DD_BLOCK)
     _second_moments_kernel[(K, nb, nb)](
         z, centroids, perm, starts, out, D, z.stride(0), z.stride(1),
-        centroids.stride(0), centroids.stride(1),
-        BLOCK_R=4 if centroids.dtype == torch.float64 else _ROW_BLOCK, BLOCK_DD=_DD_BLOCK,
-        USE_DOT=centroids.dtype != torch.float64, num_warps=4)
+        centroids.stride(0), centroids.stride(1), **_full_cov_blocks(D, centroids.dtype)[0], num_warps=4)
     return out
 
 
@@ -515,14 +523,11 @@ def matrix_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, 
     if B == 0:
         return dz
     perm, starts = _segments(assign, K)
-    f64 = centroids.dtype == torch.float64
-    block_n = min(32 if f64 else 64, max(16, _next_pow2(D)))
+    blocks = _full_cov_blocks(D, centroids.dtype)[1]
     scale_t = torch.full((1,), float(scale), dtype=centroids.dtype, device=z.device)
-    _matrix_grad_kernel[(K, triton.cdiv(D, block_n))](
+    _matrix_grad_kernel[(K, triton.cdiv(D, blocks["BLOCK_N"]))](
         z, centroids, coef, perm, starts, dz, scale_t, D,
-        z.stride(0), z.stride(1), centroids.stride(0), centroids.stride(1),
-        BLOCK_R=_ROW_BLOCK, BLOCK_N=block_n, BLOCK_KD=8 if f64 else 32, USE_DOT=not f64,
-        num_warps=4)
+        z.stride(0), z.stride(1), centroids.stride(0), centroids.stride(1), **blocks, num_warps=4)
     return dz
 
 
