@@ -77,3 +77,6 @@ for seed in 125 126 127; do
   done
 done
 table --no-run --attacks decoder gan --out reproduce/results/table1_cpu.md
+# 9. Seeds for Figure 4's two single-seed arms: CEM at lambda 4, then noise alone at sigma 0.05.
+for seed in 126 127; do arm 0.025 4 "$seed" || exit 1; done
+for seed in 126 127; do arm 0.05 0 "$seed" || exit 1; done
