@@ -190,8 +190,9 @@ def cluster_member_diffs(x: torch.Tensor, assign: torch.Tensor, centroids_flat: 
     """Per non-empty cluster ``(k, rows, x[rows] - mu_k)`` in the centroids' dtype, from one sort of the rows
     by cluster (reads the cluster sizes: one host sync). Rows with ``assign == -1`` (no cluster) are left out."""
     keep = (assign >= 0).nonzero().squeeze(1)
-    order = keep[torch.argsort(assign[keep], stable=True)]
-    counts = torch.bincount(assign[keep], minlength=centroids_flat.shape[0]).tolist()
+    kept = assign[keep]
+    order = keep[torch.argsort(kept, stable=True)]
+    counts = torch.bincount(kept, minlength=centroids_flat.shape[0]).tolist()
     diff = x[order].to(centroids_flat.dtype) - centroids_flat[assign[order]]
     start = 0
     for k, n in enumerate(counts):
