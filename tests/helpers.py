@@ -1,4 +1,8 @@
-"""Shared builders for the loss tests: random cluster states and the reference call."""
+"""Shared builders for the tests: random cluster states, the reference call, and where the real data is."""
+import os
+from pathlib import Path
+
+import pytest
 import torch
 
 from cem_fast.reference import reference_loss
@@ -36,3 +40,14 @@ def run_reference(z, y, cent, pi, var, variant, **kw):
                                            variance=None if var is None else var.double(), **kw)
     (g,) = torch.autograd.grad(loss, z64) if loss.requires_grad else (torch.zeros_like(z64),)
     return loss.detach(), g, new_pi, new_var
+
+
+def shared_data_dir() -> Path:
+    """The project's real data: ``$CEM_FAST_DATA``, else ``<repo>/../shared/data``."""
+    env = os.environ.get("CEM_FAST_DATA")
+    return Path(env) if env else Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+SHARED_DATA = shared_data_dir()
+needs_shared_data = pytest.mark.skipif(not (SHARED_DATA / "cifar10_test.npz").exists(),
+                                       reason=f"the real data is not in {SHARED_DATA} (set CEM_FAST_DATA)")

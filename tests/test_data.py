@@ -11,9 +11,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from reproduce.data import DATASETS, SAMPLE_PATH, dataset_info, denormalize, load_dataset, subset
 
-SHARED = Path("/work/shared/data")
-needs_shared = pytest.mark.skipif(not (SHARED / "cifar10_test.npz").exists(),
-                                  reason="offline dataset copies in /work/shared/data are not on this machine")
+from helpers import SHARED_DATA, needs_shared_data
+
+SHARED = SHARED_DATA
+needs_shared = needs_shared_data
 
 
 @pytest.fixture(autouse=True)
