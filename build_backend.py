@@ -4,6 +4,7 @@
 A plain ``pip install .`` builds a pure-Python wheel and needs no torch in its build environment (the
 kernels are compiled on first use instead), so torch is requested only for the ahead-of-time build.
 """
+
 import os
 
 from setuptools import build_meta as _setuptools

@@ -4,6 +4,7 @@
 ``CEM_FAST_BUILD_EXT=1`` the C++ extension (and the CUDA one, when a CUDA toolkit is found) is built into the
 wheel instead.
 """
+
 import importlib.util
 import os
 
@@ -18,8 +19,9 @@ def ahead_of_time_build():
     from torch.utils.cpp_extension import BuildExtension
 
     # extension.py is loaded on its own: importing the cem_fast package would need numpy and more.
-    spec = importlib.util.spec_from_file_location("_cem_fast_extension",
-                                                  os.path.join(HERE, "cem_fast", "backends", "extension.py"))
+    spec = importlib.util.spec_from_file_location(
+        "_cem_fast_extension", os.path.join(HERE, "cem_fast", "backends", "extension.py")
+    )
     extension = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(extension)
     return {"ext_modules": extension.aot_extensions(), "cmdclass": {"build_ext": BuildExtension}}
