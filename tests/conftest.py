@@ -44,6 +44,8 @@ SLOW = {
     "test_train::test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over",
     "test_train::test_resume_of_a_run_from_before_dtype_existed",
     "test_train::test_lambda_zero_builds_no_cem",
+    "test_train::test_official_schedule_and_config_record",
+    "test_ops::test_training_step_under_torch_compile",  # torch.compile: ~2 s per case
 }
 
 
