@@ -37,12 +37,12 @@ test-fast: $(STAMP)
 # (helper gpucheck adds `gpu-check-dry` here)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format .
-	$(VENV)/bin/ruff check --fix .
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 bench: $(STAMP)
 	$(PY) bench/bench_loss.py
