@@ -16,15 +16,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def ahead_of_time_build():
     if os.environ.get("CEM_FAST_BUILD_EXT") != "1":
         return {}
-    from torch.utils.cpp_extension import BuildExtension
-
-    # extension.py is loaded on its own: importing the cem_fast package would need numpy and more.
+    # extension.py is loaded on its own: importing the cem_fast package would need numpy and more. It imports
+    # torch.utils.cpp_extension itself, after pointing CUDA_HOME at a real toolkit.
     spec = importlib.util.spec_from_file_location(
         "_cem_fast_extension", os.path.join(HERE, "cem_fast", "backends", "extension.py")
     )
     extension = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(extension)
-    return {"ext_modules": extension.aot_extensions(), "cmdclass": {"build_ext": BuildExtension}}
+    ext_modules = extension.aot_extensions()
+    return {"ext_modules": ext_modules, "cmdclass": {"build_ext": extension._cpp_extension().BuildExtension}}
 
 
 # csrc/ is installed as the package cem_fast.csrc (package-dir in pyproject.toml); pyproject.toml's find directive
