@@ -46,6 +46,7 @@ SLOW = {
     "test_train::test_lambda_zero_builds_no_cem",
     "test_train::test_official_schedule_and_config_record",
     "test_ops::test_training_step_under_torch_compile",  # torch.compile: ~2 s per case
+    "test_packaging::test_cem_fast_imports_without_the_extras",  # a fresh interpreter imports every module
 }
 
 
