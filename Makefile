@@ -5,28 +5,47 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch/torchvision builds to install when the venv has none (override for another platform).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+EXTRAS := test,triton,reproduce,audit
 STAMP := $(VENV)/.installed
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 export CEM_FAST_CACHE ?= $(HOME)/.cache/cem_fast
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test test-fast venv lint format bench clean
 
 venv: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[test,triton]"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m reproduce.demo --out demo_out
 
+# Every test (tests/gpu/ skips itself without a GPU). The C++ extension is compiled once into $(CEM_FAST_CACHE).
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PYTEST) tests
+
+# Everything but the tests marked slow or gpu (the list is in tests/conftest.py): under two minutes, warm cache.
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow and not gpu" tests
+
+# (helper fuse adds `test-gpu-compat` here)
+
+# (helper gpucheck adds `gpu-check-dry` here)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 bench: $(STAMP)
 	$(PY) bench/bench_loss.py
 
 clean:
-	rm -rf $(VENV) demo_out build *.egg-info
+	rm -rf $(VENV) demo_out build dist *.egg-info

@@ -1,5 +1,14 @@
+"""Shared test setup: the repository on sys.path, one torch thread, deterministic seeds, and the markers.
+
+Markers (registered in pyproject.toml): ``gpu`` for everything under ``tests/gpu/`` and ``slow`` for the tests
+named in ``SLOW`` below (measured with ``pytest --durations=0``, warm extension cache, on the 2-core machine).
+``make test`` runs all of them; ``make test-fast`` deselects both.
+"""
+
 import os
 import sys
+import warnings
+import zlib
 
 import pytest
 import torch
@@ -11,8 +20,81 @@ if ROOT not in sys.path:
 # One thread: the suite is many tiny ops, for which a second thread mostly adds synchronisation.
 torch.set_num_threads(1)
 
+# Tests that take more than a few seconds each: trainings, attacks, subprocesses, compiling kernels.
+# A module name marks every test of the module; "module::test" marks one test (every parametrisation).
+# Measured 2026-12-01 (AMD EPYC, 2 cores shared, warm cache); every entry took 2 s or more.
+SLOW = {
+    "test_train_ddp",  # torchrun subprocesses: ~60 s
+    "test_loss_triton",  # test_loss.py again in a subprocess under TRITON_INTERPRET
+    "test_cpp_backend::test_build_check_cpu",  # python -m cem_fast.build in a subprocess
+    "test_cpp_backend::test_build_check_cuda",  # nvcc: ~130 s when not cached
+    "test_triton_backend::test_kernels_compile_for_sm90",  # ahead-of-time Triton compiles + ptxas: ~50 s
+    "test_bench_scripts::test_inference_overhead_quick",
+    "test_bench_scripts::test_train_step_quick",
+    "test_bench_scripts::test_bench_kernels_quick",
+    "test_distributed::test_two_gloo_processes_match_one_process",
+    # the three users of the module fixture smoke_table1 (~10 s of smoke trainings)
+    "test_table::test_table1_smoke_has_the_full_layout",
+    "test_table::test_efficiency_of_a_real_run_and_table9_layout",
+    "test_table::test_figure3_from_a_smoke_run",
+    "test_attacks::test_cli_decoder_then_gan_on_a_smoke_run",
+    "test_attacks::test_gan_attack_learns_and_resumes",
+    "test_train::test_resume_after_kill_gives_identical_weights",
+    "test_train::test_smoke_run_every_defence_with_and_without_cem",
+    "test_train::test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over",
+    "test_train::test_resume_of_a_run_from_before_dtype_existed",
+    "test_train::test_lambda_zero_builds_no_cem",
+    "test_train::test_official_schedule_and_config_record",
+    "test_ops::test_training_step_under_torch_compile",  # torch.compile: ~2 s per case
+    "test_packaging::test_cem_fast_imports_without_the_extras",  # a fresh interpreter imports every module
+}
+
+
+def node_seed(nodeid: str) -> int:
+    """A seed that depends only on the test's node id: the same in every run and every process."""
+    return zlib.crc32(nodeid.encode())
+
+
+def _slow_key(item):
+    """The entry of SLOW that marks ``item``, or None."""
+    module = item.path.stem
+    name = getattr(item, "originalname", None) or item.name.split("[")[0]
+    for key in (module, f"{module}::{name}"):
+        if key in SLOW:
+            return key
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_dir = os.path.join(ROOT, "tests", "gpu") + os.sep
+    used, modules = set(), set()
+    for item in items:
+        modules.add(item.path.stem)
+        if str(item.path).startswith(gpu_dir):
+            item.add_marker(pytest.mark.gpu)
+        key = _slow_key(item)
+        if key is not None:
+            item.add_marker(pytest.mark.slow)
+            used.add(key)
+    # A renamed or moved test would silently leave the fast subset: say so.
+    stale = sorted(k for k in SLOW - used if k.split("::")[0] in modules)
+    if stale:
+        warnings.warn(pytest.PytestWarning(f"tests/conftest.py SLOW names tests that do not exist: {stale}"))
+
 
 @pytest.fixture
-def rng():
-    """A fresh generator per test: inputs are random but the seed is printed on failure via the test id."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+def rng(request):
+    """A generator seeded from the test's node id (``node_seed``): inputs differ between tests, repeat between
+    runs, and a failing test's report names its seed."""
+    seed = node_seed(request.node.nodeid)
+    request.node.rng_seed = seed
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "rng_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("rng seed", f"rng fixture seed: {seed} (zlib.crc32 of {item.nodeid!r})"))
