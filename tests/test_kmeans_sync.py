@@ -1,51 +1,16 @@
 """The refit's k-means: deterministic across runs, and at most one host synchronisation per Lloyd iteration.
 
-On the CPU nothing synchronises, so the counter below counts the operations that would on a GPU: every
-``aten`` op that reads a device value on the host (``item``, ``bool``, ``int``, ``float`` all become
-``_local_scalar_dense``; ``torch.equal``; ``bincount``, ``nonzero``, ``unique``, ``masked_select`` and boolean
-indexing size their output from the data) and ``Tensor.tolist``. The counted run uses the GPU's defaults
-(``segmented=False, segment_sums="matmul"``) on CPU tensors; ``tests/gpu`` repeats the count with
-``torch.cuda.set_sync_debug_mode`` on a GPU.
+On the CPU nothing synchronises, so ``bench.sync_counter.SyncCounter`` counts the operations that would on
+a GPU. The counted run uses the GPU's defaults (``segmented=False, segment_sums="matmul"``) on CPU tensors;
+``tests/gpu`` repeats the count with ``torch.cuda.set_sync_debug_mode`` on a GPU.
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.sync_counter import SyncCounter
 from cem_fast.clustering import cluster_counts, cluster_sums, kmeans
 
-GPU_DEFAULTS = dict(segmented=False, segment_sums="matmul")
-SYNCING_OPS = ("aten._local_scalar_dense", "aten.equal", "aten.bincount", "aten.nonzero", "aten.unique",
-               "aten._unique", "aten.masked_select", "aten.repeat_interleave.Tensor")
-
-
-class SyncCounter(TorchDispatchMode):
-    """Counts the host reads of device values (see the module docstring) inside its ``with`` block."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if name.startswith(SYNCING_OPS) or (name.startswith("aten.index.Tensor") and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()))):
-            self.seen.append(name)
-        return func(*args, **(kwargs or {}))
-
-    def __enter__(self):
-        self._tolist = torch.Tensor.tolist
-        counter = self
-
-        def tolist(t):
-            counter.seen.append("Tensor.tolist")
-            return counter._tolist(t)
-
-        torch.Tensor.tolist = tolist
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.Tensor.tolist = self._tolist
-        return super().__exit__(*exc)
+GPU_DEFAULTS = {"segmented": False, "segment_sums": "matmul"}
 
 
 def spread_features(n=3000, C=3, D=4, seed=0):
