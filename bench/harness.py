@@ -234,3 +234,18 @@ def write_csv(path: str, header: Sequence[str], rows: Iterable[Sequence]) -> Non
         w.writerow(header)
         w.writerows(rows)
     os.replace(tmp, path)
+
+
+if __name__ == "__main__":  # the GPU check's first step: what this machine is
+    cuda = torch.cuda.is_available()
+    print("# device", machine("cuda" if cuda else None), f"| CUDA {torch.version.cuda}", flush=True)
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        print(f"# device {props.name}: {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB, "
+              f"L2 {getattr(props, 'L2_cache_size', 0) / 2**20:.0f} MiB", flush=True)
+        try:
+            print(subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm,"
+                                  "clocks.max.mem", "--format=csv"], capture_output=True, text=True,
+                                 timeout=20).stdout, flush=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"nvidia-smi: {exc}")

@@ -149,7 +149,7 @@ def fitted_cem(variant: str, backend: str, features, batch: int, device: torch.d
 
 
 def build_rows(device: torch.device, batch: int, seed: int, official_repo: Optional[str],
-               refit_samples: int, only: Optional[list] = None) -> tuple[list, dict]:
+               refit_samples: int, only: Optional[list] = None, variants=VARIANTS) -> tuple[list, dict]:
     base = make_base_model(device, seed)
     features = refit_features(base.encoder, refit_samples, device, seed)
     gen = torch.Generator().manual_seed(seed + 2)
@@ -164,7 +164,7 @@ def build_rows(device: torch.device, batch: int, seed: int, official_repo: Optio
     rows = []
     t = trainee()
     rows.append(Row("-", "-", "no CEM", lambda t=t: one_backward_step(t, x, y, None)))
-    for variant in VARIANTS:
+    for variant in variants:
         for backend in info["backends"]:
             t = trainee()
             cem = fitted_cem(variant, backend, features, batch, device)
@@ -308,6 +308,7 @@ def parse_args(argv=None):
     p.add_argument("--official-repo", default=None, help="checkout of xiasong0501/CEM: also time their loss function")
     p.add_argument("--backends", nargs="+", default=None, choices=("torch", "cpp", "cuda", "triton"),
                    help="the backends of the one-backward rows (default: those of the device)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="CEM variants timed")
     p.add_argument("--compile", action="store_true",
                    help="also time the first call of a torch.compile'd step (compilation included)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up step, 2 steps, 1 round")
@@ -337,7 +338,7 @@ def main(argv=None) -> str:
     for name in devices:
         device = torch.device(name)
         rows, info = build_rows(device, args.batch, args.seed, args.official_repo, args.refit_samples,
-                                args.backends)
+                                args.backends, args.variants)
         time_rows(rows, device, args.warmup, args.steps, args.rounds, progress=not args.quick)
         results.append((name, rows))
         infos.append(f"- {name}: backends available {info['backends']}, auto -> {info['auto']}")
