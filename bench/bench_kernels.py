@@ -43,8 +43,8 @@ from tqdm import tqdm  # noqa: E402
 from bench import official_kmeans  # noqa: E402
 from bench.bench_backends_cpu import step  # noqa: E402
 from bench.bench_loss import BATCH, BATCHES_PER_EPOCH, Config, authors, ours  # noqa: E402
-from bench.harness import (SLOW_S, Clock, Timing, available_backends, kernel_bytes, loadavg, loss_bytes,  # noqa: E402
-                           machine, state_bytes, statements, write_csv)
+from bench.harness import (SLOW_S, Clock, Timing, available_backends, device_arg, kernel_bytes, loadavg,  # noqa: E402
+                           loss_bytes, machine, state_bytes, statements, write_csv)
 from bench.official import Official, OfficialRepoError, load_official, parity_case  # noqa: E402
 from cem_fast import CEMLoss, backends  # noqa: E402
 
@@ -314,14 +314,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.min_run_time is not None and args.min_run_time <= 0:
         p.error(f"--min-run-time must be > 0, got {args.min_run_time}")
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError as exc:
-        p.error(f"--device: {exc}")
-    if args.device.type not in ("cpu", "cuda"):
-        p.error(f"--device must be cpu or cuda, got {args.device}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    args.device = device_arg(p, args.device)
     return args
 
 

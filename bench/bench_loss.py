@@ -27,7 +27,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.harness import Clock, available_backends, loadavg, machine, statements, write_csv  # noqa: E402
+from bench.harness import Clock, available_backends, device_arg, loadavg, machine, statements, write_csv  # noqa: E402
 from bench.official import PARITY_SPECS, Official, OfficialRepoError, load_official, parity, parity_case  # noqa: E402
 from cem_fast import CEMLoss  # noqa: E402
 from cem_fast.reference import reference_loss  # noqa: E402
@@ -235,12 +235,7 @@ def parse_args(argv=None):
         p.error(f"--reference-runs must be >= 1, got {args.reference_runs}")
     if args.parity and not args.official_repo:
         p.error("--parity needs --official-repo PATH")
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError as exc:
-        p.error(f"--device: {exc}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    args.device = device_arg(p, args.device)
     return args
 
 

@@ -15,7 +15,8 @@ Its exit status is 0 whatever the step did: a failing step never stops the next.
 
 ``summary`` reads every ``*.log`` in DIR and prints (and writes to ``DIR/summary.txt``) at most
 ``--max-lines`` lines: the machine, each step's status, every check (passes grouped per backend, each
-failure on its own line) and the headline numbers (the ``TIME``/``RATIO`` lines that carry a goal).
+failure on its own line) and the headline numbers (the ``TIME``/``RATIO`` lines that carry a goal). It
+exits 1 when a step failed or timed out or a check failed (a missed speed goal is not a failure), else 0.
 """
 from __future__ import annotations
 
@@ -129,7 +130,9 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "summary.txt"), "w") as f:
         f.write(text + "\n")
     print(text)
-    return 0
+    bad = [ln for ln in _lines(args.out, "STEP ") if ln.split()[2] in ("FAIL", "TIMEOUT")]
+    bad += [ln for ln in _lines(args.out, "CHECK ") if ln.split()[3:4] == ["FAIL"]]
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

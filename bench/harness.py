@@ -28,7 +28,7 @@ from cem_fast import backends  # noqa: E402
 SLOW_S = 0.05   # a call slower than this is timed by single runs, not blocked_autorange
 
 
-# --------------------------------------------------------------------------- backends and machine
+# --------------------------------------------------------------------------- backends, device and machine
 
 
 def available_backends(device: torch.device, only: Optional[Iterable[str]] = None) -> list:
@@ -42,6 +42,20 @@ def available_backends(device: torch.device, only: Optional[Iterable[str]] = Non
             if name == "torch" or backends.resolve(name, device) == name:
                 names.append(name)
     return names
+
+
+def device_arg(parser, text: str) -> torch.device:
+    """``--device`` for the bench scripts: ``cpu`` or ``cuda`` (then a CUDA device must exist); a parser error
+    otherwise."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        parser.error(f"--device: {exc}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    return device
 
 
 def loadavg() -> str:
