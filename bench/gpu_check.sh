@@ -74,7 +74,7 @@ if [ "$DRY" = 1 ]; then
 else
   GRID=(--device cuda --quick --batches 128 1024 8192 --dims 512 2048 --no-refit --variants paper official-trained)
   STEP=(--device cuda --warmup 3 --steps 20 --rounds 1)
-  INFER=(--device cuda --models vgg11-c4-32 resnet20-c5-32 --train-steps 3 --rounds 2 --min-run-time 0.2)
+  INFER=(--device cuda --models vgg11-c4-32 --train-steps 3 --rounds 2 --min-run-time 0.2)
 fi
 "${RUN[@]}" --name kernel-grid --log "$LOG_BENCH" --timeout 60 -- "$PY" bench/bench_kernels.py "${GRID[@]}"
 "${RUN[@]}" --name train-step --log "$LOG_BENCH" --timeout $((DRY ? 120 : 60)) -- "$PY" bench/train_step.py "${STEP[@]}"

@@ -254,7 +254,8 @@ def first_compile(info: dict, device: torch.device, batch: int, steps: int) -> s
         later.append(time.perf_counter() - start)
     return (f"- {device.type}: torch.compile of the one-backward step (paper, {info['auto']}, validate=False): "
             f"first call {first:.1f} s (compilation included), then {1e3 * statistics.median(later):.1f} ms "
-            f"per step (median of {steps})")
+            f"per step (median of {steps}; each: {', '.join(f'{1e3 * t:.1f}' for t in later)} ms; a call far "
+            f"above the median recompiled)")
 
 
 def quantile(values: list, q: float) -> float:

@@ -57,7 +57,7 @@ def test_at_most_one_sync_per_lloyd_iteration(init):
         assert set(loop) <= {"aten.equal.default"}, loop
 
 
-def test_cpu_defaults_sync_only_to_read_the_class_bounds():
+def test_cpu_defaults_also_sync_at_most_once_per_iteration():
     C, m = 3, 8
     x, y = spread_features(C=C)
     base, _ = syncs(x, y, C, m, 0, "warm")
