@@ -45,7 +45,7 @@ from bench.bench_backends_cpu import step  # noqa: E402
 from bench.bench_loss import BATCH, BATCHES_PER_EPOCH, Config, authors, ours  # noqa: E402
 from bench.harness import (SLOW_S, Clock, Timing, available_backends, device_arg, kernel_bytes, loadavg,  # noqa: E402
                            loss_bytes, machine, state_bytes, statements, write_csv)
-from bench.official import Official, OfficialRepoError, load_official, parity_case  # noqa: E402
+from bench.official import Official, official_arg, parity_case  # noqa: E402
 from cem_fast import CEMLoss, backends  # noqa: E402
 
 KINDS = ("fwd", "bwd", "fwdbwd")
@@ -322,12 +322,7 @@ def main(argv=None) -> str:
     """Run the benchmark; prints and returns the markdown report."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    official = None
-    if args.official_repo:
-        try:
-            official = load_official(args.official_repo)
-        except OfficialRepoError as exc:
-            raise SystemExit(f"error: --official-repo: {exc}")
+    official = official_arg(args.official_repo)
     names = available_backends(args.device, args.backends)
     if args.no_refit and args.refit_only:
         raise SystemExit("error: --no-refit and --refit-only exclude each other")

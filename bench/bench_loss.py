@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bench.harness import Clock, available_backends, device_arg, loadavg, machine, statements, write_csv  # noqa: E402
-from bench.official import PARITY_SPECS, Official, OfficialRepoError, load_official, parity, parity_case  # noqa: E402
+from bench.official import PARITY_SPECS, Official, official_arg, parity, parity_case  # noqa: E402
 from cem_fast import CEMLoss  # noqa: E402
 from cem_fast.reference import reference_loss  # noqa: E402
 
@@ -242,13 +242,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    official = None
-    if args.official_repo:
-        try:
-            official = load_official(args.official_repo)
-        except OfficialRepoError as exc:
-            print(f"error: --official-repo: {exc}", file=sys.stderr)
-            return 2
+    official = official_arg(args.official_repo)
     print(f"backends: building/loading for {args.device} ...", file=sys.stderr)
     backend_names = available_backends(args.device)
     if args.parity:
