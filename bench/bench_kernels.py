@@ -25,7 +25,6 @@ authors' per-class loop restated in ``bench/official_kmeans.py``, on 50,000 synt
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import os
 import statistics
@@ -39,13 +38,14 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from torch.utils.benchmark import Timer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bench import official_kmeans  # noqa: E402
 from bench.bench_backends_cpu import step  # noqa: E402
-from bench.bench_loss import BATCH, BATCHES_PER_EPOCH, Bench, Config, authors, available_backends, ours  # noqa: E402
-from bench.official import Official, OfficialRepoError, load_official, parity_case  # noqa: E402
+from bench.bench_loss import BATCH, BATCHES_PER_EPOCH, Config, authors, ours  # noqa: E402
+from bench.harness import (SLOW_S, Clock, Timing, available_backends, device_arg, kernel_bytes, loadavg,  # noqa: E402
+                           loss_bytes, machine, state_bytes, statements, write_csv)
+from bench.official import Official, official_arg, parity_case  # noqa: E402
 from cem_fast import CEMLoss, backends  # noqa: E402
 
 KINDS = ("fwd", "bwd", "fwdbwd")
@@ -55,16 +55,7 @@ CLASSES = (10, 100)
 CLUSTERS = (3, 10)
 BAR = dict(B=128, D=2048, C=10, m=3)        # the CPU "done when": cpp >= 2x torch and >= 20x the authors
 BAR_VS_TORCH, BAR_VS_AUTHORS = 2.0, 20.0
-SLOW_S = 0.05
 REFIT_N, REFIT_C, REFIT_M = 50_000, 10, 10
-
-
-@dataclass
-class Timing:
-    median: float                       # seconds (do_bench, L2 flushed, on CUDA)
-    minimum: float
-    runs: int
-    noflush: Optional[float] = None     # CUDA only: tight-loop median, warm L2
 
 
 @dataclass
@@ -79,96 +70,6 @@ class Row:
     times: Dict[str, Timing]
     nbytes: Dict[str, int]
     ratios: Dict[str, float] = field(default_factory=dict)   # e.g. "torch/this", "GMM/this" on fwdbwd
-
-
-# --------------------------------------------------------------------------- bytes that must move
-
-
-def loss_bytes(B: int, D: int, K: int, z_size: int, state_bytes: int) -> Dict[str, int]:
-    """Forward reads z, labels and the cluster state; backward reads z, labels and the centroids and writes
-    dz; forward+backward reads each input once and writes dz once."""
-    z, lab, cent = B * D * z_size, 8 * B, K * D * 4
-    return {"fwd": z + lab + state_bytes, "bwd": 2 * z + lab + cent, "fwdbwd": 2 * z + lab + state_bytes}
-
-
-def state_bytes(variant: str, K: int, D: int) -> int:
-    """float32 cluster state a variant's forward reads: centroids, plus weights and variances."""
-    extra = {"official": 0, "official-trained": 2 * K, "paper": K + K * D}[variant]
-    return 4 * (K * D + extra)
-
-
-def kernel_bytes(B: int, D: int, K: int, z_size: int, acc_size: int = 4) -> Dict[str, int]:
-    """assign_stats reads z, labels, centroids and writes assign, counts, sqdev; scatter_grad reads z,
-    assign, centroids, coef and writes dz; both (fused minimum): every input read once, every output written once."""
-    z, lab, kd = B * D * z_size, 8 * B, K * D * acc_size
-    fwd = z + lab + kd + 8 * B + K * acc_size + kd
-    bwd = z + 8 * B + 2 * kd + z
-    both = z + lab + 2 * kd + 8 * B + K * acc_size + kd + z
-    return {"fwd": fwd, "bwd": bwd, "fwdbwd": both}
-
-
-# --------------------------------------------------------------------------- timing
-
-
-class Clock:
-    """Interleaved medians on CPU, do_bench + tight loop on CUDA (see the module docstring)."""
-
-    def __init__(self, device: torch.device, threads: int, min_run_time: float, rounds: int, slow_runs: int,
-                 cuda_rep_ms: int):
-        self.device = device
-        self.threads = threads
-        self.min_run_time = min_run_time
-        self.rounds = rounds
-        self.slow_runs = slow_runs
-        self.cuda_rep_ms = cuda_rep_ms
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def _once(self, fn) -> float:
-        self._sync()
-        t = time.perf_counter()
-        fn()
-        self._sync()
-        return time.perf_counter() - t
-
-    def measure(self, stmts: Dict[Tuple, Callable], progress) -> Dict[Tuple, Timing]:
-        for fn in stmts.values():
-            fn()                                                     # warm-up: allocations, lazy builds
-        first = {key: self._once(fn) for key, fn in stmts.items()}   # slow-call detection
-        if self.device.type == "cuda":
-            return {key: self._cuda(fn, first[key], progress, key) for key, fn in stmts.items()}
-        fast = {key: Timer("fn()", globals={"fn": fn}, num_threads=self.threads)
-                for key, fn in stmts.items() if first[key] < SLOW_S}
-        pooled = {key: [] for key in stmts}
-        for r in range(self.rounds):
-            for key, timer in fast.items():
-                progress.set_postfix_str(f"round {r + 1}/{self.rounds} {' '.join(map(str, key))}")
-                pooled[key] += timer.blocked_autorange(min_run_time=self.min_run_time).times
-        for key, fn in stmts.items():
-            if key not in fast:
-                progress.set_postfix_str(f"slow {' '.join(map(str, key))}")
-                pooled[key] = [first[key]] + [self._once(fn) for _ in range(self.slow_runs - 1)]
-        return {key: Timing(statistics.median(t), min(t), len(t)) for key, t in pooled.items()}
-
-    def _cuda(self, fn, first_s: float, progress, key) -> Timing:
-        from triton.testing import do_bench
-
-        progress.set_postfix_str(" ".join(map(str, key)))
-        rep = max(self.cuda_rep_ms, int(3e3 * first_s))      # at least a few calls for slow ones
-        flushed = do_bench(fn, warmup=max(5, rep // 4), rep=rep, return_mode="median") * 1e-3
-        per_loop = max(1, min(200, int(0.02 / max(first_s, 1e-6))))
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        loops = []
-        for _ in range(max(3, self.rounds)):
-            start.record()
-            for _ in range(per_loop):
-                fn()
-            end.record()
-            end.synchronize()
-            loops.append(start.elapsed_time(end) * 1e-3 / per_loop)
-        return Timing(flushed, flushed, 1, statistics.median(loops))
 
 
 # --------------------------------------------------------------------------- contenders of one configuration
@@ -189,7 +90,7 @@ def loss_rows(B, D, C, m, device, timer: Clock, backend_names, variants, officia
             state[(f"authors {which}", "-")] = state_bytes("official" if which == "GMM" else "official-trained",
                                                           C * m, D)
     stmts = {(name, b, kind): f for (name, b), loss_fn in contenders.items()
-             for kind, f in Bench.statements(loss_fn, case.z).items()}
+             for kind, f in statements(loss_fn, case.z).items()}
     t = timer.measure(stmts, progress)
     return [Row("loss", B, D, C, m, name, b, {k: t[(name, b, k)] for k in KINDS},
                 loss_bytes(B, D, C * m, 4, state[(name, b)])) for (name, b) in contenders]
@@ -354,27 +255,25 @@ def bar_summary(rows: list) -> str:
     return "\n".join(out)
 
 
-def write_csv(path: str, rows: list, refits: list, device) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["device", "level", "B", "D", "C", "m", "impl", "backend", "kind", "median_s", "min_s", "runs",
-                    "bytes", "gbps", "noflush_s", "noflush_gbps", "torch_over_this", "gmm_over_this",
-                    "pp_over_this"])
-        for r in rows:
-            for k in KINDS:
-                t, nb = r.times[k], r.nbytes[k]
-                w.writerow([device, r.level, r.B, r.D, r.C, r.m, r.impl, r.backend, k, t.median, t.minimum, t.runs,
-                            nb, nb / t.median / 1e9, "" if t.noflush is None else t.noflush,
-                            "" if t.noflush is None else nb / t.noflush / 1e9,
-                            *(r.ratios.get(x, "") if k == "fwdbwd" else "" for x in ("torch/this", "GMM/this",
-                                                                                    "PP/this"))])
-        for r in refits:
-            for kind in ("first", "warm"):
-                w.writerow([device, "refit", r["N"], r["D"], r["C"], r["m"], r["impl"], "-", kind, r[f"{kind}_s"],
-                            "", r["runs"], "", "", "", "", "", "", ""])
-    os.replace(tmp, path)
+CSV_HEADER = ["device", "level", "B", "D", "C", "m", "impl", "backend", "kind", "median_s", "min_s", "runs",
+              "bytes", "gbps", "noflush_s", "noflush_gbps", "torch_over_this", "gmm_over_this", "pp_over_this"]
+
+
+def csv_rows(rows: list, refits: list, device) -> list:
+    out = []
+    for r in rows:
+        for k in KINDS:
+            t, nb = r.times[k], r.nbytes[k]
+            out.append([device, r.level, r.B, r.D, r.C, r.m, r.impl, r.backend, k, t.median, t.minimum, t.runs,
+                        nb, nb / t.median / 1e9, "" if t.noflush is None else t.noflush,
+                        "" if t.noflush is None else nb / t.noflush / 1e9,
+                        *(r.ratios.get(x, "") if k == "fwdbwd" else "" for x in ("torch/this", "GMM/this",
+                                                                                "PP/this"))])
+    for r in refits:
+        for kind in ("first", "warm"):
+            out.append([device, "refit", r["N"], r["D"], r["C"], r["m"], r["impl"], "-", kind, r[f"{kind}_s"],
+                        "", r["runs"], "", "", "", "", "", "", ""])
+    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -403,6 +302,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--refit-dims", type=int, nargs="+", default=None,
                    help="refit feature dimensions (default 512 on CPU, 2048 on CUDA)")
     p.add_argument("--refit-runs", type=int, default=3, help="runs of our refit (median); the authors' runs once")
+    p.add_argument("--batches", type=int, nargs="+", default=None, help=f"batch sizes of the grid (default {SIZES})")
+    p.add_argument("--dims", type=int, nargs="+", default=None, help=f"feature dimensions of the grid (default {DIMS})")
+    p.add_argument("--backends", nargs="+", default=None, choices=["torch", "cpp", "cuda", "triton"],
+                   help="time only these backends (default: every one available on the device)")
     args = p.parse_args(argv)
     for name in ("threads", "slow_runs", "refit_runs"):
         if getattr(args, name) < 1:
@@ -411,14 +314,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.min_run_time is not None and args.min_run_time <= 0:
         p.error(f"--min-run-time must be > 0, got {args.min_run_time}")
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError as exc:
-        p.error(f"--device: {exc}")
-    if args.device.type not in ("cpu", "cuda"):
-        p.error(f"--device must be cpu or cuda, got {args.device}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    args.device = device_arg(p, args.device)
     return args
 
 
@@ -426,21 +322,16 @@ def main(argv=None) -> str:
     """Run the benchmark; prints and returns the markdown report."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    official = None
-    if args.official_repo:
-        try:
-            official = load_official(args.official_repo)
-        except OfficialRepoError as exc:
-            raise SystemExit(f"error: --official-repo: {exc}")
-    names = available_backends(args.device)
+    official = official_arg(args.official_repo)
+    names = available_backends(args.device, args.backends)
     if args.no_refit and args.refit_only:
         raise SystemExit("error: --no-refit and --refit-only exclude each other")
     if args.refit_only:
         grid = []
     elif args.quick:
-        grid = [(128, D, 10, 3) for D in DIMS]
+        grid = [(B, D, 10, 3) for B in args.batches or (128,) for D in args.dims or DIMS]
     else:
-        grid = list(itertools.product(SIZES, DIMS, CLASSES, CLUSTERS))
+        grid = list(itertools.product(args.batches or SIZES, args.dims or DIMS, CLASSES, CLUSTERS))
     timer = Clock(args.device, args.threads, args.min_run_time or (0.01 if args.quick else 0.05),
                     args.rounds or (1 if args.quick else 3), args.slow_runs, cuda_rep_ms=20 if args.quick else 100)
     refit_dims = [] if args.no_refit else (args.refit_dims or ([64] if args.quick else
@@ -448,7 +339,7 @@ def main(argv=None) -> str:
     n_refit = 2000 if args.quick else REFIT_N
     rows, refits = [], []
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    load0 = _loadavg()
+    load0 = loadavg()
     with tqdm(total=2 * len(grid) + len(refit_dims), desc="bench_kernels", file=sys.stderr) as progress:
         for B, D, C, m in grid:
             progress.set_description(f"B={B} D={D} C={C} m={m}")
@@ -463,14 +354,14 @@ def main(argv=None) -> str:
             progress.update(1)
     add_ratios(rows)
     cuda = args.device.type == "cuda"
-    timing = (f"triton.testing.do_bench medians (L2 flushed), no-flush: tight-loop medians" if cuda else
+    timing = ("triton.testing.do_bench medians (L2 flushed), no-flush: tight-loop medians" if cuda else
               f"medians of {timer.rounds} interleaved rounds of blocked_autorange({timer.min_run_time:g} s); "
               f"calls over {SLOW_S} s: {args.slow_runs} single runs")
-    parts = [f"{started}; torch {torch.__version__}, device {args.device}"
+    parts = [f"{started}; {machine(args.device)}; device {args.device}"
              f"{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}, threads {args.threads}, float32, "
              f"backends {', '.join(names)}, variants {', '.join(args.variants)}, authors' functions at B in "
              f"{args.official_batches if official else '(not given)'}, epoch size "
-             f"{BATCHES_PER_EPOCH * BATCH}; {timing}; load average {load0} -> {_loadavg()}"]
+             f"{BATCHES_PER_EPOCH * BATCH}; {timing}; load average {load0} -> {loadavg()}"]
     if rows:
         parts.append(markdown(rows, cuda))
     summary = bar_summary(rows)
@@ -481,15 +372,8 @@ def main(argv=None) -> str:
     text = "\n\n".join(parts)
     print(text)
     if args.csv:
-        write_csv(args.csv, rows, refits, args.device)
+        write_csv(args.csv, CSV_HEADER, csv_rows(rows, refits, args.device))
     return text
-
-
-def _loadavg() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 if __name__ == "__main__":

@@ -15,11 +15,8 @@ The paper variant runs with ``covariance="diag"``. Progress goes to stderr, the 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import statistics
 import sys
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -28,11 +25,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from torch.utils.benchmark import Timer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.official import PARITY_SPECS, Official, OfficialRepoError, load_official, parity, parity_case  # noqa: E402
-from cem_fast import CEMLoss, backends  # noqa: E402
+from bench.harness import Clock, available_backends, device_arg, loadavg, machine, statements, write_csv  # noqa: E402
+from bench.official import PARITY_SPECS, Official, official_arg, parity, parity_case  # noqa: E402
+from cem_fast import CEMLoss  # noqa: E402
 from cem_fast.reference import reference_loss  # noqa: E402
 
 VARIANTS = ("paper", "official", "official-trained")
@@ -41,6 +38,7 @@ SIGMA = 0.025
 BATCHES_PER_EPOCH = 391          # CIFAR-10 at batch 128: the PP loss's epoch size
 BAR = {"H": 8, "C": 10, "m": 10}  # the issue's bar: D=512, 10 classes, m=10, forward+backward
 PARITY_TOL = 1e-6
+KINDS = ("fwd", "bwd", "fwdbwd")
 
 
 @dataclass(frozen=True)
@@ -66,75 +64,6 @@ class Row:
     runs: str           # blocks (or single runs) behind fwd/bwd/fwdbwd
     ratios: dict = field(default_factory=dict)       # authors' median fwd+bwd / this row's
     min_ratios: dict = field(default_factory=dict)   # the same with the minima
-
-
-def available_backends(device: torch.device) -> list:
-    """``torch`` plus every other backend that resolves to itself on ``device`` (builds the C++ one if needed)."""
-    names = ["torch"]
-    for name in backends.BACKENDS:
-        if name == "torch":
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if backends.resolve(name, device) == name:
-                names.append(name)
-    return names
-
-
-# --------------------------------------------------------------------------- timing
-
-
-class Bench:
-    """Medians of ``blocked_autorange`` blocks, interleaved: every contender of a configuration is timed
-    in each of ``rounds`` rounds (round-robin), so all of them see the same share of a busy machine;
-    the block times of all rounds are pooled. The slow float64 reference runs ``reference_runs`` times."""
-
-    KINDS = ("fwd", "bwd", "fwdbwd")
-
-    def __init__(self, threads: int, min_run_time: float, rounds: int, reference_runs: int):
-        self.threads = threads
-        self.min_run_time = min_run_time
-        self.rounds = rounds
-        self.reference_runs = reference_runs
-
-    @staticmethod
-    def statements(loss_fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> dict:
-        """Forward, backward on a retained graph, and forward+backward of ``loss_fn(z)``."""
-        z = z.detach().clone().requires_grad_(True)
-        loss = loss_fn(z)
-        return {"fwd": lambda: loss_fn(z),
-                "bwd": lambda: torch.autograd.grad(loss, z, retain_graph=True),
-                "fwdbwd": lambda: torch.autograd.grad(loss_fn(z), z)}
-
-    def _timer(self, fn: Callable[[], object]) -> Timer:
-        return Timer(stmt="fn()", globals={"fn": fn}, num_threads=self.threads)
-
-    def interleaved(self, contenders: dict, progress) -> dict:
-        """``{name: {kind: (median s, min s, blocks)}}`` for ``contenders = {name: (loss_fn, z)}``."""
-        stmts = {(name, kind): self._timer(fn) for name, (loss_fn, z) in contenders.items()
-                 for kind, fn in self.statements(loss_fn, z).items()}
-        for timer in stmts.values():
-            timer.timeit(1)  # warm-up: first-call allocations, lazy builds
-        pooled = {key: [] for key in stmts}
-        for r in range(self.rounds):
-            for key, timer in stmts.items():
-                progress.set_postfix_str(f"round {r + 1}/{self.rounds} {key[0]} {key[1]}")
-                pooled[key] += timer.blocked_autorange(min_run_time=self.min_run_time).times
-            progress.update(1)
-        out = {}
-        for (name, kind), times in pooled.items():
-            out.setdefault(name, {})[kind] = (statistics.median(times), min(times), len(times))
-        return out
-
-    def slow(self, loss_fn, z, progress) -> dict:
-        """The same three numbers from ``reference_runs`` single runs (for the slow reference)."""
-        out = {}
-        for kind, fn in self.statements(loss_fn, z).items():
-            timer = self._timer(fn)
-            times = [timer.timeit(1).median for _ in range(self.reference_runs)]
-            out[kind] = (statistics.median(times), min(times), len(times))
-        progress.update(1)
-        return out
 
 
 # --------------------------------------------------------------------------- the contenders
@@ -183,22 +112,29 @@ def authors(official: Official, which: str, case, cfg: Config) -> Callable:
                                       batches_per_epoch=BATCHES_PER_EPOCH, batch_size=BATCH)
 
 
-def run_config(cfg: Config, device: torch.device, bench: Bench, backend_names: list,
+def run_config(cfg: Config, device: torch.device, clock: Clock, reference_runs: int, backend_names: list,
                official: Optional[Official], with_reference: bool, progress) -> list:
     case = parity_case(BATCH, cfg.C, cfg.m, cfg.H, seed=0, dtype=torch.float32, device=device)
     progress.set_description(f"D={cfg.D} C={cfg.C} m={cfg.m}")
-    fast = {(f"ours {v}", b): (ours(v, b, case, cfg), case.z) for v in VARIANTS for b in backend_names}
+    fast = {(f"ours {v}", b): ours(v, b, case, cfg) for v in VARIANTS for b in backend_names}
     if official is not None:
-        fast.update({(f"authors {w}", "-"): (authors(official, w, case, cfg), case.z) for w in ("GMM", "PP")})
-    results = bench.interleaved(fast, progress)
+        fast.update({(f"authors {w}", "-"): authors(official, w, case, cfg) for w in ("GMM", "PP")})
+    times = clock.measure({(*key, kind): fn for key, loss_fn in fast.items()
+                           for kind, fn in statements(loss_fn, case.z).items()}, progress)
+    progress.update(1)
     if with_reference:
         z64 = case.z.double()
         for v in VARIANTS:
             progress.set_postfix_str(f"reference {v}")
-            results[(f"reference {v} (f64)", "-")] = bench.slow(reference(v, case, cfg), z64, progress)
-    rows = [Row(cfg, impl, backend, *(t[kind][0] for kind in Bench.KINDS), t["fwdbwd"][1],
-                "/".join(str(t[kind][2]) for kind in Bench.KINDS))
-            for (impl, backend), t in results.items()]
+            stmts = statements(reference(v, case, cfg), z64)
+            times.update({(f"reference {v} (f64)", "-", kind): t
+                          for kind, t in clock.single_runs(stmts, reference_runs).items()})
+            progress.update(1)
+    keys = list(dict.fromkeys(k[:2] for k in times))
+    rows = [Row(cfg, impl, backend, *(times[(impl, backend, kind)].median for kind in KINDS),
+                times[(impl, backend, "fwdbwd")].minimum,
+                "/".join(str(times[(impl, backend, kind)].runs) for kind in KINDS))
+            for impl, backend in keys]
     theirs = {r.impl.split()[1]: r for r in rows if r.impl.startswith("authors")}
     for r in rows:
         r.ratios = {k: t.fwdbwd / r.fwdbwd for k, t in theirs.items()}
@@ -240,17 +176,13 @@ def bar_summary(rows: list) -> str:
     return "\n".join(out)
 
 
-def write_csv(path: str, rows: list) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["batch", "H", "D", "C", "m", "impl", "backend", "fwd_s", "bwd_s", "fwdbwd_s", "fwdbwd_min_s",
-                    "runs", "gmm_over_this", "pp_over_this"])
-        for r in rows:
-            c = r.config
-            w.writerow([BATCH, c.H, c.D, c.C, c.m, r.impl, r.backend, r.fwd, r.bwd, r.fwdbwd, r.fwdbwd_min, r.runs,
-                        r.ratios.get("GMM", ""), r.ratios.get("PP", "")])
-    os.replace(tmp, path)
+CSV_HEADER = ["batch", "H", "D", "C", "m", "impl", "backend", "fwd_s", "bwd_s", "fwdbwd_s", "fwdbwd_min_s", "runs",
+              "gmm_over_this", "pp_over_this"]
+
+
+def csv_rows(rows: list) -> list:
+    return [[BATCH, r.config.H, r.config.D, r.config.C, r.config.m, r.impl, r.backend, r.fwd, r.bwd, r.fwdbwd,
+             r.fwdbwd_min, r.runs, r.ratios.get("GMM", ""), r.ratios.get("PP", "")] for r in rows]
 
 
 # --------------------------------------------------------------------------- parity
@@ -278,13 +210,6 @@ def run_parity(official: Official, backend_names: list) -> bool:
 # --------------------------------------------------------------------------- main
 
 
-def _loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--official-repo", metavar="PATH",
@@ -310,25 +235,14 @@ def parse_args(argv=None):
         p.error(f"--reference-runs must be >= 1, got {args.reference_runs}")
     if args.parity and not args.official_repo:
         p.error("--parity needs --official-repo PATH")
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError as exc:
-        p.error(f"--device: {exc}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    args.device = device_arg(p, args.device)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    official = None
-    if args.official_repo:
-        try:
-            official = load_official(args.official_repo)
-        except OfficialRepoError as exc:
-            print(f"error: --official-repo: {exc}", file=sys.stderr)
-            return 2
+    official = official_arg(args.official_repo)
     print(f"backends: building/loading for {args.device} ...", file=sys.stderr)
     backend_names = available_backends(args.device)
     if args.parity:
@@ -338,25 +252,25 @@ def main(argv=None) -> int:
         configs = [Config(**BAR)]
     else:
         configs = [Config(H, C, m) for H in (8, 16) for C in (10, 100) for m in (3, 10)]
-    bench = Bench(args.threads, args.min_run_time or (0.05 if args.quick else 0.1),
-                  args.rounds or (2 if args.quick else 5), args.reference_runs)
-    per_config = bench.rounds + (0 if args.no_reference else len(VARIANTS))
+    clock = Clock(args.device, args.threads, args.min_run_time or (0.05 if args.quick else 0.1),
+                  args.rounds or (2 if args.quick else 5), slow_runs=args.reference_runs)
+    per_config = 1 + (0 if args.no_reference else len(VARIANTS))
     rows = []
-    print(f"load average before: {_loadavg()}", file=sys.stderr)
+    print(f"load average before: {loadavg()}", file=sys.stderr)
     with tqdm(total=per_config * len(configs), desc="bench", file=sys.stderr) as progress:
         for cfg in configs:
-            rows += run_config(cfg, args.device, bench, backend_names, official, not args.no_reference, progress)
-    print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, batch {BATCH}, "
-          f"float32 features (reference: float64); medians of {bench.rounds} interleaved rounds of "
-          f"blocked_autorange({bench.min_run_time:g} s); reference: median of {bench.reference_runs} runs; "
-          f"load average after: {_loadavg()}")
+            rows += run_config(cfg, args.device, clock, args.reference_runs, backend_names, official,
+                               not args.no_reference, progress)
+    print(f"{machine(args.device)}; device {args.device}, threads {args.threads}, batch {BATCH}, "
+          f"float32 features (reference: float64); medians of {clock.rounds} interleaved rounds of "
+          f"blocked_autorange({clock.min_run_time:g} s); reference: median of {args.reference_runs} runs")
     print(markdown(rows, official is not None))
     summary = bar_summary(rows)
     if summary:
         print()
         print(summary)
     if args.csv:
-        write_csv(args.csv, rows)
+        write_csv(args.csv, CSV_HEADER, csv_rows(rows))
     return 0
 
 

@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import hashlib
-import os
-import platform
 import statistics
 import sys
 from dataclasses import dataclass
@@ -42,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as ``python bench/inference_overhead.py`` from a checkout
     sys.path.insert(0, str(ROOT))
 
+from bench.harness import machine  # noqa: E402
 from cem_fast import CEMLoss  # noqa: E402
 from reproduce.models import build_split_model  # noqa: E402
 
@@ -262,7 +260,8 @@ def parse_args(argv=None):
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="alternating latency measurements per encoder")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per torch.utils.benchmark measurement")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu"), help="auto: CPU, and CUDA when available")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where latency is measured: auto = CPU, and CUDA when available; cuda = CUDA only")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 training steps of 8, 1 short latency round")
@@ -283,7 +282,10 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    devices = ["cpu"] + (["cuda"] if args.device == "auto" and torch.cuda.is_available() else [])
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: CUDA is not available")
+    devices = {"cpu": ["cpu"], "cuda": ["cuda"]}.get(args.device) or (
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     if args.runs:
         pairs = [loaded_pair(*args.runs)]
     else:
@@ -297,10 +299,8 @@ def main(argv=None) -> str:
         all_ok &= all(checks.values())
         notes.append(f"- {pair.label}: {pair.source}; identical: "
                      + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items() if k != "weights differ"))
-    header = (f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-              f"{platform.processor() or platform.machine()}, "
-              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, "
-              f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} at end; latency: median of "
+    header = (f"{machine('cuda' if 'cuda' in devices else None)} (at the end), {torch.get_num_threads()} CPU "
+              f"threads; latency: median of "
               f"{args.rounds} alternating torch.utils.benchmark measurements of >= {args.min_run_time:g} s each, "
               f"eval mode, inference_mode.")
     fact = ("Structural fact: CEMLoss is a training-time loss only. It is a separate nn.Module holding its "

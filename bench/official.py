@@ -136,6 +136,17 @@ def load_official(repo) -> Official:
     return Official(_load_method(path / GMM_FILE), _load_method(path / PP_FILE), path)
 
 
+def official_arg(repo) -> Optional[Official]:
+    """``--official-repo`` of the bench scripts: ``None`` when not given, else the loaded functions; a bad
+    checkout ends the script with one line naming it."""
+    if not repo:
+        return None
+    try:
+        return load_official(repo)
+    except OfficialRepoError as exc:
+        raise SystemExit(f"error: --official-repo: {exc}")
+
+
 # --------------------------------------------------------------------------- identical inputs for both sides
 
 

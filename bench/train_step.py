@@ -7,11 +7,14 @@ One step = encoder -> z, server on z + N(0, sigma^2) (sigma 0.025), cross-entrop
 
 * ``no CEM``: backward of the cross-entropy;
 * ``one backward``: backward of ``CE + lambda * CEMLoss(z, y)`` (lambda 16), for every backend available
-  on the device (CPU: torch, cpp; CUDA: torch, cuda, triton);
+  on the device (CPU: torch, cpp; CUDA: torch, cuda, triton; ``--backends`` picks others), and once more
+  with the auto backend and ``validate=False`` (no label-range or NaN check, so no host sync);
 * ``authors' application``: the gradient scheme of the authors' training step, restated from
   official-code-facts.md §1A: ``cem.backward(retain_graph=True)``, clone every encoder grad, zero both
   optimisers, ``CE.backward()``, ``grad += lambda * saved`` on the encoder; the loss is our CEMLoss
   (auto backend), so only the application differs;
+* with ``--compile``: ``torch.compile`` of the ``one backward`` step (auto backend, ``validate=False``); the
+  first call's time, compilation included, is reported beside the table;
 * with ``--official-repo`` (a checkout of xiasong0501/CEM) also the authors' own loss function for
   official-trained (``model_training_paral_pruning.compute_class_means`` via ``bench/official.py``),
   applied their way;
@@ -28,13 +31,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import os
-import platform
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -46,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as ``python bench/train_step.py`` from a checkout
     sys.path.insert(0, str(ROOT))
 
+from bench.harness import available_backends, machine  # noqa: E402
 from cem_fast import CEMLoss, backends  # noqa: E402
 from reproduce.models import build_split_model  # noqa: E402
 
@@ -140,31 +140,23 @@ def refit_features(encoder: torch.nn.Module, n: int, device: torch.device, seed:
     return z, y
 
 
-def fitted_cem(variant: str, backend: str, features, batch: int, device: torch.device) -> CEMLoss:
+def fitted_cem(variant: str, backend: str, features, batch: int, device: torch.device,
+               validate: bool = True) -> CEMLoss:
     """A CEMLoss whose clusters are refit on ``features = (z, y)``."""
-    cem = CEMLoss(NUM_CLASSES, sigma=SIGMA, variant=variant, backend=backend,
+    cem = CEMLoss(NUM_CLASSES, sigma=SIGMA, variant=variant, backend=backend, validate=validate,
                   dataset_size=BATCHES_PER_EPOCH * batch).to(device)
     return cem.refit(*features)
 
 
-def available_backends(device: torch.device) -> list:
-    out = []
-    for name in DEVICE_BACKENDS[device.type]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if backends.resolve(name, device) == name:
-                out.append(name)
-    return out
-
-
 def build_rows(device: torch.device, batch: int, seed: int, official_repo: Optional[str],
-               refit_samples: int) -> tuple[list, dict]:
+               refit_samples: int, only: Optional[list] = None, variants=VARIANTS) -> tuple[list, dict]:
     base = make_base_model(device, seed)
     features = refit_features(base.encoder, refit_samples, device, seed)
     gen = torch.Generator().manual_seed(seed + 2)
     x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
     y = (torch.randperm(batch, generator=gen) % NUM_CLASSES).to(device)
-    info = {"backends": available_backends(device), "auto": backends.resolve("auto", device)}
+    info = {"backends": available_backends(device, only or DEVICE_BACKENDS[device.type]),
+            "auto": backends.resolve("auto", device), "x": x, "y": y, "base": base, "features": features}
 
     def trainee():
         return Trainee(copy.deepcopy(base))
@@ -172,11 +164,15 @@ def build_rows(device: torch.device, batch: int, seed: int, official_repo: Optio
     rows = []
     t = trainee()
     rows.append(Row("-", "-", "no CEM", lambda t=t: one_backward_step(t, x, y, None)))
-    for variant in VARIANTS:
+    for variant in variants:
         for backend in info["backends"]:
             t = trainee()
             cem = fitted_cem(variant, backend, features, batch, device)
             rows.append(Row(variant, backend, "one backward", lambda t=t, cem=cem: one_backward_step(t, x, y, cem)))
+        t = trainee()
+        cem = fitted_cem(variant, info["auto"], features, batch, device, validate=False)
+        rows.append(Row(variant, info["auto"], "one backward, validate=False",
+                        lambda t=t, cem=cem: one_backward_step(t, x, y, cem)))
         t = trainee()
         cem = fitted_cem(variant, info["auto"], features, batch, device)
         rows.append(Row(variant, info["auto"], "authors' application",
@@ -238,6 +234,30 @@ def overheads(row: Row, base: Row) -> tuple[float, float]:
     return of_medians, paired
 
 
+def first_compile(info: dict, device: torch.device, batch: int, steps: int) -> str:
+    """Seconds of the first call of ``torch.compile`` of the one-backward step (paper variant, auto backend,
+    ``validate=False``; compilation included) and the median of ``steps`` later calls."""
+    t = Trainee(copy.deepcopy(info["base"]))
+    cem = fitted_cem("paper", info["auto"], info["features"], batch, device, validate=False)
+    torch._dynamo.reset()
+    step = torch.compile(lambda: one_backward_step(t, info["x"], info["y"], cem))
+    sync(device)
+    start = time.perf_counter()
+    step()
+    sync(device)
+    first = time.perf_counter() - start
+    later = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        later.append(time.perf_counter() - start)
+    return (f"- {device.type}: torch.compile of the one-backward step (paper, {info['auto']}, validate=False): "
+            f"first call {first:.1f} s (compilation included), then {1e3 * statistics.median(later):.1f} ms "
+            f"per step (median of {steps}; each: {', '.join(f'{1e3 * t:.1f}' for t in later)} ms; a call far "
+            f"above the median recompiled)")
+
+
 def quantile(values: list, q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1] if len(values) > 1 else values[0]
 
@@ -287,6 +307,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--official-repo", default=None, help="checkout of xiasong0501/CEM: also time their loss function")
+    p.add_argument("--backends", nargs="+", default=None, choices=("torch", "cpp", "cuda", "triton"),
+                   help="the backends of the one-backward rows (default: those of the device)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="CEM variants timed")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the first call of a torch.compile'd step (compilation included)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up step, 2 steps, 1 round")
     p.add_argument("--out", default=None, help="also write the markdown to this file")
     args = p.parse_args(argv)
@@ -313,18 +338,18 @@ def main(argv=None) -> str:
     results, infos = [], []
     for name in devices:
         device = torch.device(name)
-        rows, info = build_rows(device, args.batch, args.seed, args.official_repo, args.refit_samples)
+        rows, info = build_rows(device, args.batch, args.seed, args.official_repo, args.refit_samples,
+                                args.backends, args.variants)
         time_rows(rows, device, args.warmup, args.steps, args.rounds, progress=not args.quick)
         results.append((name, rows))
-        infos.append(f"{name}: backends available {info['backends']}, auto -> {info['auto']}")
+        infos.append(f"- {name}: backends available {info['backends']}, auto -> {info['auto']}")
+        if args.compile:
+            infos.append(first_compile(info, device, args.batch, max(args.steps, 2)))
     header = (f"Split VGG11-BN cut 4 (noRELU_C8S1, sigmoid), batch [{args.batch},3,32,32], sigma {SIGMA}, "
               f"lambda {LAMBDA:g}, SGD client+server; {args.warmup} warm-up steps per row, then {args.rounds} x "
-              f"{args.steps} timed cycles (one step of every row each); torch {torch.__version__}, "
-              f"{torch.get_num_threads()} CPU threads, "
-              f"{platform.processor() or platform.machine()}, "
-              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, "
-              f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} at end.")
-    text = "\n".join([header, "", table(results), "", *verdicts(results), "", *[f"- {i}" for i in infos]])
+              f"{args.steps} timed cycles (one step of every row each); {torch.get_num_threads()} CPU threads; "
+              f"{machine('cuda' if 'cuda' in devices else None)} (at the end).")
+    text = "\n".join([header, "", table(results), "", *verdicts(results), "", *infos])
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

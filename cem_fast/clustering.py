@@ -1,9 +1,11 @@
 """k-means for all classes at once (segmented by class), with k-means++, random and warm starts.
 
-One host synchronisation per Lloyd iteration (the convergence test). Distances use the matmul
-expansion ``|x|^2 - 2 x.mu + |mu|^2``: on the GPU one GEMM against all centroids in row chunks, on the
-CPU the rows sorted by class once and one small GEMM per class, so a refit on 50,000 x 2048 features is
-a few GEMMs per iteration.
+One host synchronisation per Lloyd iteration (the convergence test, ``torch.equal``). Distances use the
+matmul expansion ``|x|^2 - 2 x.mu + |mu|^2``: on the GPU one GEMM against all centroids in row chunks, on
+the CPU the rows sorted by class once and one small GEMM per class, so a refit on 50,000 x 2048 features is
+a few GEMMs per iteration. The per-cluster sums are deterministic on every device: ``index_add_`` on the
+CPU (a serial loop there), a one-hot GEMM in row chunks elsewhere (``index_add_`` would use float atomics
+on a GPU); counts are integer sums, exact in any order.
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ def _random_init(x, labels, num_classes, m, generator):
     key = torch.rand(x.shape[0], generator=generator, device=x.device if generator is None else generator.device).to(x.device)
     order = torch.argsort(key)
     order = order[torch.argsort(labels[order], stable=True)]
-    counts = torch.bincount(labels, minlength=num_classes)
+    counts = cluster_counts(labels, num_classes)
     start = torch.cumsum(counts, 0) - counts
     j = torch.arange(m, device=x.device)
     pick = start[:, None] + j[None] % counts.clamp_min(1)[:, None]                # [C, m]
@@ -112,12 +114,13 @@ def _kmeanspp_init(x, labels, num_classes, m, generator, x_sq):
         nxt = _per_class_argmin(key, labels, num_classes).clamp_max(n - 1)
         chosen.append(nxt)
         d2 = torch.minimum(d2, sq_dist_to(nxt))
-    return x[torch.stack(chosen, 1)], torch.bincount(labels, minlength=num_classes)
+    return x[torch.stack(chosen, 1)], cluster_counts(labels, num_classes)
 
 
 def kmeans(x: torch.Tensor, labels: Optional[torch.Tensor], num_classes: int, m: int, *, init: str = "kmeans++",
            centroids: Optional[torch.Tensor] = None, max_iter: int = 50,
-           generator: Optional[torch.Generator] = None, segmented: Optional[bool] = None) -> KMeansResult:
+           generator: Optional[torch.Generator] = None, segmented: Optional[bool] = None,
+           segment_sums: Optional[str] = None) -> KMeansResult:
     """Lloyd's k-means with ``m`` clusters inside each class, all classes at once.
 
     Args:
@@ -131,6 +134,11 @@ def kmeans(x: torch.Tensor, labels: Optional[torch.Tensor], num_classes: int, m:
         segmented: sort the rows by class once and run one small GEMM per class (default on the CPU,
             where it saves a factor ``num_classes`` of flops); otherwise one GEMM against all centroids
             (few launches, the GPU default).
+        segment_sums: how the per-cluster sums of a Lloyd step are formed: ``"index_add"`` (the CPU default,
+            serial and deterministic there) or ``"matmul"`` (one-hot GEMMs in row chunks: deterministic on a
+            GPU, where ``index_add_`` uses float atomics; the default off the CPU). See ``cluster_sums``.
+
+    The only host synchronisation inside the Lloyd loop is the convergence test, once per iteration.
     """
     if init not in ("kmeans++", "random", "warm"):
         raise ValueError(f"init must be 'kmeans++', 'random' or 'warm', got {init!r}")
@@ -142,7 +150,7 @@ def kmeans(x: torch.Tensor, labels: Optional[torch.Tensor], num_classes: int, m:
     x_sq = _row_sq_norms(x)
     prev = centroids.reshape(C, mm, D).to(x) if centroids is not None else None
     if init == "warm":
-        cent, class_counts = prev.clone(), torch.bincount(lab, minlength=C)
+        cent, class_counts = prev.clone(), cluster_counts(lab, C)
     elif init == "random":
         cent, class_counts = _random_init(x, lab, C, mm, generator)
     else:
@@ -158,6 +166,10 @@ def kmeans(x: torch.Tensor, labels: Optional[torch.Tensor], num_classes: int, m:
 
     if segmented is None:
         segmented = x.device.type == "cpu" and C > 1
+    if segment_sums is None:
+        segment_sums = "index_add" if x.device.type == "cpu" else "matmul"
+    elif segment_sums not in ("index_add", "matmul"):
+        raise ValueError(f"segment_sums must be 'index_add' or 'matmul', got {segment_sums!r}")
     order = None
     if segmented:
         order = torch.argsort(lab, stable=True)
@@ -170,20 +182,44 @@ def kmeans(x: torch.Tensor, labels: Optional[torch.Tensor], num_classes: int, m:
     assign, part = find(flat)
     iterations = 0
     for iterations in range(1, max_iter + 1):
-        counts = torch.bincount(assign, minlength=C * mm).to(x.dtype)
-        sums = torch.zeros_like(flat).index_add_(0, assign, xs)
+        sums, counts = cluster_sums(xs, assign, C * mm, segment_sums)
         flat = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], flat)
         new_assign, part = find(flat)
-        if torch.equal(new_assign, assign):
+        if torch.equal(new_assign, assign):         # the iteration's one host synchronisation
             break
         assign = new_assign
     # ``part`` always belongs to ``flat`` and ``assign`` (the loop's last nearest is what it keeps).
-    counts = torch.bincount(assign, minlength=C * mm).to(x.dtype)
+    counts = cluster_counts(assign, C * mm).to(x.dtype)
     sq_dist = (xs_sq + part).clamp_min(0)
     if order is not None:
         assign = torch.empty_like(assign).index_copy_(0, order, assign)
         sq_dist = torch.empty_like(sq_dist).index_copy_(0, order, sq_dist)
     return KMeansResult(flat.reshape(num_classes, m, D), assign, counts, iterations, sq_dist)
+
+
+def cluster_counts(assign: torch.Tensor, K: int) -> torch.Tensor:
+    """int64 ``[K]`` members per cluster, without a host synchronisation (``bincount`` reads its input's
+    maximum on the host); integer sums, so exact in any order."""
+    return torch.zeros(K, dtype=torch.int64, device=assign.device).scatter_add_(0, assign, torch.ones_like(assign))
+
+
+def cluster_sums(x: torch.Tensor, assign: torch.Tensor, K: int,
+                 method: str = "matmul") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums ``[K, D]`` of the rows of ``x`` and member counts ``[K]`` (in ``x``'s dtype),
+    deterministic and without a host synchronisation.
+
+    ``"matmul"``: a one-hot ``[K, rows]`` GEMM per chunk of rows, chunks added in order (no float atomics);
+    ``"index_add"``: ``index_add_`` (deterministic on the CPU only, where it is a serial loop).
+    """
+    counts = cluster_counts(assign, K).to(x.dtype)
+    if method == "index_add":
+        return torch.zeros(K, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, assign, x), counts
+    ids = torch.arange(K, device=x.device)[:, None]
+    sums = x.new_zeros(K, x.shape[1])
+    for s in range(0, x.shape[0], _CHUNK_ROWS):
+        onehot = (assign[None, s:s + _CHUNK_ROWS] == ids).to(x.dtype)
+        sums = sums + onehot @ x[s:s + _CHUNK_ROWS]
+    return sums, counts
 
 
 def cluster_member_diffs(x: torch.Tensor, assign: torch.Tensor, centroids_flat: torch.Tensor):

@@ -1,11 +1,14 @@
-"""Smoke tests of bench/inference_overhead.py and bench/train_step.py in their --quick modes.
+"""Smoke tests of the bench/ scripts in their --quick modes, and of the GPU check's dry run on the CPU.
 
 They check that each script runs end to end and prints the table rows it promises; they assert no timings.
 One torch thread keeps them fast on a shared 2-core machine (two threads competing with other processes
 are several times slower).
 """
 import math
+import os
 import re
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -79,7 +82,8 @@ def test_train_step_quick(tmp_path):
     auto = backends.resolve("auto", torch.device("cpu"))
     expected = [("-", "-", "no CEM")]
     for variant in ("paper", "official-trained"):
-        expected += [(variant, b, "one backward") for b in cpu_backends] + [(variant, auto, "authors' application")]
+        expected += [(variant, b, "one backward") for b in cpu_backends]
+        expected += [(variant, auto, "one backward, validate=False"), (variant, auto, "authors' application")]
     expected.append(("official-trained", "authors' loss fn", "authors' application"))
     assert labels == expected
     assert rows[0][6:] == ["(baseline)", "(baseline)"]
@@ -138,14 +142,70 @@ def test_bench_kernels_refit_only(tmp_path):
         bench_kernels.main(["--refit-only", "--no-refit"])
 
 
-def test_gpu_loss_check_runs_on_the_cpu(capsys):
-    """bench/gpu_loss_check.py --device cpu --quick: every parity line passes and the script reports 0 failures."""
-    from bench import gpu_loss_check
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_checks_parity_on_the_cpu_backends(capsys):
+    """bench/gpu_checks.py on the CPU backends: every variant in fp32 and bf16 (loss, gradient, state) and the
+    paper's full covariance pass against float64, and the script exits 0."""
+    from bench import gpu_checks
     torch.set_num_threads(1)
-    assert gpu_loss_check.main(["--device", "cpu", "--quick"]) == 0
-    out = capsys.readouterr().out
-    parity = [line for line in out.splitlines() if line.startswith("parity ")]
     cpu_backends = [b for b in ("torch", "cpp") if backends.resolve(b, torch.device("cpu")) == b]
-    assert len(parity) == len(cpu_backends) * (3 * 2 + 1)       # 3 variants x (fp32, bf16), and full covariance
-    assert all(line.endswith(" ok") for line in parity), out
-    assert "full covariance, D=128" in out and "refit of 5000 x 256" in out and "\n0 failure(s)" in out
+    for b in cpu_backends:
+        gpu_checks.FAILURES.clear()
+        assert gpu_checks.main(["--backend", b, "--device", "cpu", "--tiny", "--checks", "loss,fullcov"]) == 0
+        out = capsys.readouterr().out
+        cases = [line for line in out.splitlines() if line.startswith(f"  loss {b} ")]
+        assert len(cases) == 3 * 2 * 2 and not [c for c in cases if c.endswith("FAIL")], out  # variants x B x dtype
+        assert f"CHECK {b} loss PASS" in out and f"CHECK {b} fullcov PASS" in out, out
+
+
+def test_gpu_check_summary_is_short_and_lists_every_failure(tmp_path):
+    from bench import gpu_check_runner
+    log = ["# device 2026-01-01, CPU X"] + [f"CHECK triton c{i} PASS ok" for i in range(30)]
+    log += [f"CHECK cuda bad{i} FAIL why {i}" for i in range(3)]
+    log += ["TIME triton t 3.0 us goal<5us met", "TIME x y 1 us"]
+    log += [f"STEP s{i} PASS 1 s" for i in range(5)]
+    (tmp_path / "a.log").write_text("\n".join(log) + "\n")
+    lines = gpu_check_runner.summary(str(tmp_path), 40)
+    assert len(lines) <= 40
+    assert [ln for ln in lines if ln.startswith("FAIL cuda bad")] == [f"FAIL cuda bad{i}: why {i}" for i in range(3)]
+    assert "  triton t 3.0 us goal<5us met" in lines and not [ln for ln in lines if "x y" in ln]
+    assert sum(ln.startswith("PASS triton:") for ln in lines) == 1
+    long = gpu_check_runner.summary(str(tmp_path), 8)
+    assert len(long) == 8 and long[-1].startswith("... ")
+
+
+def test_gpu_check_imports_need_no_torch_pruning():
+    code = ("import sys; sys.modules['torch_pruning'] = None\n"
+            "import bench.gpu_checks, bench.harness, bench.bench_kernels, bench.train_step, bench.inference_overhead\n"
+            "import bench.gpu_check_runner, tests.gpu.test_gpu_kernels, tests.gpu.test_gpu_loss\n"
+            "print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh: every step runs or is SKIPPED as CUDA-only, none fails,
+    at most 8 files come back, and the summary (<= 40 lines) is printed last. Generous limits: this machine
+    is shared (the script alone keeps a 345 s deadline)."""
+    out = tmp_path / "out"
+    env = dict(os.environ, GPU_CHECK_DRY_RUN="1", OUT=str(out), PYTHON=sys.executable, GPU_CHECK_BUDGET="1500",
+               GPU_CHECK_TIMEOUT_SCALE="5")
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(os.listdir(out))
+    assert len(files) <= 8 and "summary.txt" in files and "junit.xml" in files, files
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert 0 < len(summary) <= 40
+    assert proc.stdout.rstrip().endswith("\n".join(summary)), proc.stdout[-3000:]
+    steps = {ln.split()[0]: ln.split()[1] for ln in summary if re.match(r"^[a-z-]+ (PASS|FAIL|TIMEOUT|SKIPPED) ", ln)}
+    assert steps == {"cuda-build": "SKIPPED", "device": "PASS", "triton": "PASS", "cuda": "SKIPPED",
+                     "tests-gpu": "SKIPPED", "kernel-grid": "PASS", "train-step": "PASS", "inference": "PASS",
+                     "first-compile": "SKIPPED"}, summary
+    assert not [ln for ln in summary if ln.startswith("FAIL ")], summary
+    (tri,) = [ln for ln in summary if ln.startswith("PASS triton:")]
+    for check in ("kernels", "loss", "nosync", "graph-step(skipped)", "timings", "fullcov", "refit"):
+        assert check in tri.split(": ", 1)[1].split(", "), tri
