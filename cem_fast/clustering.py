@@ -33,7 +33,7 @@ def repeated_centroids(centroids: torch.Tensor, group: int) -> torch.Tensor:
     """``[K]`` bool: centroid ``k`` equals (bitwise) an earlier one of its group of ``group`` consecutive rows.
 
     A class with fewer rows than clusters gets repeated centroids. Every row is exactly as near to each copy,
-    but the GEMM's rounding differs per output column (e.g. MKL's float64 GEMV on AMD CPUs, ~1e-13), so the
+    but the GEMM's rounding differs per output column (a few ulps, e.g. MKL's float64 GEMV on AMD CPUs), so the
     argmin would pick a copy by rounding noise. Callers skip the repeats: ties go to the lowest index.
     No host synchronisation; ``group - 1`` comparisons of ``[K / group, j, D]``.
     """

@@ -110,7 +110,7 @@ def test_refit_statistics_match_a_direct_computation(variant, covariance):
 @pytest.mark.parametrize("segmented", [True, False])
 def test_repeated_centroids_tie_to_the_lowest_index(segmented):
     # A class with fewer rows than m gets repeated centroids; a row is exactly as near to each copy, but the
-    # GEMM's rounding differs per output column on some BLAS builds (MKL's float64 GEMV on AMD: ~1e-13), so
+    # GEMM's rounding differs per output column on some BLAS builds (a few ulps: MKL's float64 GEMV on AMD), so
     # without skipping the copies the assignment (and the refit's pi) would depend on that rounding.
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
