@@ -31,12 +31,33 @@ def _row_sq_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1).square()  # much faster on the CPU than (x * x).sum(1)
 
 
+def repeated_centroids(centroids: torch.Tensor, group: int) -> torch.Tensor:
+    """``[K]`` bool: centroid ``k`` equals (bitwise) an earlier one of its group of ``group`` consecutive rows.
+
+    A class with fewer rows than clusters gets repeated centroids. Every row is exactly as near to each copy,
+    but the GEMM's rounding differs per output column (a few ulps, e.g. MKL's float64 GEMV on AMD CPUs), so the
+    argmin would pick a copy by rounding noise. Callers skip the repeats: ties go to the lowest index.
+    No host synchronisation; ``group - 1`` comparisons of ``[K / group, j, D]``.
+    """
+    K, D = centroids.shape
+    c = centroids.reshape(K // group, group, D)
+    rep = torch.zeros(K // group, group, dtype=torch.bool, device=centroids.device)
+    for j in range(1, group):
+        rep[:, j] = (c[:, :j] == c[:, j:j + 1]).all(2).any(1)
+    return rep.reshape(K)
+
+
+def _centroid_sq_norms(centroids: torch.Tensor, m: int) -> torch.Tensor:
+    """``|mu|^2`` per centroid, ``inf`` for a repeat of an earlier centroid of its class (never the nearest)."""
+    return (centroids * centroids).sum(1).masked_fill(repeated_centroids(centroids, m), float("inf"))
+
+
 def nearest(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest of the ``m`` centroids of each row's class (``centroids [C*m, D]``), one GEMM per row chunk.
 
     Returns the flat index and ``|mu|^2 - 2 x.mu`` at it (the squared distance less ``|x|^2``).
     """
-    c_sq = (centroids * centroids).sum(1)
+    c_sq = _centroid_sq_norms(centroids, m)
     idx, part = [], []
     for s in range(0, x.shape[0], _CHUNK_ROWS):
         xs = x[s:s + _CHUNK_ROWS]
@@ -53,7 +74,7 @@ def nearest(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: i
 def nearest_sorted(x: torch.Tensor, bounds: list[int], centroids: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``nearest`` for rows sorted by class (class ``c`` in rows ``bounds[c]:bounds[c+1]``): one small GEMM
     per class against its own ``m`` centroids, ``C`` times fewer flops than the one GEMM against all."""
-    c_sq = (centroids * centroids).sum(1)
+    c_sq = _centroid_sq_norms(centroids, m)
     idx = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     part = x.new_empty(x.shape[0])
     for c in range(len(bounds) - 1):

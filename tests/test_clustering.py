@@ -105,3 +105,30 @@ def test_refit_statistics_match_a_direct_computation(variant, covariance):
     if variant == "official-trained":
         var = torch.zeros(C * m, dtype=x.dtype).index_add_(0, assign, (diff ** 2).mean(1)) / counts.clamp_min(1)
         torch.testing.assert_close(cem.variance.double().reshape(-1), var, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("segmented", [True, False])
+def test_repeated_centroids_tie_to_the_lowest_index(segmented):
+    # A class with fewer rows than m gets repeated centroids; a row is exactly as near to each copy, but the
+    # GEMM's rounding differs per output column on some BLAS builds (a few ulps: MKL's float64 GEMV on AMD), so
+    # without skipping the copies the assignment (and the refit's pi) would depend on that rounding.
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.rand(3, 512, generator=g, dtype=torch.float64)
+        y = torch.tensor([0, 1, 1])                                       # class 0: one row, class 1: two, m = 3
+        r = kmeans(x, y, 2, 3, generator=torch.Generator().manual_seed(0), segmented=segmented)
+        assert torch.equal(r.centroids[0], x[0].expand(3, -1))
+        assert int(r.assign[0]) == 0 and r.counts.tolist()[:3] == [1.0, 0.0, 0.0]
+
+
+def test_torch_backend_assign_ties_repeated_centroids_to_the_lowest_index():
+    from cem_fast.backends.torch_backend import assign
+    from cem_fast.reference import reference_assign
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        z = torch.rand(1, 512, generator=g, dtype=torch.float64)
+        other = torch.rand(1, 512, generator=g, dtype=torch.float64)
+        cent = torch.cat([z.expand(3, -1), other, z + 1e-3, z])                 # [6, D]: class 0 = 3 copies of z
+        for labels, cc in ((torch.tensor([0]), True), (torch.tensor([1]), True), (torch.tensor([0]), False)):
+            expected = [c * 3 + j for c, j in reference_assign(z, labels, cent.view(2, 3, -1), cc)]
+            assert assign(z, labels, cent, 3, cc).tolist() == expected

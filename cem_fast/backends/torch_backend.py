@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ..clustering import repeated_centroids
+
 # Elements of the [rows, K] distance block computed at once.
 _CHUNK_ELEMS = 1 << 24
 
@@ -41,7 +43,10 @@ def assign(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: in
     if B == 0:
         return torch.zeros(0, dtype=torch.int64, device=z.device)
     zc = z if z.dtype == centroids.dtype else z.to(centroids.dtype)
-    c_sq = (centroids * centroids).sum(1)
+    # A repeated centroid (a class with fewer rows than clusters) never enters the shortlist: with three
+    # copies the GEMM's per-column rounding could otherwise drop the lowest index from it.
+    c_sq = (centroids * centroids).sum(1).masked_fill(repeated_centroids(centroids, m if class_conditional else K),
+                                                      float("inf"))
     rows = max(1, _CHUNK_ELEMS // max(1, K))
     out = []
     for s in range(0, B, rows):
