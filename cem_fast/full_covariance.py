@@ -40,14 +40,14 @@ def matrix_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, 
     return (dz if scale == 1.0 else dz * scale).to(z.dtype)
 
 
-def cluster_member_diffs(x: torch.Tensor, assign: torch.Tensor, centroids_flat: torch.Tensor):
-    """Per non-empty cluster ``(k, rows, x[rows] - mu_k)`` in the centroids' dtype, from one sort of the rows
+def cluster_member_diffs(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor):
+    """Per non-empty cluster ``(k, rows, z[rows] - mu_k)`` in the centroids' dtype, from one sort of the rows
     by cluster (reads the cluster sizes: one host sync). Rows with ``assign == -1`` (no cluster) are left out."""
     keep = (assign >= 0).nonzero().squeeze(1)
     kept = assign[keep]
     order = keep[torch.argsort(kept, stable=True)]
-    counts = torch.bincount(kept, minlength=centroids_flat.shape[0]).tolist()
-    diff = x[order].to(centroids_flat.dtype) - centroids_flat[assign[order]]
+    counts = torch.bincount(kept, minlength=centroids.shape[0]).tolist()
+    diff = z[order].to(centroids.dtype) - centroids[assign[order]]
     start = 0
     for k, n in enumerate(counts):
         if n:
@@ -55,12 +55,12 @@ def cluster_member_diffs(x: torch.Tensor, assign: torch.Tensor, centroids_flat: 
         start += n
 
 
-def cluster_second_moments(x: torch.Tensor, assign: torch.Tensor, centroids_flat: torch.Tensor) -> torch.Tensor:
-    """``[K, D, D]`` sum over members of ``(x - mu)(x - mu)^T`` in the centroids' dtype, one GEMM per cluster
+def cluster_second_moments(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """``[K, D, D]`` sum over members of ``(z - mu)(z - mu)^T`` in the centroids' dtype, one GEMM per cluster
     on rows sorted by cluster (``B D^2`` flops; the refit, and full covariance on the CPU)."""
-    K, D = centroids_flat.shape
-    out = centroids_flat.new_zeros(K, D, D)
-    for k, _, seg in cluster_member_diffs(x, assign, centroids_flat):
+    K, D = centroids.shape
+    out = centroids.new_zeros(K, D, D)
+    for k, _, seg in cluster_member_diffs(z, assign, centroids):
         out[k] = seg.t() @ seg
     return out
 

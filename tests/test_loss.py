@@ -33,8 +33,7 @@ def check_against_reference(cem, z, y, variant, dtype, **ref_kw):
     ref_loss, ref_grad, ref_pi, ref_var = run_reference(
         z, y, cem.centroids, pi0 if variant != "official" else None, var0 if variant != "official" else None,
         variant, sigma=cem.sigma, dataset_size=cem.dataset_size, covariance=cem.covariance,
-        reduction=cem.reduction, class_conditional=cem.class_conditional, var_threshold=cem.var_threshold,
-        log_entropy=cem.log_entropy, replicate_index_bug=cem.replicate_index_bug, **ref_kw)
+        reduction=cem.reduction, class_conditional=cem.class_conditional, **cem.variant_impl.options, **ref_kw)
     tol = TOL[dtype]
     loss = loss.detach()
     assert abs(float(loss) - float(ref_loss)) <= tol * max(abs(float(ref_loss)), 1e-12), (float(loss), float(ref_loss))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cem_fast import CEMLoss, ops
+from cem_fast import CEMLoss, full_covariance, ops
 
 
 def _inputs(gen, B=12, C=3, m=2, D=10, dtype=torch.float32):
@@ -39,22 +39,51 @@ def test_full_covariance_helpers_skip_unassigned_rows(rng):
     a_bad = a.clone()
     a_bad[[0, 5]] = -1
     keep = a_bad >= 0
-    want = ops.second_moments(z[keep], a[keep], cent)
-    assert torch.allclose(ops.second_moments(z, a_bad, cent), want, rtol=1e-12, atol=1e-12)
-    assert not torch.allclose(ops.second_moments(z, a, cent), want)
+    want = full_covariance.second_moments(z[keep], a[keep], cent)
+    assert torch.allclose(full_covariance.second_moments(z, a_bad, cent), want, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(full_covariance.second_moments(z, a, cent), want)
     coef = torch.rand(cent.shape[0], cent.shape[1], cent.shape[1], generator=rng, dtype=torch.float64)
     coef = coef + coef.transpose(1, 2)
-    dz = ops.matrix_grad(z, a_bad, cent, coef)
+    dz = full_covariance.matrix_grad(z, a_bad, cent, coef)
     assert torch.equal(dz[~keep], torch.zeros_like(dz[~keep]))
-    assert torch.allclose(dz[keep], ops.matrix_grad(z[keep], a[keep], cent, coef), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(dz[keep], full_covariance.matrix_grad(z[keep], a[keep], cent, coef), rtol=1e-12, atol=1e-12)
     # the grouped CPU forms (one GEMM per cluster) give the same, -1 rows included
-    assert torch.allclose(ops.cluster_second_moments(z, a_bad, cent), want, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(full_covariance.cluster_second_moments(z, a_bad, cent), want, rtol=1e-12, atol=1e-12)
     spd = coef @ coef.transpose(1, 2) + torch.eye(coef.shape[1], dtype=coef.dtype)
     chol = torch.linalg.cholesky(spd)
     factor = torch.rand(cent.shape[0], generator=rng, dtype=torch.float64)
-    want_dz = ops.matrix_grad(z, a_bad, cent, torch.linalg.inv(spd) * factor[:, None, None])
-    assert torch.allclose(ops.segmented_full_grad(z, a_bad, cent, chol, factor), want_dz, rtol=1e-10, atol=1e-12)
-    assert ops.segmented_full_grad(z.float(), a_bad, cent, chol, factor).dtype == torch.float32
+    want_dz = full_covariance.matrix_grad(z, a_bad, cent, torch.linalg.inv(spd) * factor[:, None, None])
+    got = full_covariance.segmented_full_grad(z, a_bad, cent, chol, factor)
+    assert torch.allclose(got, want_dz, rtol=1e-10, atol=1e-12)
+    assert full_covariance.segmented_full_grad(z.float(), a_bad, cent, chol, factor).dtype == torch.float32
+
+
+def test_opcheck_scatter_grad_with_incoming_gradient(rng):
+    z, y, cent, m = _inputs(rng)
+    _, _, a = ops.assign_stats(z, y, cent, m, True, "torch")
+    coef = torch.rand(cent.shape[0], 1, generator=rng)
+    g = torch.tensor(0.5)
+    torch.library.opcheck(ops.scatter_grad, (z, a, cent, coef, "torch", g, 2.0))
+    want = ops.scatter_grad(z, a, cent, coef.expand(cent.shape) * 1.0, "torch")
+    assert torch.allclose(ops.scatter_grad(z, a, cent, coef, "torch", g, 2.0), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_coef_matrix_by_triangular_solves_matches_cholesky_inverse(rng, dtype):
+    K, D = 4, 9
+    a = torch.randn(K, D, D, generator=rng, dtype=torch.float64)
+    chol = torch.linalg.cholesky(a @ a.transpose(1, 2) + torch.eye(D, dtype=torch.float64)).to(dtype)
+    factor = torch.rand(K, generator=rng, dtype=torch.float64).to(dtype)
+    got = full_covariance.coef_matrix(chol, factor)
+    want = torch.cholesky_inverse(chol) * factor[:, None, None]
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert got.dtype == dtype and torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_kernels_is_the_backend_module_in_eager_mode():
+    from cem_fast import backends
+    for name in ("torch", "cpp"):
+        assert ops.kernels(name) is backends.get(name)
 
 
 def _train_step_losses(compiled: bool, variant: str, covariance: str = "diag"):
