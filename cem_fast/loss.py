@@ -69,6 +69,7 @@ class CEMLoss(nn.Module):
         opts = {**allowed, **variant_options}
         self.variant_impl = kind(**{k: opts[k] for k in kind.defaults})
         self.variant_impl.check_config(self.covariance, self.reduction, class_conditional)
+        self.variant_impl.kernel_options(self.sigma)   # builds (and caches) any constant now, outside compiled graphs
         iters = opts["kmeans_iters"] if opts["kmeans_iters"] is not None else kind.kmeans_iters
         self.kmeans_iters = checks.positive_int("kmeans_iters", iters)
         self.seed = int(opts["seed"])
