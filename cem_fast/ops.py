@@ -85,7 +85,7 @@ class _TracedKernels:
 
 def kernels(backend: str):
     """Where the hot operations of ``backend`` (a resolved name) run: the backend module itself in eager mode
-    (the custom-op dispatcher costs about 0.1 ms a call, as much as the whole op at B=128 on a CPU), the
+    (the custom-op dispatcher costs tens of microseconds a call, as much as a whole op at B=128 on a CPU), the
     registered ops while torch.compile traces. This is the only ``is_compiling`` check of the library."""
     if torch.compiler.is_compiling():
         return _TracedKernels(backend)
