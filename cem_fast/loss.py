@@ -89,6 +89,22 @@ class CEMLoss(nn.Module):
         """Whether ``refit`` (or ``set_clusters``) has installed centroids."""
         return self.centroids.shape[-1] > 0
 
+    # The official-trained options, readable on every CEMLoss (the other variants ignore them: their defaults).
+    @property
+    def var_threshold(self) -> float:
+        return self._trained_option("var_threshold")
+
+    @property
+    def log_entropy(self) -> int:
+        return self._trained_option("log_entropy")
+
+    @property
+    def replicate_index_bug(self) -> bool:
+        return self._trained_option("replicate_index_bug")
+
+    def _trained_option(self, name: str):
+        return self.variant_impl.options.get(name, variants.OfficialTrained.defaults[name])
+
     @property
     def feature_dim(self) -> Optional[int]:
         return self.centroids.shape[-1] if self.fitted else None
