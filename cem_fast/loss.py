@@ -79,7 +79,8 @@ class CEMLoss(nn.Module):
         self.register_buffer("centroids", torch.zeros(C, m, 0))
         self.register_buffer("pi", torch.zeros(C, m))
         self.register_buffer("variance", torch.zeros(C, m, 0))
-        self.register_buffer("fitted_size", torch.zeros((), dtype=torch.float64))  # samples in the last refit; 0 = never fitted
+        # samples in the last refit; 0 = never fitted
+        self.register_buffer("fitted_size", torch.zeros((), dtype=torch.float64))
         self._fitted_size = 0.0  # host mirror of the buffer, so the forward never reads the device
 
     # ------------------------------------------------------------------ state
@@ -119,10 +120,12 @@ class CEMLoss(nn.Module):
     def set_extra_state(self, state):
         if not isinstance(state, dict) or state.get("config") != self._config():
             theirs = state.get("config") if isinstance(state, dict) else state
-            raise ValueError(f"state_dict is from another CEMLoss configuration: expected {self._config()}, got {theirs}")
+            raise ValueError(f"state_dict is from another CEMLoss configuration: expected {self._config()}, "
+                             f"got {theirs}")
         self.refits = int(state.get("refits", 0))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         extra = state_dict.get(prefix + "_extra_state")
         if extra is not None:
             self.set_extra_state(extra)
@@ -133,7 +136,8 @@ class CEMLoss(nn.Module):
                                  f"[{self.num_classes}, {self.m}, ...]")
             if src is not None and src.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(src, device=getattr(self, name).device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         self._fitted_size = float(self.fitted_size)
 
     def set_clusters(self, centroids: torch.Tensor, weights: Optional[torch.Tensor] = None,
@@ -157,14 +161,14 @@ class CEMLoss(nn.Module):
             weights = torch.full((C, m), self.variant_impl.default_weight(C, m), dtype=dtype)
         if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (C, m):
             raise ValueError(f"weights must be a tensor of shape [{C}, {m}], got "
-                             f"{tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__}")
+                             f"{_shape_or_type(weights)}")
         vshape = self.variant_impl.variance_shape(C, m, D, self.covariance)
         if variances is None:
             variances = torch.zeros(vshape, dtype=dtype)
         if not isinstance(variances, torch.Tensor) or tuple(variances.shape) != vshape:
             raise ValueError(f"variances must be a tensor of shape {list(vshape)} for variant={self.variant!r}, "
                              f"covariance={self.covariance!r}, got "
-                             f"{tuple(variances.shape) if isinstance(variances, torch.Tensor) else type(variances).__name__}")
+                             f"{_shape_or_type(variances)}")
         for name, t in (("centroids", centroids), ("weights", weights), ("variances", variances)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or Inf")
@@ -281,6 +285,10 @@ class CEMLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, clusters_per_class={self.m}, variant={self.variant!r}, "
                 f"sigma={self.sigma}, covariance={self.covariance!r}, backend={self.backend!r}, fitted={self.fitted}")
+
+
+def _shape_or_type(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def feature_spread(z: torch.Tensor) -> float:

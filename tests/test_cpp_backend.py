@@ -276,7 +276,8 @@ def _bad_variant_math_calls():
         ("variant_math", (counts.int(), sqdev.int(), pi, var, 1, *opts), TypeError, "sqdev must be float32"),
         ("variant_math", (counts, sqdev, pi[:1], var, 1, *opts), ValueError, "pi must hold K = 4"),
         ("variant_math", (counts, sqdev, pi, var, 2, *opts), ValueError, "variance must hold 12"),
-        ("variant_math", (counts, sqdev, pi, var, 1, *opts[:4], 0.0, *opts[5:]), ValueError, "dataset_size must be > 0"),
+        ("variant_math", (counts, sqdev, pi, var, 1, *opts[:4], 0.0, *opts[5:]), ValueError,
+         "dataset_size must be > 0"),
     ]
 
 

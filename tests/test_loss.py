@@ -104,7 +104,7 @@ def test_edge_cases(rng, backend, variant, case):
 def test_official_trained_options(rng, backend, log_entropy, bug):
     C, m, D = 6, 5, 16
     cem, *_ = make_loss("official-trained", C, m, D, rng, log_entropy=log_entropy, replicate_index_bug=bug,
-                        var_threshold=0.5, dataset_size=60, backend=backend)  # a small N makes the blend weight reach its cap
+                        var_threshold=0.5, dataset_size=60, backend=backend)  # a small N: the blend weight's cap
     z = torch.rand(25, D, generator=rng, dtype=torch.float64)
     y = torch.randint(1, C, (25,), generator=rng)           # class 0 absent: the bug then shifts rows
     check_against_reference(cem, z, y, "official-trained", torch.float64)

@@ -18,7 +18,8 @@ from .torch_backend import scaled_coef
 def _build_error() -> Optional[str]:
     try:
         ext = load_cuda_extension()
-        if torch.cuda.is_available():  # one tiny launch: a binary without code for this GPU fails here, not mid-training
+        # one tiny launch: a binary without code for this GPU fails here, not mid-training
+        if torch.cuda.is_available():
             z = torch.zeros(1, 1, device="cuda")
             ext.assign_stats(z, torch.zeros(1, dtype=torch.int64, device="cuda"), z, 1, True)
             torch.cuda.synchronize()
