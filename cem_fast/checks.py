@@ -76,3 +76,11 @@ def finite(name: str, z: torch.Tensor) -> None:
     z = z.detach()  # a sum that tracks gradients would cost a graph node per call
     if z.numel() and not math.isfinite(z.sum().item()) and not bool(torch.isfinite(z).all()):
         raise ValueError(f"{name} contains NaN or Inf")
+
+
+def __getattr__(name: str):
+    # ``checks.VARIANTS`` moved to ``cem_fast.VARIANTS`` (the variants' registry); kept readable for old imports.
+    if name == "VARIANTS":
+        from .variants import VARIANTS
+        return VARIANTS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
