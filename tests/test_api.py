@@ -1,6 +1,5 @@
 """CEMLoss's public behaviour: state_dict, refit, warm-up, bad input, theory helpers."""
 import math
-import warnings
 
 import pytest
 import torch

@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
+from helpers import random_state, rel_err, run_reference
 
 from cem_fast import CEMLoss
 from cem_fast.backends import resolve
-from helpers import random_state, rel_err, run_reference
 
 VARIANTS = ["paper", "official", "official-trained"]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}

@@ -5,8 +5,15 @@ variant provides (defaults, options, state, refit rule, math on the per-cluster 
 """
 from .base import DEFAULT_VARIANT, LossParams, Variant, get_variant, names, variant_type
 from .official import OFFICIAL_EPS, Official
-from .official_trained import (TRAINED_GAMMA, TRAINED_LAMBDA_CAP, TRAINED_LAMBDA_SCALE, TRAINED_LINEAR_EPS,
-                               OfficialTrained, index_bug_rows, trained_threshold)
+from .official_trained import (
+    TRAINED_GAMMA,
+    TRAINED_LAMBDA_CAP,
+    TRAINED_LAMBDA_SCALE,
+    TRAINED_LINEAR_EPS,
+    OfficialTrained,
+    index_bug_rows,
+    trained_threshold,
+)
 from .paper import Paper, paper_diag, paper_full
 
 VARIANTS = names()   # ("paper", "official", "official-trained")
