@@ -234,6 +234,10 @@ class CEMLoss(nn.Module):
 
     # ------------------------------------------------------------------ loss
 
+    def _dataset_size(self, batch: int) -> Optional[float]:
+        """The ``N`` of the variant's math for a batch of ``batch`` rows (None: the variant needs none)."""
+        return self.variant_impl.dataset_size(self.dataset_size, self._fitted_size, batch)
+
     def forward(self, z: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The CEM loss of encoder features ``z [B, C, H, W]`` or ``[B, D]`` with class ``labels [B]``."""
         z2d = checks.features("z", z)
@@ -261,7 +265,7 @@ class CEMLoss(nn.Module):
         if self.centroids.device != z.device:
             raise ValueError(f"z is on {z.device} but CEMLoss is on {self.centroids.device}: call cem.to(device)")
         update = self.training and self.variant_impl.streams_state
-        N = self.variant_impl.dataset_size(self.dataset_size, self._fitted_size, B)
+        N = self._dataset_size(B)
         loss, new_pi, new_var = cem_loss(
             z2d, labels, self.centroids, variant=self.variant_impl, sigma=self.sigma, pi=self.pi,
             variance=self.variance, dataset_size=N,

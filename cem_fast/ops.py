@@ -130,6 +130,7 @@ class CEMFunction(torch.autograd.Function):
             ctx.save_for_backward(z, assign, centroids, coef)
         ctx.full = full
         ctx.backend = p.backend
+        ctx.set_materialize_grads(False)     # no zero gradients built for the state outputs (two launches)
         # Under data parallelism every rank holds the global loss; DDP averages gradients over ranks,
         # so each rank's exact gradient is scaled by the world size (folded into grad_scale).
         ctx.grad_scale = 2.0 * world_size(p.process_group)
@@ -141,6 +142,8 @@ class CEMFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_pi, _grad_var):
         z, assign, centroids, coef, *chol = ctx.saved_tensors   # chol: full covariance only
+        if grad_loss is None:                # the loss itself took no part in what is differentiated
+            return (None,) * 7
         k = kernels(ctx.backend)
         if not ctx.full:
             dz = k.scatter_grad(z, assign, centroids, coef, grad_loss, ctx.grad_scale)
