@@ -6,8 +6,6 @@ import numbers
 
 import torch
 
-VARIANTS = ("paper", "official", "official-trained")
-DEFAULT_CLUSTERS = {"paper": 3, "official": 10, "official-trained": 5}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -59,11 +57,17 @@ def labels(name: str, y, batch: int, num_classes: int, device, validate: bool) -
         raise ValueError(f"{name} must have shape [{batch}] (one label per sample), got {tuple(y.shape)}")
     if y.device != torch.device(device):
         raise ValueError(f"{name} is on {y.device} but the features are on {device}")
-    if validate and batch:
+    if validate:
+        label_range(name, y, num_classes)
+    return y if y.dtype == torch.int64 else y.to(torch.int64)
+
+
+def label_range(name: str, y: torch.Tensor, num_classes: int) -> None:
+    """Every label in ``[0, num_classes)`` (reads two values from the device)."""
+    if y.numel():
         lo, hi = (int(v) for v in torch.aminmax(y))
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
-    return y if y.dtype == torch.int64 else y.to(torch.int64)
 
 
 def finite(name: str, z: torch.Tensor) -> None:
@@ -72,3 +76,11 @@ def finite(name: str, z: torch.Tensor) -> None:
     z = z.detach()  # a sum that tracks gradients would cost a graph node per call
     if z.numel() and not math.isfinite(z.sum().item()) and not bool(torch.isfinite(z).all()):
         raise ValueError(f"{name} contains NaN or Inf")
+
+
+def __getattr__(name: str):
+    # ``checks.VARIANTS`` moved to ``cem_fast.VARIANTS`` (the variants' registry); kept readable for old imports.
+    if name == "VARIANTS":
+        from .variants import VARIANTS
+        return VARIANTS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -241,28 +241,3 @@ def cluster_sums(x: torch.Tensor, assign: torch.Tensor, K: int,
         onehot = (assign[None, s:s + _CHUNK_ROWS] == ids).to(x.dtype)
         sums = sums + onehot @ x[s:s + _CHUNK_ROWS]
     return sums, counts
-
-
-def cluster_member_diffs(x: torch.Tensor, assign: torch.Tensor, centroids_flat: torch.Tensor):
-    """Per non-empty cluster ``(k, rows, x[rows] - mu_k)`` in the centroids' dtype, from one sort of the rows
-    by cluster (reads the cluster sizes: one host sync). Rows with ``assign == -1`` (no cluster) are left out."""
-    keep = (assign >= 0).nonzero().squeeze(1)
-    kept = assign[keep]
-    order = keep[torch.argsort(kept, stable=True)]
-    counts = torch.bincount(kept, minlength=centroids_flat.shape[0]).tolist()
-    diff = x[order].to(centroids_flat.dtype) - centroids_flat[assign[order]]
-    start = 0
-    for k, n in enumerate(counts):
-        if n:
-            yield k, order[start:start + n], diff[start:start + n]
-        start += n
-
-
-def cluster_second_moments(x: torch.Tensor, assign: torch.Tensor, centroids_flat: torch.Tensor) -> torch.Tensor:
-    """``[K, D, D]`` sum over members of ``(x - mu)(x - mu)^T`` in the centroids' dtype, one GEMM per cluster
-    on rows sorted by cluster (``B D^2`` flops; the refit, and full covariance on the CPU)."""
-    K, D = centroids_flat.shape
-    out = centroids_flat.new_zeros(K, D, D)
-    for k, _, seg in cluster_member_diffs(x, assign, centroids_flat):
-        out[k] = seg.t() @ seg
-    return out

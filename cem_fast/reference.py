@@ -10,12 +10,18 @@ from typing import Optional
 
 import torch
 
-from .variants import (OFFICIAL_EPS, TRAINED_GAMMA, TRAINED_LAMBDA_CAP, TRAINED_LAMBDA_SCALE,
-                       TRAINED_LINEAR_EPS, trained_threshold)
+from .variants import (
+    OFFICIAL_EPS,
+    TRAINED_GAMMA,
+    TRAINED_LAMBDA_CAP,
+    TRAINED_LAMBDA_SCALE,
+    TRAINED_LINEAR_EPS,
+    trained_threshold,
+)
 
 
 def reference_assign(z: torch.Tensor, labels: Optional[torch.Tensor], centroids: torch.Tensor,
-                     class_conditional: bool = True) -> list[tuple[int, int]]:
+    class_conditional: bool = True) -> list[tuple[int, int]]:
     """``(class, cluster)`` of the nearest centroid for every row, ties to the lowest index."""
     C, m, _ = centroids.shape
     out = []
@@ -33,10 +39,10 @@ def _members(assign, key):
 
 
 def reference_loss(z: torch.Tensor, labels: Optional[torch.Tensor], centroids: torch.Tensor, *,
-                   variant: str = "paper", sigma: float = 0.025, pi: Optional[torch.Tensor] = None,
-                   variance: Optional[torch.Tensor] = None, dataset_size: Optional[float] = None,
-                   covariance: str = "diag", reduction: str = "mean_dim", class_conditional: bool = True,
-                   var_threshold: float = 0.125, log_entropy: int = 1, replicate_index_bug: bool = False):
+    variant: str = "paper", sigma: float = 0.025, pi: Optional[torch.Tensor] = None,
+    variance: Optional[torch.Tensor] = None, dataset_size: Optional[float] = None,
+    covariance: str = "diag", reduction: str = "mean_dim", class_conditional: bool = True,
+    var_threshold: float = 0.125, log_entropy: int = 1, replicate_index_bug: bool = False):
     """Loss for a batch ``z [B, D]`` (float64), and for the paper variant the updated ``(pi, variance)``.
 
     Returns ``(loss, new_pi, new_variance)``; the last two are ``None`` for the official variants.

@@ -1,7 +1,7 @@
 """Weight schedules for the CEM term."""
 from __future__ import annotations
 
-# The authors' scripts scale lambda by 0.001 / lr until the server LR falls below this (facts 1B).
+# The authors' training scripts scale lambda by 0.001 / lr until the server LR falls below this value.
 OFFICIAL_LR_THRESHOLD = 0.00041
 
 

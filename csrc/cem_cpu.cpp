@@ -314,7 +314,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("z"), pybind11::arg("assign"), pybind11::arg("centroids"), pybind11::arg("coef"),
              pybind11::call_guard<pybind11::gil_scoped_release>());
   module.def("variant_math", &variant_math,
-             "A variant's loss, dL/dsqdev and new (pi, variance) from counts [K] and sqdev [K, D] (cem_fast/variants.py)",
+             "A variant's loss, dL/dsqdev and new (pi, variance) from counts [K] and sqdev [K, D] (cem_fast/variants/)",
              pybind11::arg("counts"), pybind11::arg("sqdev"), pybind11::arg("pi"), pybind11::arg("variance"),
              pybind11::arg("variant"), pybind11::arg("m"), pybind11::arg("class_conditional"), pybind11::arg("sigma"),
              pybind11::arg("num_classes"), pybind11::arg("dataset_size"), pybind11::arg("trained_threshold"),

@@ -1,15 +1,15 @@
-// The variants' math on the per-cluster statistics (cem_fast/variants.py, diagonal covariance) in one
+// The variants' math on the per-cluster statistics (cem_fast/variants/*.py, diagonal covariance) in one
 // C++ call: thirty ATen calls from Python on these small tensors cost more than the kernels. Per-cluster
 // scalars in double, elementwise work in ATen (vectorised), results in the statistics' dtype.
 // Included by cem_cpu.cpp inside its anonymous namespace.
-//   variant 0 official, 1 official-trained, 2 paper (diag)
+//   variant 0 official, 1 official-trained, 2 paper (diag): the Variant.code of cem_fast/variants/<name>.py
 //   -> (loss [], coef [K, D] or [K, 1] = dL/dsqdev, pi_new like pi, variance_new like variance)
 
 #include <cmath>
 
-constexpr double kOfficialEps = 1e-6;        // variants.OFFICIAL_EPS
-constexpr double kTrainedGamma = 0.01;       // variants.TRAINED_GAMMA
-constexpr double kTrainedLinearEps = 0.001;  // variants.TRAINED_LINEAR_EPS
+constexpr double kOfficialEps = 1e-6;        // cem_fast/variants/official.py OFFICIAL_EPS
+constexpr double kTrainedGamma = 0.01;       // cem_fast/variants/official_trained.py TRAINED_GAMMA
+constexpr double kTrainedLinearEps = 0.001;  // cem_fast/variants/official_trained.py TRAINED_LINEAR_EPS
 constexpr double kTrainedLambdaScale = 10.0;
 constexpr double kTrainedLambdaCap = 0.99;
 
@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> variant_math_impl(
   at::Tensor pi_new = pi_t, var_new = var_t, coef;
 
   // Per-cluster scalars in double from plain loops; the elementwise [K, D] work (logs) in ATen's
-  // vectorised kernels, in the statistics' dtype as cem_fast/variants.py does it.
+  // vectorised kernels, in the statistics' dtype as cem_fast/variants/*.py do it.
   auto column = [&](const std::vector<double>& v) {  // [K, 1] in the statistics' dtype
     at::Tensor t = at::empty({K, 1}, opts);
     acc_t* p = t.data_ptr<acc_t>();
@@ -84,13 +84,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> variant_math_impl(
     for (int64_t k = 0; k < K; ++k) loss += weight[k] * static_cast<double>(lm[k]);
     loss /= num_p;
     coef = column(g) / arg;
-  } else if (o.variant == 1) {  // official-trained (facts 1B): scalar variance per cluster, hinge on its log
+  } else if (o.variant == 1) {  // official-trained (the authors' training scripts): scalar variance per cluster, hinge on its log
     const acc_t* pi_in = pi_t.data_ptr<acc_t>();
     const acc_t* var_in = var_t.data_ptr<acc_t>();
     const int64_t C = K / m;
     std::vector<int64_t> row(C);
     for (int64_t c = 0; c < C; ++c) row[c] = c;
-    if (o.replicate_index_bug) {  // variants.index_bug_rows
+    if (o.replicate_index_bug) {  // official_trained.index_bug_rows
       std::vector<double> ends(C);
       double run = 0.0;
       for (int64_t c = 0; c < C; ++c) {

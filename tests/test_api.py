@@ -1,6 +1,5 @@
 """CEMLoss's public behaviour: state_dict, refit, warm-up, bad input, theory helpers."""
 import math
-import warnings
 
 import pytest
 import torch
@@ -223,3 +222,19 @@ def test_feature_spread_is_the_mean_per_dimension_variance():
     assert cem_fast.feature_spread(z) == pytest.approx(float(want), rel=1e-5)
     assert math.isnan(cem_fast.feature_spread(z[:1]))
     assert cem_fast.feature_spread(torch.ones(4, 7)) == 0.0
+
+
+def test_variant_registry():
+    from cem_fast.variants import get_variant, variant_type
+    assert cem_fast.VARIANTS == ("paper", "official", "official-trained")
+    for name in cem_fast.VARIANTS:
+        impl = get_variant(name)
+        assert impl.name == name and CEMLoss(2, variant=name).m == impl.default_clusters
+    assert sorted(get_variant(n).code for n in cem_fast.VARIANTS) == [0, 1, 2]   # csrc/cem_cpu_variants.h
+    assert get_variant("official-trained", var_threshold=0.5).options["var_threshold"] == 0.5
+    with pytest.raises(ValueError, match="variant must be one of"):
+        variant_type("gmm")
+    with pytest.raises(TypeError, match="var_threshold"):
+        get_variant("paper", var_threshold=0.5)
+    with pytest.raises(ValueError, match="var_threshold"):
+        get_variant("official-trained", var_threshold=-1.0)

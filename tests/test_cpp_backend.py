@@ -204,32 +204,21 @@ def _random_stats(K, D, dtype, gen, empty=(1, 4)):
                                      dict(log_entropy=0, bug=True, mean_dim=False),
                                      dict(log_entropy=1, bug=True, mean_dim=True)], ids=str)
 def test_variant_math_matches_python(ext, variant, class_conditional, dtype, options):
-    from cem_fast import variants
-    from cem_fast.ops import _VARIANT_CODES
+    from cem_fast.variants import LossParams, get_variant, variant_type
     gen = torch.Generator().manual_seed(zlib.crc32(str((variant, class_conditional, str(dtype), options)).encode()))
     C, m, D, N, sigma, thr = 4, 2, 37, 40.0, 0.1, 0.5
     K = C * m
     counts, sqdev = _random_stats(K, D, dtype, gen, empty=(1, 4, 5))
     pi = torch.rand(C, m, generator=gen, dtype=dtype) * 0.3 + 0.01
     variance = torch.rand(*((C, m) if variant == "official-trained" else (C, m, D)), generator=gen, dtype=dtype) * 0.02
-    threshold = variants.trained_threshold(sigma, thr)
-    got = ext.variant_math(counts, sqdev, pi, variance, _VARIANT_CODES[variant], m, class_conditional, sigma, C, N,
-                           threshold, bool(options["log_entropy"]), options["bug"], options["mean_dim"])
+    given = dict(var_threshold=thr, log_entropy=options["log_entropy"], replicate_index_bug=options["bug"])
+    impl = get_variant(variant, **{k: v for k, v in given.items() if k in variant_type(variant).defaults})
+    params = LossParams(num_classes=C, m=m, sigma=sigma, class_conditional=class_conditional, dataset_size=N,
+                        reduction="mean_dim" if options["mean_dim"] else "sum")
+    got = ext.variant_math(counts, sqdev, pi, variance, *impl.kernel_args(params))
     # The python math in float64 (the C++ math runs in double whatever the dtype).
     c64, s64, p64, v64 = (t.double() for t in (counts, sqdev, pi, variance))
-    if variant == "official":
-        loss, coef = variants.official(c64, s64, m=m, class_conditional=class_conditional, sigma=sigma)
-        new_pi, new_var = p64, v64
-    elif variant == "official-trained":
-        loss, coef = variants.official_trained(
-            c64, s64, p64.reshape(-1), v64.reshape(-1), m=m, class_conditional=class_conditional, sigma=sigma,
-            num_classes=C, dataset_size=N, var_threshold=thr, log_entropy=options["log_entropy"],
-            replicate_index_bug=options["bug"])
-        new_pi, new_var = p64, v64
-    else:
-        loss, coef, new_pi, new_var = variants.paper_diag(
-            c64, s64, p64.reshape(K), v64.reshape(K, D), sigma=sigma, dataset_size=N,
-            reduction="mean_dim" if options["mean_dim"] else "sum")
+    loss, coef, new_pi, new_var = impl.math(c64, s64, p64, v64, params)
     tol = tolerance(dtype)
     assert got[0].dtype == dtype and got[0].dim() == 0
     torch.testing.assert_close(got[0].double(), loss, **tol)
@@ -288,7 +277,8 @@ def _bad_variant_math_calls():
         ("variant_math", (counts.int(), sqdev.int(), pi, var, 1, *opts), TypeError, "sqdev must be float32"),
         ("variant_math", (counts, sqdev, pi[:1], var, 1, *opts), ValueError, "pi must hold K = 4"),
         ("variant_math", (counts, sqdev, pi, var, 2, *opts), ValueError, "variance must hold 12"),
-        ("variant_math", (counts, sqdev, pi, var, 1, *opts[:4], 0.0, *opts[5:]), ValueError, "dataset_size must be > 0"),
+        ("variant_math", (counts, sqdev, pi, var, 1, *opts[:4], 0.0, *opts[5:]), ValueError,
+         "dataset_size must be > 0"),
     ]
 
 
@@ -309,6 +299,32 @@ def test_backend_module_contract():
     assert all(torch.equal(x, y) for x, y in zip(out, torch_backend.assign_stats(z, labels, centroids, 2, True)))
     assert torch.equal(cpp_backend.scatter_grad(z, out[0], centroids, coef),
                        torch_backend.scatter_grad(z, out[0], centroids, coef))
+    # the incoming gradient and a factor, and a [K, 1] coefficient broadcast by the backend
+    g = torch.tensor(0.75)
+    for c in (coef, coef[:, :1]):
+        want = torch_backend.scatter_grad(z, out[0], centroids, c * (g * 3.0))
+        assert torch.equal(torch_backend.scatter_grad(z, out[0], centroids, c, g, 3.0), want)
+        assert torch.equal(cpp_backend.scatter_grad(z, out[0], centroids, c, grad_out=g, factor=3.0), want)
+
+
+@pytest.mark.parametrize("name", ["torch", "cpp", "cuda", "triton"])
+def test_every_backend_has_the_whole_contract(name):
+    """Same functions with the same parameters in every backend (cem_fast/backends/__init__.py)."""
+    import inspect
+
+    from cem_fast import backends
+    module = backends.get(name)
+    want = {"is_available": ["device_type"],
+            "assign_stats": ["z", "labels", "centroids", "m", "class_conditional"],
+            "scatter_grad": ["z", "assign", "centroids", "coef", "grad_out", "factor"],
+            "cluster_second_moments": ["z", "assign", "centroids"],
+            "matrix_grad": ["z", "assign", "centroids", "coef", "scale"]}
+    for fn, params in want.items():
+        got = list(inspect.signature(getattr(module, fn)).parameters)
+        assert got[:len(params)] == params, (name, fn, got)
+    if hasattr(module, "forward_diag"):
+        assert isinstance(module.FUSED_VARIANT_CODES, frozenset)
+        assert "update_state" in inspect.signature(module.forward_diag).parameters
 
 
 # --------------------------------------------------------------------------- the loader

@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
+from helpers import random_state, rel_err, run_reference
 
 from cem_fast import CEMLoss
 from cem_fast.backends import resolve
-from helpers import random_state, rel_err, run_reference
 
 VARIANTS = ["paper", "official", "official-trained"]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -33,8 +33,7 @@ def check_against_reference(cem, z, y, variant, dtype, **ref_kw):
     ref_loss, ref_grad, ref_pi, ref_var = run_reference(
         z, y, cem.centroids, pi0 if variant != "official" else None, var0 if variant != "official" else None,
         variant, sigma=cem.sigma, dataset_size=cem.dataset_size, covariance=cem.covariance,
-        reduction=cem.reduction, class_conditional=cem.class_conditional, var_threshold=cem.var_threshold,
-        log_entropy=cem.log_entropy, replicate_index_bug=cem.replicate_index_bug, **ref_kw)
+        reduction=cem.reduction, class_conditional=cem.class_conditional, **cem.variant_impl.options, **ref_kw)
     tol = TOL[dtype]
     loss = loss.detach()
     assert abs(float(loss) - float(ref_loss)) <= tol * max(abs(float(ref_loss)), 1e-12), (float(loss), float(ref_loss))
@@ -105,7 +104,7 @@ def test_edge_cases(rng, backend, variant, case):
 def test_official_trained_options(rng, backend, log_entropy, bug):
     C, m, D = 6, 5, 16
     cem, *_ = make_loss("official-trained", C, m, D, rng, log_entropy=log_entropy, replicate_index_bug=bug,
-                        var_threshold=0.5, dataset_size=60, backend=backend)  # a small N makes the blend weight reach its cap
+                        var_threshold=0.5, dataset_size=60, backend=backend)  # a small N: the blend weight's cap
     z = torch.rand(25, D, generator=rng, dtype=torch.float64)
     y = torch.randint(1, C, (25,), generator=rng)           # class 0 absent: the bug then shifts rows
     check_against_reference(cem, z, y, "official-trained", torch.float64)

@@ -26,7 +26,6 @@ CUDA_NAME = "cem_fast_cuda"
 CPU_SOURCES = ("cem_cpu.cpp",)
 CPU_HEADERS = ("cem_cpu_kernels.h", "cem_cpu_variants.h")
 CUDA_SOURCES = ("cem_cuda.cu",)
-CUDA_OPTIONAL_SOURCES = ("cem_cuda_bindings.cpp",)  # compiled with the .cu when present
 # -ffp-contract=off: no fused multiply-add, so every instruction-set tier gives the same bits.
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 LD_FLAGS = ["-fopenmp"]
@@ -100,7 +99,7 @@ def _cpp_extension():
         level = logger.level
         logger.setLevel(logging.ERROR)
         try:
-            import torch.utils.cpp_extension
+            import torch.utils.cpp_extension  # noqa: F401  (imported for sys.modules, quietly)
         finally:
             logger.setLevel(level)
     return sys.modules["torch.utils.cpp_extension"]
@@ -160,7 +159,7 @@ def cuda_sources(src: Path | None = None) -> list[str]:
     missing = [s for s in CUDA_SOURCES if not (src / s).is_file()]
     if missing:
         raise FileNotFoundError(f"cem_fast: CUDA sources {missing} not found in {src}")
-    return [str(src / s) for s in CUDA_SOURCES + CUDA_OPTIONAL_SOURCES if (src / s).is_file()]
+    return [str(src / s) for s in CUDA_SOURCES]
 
 
 @functools.cache

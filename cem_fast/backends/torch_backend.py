@@ -1,28 +1,26 @@
-"""Vectorised PyTorch backend: assignment + per-cluster statistics, and the backward gather.
-
-Every backend module exposes the same three functions (see ``cem_fast/backends/__init__.py``):
-
-* ``assign_stats(z, labels, centroids, m, class_conditional) -> (assign, counts, sqdev)``
-* ``scatter_grad(z, assign, centroids, coef) -> dz``
-* ``is_available() -> bool``
+"""Vectorised PyTorch backend, any device: the reference of the backend contract (``cem_fast/backends/__init__.py``).
 
 Shapes: ``z [B, D]`` (any float dtype), ``labels [B]`` int64, ``centroids [K, D]`` in the
 accumulation dtype (float64 for float64 input, else float32), ``K = num_classes * m``, cluster
 ``k = c * m + j``. ``assign [B]`` int64, ``counts [K]`` and ``sqdev [K, D]`` (sum over the
 cluster's members of ``(z - mu)^2``) in the accumulation dtype. ``dz[i] = coef[a_i] * (z_i - mu[a_i])``
-in ``z``'s dtype. No host synchronisation.
+in ``z``'s dtype. No host synchronisation, except the grouped full-covariance forms on the CPU.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from .. import full_covariance
 from ..clustering import repeated_centroids
 
 # Elements of the [rows, K] distance block computed at once.
 _CHUNK_ELEMS = 1 << 24
 
 
-def is_available(device_type: str = "cpu") -> bool:
+def is_available(device_type: str) -> bool:
+    """Always: PyTorch runs on every device."""
     return True
 
 
@@ -79,7 +77,34 @@ def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
     return a, counts, sqdev
 
 
-def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
-                 coef: torch.Tensor) -> torch.Tensor:
+def scaled_coef(coef: torch.Tensor, grad_out: Optional[torch.Tensor], factor: float) -> torch.Tensor:
+    """``coef * (grad_out * factor)``: the gradient coefficient times the incoming gradient and a constant."""
+    if grad_out is not None:
+        return coef * (grad_out * factor)
+    return coef if factor == 1.0 else coef * factor
+
+
+def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, coef: torch.Tensor,
+                 grad_out: Optional[torch.Tensor] = None, factor: float = 1.0) -> torch.Tensor:
+    coef = scaled_coef(coef, grad_out, factor)
     diff = z.to(centroids.dtype) - centroids.index_select(0, assign)
     return (coef.index_select(0, assign) * diff).to(z.dtype)
+
+
+def cluster_second_moments(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Grouped by cluster on the CPU (``B D^2`` work; reading the cluster sizes costs nothing there), else
+    the batched product (no host sync)."""
+    if z.device.type == "cpu":
+        return full_covariance.cluster_second_moments(z, assign, centroids)
+    return full_covariance.second_moments(z, assign, centroids)
+
+
+matrix_grad = full_covariance.matrix_grad
+
+
+def factored_matrix_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, chol: torch.Tensor,
+                         factor: torch.Tensor) -> torch.Tensor:
+    """One Cholesky solve per cluster on the CPU, else the explicit coefficient and the batched product."""
+    if z.device.type == "cpu":
+        return full_covariance.segmented_full_grad(z, assign, centroids, chol, factor)
+    return full_covariance.matrix_grad(z, assign, centroids, full_covariance.coef_matrix(chol, factor))

@@ -267,10 +267,10 @@ def kernels_interpreted() -> bool:
     return isinstance(_assign_kernel, InterpretedFunction)
 
 
-def is_available(device=None) -> bool:
-    """Triton is importable and can run on ``device`` (CUDA, or any device under ``TRITON_INTERPRET=1``).
+def is_available(device_type=None) -> bool:
+    """Triton is importable and can run on ``device_type`` (CUDA, or any device under ``TRITON_INTERPRET=1``).
 
-    ``device`` is a device, a device-type string or ``None`` (= "is there a CUDA device").
+    ``device_type`` is a device, a device-type string or ``None`` (= "is there a CUDA device").
     """
     if triton is None:
         return False
@@ -278,7 +278,7 @@ def is_available(device=None) -> bool:
         return True
     if kernels_interpreted():   # built for the interpreter, which has since been switched off
         return False
-    if device is not None and torch.device(device).type != "cuda":
+    if device_type is not None and torch.device(device_type).type != "cuda":
         return False
     return torch.cuda.is_available()
 
@@ -434,13 +434,14 @@ def _check_coef_kd(coef, z: torch.Tensor, centroids: torch.Tensor) -> None:
 
 
 @_on_z_device
-def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
-                 coef: torch.Tensor) -> torch.Tensor:
+def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, coef: torch.Tensor,
+                 grad_out: Optional[torch.Tensor] = None, factor: float = 1.0) -> torch.Tensor:
     """``dz[i] = coef[a_i] * (z_i - mu[a_i])`` in ``z``'s dtype (``coef`` is ``[K, D]`` or ``[K, 1]``)."""
     _check_z(z)
     _check_centroids(centroids, z)
     _check_assign(assign, z)
     _check_coef_kd(coef, z, centroids)
+    coef = coef * (factor if grad_out is None else grad_out * factor)   # placeholder for the fused-kernel branch
     B, D = z.shape
     K = centroids.shape[0]
     dz = torch.empty(B, D, dtype=z.dtype, device=z.device)
