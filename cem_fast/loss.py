@@ -10,12 +10,20 @@ from torch import nn
 
 from . import backends, checks, variants
 from .clustering import kmeans
-from .distributed import all_gather_rows
+from .distributed import all_gather_rows, world_size
+from .feature_bank import FeatureBank
 from .functional import accumulation_dtype, cem_loss
 
 _COMMON_OPTIONS = {"kmeans_iters": None, "seed": 0}
 # A refit whose features vary less than this fraction of the noise variance has collapsed.
 _COLLAPSE_RATIO = 1e-3
+# Below this signal-to-noise ratio (per-dimension variance of the clean features / sigma^2) the features hide
+# under the noise: the task accuracy falls next.
+_SNR_WARN = 1.0
+# The paper's CIFAR-10 epoch: the reference for how hard a weight pushes at another dataset size.
+PAPER_EPOCH = 50_000
+# Training steps between two SNR readings of the batch (each reads the device once; only with validate=True).
+_SNR_EVERY = 8
 
 
 class CEMLoss(nn.Module):
@@ -37,14 +45,30 @@ class CEMLoss(nn.Module):
     (k-means RNG), ``backend``
     (``"auto"``, ``"torch"``, ``"cpp"``, ``"cuda"``, ``"triton"``), ``warmup`` (``"raise"`` before the first
     refit, or ``"zero"``: a zero loss that joins the graph), ``process_group`` (data parallel: statistics
-    are all-reduced so every rank sees the global batch), ``validate`` (label range and NaN/Inf checks,
-    which synchronise with the device; turn off for CUDA graphs).
+    are all-reduced so every rank sees the global batch), ``validate`` (label range, NaN/Inf and overflow
+    checks and the SNR monitor, which synchronise with the device; turn off for CUDA graphs and for
+    ``torch.compile(..., fullgraph=True)``).
+
+    Training-loop options: ``weight`` multiplies the returned loss (lambda); ``reference_size`` makes it mean
+    the same at every dataset size (the loss is scaled by ``N / reference_size``, N the samples per epoch, so
+    the per-sample push is the one of an epoch of ``reference_size`` samples; e.g. 50,000 for the paper's
+    CIFAR-10 runs); ``feature_bank`` (samples kept per class) makes the loss keep the features it sees in
+    training mode, so that ``cem.end_epoch()`` refits from them: no bookkeeping, and before the first refit
+    the loss is a zero that joins the graph.
+
+    State: in training mode the ``paper`` variant's forward updates ``pi`` and ``variance`` (Eq. 5-6), also
+    under ``torch.no_grad()``; ``cem.eval()`` evaluates without changing them. The state stays float32 (float64
+    after a refit on float64 features) whatever ``.to(dtype)`` / ``.half()`` does to the module. A batch whose
+    loss is not finite raises (with ``validate=True``) and leaves the state as it was. A ``RuntimeWarning``
+    says when the clean features' signal-to-noise ratio (per-dimension variance / sigma^2) falls below 1,
+    and again when the features collapse, once per refit.
     """
 
     def __init__(self, num_classes: int, clusters_per_class: Optional[int] = None, sigma: float = 0.025,
                  variant: str = "paper", covariance: str = "diag", reduction: str = "mean_dim",
                  dataset_size: Optional[int] = None, class_conditional: bool = True, backend: str = "auto",
-                 warmup: str = "raise", process_group=None, validate: bool = True, **variant_options):
+                 warmup: str = "raise", process_group=None, validate: bool = True, weight: float = 1.0,
+                 reference_size: Optional[int] = None, feature_bank: Optional[int] = None, **variant_options):
         super().__init__()
         kind = variants.variant_type(variant)
         self.variant = variant
@@ -62,6 +86,15 @@ class CEMLoss(nn.Module):
         self.warmup = checks.choice("warmup", warmup, ("raise", "zero"))
         self.process_group = process_group
         self.validate = bool(validate)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
+        self.weight = float(weight)
+        self.reference_size = None if reference_size is None else checks.positive_int("reference_size",
+                                                                                        reference_size)
+        self.bank = None
+        if feature_bank is not None:
+            self.bank = FeatureBank(num_classes if class_conditional else 1, feature_bank, seed=0)
+            self.warmup = "zero"
         allowed = {**_COMMON_OPTIONS, **kind.defaults}
         unknown = sorted(set(variant_options) - set(allowed))
         if unknown:
@@ -73,8 +106,16 @@ class CEMLoss(nn.Module):
         iters = opts["kmeans_iters"] if opts["kmeans_iters"] is not None else kind.kmeans_iters
         self.kmeans_iters = checks.positive_int("kmeans_iters", iters)
         self.seed = int(opts["seed"])
+        if self.reference_size is not None and self.variant_impl.dataset_size(None, 1.0, 1) is None:
+            raise ValueError(f"reference_size applies to variants whose push depends on the dataset size "
+                             f"('paper', 'official-trained'), not variant={variant!r}")
         self.refits = 0
         self.last_refit_iterations = 0  # Lloyd iterations of the last refit (not saved in the state)
+        self.last_snr: Optional[float] = None  # the last SNR reading (refit features or a training batch)
+        self._warned = set()           # warnings given since the last refit ("snr", "collapse")
+        self._warned_once = set()      # warnings given once per loss ("strength")
+        self._seen_since_refit = 0     # training-mode rows since the last refit (to check the refit's epoch size)
+        self._steps = 0
         C, m = self.num_classes, self.m
         self.register_buffer("centroids", torch.zeros(C, m, 0))
         self.register_buffer("pi", torch.zeros(C, m))
@@ -184,13 +225,18 @@ class CEMLoss(nn.Module):
 
     @torch.no_grad()
     def refit(self, features: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-              gather: bool = True) -> "CEMLoss":
+              gather: bool = True, epoch_size: Optional[int] = None) -> "CEMLoss":
         """Fit the clusters (k-means inside each class) on a whole epoch of features ``[N, ...]``.
 
         The variant decides the start: ``official`` draws fresh random members every time (as the authors);
         ``paper`` and ``official-trained`` use k-means++ the first time and warm-start afterwards. Under a
         ``process_group`` the features of all ranks are gathered so every rank holds the same clusters;
         ``gather=False`` skips that when every rank already passes the same, complete set of features.
+
+        ``epoch_size``: the samples per epoch that the features were drawn from, which sets the streaming rate
+        of the paper variant (and official-trained's blend) until the next refit; default: ``dataset_size``
+        if the loss was built with one, else the number of features. A refit on fewer features than the loss
+        saw in training mode since the last refit, without ``epoch_size``, warns.
         """
         if not isinstance(gather, bool):
             raise TypeError(f"gather must be a bool, got {type(gather).__name__}")
@@ -207,14 +253,21 @@ class CEMLoss(nn.Module):
         N = x.shape[0]
         if N == 0:
             raise ValueError("features must hold at least one sample")
+        if epoch_size is not None:
+            epoch_size = checks.positive_int("epoch_size", epoch_size)
+            if epoch_size < N:
+                raise ValueError(f"epoch_size ({epoch_size}) is smaller than the number of features ({N})")
+        seen = self._seen_since_refit * world_size(self.process_group)
+        if epoch_size is None and self.dataset_size is None and seen > N:
+            warnings.warn(f"cem_fast: refit on {N} samples, but the loss saw {seen} in training since the last "
+                          f"refit: the streaming rate would assume {N} samples per epoch; pass "
+                          f"refit(..., epoch_size={seen}) (or CEMLoss(dataset_size=...))", RuntimeWarning,
+                          stacklevel=2)
         checks.finite("features", x)
         x = x.to(accumulation_dtype(x.dtype))
-        spread = _mean_variance(x) if N > 1 else float("nan")
-        if spread < _COLLAPSE_RATIO * self.sigma ** 2:
-            warnings.warn(f"cem_fast: the features have collapsed (mean per-dimension variance {spread:.3g} < "
-                          f"{_COLLAPSE_RATIO:g} x sigma^2): the encoder is close to a constant; lower the CEM "
-                          f"weight or use the official-trained hinge / the authors' weight schedule",
-                          RuntimeWarning, stacklevel=2)
+        self._warned.clear()
+        if N > 1:
+            self._check_snr(_mean_variance(x), stacklevel=4)
         if self.fitted and self.centroids.shape[-1] != x.shape[1]:
             raise ValueError(f"features have {x.shape[1]} dimensions but the clusters have {self.centroids.shape[-1]}")
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.refits)
@@ -226,10 +279,71 @@ class CEMLoss(nn.Module):
         self.centroids = res.centroids.to(dev).contiguous()
         self.pi = pi.to(dev)
         self.variance = var.to(dev)
-        self.fitted_size.fill_(float(N))
-        self._fitted_size = float(N)
+        size = float(epoch_size or self.dataset_size or N)
+        self._check_strength(size, stacklevel=4)
+        self.fitted_size.fill_(size)
+        self._fitted_size = size
+        self._seen_since_refit = 0
         self.refits += 1
         self.last_refit_iterations = res.iterations
+        return self
+
+    def end_epoch(self) -> "CEMLoss":
+        """Refit from the features the loss kept this epoch (``feature_bank=...``), then empty the bank."""
+        if self.bank is None:
+            raise RuntimeError("end_epoch needs a feature bank: construct CEMLoss(..., feature_bank=N) "
+                               "(samples kept per class), or call refit(features, labels) yourself")
+        if len(self.bank) == 0:
+            raise RuntimeError("end_epoch: the loss saw no features in training mode this epoch "
+                               "(call it in cem.train() mode on every batch)")
+        x, y = self.bank.features()
+        epoch = self.bank.seen * world_size(self.process_group)
+        self.refit(x, y if self.class_conditional else None, epoch_size=max(epoch, x.shape[0]) if
+                   self.process_group is None else None)
+        self.bank.clear()
+        return self
+
+    def _check_strength(self, epoch: float, stacklevel: int) -> None:
+        """Warn once when the variant's 1/N push makes this weight much stronger than at the paper's N."""
+        if (self.reference_size is not None or self.weight == 0 or "strength" in self._warned_once
+                or self.variant_impl.dataset_size(None, 1.0, 1) is None or epoch * 4 > PAPER_EPOCH):
+            return
+        self._warned_once.add("strength")
+        ratio = PAPER_EPOCH / epoch
+        warnings.warn(f"cem_fast: with {epoch:.0f} samples per epoch the {self.variant!r} variant pushes each sample "
+                      f"{ratio:.3g}x harder than at the paper's {PAPER_EPOCH:,} (its gradient scales as 1/N): "
+                      f"lambda = {self.weight:g} here acts like {self.weight * ratio:.3g} there (times any weight you "
+                      f"apply yourself), which can collapse the encoder; pass reference_size={PAPER_EPOCH} to keep "
+                      f"lambda's meaning, or lower lambda", RuntimeWarning, stacklevel=stacklevel)
+
+    def _check_snr(self, spread: float, stacklevel: int) -> None:
+        """Record the clean features' SNR and warn (once per refit) when it is below 1, and at collapse."""
+        snr = spread / self.sigma ** 2
+        self.last_snr = snr
+        if snr < _COLLAPSE_RATIO and "collapse" not in self._warned:
+            self._warned.update(("collapse", "snr"))
+            warnings.warn(f"cem_fast: the features have collapsed (mean per-dimension variance {spread:.3g} = "
+                          f"{snr:.2g} x sigma^2 < {_COLLAPSE_RATIO:g} x sigma^2): the encoder is close to a "
+                          f"constant; lower the CEM weight (now {self.weight:g} x the loss), set reference_size, "
+                          f"or use the official-trained hinge / the authors' weight schedule", RuntimeWarning,
+                          stacklevel=stacklevel)
+        elif snr < _SNR_WARN and "snr" not in self._warned:
+            self._warned.add("snr")
+            warnings.warn(f"cem_fast: the clean features' signal-to-noise ratio (per-dimension variance / "
+                          f"sigma^2) is {snr:.3g} < {_SNR_WARN:g}: the features are hiding under the noise and "
+                          f"the task accuracy will fall; if that is not wanted, lower the CEM weight (lambda; "
+                          f"this loss multiplies by {self.weight:g}), set reference_size (lambda then means the "
+                          f"same at every dataset size: the paper variant's push grows as 1/N), or use the "
+                          f"official-trained hinge", RuntimeWarning, stacklevel=stacklevel)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() move the state but never change its precision (statistics stay fp32/fp64).
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)   # from the original: no round trip through fp16/bf16
         return self
 
     # ------------------------------------------------------------------ loss
@@ -254,6 +368,8 @@ class CEMLoss(nn.Module):
             raise ValueError(f"labels must be None or a tensor of shape [{B}] when class_conditional=False")
         if self.validate and not (check_after and self.fitted):
             checks.finite("z", z2d)
+        if self.training:
+            self._observe(z2d, labels)
         if not self.fitted:
             if self.warmup == "zero":
                 return z2d.sum() * 0.0
@@ -266,19 +382,39 @@ class CEMLoss(nn.Module):
             raise ValueError(f"z is on {z.device} but CEMLoss is on {self.centroids.device}: call cem.to(device)")
         update = self.training and self.variant_impl.streams_state
         N = self._dataset_size(B)
+        # With validate=True the new state is kept only after the loss is seen to be finite, so a bad batch
+        # leaves the state as it was; without the checks a backend may write it in place (fewer launches).
         loss, new_pi, new_var = cem_loss(
             z2d, labels, self.centroids, variant=self.variant_impl, sigma=self.sigma, pi=self.pi,
             variance=self.variance, dataset_size=N,
             covariance=self.covariance, reduction=self.reduction, class_conditional=self.class_conditional,
-            backend=self.backend, process_group=self.process_group, update_state=update,
+            backend=self.backend, process_group=self.process_group, update_state=update and not self.validate,
             validate_labels=self.validate)
-        if check_after and not math.isfinite(loss.item()):
+        if self.validate and not math.isfinite(loss.item()):
             checks.finite("z", z2d)
+            scale = float(z2d.detach().abs().max())
+            raise ValueError(f"z is finite but too large for the CEM statistics in {loss.dtype} (max |z| = "
+                             f"{scale:.3g}: squared deviations overflow); rescale the features (e.g. a bounded "
+                             f"activation such as Sigmoid at the cut)")
         if update and new_pi is not self.pi:     # else the backend has written the state in place
             with torch.no_grad():
                 self.pi.copy_(new_pi)
                 self.variance.copy_(new_var)
-        return loss
+        scale = self.weight
+        if self.reference_size is not None:
+            scale *= N / self.reference_size
+        return loss if scale == 1.0 else loss * scale
+
+    def _observe(self, z2d: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
+        """Training-mode bookkeeping: the feature bank, the rows since the refit, the SNR monitor."""
+        B = z2d.shape[0]
+        self._seen_since_refit += B
+        if self.bank is not None:
+            self.bank.add(z2d, labels if self.class_conditional else torch.zeros(B, dtype=torch.int64,
+                                                                                    device=z2d.device))
+        if self.validate and B > 1 and self._steps % _SNR_EVERY == 0 and "collapse" not in self._warned:
+            self._check_snr(_mean_variance(z2d.detach().float()), stacklevel=4)
+        self._steps += 1
 
     def entropy_bound(self) -> torch.Tensor:
         """Eq. 3's bound on H(x | z_noisy) up to H(x), from the current state (paper and official-trained)."""

@@ -101,7 +101,10 @@ class Paper(Variant):
     def dataset_size(self, configured, fitted_size, batch):
         N = super().dataset_size(configured, fitted_size, batch)
         if batch > N:
-            raise ValueError(f"the batch ({batch} samples) is larger than dataset_size ({N:g})")
+            raise ValueError(f"the batch ({batch} samples) is larger than the samples per epoch ({N:g}) that the "
+                             f"streamed update assumes (CEMLoss's dataset_size, else the last refit's "
+                             f"epoch_size or number of features): pass refit(..., epoch_size=...) or "
+                             f"CEMLoss(dataset_size=...)")
         return N
 
     def math(self, counts, stat, pi, variance, p):
