@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+import struct
 from typing import Optional, Tuple
 
 import torch
@@ -586,7 +587,7 @@ def _partials(z, labels, centroids, m: int, class_conditional: bool):
 
 def _split(x: float) -> Tuple[float, float]:
     """``x = hi + lo`` with ``hi`` an fp32 value: Triton passes Python floats as fp32."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
+    hi = struct.unpack("f", struct.pack("f", x))[0]     # host arithmetic: no tensor, no device op
     return hi, float(x - hi)
 
 
