@@ -115,7 +115,7 @@ if triton is not None:
                                stride_zb, stride_zd, stride_cb, stride_cd,
                                CLASS_COND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
                                BLOCK_D: tl.constexpr, BLOCK_BS: tl.constexpr, BLOCK_KS: tl.constexpr,
-                               BLOCK_DS: tl.constexpr, USE_DOT: tl.constexpr):
+                               BLOCK_DS: tl.constexpr):
         # Kernel 1 of the forward. Program p owns rows [p * rows_per_prog, ...): phase 1 assigns them
         # (written to assign), phase 2 re-reads them and writes this program's partial statistics of
         # *every* cluster (zeros included: nothing is zero-filled beforehand):
@@ -138,7 +138,7 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_KS):
             kk = k0 + tl.arange(0, BLOCK_KS)
             k_ok = kk < K
-            cnt = tl.zeros([BLOCK_KS], tl.int32)
+            cnt = tl.full([BLOCK_KS], 0, tl.int32)
             for r0 in range(row0, row_end, BLOCK_BS):
                 rows = r0 + tl.arange(0, BLOCK_BS)
                 a = tl.load(assign_ptr + rows, mask=rows < row_end, other=-1)
@@ -147,7 +147,7 @@ if triton is not None:
             for d0 in range(0, D, BLOCK_DS):
                 d = d0 + tl.arange(0, BLOCK_DS)
                 d_ok = d < D
-                acc = tl.zeros([BLOCK_KS, BLOCK_DS], acc_dtype)
+                acc = tl.full([BLOCK_KS, BLOCK_DS], 0, acc_dtype)
                 for r0 in range(row0, row_end, BLOCK_BS):
                     rows = r0 + tl.arange(0, BLOCK_BS)
                     r_ok = rows < row_end
@@ -160,10 +160,7 @@ if triton is not None:
                                  mask=msk, other=0.0)
                     diff = tl.where(msk, zt.to(acc_dtype) - mu, 0.0)
                     hit = (a[:, None] == kk[None, :]).to(acc_dtype)          # [rows, clusters] one-hot
-                    if USE_DOT:
-                        acc += tl.dot(tl.trans(hit), diff * diff, input_precision="ieee")
-                    else:
-                        acc += tl.reduce(hit[:, :, None] * (diff * diff)[:, None, :], 0, _sum_combine)
+                    acc += tl.dot(tl.trans(hit), diff * diff, input_precision="ieee")
                 tl.store(psq_ptr + (pbase + kk)[:, None] * D + d[None, :], acc, mask=k_ok[:, None] & d_ok[None, :])
 
     @triton.jit(do_not_specialize=["B"])
@@ -220,7 +217,7 @@ if triton is not None:
         j = tl.arange(0, M_PAD)
         j_ok = j < M
         pp = tl.arange(0, BLOCK_P)
-        own = tl.zeros([M_PAD], tl.int32)                       # counts of the clusters of k's class
+        own = tl.full([M_PAD], 0, tl.int32)                       # counts of the clusters of k's class
         for p0 in range(0, P, BLOCK_P):
             p = p0 + pp
             t = tl.load(pcount_ptr + p.to(tl.int64)[:, None] * K + (cls * M + j)[None, :],
@@ -230,7 +227,7 @@ if triton is not None:
         n_cls = tl.reduce(own, 0, _sum_combine).to(acc_dtype)
         d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = d < D
-        sq = tl.zeros([BLOCK_D], acc_dtype)
+        sq = tl.full([BLOCK_D], 0, acc_dtype)
         for p0 in range(0, P, BLOCK_P):
             p = p0 + pp
             t = tl.load(psq_ptr + (p.to(tl.int64)[:, None] * K + k) * D + d[None, :],
@@ -242,19 +239,20 @@ if triton is not None:
             if pd == 0:
                 tl.store(pi_out_ptr + k, n_k)
         else:
-            # batch size and classes present, from every cluster's count
-            batch = tl.zeros([], tl.int32)
-            present = tl.zeros([], tl.int32)
+            # batch size and classes present, from every cluster's count (2-D tiles: program x class)
+            batch = tl.full([], 0, tl.int32)
+            present = tl.full([], 0, tl.int32)
             cc = tl.arange(0, BLOCK_C)
             for c0 in range(0, K // M, BLOCK_C):
                 c = c0 + cc
-                per_class = tl.zeros([BLOCK_C], tl.int32)
+                c_ok = c < K // M
+                per_class = tl.full([BLOCK_C], 0, tl.int32)
                 for p0 in range(0, P, BLOCK_P):
                     p = p0 + pp
-                    idx = p.to(tl.int64)[:, None, None] * K + (c * M)[None, :, None] + j[None, None, :]
-                    msk = (p < P)[:, None, None] & (c < K // M)[None, :, None] & j_ok[None, None, :]
-                    t = tl.load(pcount_ptr + idx, mask=msk, other=0)
-                    per_class += tl.reduce(tl.reduce(t, 2, _sum_combine), 0, _sum_combine)
+                    row = pcount_ptr + p[:, None] * K + (c * M)[None, :]
+                    msk = (p < P)[:, None] & c_ok[None, :]
+                    for jj in range(0, M):
+                        per_class += tl.reduce(tl.load(row + jj, mask=msk, other=0), 0, _sum_combine)
                 batch += tl.reduce(per_class, 0, _sum_combine)
                 present += tl.reduce((per_class > 0).to(tl.int32), 0, _sum_combine)
             batch_f = batch.to(acc_dtype)
@@ -296,7 +294,7 @@ if triton is not None:
                        COPY_PI: tl.constexpr, BLOCK: tl.constexpr):
         # Kernel 3 of the forward (one program): the loss as a fixed-order sum of kernel 2's partials,
         # and (COPY_PI) the new pi copied into the state in place.
-        acc = tl.zeros([BLOCK], lossp_ptr.dtype.element_ty)
+        acc = tl.full([BLOCK], 0, lossp_ptr.dtype.element_ty)
         for i0 in range(0, n_parts, BLOCK):
             i = i0 + tl.arange(0, BLOCK)
             acc += tl.load(lossp_ptr + i, mask=i < n_parts, other=0.0)
@@ -524,13 +522,20 @@ def _assign_blocks(cand: int, D: int, class_conditional: bool, acc: torch.dtype)
     return block_b, block_k, min(block_d, max(16, _next_pow2(D)))
 
 
+def _atomic_blocks(cand: int, D: int, class_conditional: bool, acc: torch.dtype):
+    """The assignment's tiles in ``_assign_atomic_kernel``: BLOCK_D at most 64 ((16, 1, 128) spills with
+    Triton 3.6 for bf16 z, ptxas -v, sm_90)."""
+    block_b, block_k, block_d = _assign_blocks(cand, D, class_conditional, acc)
+    return block_b, block_k, min(block_d, 64)
+
+
 def _stats_blocks(K: int, D: int, acc: torch.dtype) -> dict:
-    """Tiles of phase 2 of ``_assign_partial_kernel``: a ``[rows, clusters] x [rows, D]`` one-hot product
-    (``tl.dot``, IEEE fp32; fp64 has no dot path and sums a small broadcast product instead)."""
+    """Tiles of phase 2 of ``_assign_partial_kernel``: a ``[rows, clusters]^T x [rows, D]`` one-hot product
+    (``tl.dot`` with IEEE products, fp32 or fp64). Chosen with ``ptxas -v`` for sm_90 so that nothing spills
+    with Triton 3.6 or 3.8 (the assignment phase of the same kernel already needs up to ~230 registers)."""
     if acc == torch.float64:
-        return dict(BLOCK_BS=16, BLOCK_KS=16, BLOCK_DS=8, USE_DOT=False)
-    return dict(BLOCK_BS=32, BLOCK_KS=min(32, max(16, _next_pow2(K))), BLOCK_DS=min(64, max(16, _next_pow2(D))),
-                USE_DOT=True)
+        return dict(BLOCK_BS=16, BLOCK_KS=16, BLOCK_DS=16)
+    return dict(BLOCK_BS=16, BLOCK_KS=32, BLOCK_DS=16)
 
 
 _PARTIAL_BUDGET = 1 << 22   # elements of the per-program partials [P, K, D] (16 MiB in fp32)
@@ -591,9 +596,14 @@ def _split(x: float) -> Tuple[float, float]:
     return hi, float(x - hi)
 
 
+# Without a register cap ptxas aims this small kernel at 32 registers and spills a few bytes for some tiles,
+# differently with Triton 3.6 and 3.8 (ptxas -v, sm_90); with maxnreg=64 nothing spills on either.
+REDUCE_OPTIONS = dict(num_warps=4, maxnreg=64)
+
+
 def _reduce_blocks(D: int, m: int, acc: torch.dtype) -> dict:
     m_pad = _next_pow2(m)
-    return dict(M_PAD=m_pad, BLOCK_P=8, BLOCK_C=max(1, 64 // m_pad),
+    return dict(M_PAD=m_pad, BLOCK_P=8, BLOCK_C=32,
                 BLOCK_D=min(256 if acc == torch.float32 else 128, max(16, _next_pow2(D))))
 
 
@@ -606,7 +616,7 @@ def _reduce(pcount, psq, epilogue: int, class_conditional: bool, m: int, pi=None
     pick = [psq if t is None else t for t in (pi, var, var_out, pi_out, coef, lossp)]
     _reduce_epilogue_kernel[grid](pcount, psq, *pick, P, K, D, m, *_split(const), *_split(dataset_size),
                                   *_split(scale), EPILOGUE=epilogue, CLASS_COND=class_conditional, **blocks,
-                                  num_warps=4)
+                                  **REDUCE_OPTIONS)
     return grid
 
 
@@ -632,7 +642,7 @@ def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
         assign = torch.empty(B, dtype=torch.int64, device=z.device)
         if B == 0:
             return assign, counts, sqdev
-        block_b, block_k, block_d = _assign_blocks(m if class_conditional else K, D, class_conditional, acc)
+        block_b, block_k, block_d = _atomic_blocks(m if class_conditional else K, D, class_conditional, acc)
         _assign_atomic_kernel[(triton.cdiv(B, block_b),)](
             z, labels.contiguous() if class_conditional else assign, centroids, assign, sqdev, counts,
             B, D, K, m, K // m, z.stride(0), z.stride(1), centroids.stride(0), centroids.stride(1),
@@ -791,8 +801,8 @@ def _full_cov_blocks(D: int, acc: torch.dtype) -> tuple[dict, dict]:
     broadcast products get smaller tiles so that nothing spills (ptxas -v, sm_90)."""
     f64 = acc == torch.float64
     moments = dict(BLOCK_R=4 if f64 else _ROW_BLOCK, BLOCK_DD=_DD_BLOCK, USE_DOT=not f64)
-    grad = dict(BLOCK_R=_ROW_BLOCK, BLOCK_N=min(32 if f64 else 64, max(16, _next_pow2(D))),
-                BLOCK_KD=8 if f64 else 32, USE_DOT=not f64)
+    # fp32 (16, 64, 32) spills with Triton 3.6 (254 registers); (16, 32, 16) needs ~150 with 3.6 and 3.8
+    grad = dict(BLOCK_R=_ROW_BLOCK, BLOCK_N=min(32, max(16, _next_pow2(D))), BLOCK_KD=8 if f64 else 16, USE_DOT=not f64)
     return moments, grad
 
 
