@@ -418,9 +418,12 @@ def test_kernels_compile_for_sm90(zt, acc, monkeypatch):
         _compile_sm90(real._matrix_grad_kernel, common, grad)
 
 
-def test_batch_size_is_not_specialised():
+def test_batch_size_is_not_specialised(monkeypatch):
     """A ragged last batch must not recompile (fatal inside a CUDA graph capture): B is never specialised."""
+    monkeypatch.delenv("TRITON_INTERPRET")
     from cem_fast.backends import triton_backend as real
+    if real.kernels_interpreted():
+        pytest.skip("TRITON_INTERPRET was set when the backend was imported in this process")
     for fn, names in ((real._assign_partial_kernel, ("B", "rows_per_prog")), (real._assign_atomic_kernel, ("B",)),
                       (real._scatter_grad_kernel, ("B",)), (real._reduce_epilogue_kernel, ("P",))):
         skipped = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
@@ -441,8 +444,10 @@ def test_scatter_grad_non_contiguous_assign(gen):
 
 from helpers import random_state, rel_err, run_reference  # noqa: E402
 
+from cem_fast.variants import trained_threshold  # noqa: E402
+
 FUSED_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
-CODES = {"official": 0, "paper": 2}
+CODES = {"official": 0, "official-trained": 1, "paper": 2}
 
 
 def fused_step(z, labels, cent, pi, var, variant, *, cc=True, sigma=0.1, N=300.0, mean_dim=True, update_state=False):
@@ -450,8 +455,9 @@ def fused_step(z, labels, cent, pi, var, variant, *, cc=True, sigma=0.1, N=300.0
     C, m, D = cent.shape
     acc = tb.accumulation_dtype(z.dtype)
     centroids = cent.reshape(C * m, D).to(acc)
+    threshold = trained_threshold(sigma, 0.125) if variant == "official-trained" else 0.0
     loss, coef, new_pi, new_var, assign = tb.forward_diag(
-        z, labels, centroids, pi, var, CODES[variant], m, cc, sigma, C, N, 0.0, True, False, mean_dim,
+        z, labels, centroids, pi, var, CODES[variant], m, cc, sigma, C, N, threshold, True, False, mean_dim,
         update_state=update_state)
     dz = tb.scatter_grad(z, assign, centroids, coef, torch.ones((), dtype=acc), 2.0)
     return loss, dz, new_pi, new_var, assign, coef
@@ -462,13 +468,13 @@ def check_fused(z, labels, cent, pi, var, variant, cc=True, sigma=0.1, N=300.0, 
     acc = tb.accumulation_dtype(dtype)
     # the reference gets the same (rounded) state: only the computation is compared
     cent, pi, var = cent.to(acc), pi.to(acc), var.to(acc)
-    p0 = None if variant == "official" else pi.to(acc).clone()
-    v0 = var.to(acc).clone() if variant == "paper" else torch.zeros(*cent.shape[:2], 0, dtype=acc)
+    p0 = None if variant == "official" else pi.clone()
+    v0 = var.clone() if variant != "official" else torch.zeros(*cent.shape[:2], 0, dtype=acc)
     loss, dz, new_pi, new_var, assign, _ = fused_step(
         z, labels, cent, p0 if p0 is not None else torch.zeros(cent.shape[:2], dtype=acc), v0, variant, cc=cc,
         sigma=sigma, N=N, mean_dim=mean_dim)
     ref_loss, ref_grad, ref_pi, ref_var = run_reference(
-        z, labels, cent, pi, var if variant == "paper" else None, variant, sigma=sigma, dataset_size=N,
+        z, labels, cent, pi, var if variant != "official" else None, variant, sigma=sigma, dataset_size=N,
         reduction="mean_dim" if mean_dim else "sum", class_conditional=cc)
     tol = FUSED_TOL[dtype]
     assert loss.dtype == acc and loss.shape == ()
@@ -519,6 +525,17 @@ def test_forward_diag_edge_cases(gen, variant, case):
         assert not torch.any(assign == 3)
     if case == "ties":
         assert torch.all(assign == 0)
+
+
+@pytest.mark.parametrize("cc", [True, False])
+def test_forward_diag_official_trained_unfused(gen, cc):
+    # not in FUSED_VARIANT_CODES: assign_stats and the variant's math in PyTorch, same contract
+    C, m, D, B = 3, 2, 21, 40
+    cent, pi, var = random_state("official-trained", C, m, D, gen=gen)
+    z = torch.rand(B, D, generator=gen, dtype=torch.float64).float()
+    labels = torch.randint(0, C, (B,), generator=gen)
+    assert 1 not in tb.FUSED_VARIANT_CODES
+    check_fused(z, labels, cent, pi, var, "official-trained", cc=cc, N=200.0)
 
 
 def test_forward_diag_updates_the_state_in_place_and_is_deterministic(gen):

@@ -724,7 +724,7 @@ def _official_trained_unfused(z, labels, centroids, pi, variance, m, class_condi
     PyTorch, with the hinge constant ``threshold`` given (as ``cpp_backend.forward_diag`` takes it)."""
     from cem_fast import variants as v
     assign, counts, sqdev = assign_stats(z, labels, centroids, m, class_conditional)
-    K, D = sqdev.shape
+    D = sqdev.shape[1]
     p, var = pi.reshape(-1), variance.reshape(-1)
     if replicate_index_bug:
         rows = v.index_bug_rows(counts, m)
