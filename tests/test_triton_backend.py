@@ -388,7 +388,7 @@ def test_kernels_compile_for_sm90(zt, acc, monkeypatch):
     if real.kernels_interpreted():
         pytest.skip("TRITON_INTERPRET was set when the backend was imported in this process")
     z, a, i = f"*{zt}", f"*{acc}", "*i64"
-    common = dict(z_ptr=z, cent_ptr=a, perm_ptr=i, starts_ptr=i, sqdev_ptr=a, counts_ptr=a, labels_ptr=i,
+    common = dict(z_ptr=z, cent_ptr=a, perm_ptr="*i32", starts_ptr="*i32", sqdev_ptr=a, counts_ptr=a, labels_ptr=i,
                   assign_ptr=i, coef_ptr=a, dz_ptr=z, out_ptr=a, scale_ptr=a, pcount_ptr="*i32", psq_ptr=a,
                   pi_ptr=a, var_ptr=a, var_out_ptr=a, pi_out_ptr=a, lossp_ptr=a, loss_ptr=a, pi_src_ptr=a,
                   pi_dst_ptr=a, gout_ptr=a)
@@ -412,6 +412,9 @@ def test_kernels_compile_for_sm90(zt, acc, monkeypatch):
         _compile_sm90(real._finish_kernel, common, dict(COPY_PI=copy, BLOCK=1024))
     for has_gout in (False, True):
         _compile_sm90(real._scatter_grad_kernel, common, dict(HAS_GOUT=has_gout, BLOCK_B=16, BLOCK_D=128))
+    for K in (1, 3, 30, 100, 256):
+        _compile_sm90(real._segments_kernel, dict(assign_ptr=i, perm_ptr="*i32", starts_ptr="*i32"),
+                      real._segment_blocks(K))
     if zt != "bf16":
         moments, grad = real._full_cov_blocks(2048, acc_dtype)                     # what the launchers pick
         _compile_sm90(real._second_moments_kernel, common, moments)
@@ -428,6 +431,17 @@ def test_batch_size_is_not_specialised(monkeypatch):
                       (real._scatter_grad_kernel, ("B",)), (real._reduce_epilogue_kernel, ("P",))):
         skipped = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
         assert set(names) <= skipped, (fn.__name__, skipped)
+
+
+@pytest.mark.parametrize("B,K", [(0, 3), (1, 1), (37, 5), (300, 30), (70, 300)])
+def test_segments_are_a_stable_sort(gen, B, K):
+    # one counting-sort kernel (a sort with int32 keys past 256 clusters); rows with assign -1 come first
+    a = torch.randint(-1, K, (B,), generator=gen)
+    perm, starts = tb._segments(a, K)
+    keys, expected = torch.sort(a, stable=True)
+    assert starts.dtype == torch.int32 and perm.dtype == (torch.int32 if K <= 256 else torch.int64)
+    assert torch.equal(perm.long(), expected), gen.initial_seed()
+    assert torch.equal(starts.long(), torch.searchsorted(keys, torch.arange(K + 1))), gen.initial_seed()
 
 
 def test_scatter_grad_non_contiguous_assign(gen):

@@ -1,28 +1,33 @@
-"""Triton backend: nearest-centroid assignment, per-cluster statistics and the backward gather.
+"""Triton backend: nearest-centroid assignment, per-cluster statistics, the fused diagonal forward and the
+backward gather.
 
-Same contract as ``torch_backend`` (the vectorised reference):
+Same contract as ``torch_backend`` (the vectorised reference), plus the fused entry points:
 
 * ``assign_stats(z, labels, centroids, m, class_conditional, use_atomics=False) -> (assign, counts, sqdev)``
-* ``scatter_grad(z, assign, centroids, coef) -> dz``
-* ``is_available(device=None) -> bool``
+* ``forward_diag(z, labels, centroids, pi, variance, variant_code, ..., update_state=False)
+  -> (loss, coef, new_pi, new_var, assign)`` (``cpp_backend.forward_diag``'s signature + ``update_state``)
+* ``scatter_grad(z, assign, centroids, coef, grad_out=None, factor=1.0) -> dz``
+* ``is_available(device=None) -> bool`` (a device, a device-type string or ``None``)
 
 plus the full-covariance pair ``cluster_second_moments`` / ``matrix_grad`` / ``second_moments_grad``.
 
-Design (no host synchronisation anywhere, no float atomics unless ``use_atomics=True``):
+Kernels of one diagonal forward+backward (official and paper: four launches, no host sync, no float atomics
+unless ``use_atomics=True``, no zero-fill, no sort):
 
-1. ``_assign_kernel``: one program per ``BLOCK_B`` rows. Candidates (the ``m`` clusters of the row's
-   class, or all ``K``) are scored ``BLOCK_K`` at a time on a ``[BLOCK_B, BLOCK_K, BLOCK_D]`` tile, so
-   each ``z`` tile is read once per candidate block; the squared differences are summed in the
-   accumulation dtype in a fixed order, the running minimum keeps the lowest index on ties.
-2. Statistics, deterministic: a stable sort of ``assign`` groups the rows by cluster and
-   ``searchsorted`` gives each cluster's segment bounds (both device-side, fixed shapes); then
-   ``_segment_sqdev_kernel`` runs one program per (cluster, D block) that walks its segment in a
-   fixed order. Rows are re-read from ``z`` (cheaper than writing and re-reading a ``[B, D]``
-   buffer of per-row squared deviations).
-   ``use_atomics=True``: the assignment kernel adds the squared deviations straight into
-   ``sqdev``/``counts`` with ``atomic_add`` (one pass, not bitwise reproducible).
-3. ``_scatter_grad_kernel``: one program per (row block, D block), elementwise.
+1. ``_assign_partial_kernel``: program ``p`` owns a contiguous range of rows. Phase 1 scores each row's
+   candidates (the ``m`` clusters of its class, or all ``K``) ``BLOCK_K`` at a time on a
+   ``[BLOCK_B, BLOCK_K, BLOCK_D]`` tile, running minimum with ties to the lowest index, and writes ``assign``.
+   Phase 2 (after a CTA barrier) re-reads its rows and writes its partial statistics of every cluster,
+   ``pcount [P, K]`` and ``psq [P, K, D]``, as a one-hot ``tl.dot`` (IEEE products) in a fixed order.
+2. ``_reduce_epilogue_kernel``, grid (cluster, D block): sums the ``P`` partials in a fixed order, then does
+   the variant's math (``cem_fast.variants.official`` / ``paper_diag``) and writes ``coef``, the new
+   variance (in place when asked), the new pi (to a scratch) and one loss partial per program.
+   ``assign_stats`` uses it with a plain epilogue (``sqdev``, ``counts``).
+3. ``_finish_kernel`` (one program): the loss as a fixed-order sum of the partials; copies the new pi in place.
+4. ``_scatter_grad_kernel`` (backward): ``dz = factor * grad_out * coef[a] * (z - mu[a])`` with ``grad_out``
+   read on the device and ``coef`` ``[K, D]`` or ``[K, 1]`` broadcast in the kernel.
 
+The batch size is never specialised (``do_not_specialize``): a ragged last batch does not recompile.
 Rows whose label is outside ``[0, K/m)`` (class-conditional only) cannot be rejected without a host
 sync; they get ``assign = -1``, count in no cluster and receive a zero gradient. Callers validate labels.
 """
@@ -331,6 +336,34 @@ if triton is not None:
         tl.store(dz_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], g.to(dz_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
 
+    @triton.jit(do_not_specialize=["B"])
+    def _segments_kernel(assign_ptr, perm_ptr, starts_ptr, B, K, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
+        # One program: a stable counting sort of the rows by cluster (rows with assign -1 first), and the
+        # segment bounds starts[k] .. starts[k + 1]. Replaces sort + arange + searchsorted (three launches).
+        kk = tl.arange(0, K_PAD)
+        cnt = tl.full([K_PAD], 0, tl.int32)
+        for r0 in range(0, B, BLOCK):
+            rows = r0 + tl.arange(0, BLOCK)
+            a = tl.load(assign_ptr + rows, mask=rows < B, other=-2)
+            cnt += tl.reduce((a[:, None] == kk[None, :]).to(tl.int32), 0, _sum_combine)
+        n_invalid = B - tl.reduce(cnt, 0, _sum_combine)
+        run = tl.associative_scan(cnt, 0, _sum_combine) - cnt + n_invalid      # each segment's start
+        tl.store(starts_ptr + kk, run, mask=kk < K)
+        tl.store(starts_ptr + K, B)
+        inv_run = tl.full([], 0, tl.int32)
+        for r0 in range(0, B, BLOCK):
+            rows = r0 + tl.arange(0, BLOCK)
+            row_ok = rows < B
+            a = tl.load(assign_ptr + rows, mask=row_ok, other=-2)
+            hit = (a[:, None] == kk[None, :]).to(tl.int32)
+            rank = tl.associative_scan(hit, 0, _sum_combine) - hit             # earlier rows of the cluster
+            pos = tl.reduce(hit * (run[None, :] + rank), 1, _sum_combine)
+            bad = (row_ok & ((a < 0) | (a >= K))).to(tl.int32)
+            pos = tl.where(bad > 0, inv_run + tl.associative_scan(bad, 0, _sum_combine) - bad, pos)
+            tl.store(perm_ptr + pos, rows, mask=row_ok)
+            run += tl.reduce(hit, 0, _sum_combine)
+            inv_run += tl.reduce(bad, 0, _sum_combine)
+
     @triton.jit
     def _second_moments_kernel(z_ptr, cent_ptr, perm_ptr, starts_ptr, out_ptr,
                                D, stride_zb, stride_zd, stride_cb, stride_cd,
@@ -352,7 +385,7 @@ if triton is not None:
             for r0 in range(start, end, BLOCK_R):
                 r = r0 + tl.arange(0, BLOCK_R)
                 r_ok = r < end
-                row = tl.load(perm_ptr + r, mask=r_ok, other=0)
+                row = tl.load(perm_ptr + r, mask=r_ok, other=0).to(tl.int64)
                 mi = r_ok[:, None] & (di < D)[None, :]
                 mj = r_ok[:, None] & (dj < D)[None, :]
                 xi = tl.load(z_ptr + row[:, None] * stride_zb + di[None, :] * stride_zd, mask=mi, other=0.0)
@@ -389,7 +422,7 @@ if triton is not None:
         for r0 in range(start, end, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
             r_ok = r < end
-            row = tl.load(perm_ptr + r, mask=r_ok, other=0)
+            row = tl.load(perm_ptr + r, mask=r_ok, other=0).to(tl.int64)
             acc = tl.full([BLOCK_R, BLOCK_N], 0, acc_dtype)
             for d0 in range(0, D, BLOCK_KD):
                 dk = d0 + tl.arange(0, BLOCK_KD)
@@ -489,12 +522,31 @@ def _check_assign(assign, z: torch.Tensor) -> None:
         raise ValueError(f"assign has {assign.shape[0]} entries but z has {z.shape[0]} rows")
 
 
+_SEGMENT_TILE = 4096   # elements of the [rows, clusters] one-hot tile of _segments_kernel
+
+
 def _segments(assign: torch.Tensor, K: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rows grouped by cluster (stable) and the ``K + 1`` segment bounds; device-side, fixed shapes."""
-    keys, perm = torch.sort(assign, stable=True)
-    bounds = torch.arange(K + 1, device=assign.device, dtype=keys.dtype)
-    starts = torch.searchsorted(keys, bounds)   # rows with assign = -1 sort first and fall outside
+    """Rows grouped by cluster (stable) and the ``K + 1`` segment bounds (int32); one launch, no sort.
+
+    Rows with ``assign = -1`` come first and fall outside every segment (as with a stable sort). Past 256
+    clusters a stable sort of int32 keys instead (``perm`` then int64, as ``torch.sort`` returns it).
+    """
+    B = assign.shape[0]
+    k_pad = _next_pow2(K)
+    if k_pad > _SEGMENT_TILE // 16:        # too many clusters for one program's tile: sort (int32 keys)
+        keys, perm = torch.sort(assign.to(torch.int32), stable=True)
+        starts = torch.searchsorted(keys, torch.arange(K + 1, device=assign.device, dtype=torch.int32))
+        return perm, starts
+    perm = torch.empty(B, dtype=torch.int32, device=assign.device)
+    starts = torch.empty(K + 1, dtype=torch.int32, device=assign.device)
+    _segments_kernel[(1,)](assign, perm, starts, B, K, **_segment_blocks(K), num_warps=4)
     return perm, starts
+
+
+def _segment_blocks(K: int) -> dict:
+    """At most 1024 rows a step: a [4096, 1] tile needs 240 registers with Triton 3.6 (ptxas -v, sm_90)."""
+    k_pad = _next_pow2(K)
+    return dict(K_PAD=k_pad, BLOCK=min(1024, _SEGMENT_TILE // k_pad))
 
 
 # =========================================================================== launchers
@@ -822,9 +874,9 @@ def cluster_second_moments(z: torch.Tensor, assign: torch.Tensor, centroids: tor
     if isinstance(K, bool) or not isinstance(K, int) or K != centroids.shape[0]:
         raise ValueError(f"K must equal centroids.shape[0] = {centroids.shape[0]}, got {K!r}")
     B, D = z.shape
-    out = torch.zeros(K, D, D, dtype=centroids.dtype, device=z.device)
     if B == 0:
-        return out
+        return torch.zeros(K, D, D, dtype=centroids.dtype, device=z.device)
+    out = torch.empty(K, D, D, dtype=centroids.dtype, device=z.device)   # the kernel writes every block
     perm, starts = _segments(assign, K)
     nb = triton.cdiv(D, _DD_BLOCK)
     _second_moments_kernel[(K, nb, nb)](
