@@ -535,7 +535,8 @@ def _segments(assign: torch.Tensor, K: int) -> Tuple[torch.Tensor, torch.Tensor]
     k_pad = _next_pow2(K)
     if k_pad > _SEGMENT_TILE // 16:        # too many clusters for one program's tile: sort (int32 keys)
         keys, perm = torch.sort(assign.to(torch.int32), stable=True)
-        starts = torch.searchsorted(keys, torch.arange(K + 1, device=assign.device, dtype=torch.int32))
+        starts = torch.searchsorted(keys, torch.arange(K + 1, device=assign.device, dtype=torch.int32),
+                                    out_int32=True)
         return perm, starts
     perm = torch.empty(B, dtype=torch.int32, device=assign.device)
     starts = torch.empty(K + 1, dtype=torch.int32, device=assign.device)
