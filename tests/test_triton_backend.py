@@ -203,6 +203,9 @@ def test_out_of_range_labels_are_excluded(gen):
     assert a[4] == -1 and a[7] == -1 and counts.sum() == 10
     dz = tb.scatter_grad(z, a, centroids, torch.ones_like(centroids))
     assert torch.all(dz[4] == 0) and torch.all(dz[7] == 0) and torch.any(dz[0] != 0)
+    K, D = centroids.shape
+    mg = tb.matrix_grad(z, a, centroids, torch.ones(K, D, D))      # dz is not zero-filled: the kernel writes them
+    assert torch.all(mg[4] == 0) and torch.all(mg[7] == 0) and torch.any(mg[0] != 0)
 
 
 def test_deterministic(gen):
@@ -389,7 +392,7 @@ def test_kernels_compile_for_sm90(zt, acc, monkeypatch):
         pytest.skip("TRITON_INTERPRET was set when the backend was imported in this process")
     z, a, i = f"*{zt}", f"*{acc}", "*i64"
     common = dict(z_ptr=z, cent_ptr=a, perm_ptr="*i32", starts_ptr="*i32", sqdev_ptr=a, counts_ptr=a, labels_ptr=i,
-                  assign_ptr=i, coef_ptr=a, dz_ptr=z, out_ptr=a, scale_ptr=a, pcount_ptr="*i32", psq_ptr=a,
+                  assign_ptr=i, coef_ptr=a, dz_ptr=z, out_ptr=a, pcount_ptr="*i32", psq_ptr=a,
                   pi_ptr=a, var_ptr=a, var_out_ptr=a, pi_out_ptr=a, lossp_ptr=a, loss_ptr=a, pi_src_ptr=a,
                   pi_dst_ptr=a, gout_ptr=a)
     f64 = acc == "fp64"

@@ -405,41 +405,51 @@ if triton is not None:
                          mask=(dj < D)[:, None] & (di < D)[None, :])
 
     @triton.jit
-    def _matrix_grad_kernel(z_ptr, cent_ptr, coef_ptr, perm_ptr, starts_ptr, dz_ptr, scale_ptr,
+    def _matrix_grad_kernel(z_ptr, cent_ptr, coef_ptr, perm_ptr, starts_ptr, dz_ptr, scale_hi, scale_lo,
                             D, stride_zb, stride_zd, stride_cb, stride_cd,
                             BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr,
                             USE_DOT: tl.constexpr):
         # program (k, n-block): for the rows of cluster k, dz[:, n] = scale * X @ coef[k][n, :]^T
-        # (a grouped GEMM over the cluster-sorted rows; X = z - mu[k]).
+        # (a grouped GEMM over the cluster-sorted rows; X = z - mu[k]). The last k (= K) writes the zero
+        # gradient of the rows outside every cluster (perm[:starts[0]]), so dz needs no zero-fill.
         acc_dtype = cent_ptr.dtype.element_ty
         k = tl.program_id(0)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < D
-        start = tl.load(starts_ptr + k)
-        end = tl.load(starts_ptr + k + 1)
-        g_base = coef_ptr + k.to(tl.int64) * D * D
-        scale = tl.load(scale_ptr)   # a Python float argument is passed as fp32
-        for r0 in range(start, end, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            r_ok = r < end
-            row = tl.load(perm_ptr + r, mask=r_ok, other=0).to(tl.int64)
-            acc = tl.full([BLOCK_R, BLOCK_N], 0, acc_dtype)
-            for d0 in range(0, D, BLOCK_KD):
-                dk = d0 + tl.arange(0, BLOCK_KD)
-                dk_ok = dk < D
-                mx = r_ok[:, None] & dk_ok[None, :]
-                x = tl.load(z_ptr + row[:, None] * stride_zb + dk[None, :] * stride_zd, mask=mx, other=0.0)
-                mu = tl.load(cent_ptr + k.to(tl.int64) * stride_cb + dk * stride_cd, mask=dk_ok, other=0.0)
-                x = tl.where(mx, x.to(acc_dtype) - mu[None, :], 0.0)
-                # gT[dk, n] = coef[k, n, dk]
-                gT = tl.load(g_base + n[None, :] * D + dk[:, None], mask=dk_ok[:, None] & n_ok[None, :], other=0.0)
-                if USE_DOT:
-                    acc += tl.dot(x, gT, input_precision="ieee")
-                else:
-                    acc += tl.reduce(x[:, :, None] * gT[None, :, :], 1, _sum_combine)
-            acc = acc * scale
-            tl.store(dz_ptr + row[:, None] * D + n[None, :], acc.to(dz_ptr.dtype.element_ty),
-                     mask=r_ok[:, None] & n_ok[None, :])
+        if k == tl.num_programs(0) - 1:
+            for r0 in range(0, tl.load(starts_ptr), BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                r_ok = r < tl.load(starts_ptr)
+                row = tl.load(perm_ptr + r, mask=r_ok, other=0).to(tl.int64)
+                tl.store(dz_ptr + row[:, None] * D + n[None, :],
+                         tl.full([BLOCK_R, BLOCK_N], 0, dz_ptr.dtype.element_ty), mask=r_ok[:, None] & n_ok[None, :])
+        else:
+            start = tl.load(starts_ptr + k)
+            end = tl.load(starts_ptr + k + 1)
+            g_base = coef_ptr + k.to(tl.int64) * D * D
+            scale = _split_float(scale_hi, scale_lo, acc_dtype)
+            for r0 in range(start, end, BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                r_ok = r < end
+                row = tl.load(perm_ptr + r, mask=r_ok, other=0).to(tl.int64)
+                acc = tl.full([BLOCK_R, BLOCK_N], 0, acc_dtype)
+                for d0 in range(0, D, BLOCK_KD):
+                    dk = d0 + tl.arange(0, BLOCK_KD)
+                    dk_ok = dk < D
+                    mx = r_ok[:, None] & dk_ok[None, :]
+                    x = tl.load(z_ptr + row[:, None] * stride_zb + dk[None, :] * stride_zd, mask=mx, other=0.0)
+                    mu = tl.load(cent_ptr + k.to(tl.int64) * stride_cb + dk * stride_cd, mask=dk_ok, other=0.0)
+                    x = tl.where(mx, x.to(acc_dtype) - mu[None, :], 0.0)
+                    # gT[dk, n] = coef[k, n, dk]
+                    gT = tl.load(g_base + n[None, :] * D + dk[:, None], mask=dk_ok[:, None] & n_ok[None, :],
+                                 other=0.0)
+                    if USE_DOT:
+                        acc += tl.dot(x, gT, input_precision="ieee")
+                    else:
+                        acc += tl.reduce(x[:, :, None] * gT[None, :, :], 1, _sum_combine)
+                acc = acc * scale
+                tl.store(dz_ptr + row[:, None] * D + n[None, :], acc.to(dz_ptr.dtype.element_ty),
+                         mask=r_ok[:, None] & n_ok[None, :])
 
 
 # =========================================================================== availability
@@ -905,14 +915,13 @@ def matrix_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, 
         raise ValueError(f"coef must be [K, D, D] = [{K}, {D}, {D}], got {tuple(coef.shape)}")
     coef = coef.contiguous()
     B = z.shape[0]
-    dz = torch.zeros(B, D, dtype=z.dtype, device=z.device)
+    dz = torch.empty(B, D, dtype=z.dtype, device=z.device)   # every row is written (zeros outside clusters)
     if B == 0:
         return dz
     perm, starts = _segments(assign, K)
     blocks = _full_cov_blocks(D, centroids.dtype)[1]
-    scale_t = torch.full((1,), float(scale), dtype=centroids.dtype, device=z.device)
-    _matrix_grad_kernel[(K, triton.cdiv(D, blocks["BLOCK_N"]))](
-        z, centroids, coef, perm, starts, dz, scale_t, D,
+    _matrix_grad_kernel[(K + 1, triton.cdiv(D, blocks["BLOCK_N"]))](
+        z, centroids, coef, perm, starts, dz, *_split(float(scale)), D,
         z.stride(0), z.stride(1), centroids.stride(0), centroids.stride(1), **blocks, num_warps=4)
     return dz
 
