@@ -50,5 +50,6 @@ cd "$ROOT"
 # The interpreter tests (kernels, CEMLoss parity, launch count) and the ahead-of-time sm_90 compile tests.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export CEM_FAST_CACHE=${CEM_FAST_CACHE:-$VENV/cem-fast-cache}
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rfEs -W "ignore:Conversion of an array with ndim:DeprecationWarning" tests/test_triton_backend.py tests/test_launch_count.py \
-  tests/test_loss_triton.py "$@"
+exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rfEs \
+  -W "ignore:Conversion of an array with ndim:DeprecationWarning" \
+  tests/test_triton_backend.py tests/test_launch_count.py tests/test_loss_triton.py "$@"

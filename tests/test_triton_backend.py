@@ -592,3 +592,84 @@ def test_scatter_grad_reads_grad_out_and_factor(gen):
         assert torch.equal(tb.scatter_grad(z, assign, centroids, coef, g, 2.0), expected)
     with pytest.raises(ValueError, match="^grad_out must be"):
         tb.scatter_grad(z, assign, centroids, coef, torch.ones(2), 2.0)
+
+
+# --------------------------------------------------------------------------- on a GPU (skipped without one)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def real_tb(monkeypatch):
+    """The compiled backend (not the interpreted copy)."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    from cem_fast.backends import triton_backend as real
+    if real.kernels_interpreted():
+        pytest.skip("TRITON_INTERPRET was set when the backend was imported in this process")
+    return real
+
+
+def _gpu_case(gen, B, D=2048, C=10, m=3, dtype=torch.float32):
+    cent, pi, var = random_state("paper", C, m, D, gen=gen, dtype=torch.float32)
+    z = torch.rand(B, D, generator=gen).to(dtype)
+    labels = torch.randint(0, C, (B,), generator=gen)
+    return [t.cuda() for t in (z, labels, cent, pi, var)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("variant", ["paper", "official"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [128, 1000])
+def test_gpu_fused_step_matches_float64_and_never_syncs(real_tb, gen, variant, dtype, B):
+    z, labels, cent, pi, var = _gpu_case(gen, B, dtype=dtype)
+    C, m, D = cent.shape
+    code = CODES[variant]
+    state = (pi.clone(), var.clone()) if variant == "paper" else (pi, torch.zeros(C, m, 0, device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, coef, new_pi, new_var, assign = real_tb.forward_diag(
+            z, labels, cent.reshape(C * m, D), *state, code, m, True, 0.1, C, 20000.0, 0.0, True, False, True,
+            update_state=True)
+        dz = real_tb.scatter_grad(z, assign, cent.reshape(C * m, D), coef, torch.ones((), device="cuda"), 2.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref_loss, ref_grad, ref_pi, ref_var = run_reference(
+        z.cpu(), labels.cpu(), cent.cpu(), pi.cpu(), var.cpu() if variant == "paper" else None, variant, sigma=0.1,
+        dataset_size=20000.0)
+    tol = FUSED_TOL[dtype]
+    assert abs(float(loss) - float(ref_loss)) <= tol * abs(float(ref_loss))
+    assert rel_err(dz.cpu(), ref_grad) <= tol
+    if variant == "paper":
+        assert rel_err(new_pi.cpu(), ref_pi) <= tol and rel_err(new_var.cpu(), ref_var) <= tol
+
+
+@needs_cuda
+def test_gpu_fused_step_replays_in_a_cuda_graph_and_ragged_batches_do_not_recompile(real_tb, gen):
+    z, labels, cent, pi, var = _gpu_case(gen, 128)
+    C, m, D = cent.shape
+    flat = cent.reshape(C * m, D)
+    g = torch.ones((), device="cuda")
+
+    def step(pi_, var_):
+        loss, coef, _, _, assign = real_tb.forward_diag(z, labels, flat, pi_, var_, 2, m, True, 0.1, C, 20000.0, 0.0,
+                                                        True, False, True, update_state=True)
+        return loss, real_tb.scatter_grad(z, assign, flat, coef, g, 2.0)
+
+    eager_pi, eager_var = pi.clone(), var.clone()
+    eager = step(eager_pi, eager_var)                    # also compiles every kernel before the capture
+    graph_pi, graph_var = pi.clone(), var.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(graph_pi, graph_var)
+    graph_pi.copy_(pi)
+    graph_var.copy_(var)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager + (eager_pi, eager_var), captured + (graph_pi, graph_var)):
+        assert torch.equal(a, b)
+    kernels = (real_tb._assign_partial_kernel, real_tb._reduce_epilogue_kernel, real_tb._scatter_grad_kernel)
+    before = [sum(len(c[0]) for c in k.device_caches.values()) for k in kernels]
+    z, labels = z[:100], labels[:100]                    # a ragged last batch: same kernels, no recompilation
+    step(pi.clone(), var.clone())
+    assert [sum(len(c[0]) for c in k.device_caches.values()) for k in kernels] == before
