@@ -343,7 +343,7 @@ def test_bad_inputs():
 
 _I32 = ("B", "D", "K", "M", "num_classes", "stride_zb", "stride_zd", "stride_cb", "stride_cd", "stride_kb",
         "stride_kd", "P", "rows_per_prog", "n_parts")
-_F32 = ("c_hi", "c_lo", "n_hi", "n_lo", "scale_hi", "scale_lo", "factor")
+_F32 = ("c_hi", "c_lo", "n_hi", "n_lo", "scale_hi", "scale_lo", "factor", "t_hi", "t_lo")
 
 
 def _compile_sm90(fn, ptr_types, constexprs, options=None):
@@ -407,10 +407,14 @@ def test_kernels_compile_for_sm90(zt, acc, monkeypatch):
               for cc, cand in itertools.product((True, False), (1, 2, 3, 5, 10, 30))}
     for cc, (bb, bk, bd) in sorted(atomic):
         _compile_sm90(real._assign_atomic_kernel, common, dict(CLASS_COND=cc, BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd))
-    for epi, cc, m in itertools.product((0, 1, 2), (True, False), (1, 3, 20)):
+    for epi, cc, m in itertools.product((0, 1, 2, 3), (True, False), (1, 3, 20)):
         _compile_sm90(real._reduce_epilogue_kernel, common,
                       dict(EPILOGUE=epi, CLASS_COND=cc, **real._reduce_blocks(2048, m, acc_dtype)),
                       real.REDUCE_OPTIONS)
+    for (kp, cp), cc, bug, log in itertools.product(((8, 4), (32, 16), (128, 64)), (True, False), (False, True),
+                                                   (False, True)):
+        _compile_sm90(real._trained_finish_kernel, common, dict(CLASS_COND=cc, INDEX_BUG=bug, LOG_ENTROPY=log,
+                                                                K_PAD=kp, C_PAD=cp, BLOCK_P=8))
     for copy in (False, True):
         _compile_sm90(real._finish_kernel, common, dict(COPY_PI=copy, BLOCK=1024))
     for has_gout in (False, True):
@@ -467,20 +471,22 @@ FUSED_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 CODES = {"official": 0, "official-trained": 1, "paper": 2}
 
 
-def fused_step(z, labels, cent, pi, var, variant, *, cc=True, sigma=0.1, N=300.0, mean_dim=True, update_state=False):
+def fused_step(z, labels, cent, pi, var, variant, *, cc=True, sigma=0.1, N=300.0, mean_dim=True, update_state=False,
+               log_entropy=True, bug=False):
     """forward_diag + scatter_grad (upstream gradient 1, factor 2) as CEMLoss runs them."""
     C, m, D = cent.shape
     acc = tb.accumulation_dtype(z.dtype)
     centroids = cent.reshape(C * m, D).to(acc)
     threshold = trained_threshold(sigma, 0.125) if variant == "official-trained" else 0.0
     loss, coef, new_pi, new_var, assign = tb.forward_diag(
-        z, labels, centroids, pi, var, CODES[variant], m, cc, sigma, C, N, threshold, True, False, mean_dim,
+        z, labels, centroids, pi, var, CODES[variant], m, cc, sigma, C, N, threshold, log_entropy, bug, mean_dim,
         update_state=update_state)
     dz = tb.scatter_grad(z, assign, centroids, coef, torch.ones((), dtype=acc), 2.0)
     return loss, dz, new_pi, new_var, assign, coef
 
 
-def check_fused(z, labels, cent, pi, var, variant, cc=True, sigma=0.1, N=300.0, mean_dim=True):
+def check_fused(z, labels, cent, pi, var, variant, cc=True, sigma=0.1, N=300.0, mean_dim=True, log_entropy=True,
+                bug=False):
     dtype = z.dtype
     acc = tb.accumulation_dtype(dtype)
     # the reference gets the same (rounded) state: only the computation is compared
@@ -489,10 +495,11 @@ def check_fused(z, labels, cent, pi, var, variant, cc=True, sigma=0.1, N=300.0, 
     v0 = var.clone() if variant != "official" else torch.zeros(*cent.shape[:2], 0, dtype=acc)
     loss, dz, new_pi, new_var, assign, _ = fused_step(
         z, labels, cent, p0 if p0 is not None else torch.zeros(cent.shape[:2], dtype=acc), v0, variant, cc=cc,
-        sigma=sigma, N=N, mean_dim=mean_dim)
+        sigma=sigma, N=N, mean_dim=mean_dim, log_entropy=log_entropy, bug=bug)
     ref_loss, ref_grad, ref_pi, ref_var = run_reference(
         z, labels, cent, pi, var if variant != "official" else None, variant, sigma=sigma, dataset_size=N,
-        reduction="mean_dim" if mean_dim else "sum", class_conditional=cc)
+        reduction="mean_dim" if mean_dim else "sum", class_conditional=cc, log_entropy=int(log_entropy),
+        replicate_index_bug=bug)
     tol = FUSED_TOL[dtype]
     assert loss.dtype == acc and loss.shape == ()
     assert abs(float(loss) - float(ref_loss)) <= tol * max(abs(float(ref_loss)), 1e-12), (float(loss), float(ref_loss))
@@ -544,15 +551,31 @@ def test_forward_diag_edge_cases(gen, variant, case):
         assert torch.all(assign == 0)
 
 
-@pytest.mark.parametrize("cc", [True, False])
-def test_forward_diag_official_trained_unfused(gen, cc):
-    # not in FUSED_VARIANT_CODES: assign_stats and the variant's math in PyTorch, same contract
-    C, m, D, B = 3, 2, 21, 40
+@pytest.mark.parametrize("cc,log_entropy,bug", [(True, True, False), (True, False, False), (True, True, True),
+                                                 (False, True, False)])
+def test_forward_diag_official_trained(gen, cc, log_entropy, bug):
+    C, m, D, B = 4, 2, 21, 40
     cent, pi, var = random_state("official-trained", C, m, D, gen=gen)
     z = torch.rand(B, D, generator=gen, dtype=torch.float64).float()
     labels = torch.randint(0, C, (B,), generator=gen)
-    assert 1 not in tb.FUSED_VARIANT_CODES
-    check_fused(z, labels, cent, pi, var, "official-trained", cc=cc, N=200.0)
+    if bug:
+        labels = torch.where(labels == 1, 3, labels)      # uneven classes, one absent: the bug reads other rows
+    assert 1 in tb.FUSED_VARIANT_CODES
+    # N small enough that the blend weight reaches its cap for some clusters
+    check_fused(z, labels, cent, pi, var, "official-trained", cc=cc, N=60.0, log_entropy=log_entropy, bug=bug)
+
+
+def test_forward_diag_official_trained_many_clusters(gen, monkeypatch):
+    # past one program's tile: the unfused path (assign_stats + PyTorch), same results
+    C, m, D, B = 3, 2, 9, 30
+    cent, pi, var = random_state("official-trained", C, m, D, gen=gen)
+    z = torch.rand(B, D, generator=gen, dtype=torch.float64).float()
+    labels = torch.randint(0, C, (B,), generator=gen)
+    fused = fused_step(z, labels, cent.float(), pi.float(), var.float(), "official-trained", N=60.0, bug=True)
+    monkeypatch.setattr(tb, "_TRAINED_TILE", 1)
+    unfused = fused_step(z, labels, cent.float(), pi.float(), var.float(), "official-trained", N=60.0, bug=True)
+    for a, b in zip(fused, unfused):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_forward_diag_updates_the_state_in_place_and_is_deterministic(gen):

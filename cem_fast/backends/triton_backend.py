@@ -243,6 +243,8 @@ if triton is not None:
             tl.store(var_out_ptr + kd, sq, mask=d_ok)
             if pd == 0:
                 tl.store(pi_out_ptr + k, n_k)
+        elif EPILOGUE == 3:     # official-trained: the block's share of each cluster's sum of sqdev
+            tl.store(lossp_ptr + k * tl.num_programs(1) + pd, tl.reduce(sq, 0, _sum_combine))
         else:
             # batch size and classes present, from every cluster's count (2-D tiles: program x class)
             batch = tl.full([], 0, tl.int32)
@@ -308,6 +310,64 @@ if triton is not None:
             for k0 in range(0, K, BLOCK):
                 kk = k0 + tl.arange(0, BLOCK)
                 tl.store(pi_dst_ptr + kk, tl.load(pi_src_ptr + kk, mask=kk < K), mask=kk < K)
+
+    @triton.jit(do_not_specialize=["P"])
+    def _trained_finish_kernel(lossp_ptr, pcount_ptr, pi_ptr, var_ptr, coef_ptr, loss_ptr, n_parts, P, K, M, D,
+                               t_hi, t_lo, n_hi, n_lo, CLASS_COND: tl.constexpr, INDEX_BUG: tl.constexpr,
+                               LOG_ENTROPY: tl.constexpr, K_PAD: tl.constexpr, C_PAD: tl.constexpr,
+                               BLOCK_P: tl.constexpr):
+        # Kernel 3 of official-trained (one program; cem_fast.variants.official_trained with a scalar
+        # variance per cluster): per-cluster sums of kernel 2's partials, then loss and coef [K, 1].
+        # t = the hinge threshold, n = dataset_size / num_classes.
+        acc_dtype = lossp_ptr.dtype.element_ty
+        kk = tl.arange(0, K_PAD)
+        k_ok = kk < K
+        nd = n_parts // K
+        rs = tl.full([K_PAD], 0, acc_dtype)
+        for pd in range(0, nd):
+            rs += tl.load(lossp_ptr + kk * nd + pd, mask=k_ok, other=0.0)
+        cnt = tl.full([K_PAD], 0, tl.int32)
+        pp = tl.arange(0, BLOCK_P)
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + pp
+            t = tl.load(pcount_ptr + p[:, None] * K + kk[None, :], mask=(p < P)[:, None] & k_ok[None, :], other=0)
+            cnt += tl.reduce(t, 0, _sum_combine)
+        n = cnt.to(acc_dtype)
+        C = K // M
+        cc = tl.arange(0, C_PAD)
+        member = ((kk // M)[None, :] == cc[:, None]) & k_ok[None, :]            # [class, cluster]
+        class_n = tl.reduce(tl.where(member, n[None, :], 0.0), 1, _sum_combine)
+        if CLASS_COND:
+            num_p = tl.maximum(tl.reduce(((class_n > 0) & (cc < C)).to(acc_dtype), 0, _sum_combine), 1.0)
+        else:
+            num_p = tl.full([], 1.0, acc_dtype)
+        idx = kk
+        if INDEX_BUG:   # variants.index_bug_rows: class c reads the row of the class of sorted sample rank(c)
+            rank = tl.associative_scan(((class_n > 0) & (cc < C)).to(tl.int32), 0, _sum_combine) - 1
+            ends = tl.associative_scan(class_n, 0, _sum_combine)
+            r = tl.maximum(rank, 0).to(acc_dtype)
+            below = (ends[None, :] <= r[:, None]) & (cc < C)[None, :]            # searchsorted(right=True)
+            src = tl.minimum(tl.reduce(below.to(tl.int32), 1, _sum_combine), C - 1)
+            src_k = tl.reduce(tl.where(member, src[:, None], 0), 0, _sum_combine)
+            idx = src_k * M + kk % M
+        p_k = tl.load(pi_ptr + idx, mask=k_ok, other=1.0).to(acc_dtype)
+        v_k = tl.load(var_ptr + idx, mask=k_ok, other=0.0).to(acc_dtype)
+        present = (n > 0) & k_ok
+        n_safe = tl.maximum(n, 1.0)
+        s = rs / (n_safe * D)
+        lam = 10.0 * n / (p_k * _split_float(n_hi, n_lo, acc_dtype))           # TRAINED_LAMBDA_SCALE
+        lam = tl.where(lam >= 1, 0.99, lam)                                      # TRAINED_LAMBDA_CAP
+        lam = tl.where(present, lam, 0.0)
+        v = lam * s + (1 - lam) * v_k
+        if LOG_ENTROPY:
+            arg = tl.log(v + 0.01) - _split_float(t_hi, t_lo, acc_dtype)        # TRAINED_GAMMA
+            term = p_k * tl.maximum(arg, 0.0)
+            dterm = tl.where(arg > 0, p_k / (v + 0.01), 0.0)
+        else:
+            term = p_k * (v + 0.001)                                             # TRAINED_LINEAR_EPS
+            dterm = p_k
+        tl.store(loss_ptr, tl.reduce(tl.where(present, term, 0.0), 0, _sum_combine) / num_p)
+        tl.store(coef_ptr + kk, tl.where(present, dterm * lam / (n_safe * D), 0.0) / num_p, mask=k_ok)
 
     @triton.jit(do_not_specialize=["B"])
     def _scatter_grad_kernel(z_ptr, assign_ptr, cent_ptr, coef_ptr, gout_ptr, dz_ptr, factor,
@@ -718,8 +778,9 @@ def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
     return assign, counts, sqdev
 
 
-FUSED_VARIANT_CODES = frozenset({0, 2})   # official, paper: forward_diag is three kernels for these
+FUSED_VARIANT_CODES = frozenset({0, 1, 2})   # forward_diag is three kernels for these (1: up to 8192 K x C)
 _OFFICIAL_EPS = 1e-6                       # cem_fast.variants.OFFICIAL_EPS
+_TRAINED_TILE = 8192                       # official-trained's [classes, clusters] tile in one program
 
 
 @_on_z_device
@@ -743,7 +804,7 @@ def forward_diag(z, labels, centroids, pi, variance, variant_code: int, m: int, 
     for name, t in (("pi", pi), ("variance", variance)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if variant_code == 1:
+    if variant_code == 1 and _next_pow2(K) * _next_pow2(K // m) > _TRAINED_TILE:
         return _official_trained_unfused(z, labels, centroids, pi, variance, m, class_conditional, num_classes,
                                          dataset_size, trained_threshold, log_entropy, replicate_index_bug)
     if variant_code == 2:
@@ -760,6 +821,17 @@ def forward_diag(z, labels, centroids, pi, variance, variant_code: int, m: int, 
     lossp = torch.empty(K * nd, dtype=acc, device=z.device)
     loss = torch.empty((), dtype=acc, device=z.device)
     s2 = float(sigma) ** 2
+    if variant_code == 1:
+        if pi.numel() != K or variance.numel() != K:
+            raise ValueError(f"pi and variance must hold K={K} values each, got {pi.numel()} and {variance.numel()}")
+        _reduce(pcount, psq, 3, class_conditional, m, lossp=lossp)
+        coef = torch.empty(K, 1, dtype=acc, device=z.device)
+        _trained_finish_kernel[(1,)](
+            lossp, pcount, pi.contiguous(), variance.contiguous(), coef, loss, K * nd, psq.shape[0], K, m, D,
+            *_split(float(trained_threshold)), *_split(float(dataset_size) / num_classes),
+            CLASS_COND=class_conditional, INDEX_BUG=bool(replicate_index_bug), LOG_ENTROPY=bool(log_entropy),
+            K_PAD=_next_pow2(K), C_PAD=_next_pow2(K // m), BLOCK_P=8, num_warps=4)
+        return loss, coef, pi, variance, assign
     if variant_code == 0:
         _reduce(pcount, psq, 1, class_conditional, m, coef=coef, lossp=lossp, const=s2 + _OFFICIAL_EPS)
         _finish_kernel[(1,)](lossp, loss, lossp, lossp, K * nd, K, COPY_PI=False, BLOCK=1024)
@@ -783,7 +855,7 @@ def forward_diag(z, labels, centroids, pi, variance, variant_code: int, m: int, 
 
 def _official_trained_unfused(z, labels, centroids, pi, variance, m, class_conditional, num_classes, dataset_size,
                               threshold, log_entropy, replicate_index_bug):
-    """official-trained, not fused: ``assign_stats`` then ``cem_fast.variants.official_trained``'s math in
+    """official-trained past ``_TRAINED_TILE``: ``assign_stats`` then ``cem_fast.variants.official_trained``'s math in
     PyTorch, with the hinge constant ``threshold`` given (as ``cpp_backend.forward_diag`` takes it)."""
     from cem_fast import variants as v
     assign, counts, sqdev = assign_stats(z, labels, centroids, m, class_conditional)
