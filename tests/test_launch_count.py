@@ -41,7 +41,7 @@ a = torch.tensor([0, 1, 2, 3, 0, 1])
 with LaunchCounter() as c:
     tb.scatter_grad(z, a, cen, coef)
 out = {"hook": [c.total, dict(c.triton), dict(c.aten)]}
-for variant in ("paper", "official"):
+for variant in ("paper", "official", "official-trained"):
     for path in ("direct", "cemloss"):
         r = count(variant, "diag", path)
         out[f"{variant}/{path}"] = [r.total, sum(r.syncs.values()), r.describe()]
@@ -64,7 +64,7 @@ def test_counter_counts_triton_launches(counts):
     assert total == 1 and triton_kernels == {"_scatter_grad_kernel": 1} and aten == {}, counts["hook"]
 
 
-@pytest.mark.parametrize("variant", ["paper", "official"])
+@pytest.mark.parametrize("variant", ["paper", "official", "official-trained"])
 def test_fused_forward_backward_is_at_most_four_kernels_and_never_syncs(counts, variant):
     total, syncs, what = counts[f"{variant}/direct"]
     assert total <= 4 and syncs == 0, what

@@ -778,9 +778,9 @@ def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
     return assign, counts, sqdev
 
 
-FUSED_VARIANT_CODES = frozenset({0, 1, 2})   # forward_diag is three kernels for these (1: up to 8192 K x C)
+FUSED_VARIANT_CODES = frozenset({0, 1, 2})   # forward_diag is three kernels for these (1: up to 2048 K x C)
 _OFFICIAL_EPS = 1e-6                       # cem_fast.variants.OFFICIAL_EPS
-_TRAINED_TILE = 8192                       # official-trained's [classes, clusters] tile in one program
+_TRAINED_TILE = 2048                       # official-trained's [classes, clusters] tile (8192 spills)
 
 
 @_on_z_device
