@@ -11,7 +11,7 @@ Same contract as ``torch_backend`` (the vectorised reference), plus the fused en
 
 plus the full-covariance pair ``cluster_second_moments`` / ``matrix_grad`` / ``second_moments_grad``.
 
-Kernels of one diagonal forward+backward (official and paper: four launches, no host sync, no float atomics
+Kernels of one diagonal forward+backward (every variant: four launches, no host sync, no float atomics
 unless ``use_atomics=True``, no zero-fill, no sort):
 
 1. ``_assign_partial_kernel``: program ``p`` owns a contiguous range of rows. Phase 1 scores each row's
@@ -24,6 +24,8 @@ unless ``use_atomics=True``, no zero-fill, no sort):
    variance (in place when asked), the new pi (to a scratch) and one loss partial per program.
    ``assign_stats`` uses it with a plain epilogue (``sqdev``, ``counts``).
 3. ``_finish_kernel`` (one program): the loss as a fixed-order sum of the partials; copies the new pi in place.
+   official-trained: ``_trained_finish_kernel`` (one program) does that variant's per-cluster math instead
+   (scalar variances, the hinge, the authors' index bug); past 2048 classes x clusters it is not fused.
 4. ``_scatter_grad_kernel`` (backward): ``dz = factor * grad_out * coef[a] * (z - mu[a])`` with ``grad_out``
    read on the device and ``coef`` ``[K, D]`` or ``[K, 1]`` broadcast in the kernel.
 
