@@ -70,8 +70,6 @@ def test_fused_forward_backward_is_at_most_four_kernels_and_never_syncs(counts, 
     assert total <= 4 and syncs == 0, what
 
 
-@pytest.mark.xfail(strict=True, reason="CEMLoss does not call triton_backend.forward_diag yet (ops/loss refactor); "
-                                       "remove this mark when it does")
 @pytest.mark.parametrize("variant", ["paper", "official"])
 def test_cemloss_forward_backward_is_at_most_four_kernels(counts, variant):
     total, syncs, what = counts[f"{variant}/cemloss"]

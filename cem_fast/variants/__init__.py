@@ -17,7 +17,6 @@ from .official_trained import (
 from .paper import Paper, paper_diag, paper_full
 
 VARIANTS = names()   # ("paper", "official", "official-trained")
-_num_present = num_present   # the name the Triton backend reads (before cem_fast/variants/ existed)
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANT", "LossParams", "Variant", "get_variant", "variant_type", "Paper", "Official",
            "OfficialTrained", "group_counts", "num_present", "paper_diag", "paper_full", "trained_threshold",
