@@ -26,7 +26,8 @@ from .decoder import DecoderConfig, train_decoder_epoch
 from .loop import AttackState, TrainedAttack
 from .nets import build_decoder
 
-__all__ = ["AdaptiveConfig", "AdaptiveAttack", "ClusterDenoiser", "AdaptiveInverter", "fit_cluster_prior"]
+__all__ = ["AdaptiveConfig", "AdaptiveAttack", "ClusterDenoiser", "AdaptiveInverter", "fit_cluster_prior",
+           "noise_variance"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,17 @@ def fit_cluster_prior(features: torch.Tensor, labels: torch.Tensor, num_classes:
     cem = CEMLoss(num_classes, clusters_per_class=clusters_per_class, sigma=max(float(sigma), 1e-6),
                   variant="paper", covariance="diag", backend="torch", seed=seed)
     return cem.refit(features.flatten(1).float(), labels)
+
+
+def noise_variance(perturb, sigma: Optional[float], train: FeatureSet, seed: int = 0) -> float:
+    """The defence's noise variance per dimension: ``sigma^2``, or measured (seeded) from the callable itself."""
+    from .loop import seeded
+
+    if sigma is not None:
+        return float(sigma) ** 2
+    z = train.features[:512]
+    with seeded(int(seed) * 1_000_003 + 17):
+        return float((perturb(z) - z).pow(2).mean())
 
 
 class AdaptiveAttack(TrainedAttack):

@@ -16,7 +16,7 @@ from .data import FeatureSet
 from .loop import AttackState, TrainedAttack
 from .nets import build_decoder
 
-__all__ = ["DecoderConfig", "DecoderAttack", "train_decoder_epoch"]
+__all__ = ["DecoderConfig", "DecoderAttack", "train_decoder_epoch", "load_decoder"]
 
 
 @dataclass(frozen=True)
@@ -87,3 +87,21 @@ class DecoderAttack(TrainedAttack):
         loss = train_decoder_epoch(state.inverter, state.optimizers["decoder"], fit, perturb,
                                    self.config.batch_size, device, f"decoder epoch {epoch}", progress)
         return {"train_loss": loss}
+
+
+def load_decoder(state_dir) -> tuple:
+    """The selected decoder that :func:`~cem_fast.audit.loop.train_attack` saved in ``state_dir`` (eval mode),
+    and the saved record (``best_epoch``, ``protocol``)."""
+    from pathlib import Path
+
+    from .loop import BEST_NAME
+
+    path = Path(state_dir) / BEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained decoder attack at {path}")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    protocol = saved["protocol"]
+    config = DecoderConfig(**protocol["attack"])
+    model = build_decoder(protocol["feature_shape"], protocol["image_shape"], config.num_blocks, config.width)
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), saved

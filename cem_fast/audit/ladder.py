@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .adaptive import AdaptiveAttack, fit_cluster_prior
+from .adaptive import AdaptiveAttack, fit_cluster_prior, noise_variance
 from .data import (FeatureSet, Normalization, as_tensors, check_labels, class_counts, compute_features,
                    make_perturbation, stratified_split, stratified_subset, to_unit_range)
 from .decoder import DecoderAttack
@@ -81,20 +81,11 @@ def prepare_data(encoder: nn.Module, data, test_data=None, *, normalization=None
     return train, test, k, how
 
 
-def _noise_var(perturb, sigma: Optional[float], train: FeatureSet, seed: int) -> float:
-    """The defence's noise variance per dimension: sigma^2, or measured from the callable on the attacker's data."""
-    if sigma is not None:
-        return float(sigma) ** 2
-    z = train.features[:512]
-    with seeded(seed + 17):
-        return float((perturb(z) - z).pow(2).mean())
-
-
 def run_ladder(attacks: Sequence[str], train: FeatureSet, test: FeatureSet, perturb, sigma: Optional[float], *,
                encoder: Optional[nn.Module], normalization, preset: AuditPreset, num_classes: int, seed: int = 0,
                device="cpu", state_dir=None, progress: Optional[bool] = None,
                log: Callable[[str], None] = lambda msg: None) -> dict:
-    """Run ``attacks`` in ladder order (the decoder first where another attack starts from it) -> {name: AttackResult}."""
+    """Run ``attacks`` in ladder order -> ``{name: AttackResult}``; the decoder first where another starts from it."""
     attacks = _check_attacks(attacks)
     loops = {name: dataclasses.replace(getattr(preset, f"{name}_loop"), seed=seed)
              for name in ("decoder", "adaptive", "gan")}
@@ -121,7 +112,7 @@ def run_ladder(attacks: Sequence[str], train: FeatureSet, test: FeatureSet, pert
         elif name == "adaptive":
             log("adaptive attack")
             attack = AdaptiveAttack(preset.adaptive, num_classes=num_classes,
-                                    noise_var=_noise_var(perturb, sigma, train, seed),
+                                    noise_var=noise_variance(perturb, sigma, train, seed),
                                     init=decoder.model, init_info=init_info)
             results[name] = train_attack(attack, train, test, perturb, loops["adaptive"],
                                          state_dir=folder("adaptive"), **common)

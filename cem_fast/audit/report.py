@@ -90,8 +90,9 @@ class AuditReport:
                  f"{s['scored_images']} scored ({s['split']}), features {s['feature_shape']}, "
                  f"images {s['image_shape']}, {s['wall_time_s']:.0f} s.", ""]
         if w:
-            lines += [f"**Worst case over the ladder: MSE {w['mse']:.4f} (PSNR {w['psnr']:.2f} dB, `{w['mse_attack']}`), "
-                      f"SSIM {w['ssim']:.3f} (`{w['ssim_attack']}`).** Lower MSE / higher SSIM = more leakage.", ""]
+            lines += [f"**Worst case over the ladder: MSE {w['mse']:.4f} (PSNR {w['psnr']:.2f} dB, "
+                      f"`{w['mse_attack']}`), SSIM {w['ssim']:.3f} (`{w['ssim_attack']}`).** "
+                      "Lower MSE / higher SSIM = more leakage.", ""]
         if self.accuracy:
             lines += [f"Task accuracy of the server head on the perturbed features: {self.accuracy['accuracy']:.2%} "
                       f"(clean features: {self.accuracy['accuracy_clean_features']:.2%}). A private-looking encoder "
@@ -131,7 +132,8 @@ class AuditReport:
                 ax.set_yticks([])
                 if c < len(imgs):
                     img = imgs[c].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-                    ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+                    gray = img.shape[-1] == 1
+                    ax.imshow(img.squeeze(-1) if gray else img, cmap="gray" if gray else None)
                 if c == 0:
                     ax.set_ylabel(name, fontsize=8)
         fig.tight_layout()
