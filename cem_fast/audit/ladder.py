@@ -111,7 +111,7 @@ def run_ladder(attacks: Sequence[str], train: FeatureSet, test: FeatureSet, pert
                                          num_samples=preset.display_images, **common)
         elif name == "adaptive":
             log("adaptive attack")
-            attack = AdaptiveAttack(preset.adaptive, num_classes=num_classes,
+            attack = AdaptiveAttack(preset.adaptive, num_classes=int(train.labels.max()) + 1,
                                     noise_var=noise_variance(perturb, sigma, train, seed),
                                     init=decoder.model, init_info=init_info)
             results[name] = train_attack(attack, train, test, perturb, loops["adaptive"],
@@ -172,7 +172,8 @@ def audit(encoder: nn.Module, data, *, sigma=0.0, normalization=None, head: Opti
                          progress=progress, log=log)
     accuracy = _task_accuracy(head.to(device), test, perturb, seed, device) if head is not None else None
     bound_rows = stratified_subset(train.labels, preset.bound_images, seed)
-    theory = theory_section(train.features[bound_rows], train.labels[bound_rows], k, sigma_value,
+    theory = theory_section(train.features[bound_rows], train.labels[bound_rows], int(train.labels.max()) + 1,
+                            sigma_value,
                             d=int(torch.tensor(train.image_shape).prod()), h_x=h_x,
                             clusters_per_class=preset.clusters_per_class, fit=fit_cluster_prior)
     display = _display(results, test, perturb, preset.display_images, seed, device)

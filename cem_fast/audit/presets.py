@@ -50,12 +50,13 @@ class AuditPreset:
         return preset
 
 
-_SMOKE_DECODER = dict(batch_size=32, num_blocks=1, width=16, t_max=4)
+_SMOKE_DECODER = dict(batch_size=16, num_blocks=1, width=16)
 PRESETS = {
     "smoke": AuditPreset(
         name="smoke", max_train_images=500, max_test_images=100,
-        decoder=DecoderConfig(lr=3e-3, **_SMOKE_DECODER), decoder_loop=LoopConfig(max_epochs=4, patience=2),
-        adaptive=AdaptiveConfig(draws=2, **_SMOKE_DECODER), adaptive_loop=LoopConfig(max_epochs=2, patience=2),
+        decoder=DecoderConfig(lr=1e-2, t_max=5, **_SMOKE_DECODER), decoder_loop=LoopConfig(max_epochs=5, patience=3),
+        adaptive=AdaptiveConfig(lr=2e-3, draws=2, t_max=2, **_SMOKE_DECODER),
+        adaptive_loop=LoopConfig(max_epochs=2, patience=2),
         gan=GANConfig(batch_size=16, n_critic=2, t_max=2), gan_loop=LoopConfig(max_epochs=1, patience=1),
         whitebox=WhiteboxConfig(steps=30, lr=0.03, n_images=16, batch_size=16),
         bound_images=500),
