@@ -28,14 +28,19 @@ import torch
 
 from cem_fast.audit import AdaptiveConfig, AuditPreset, DecoderConfig, GANConfig, LoopConfig, WhiteboxConfig
 from cem_fast.audit.adaptive import AdaptiveAttack, noise_variance
-from cem_fast.audit.data import (FeatureSet, Normalization, as_tensors, compute_features, stratified_split,
-                                 stratified_subset)
+from cem_fast.audit.data import (
+    FeatureSet,
+    Normalization,
+    as_tensors,
+    compute_features,
+    stratified_split,
+    stratified_subset,
+)
 from cem_fast.audit.decoder import DecoderAttack, load_decoder
 from cem_fast.audit.gan import GANAttack
 from cem_fast.audit.loop import BEST_NAME, train_attack
 from cem_fast.audit.whitebox import run_whitebox
-from reproduce.attacks import (SETTINGS, defence_noise_sigma, make_perturbation, record_path, state_dir,
-                               write_setting)
+from reproduce.attacks import SETTINGS, defence_noise_sigma, make_perturbation, record_path, state_dir, write_setting
 
 ATTACKS = ("decoder", "gan", "whitebox", "adaptive")
 PRESETS = ("smoke", "cpu", "paper")
@@ -294,12 +299,12 @@ def run_attack(run_dir, attack: str, *, setting: str = "train-time", preset: Opt
     run_dir = check_finished_run(run_dir)
     overrides = dict(overrides or {})
     if preset is None:
-        preset = read_record_config(run_dir).get("preset", "paper")
+        preset = _read_config(run_dir).get("preset", "paper")
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
     device = torch.device(device)
     seed, noise_aware = int(overrides.get("seed", 0)), bool(overrides.get("noise_aware", False))
-    config = read_record_config(run_dir)
+    config = _read_config(run_dir)
     resolved = resolve_preset(preset, attack, config.get("dataset", ""), overrides)
     progress = overrides.get("progress")
     data = _RunData(run_dir, device, seed, resolved, data_root, progress)
@@ -317,7 +322,7 @@ def run_attack(run_dir, attack: str, *, setting: str = "train-time", preset: Opt
     return entry
 
 
-def read_record_config(run_dir) -> dict:
+def _read_config(run_dir) -> dict:
     path = Path(run_dir) / "config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -362,7 +367,7 @@ def main(argv=None) -> int:
     try:
         run_dir = check_finished_run(args.run)
         if args.preset is None:
-            args.preset = read_record_config(run_dir).get("preset", "paper")
+            args.preset = _read_config(run_dir).get("preset", "paper")
             if args.preset not in PRESETS:
                 parser.error(f"the run's preset {args.preset!r} is not one of {PRESETS}; pass --preset")
     except (OSError, ValueError) as err:

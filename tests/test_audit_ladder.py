@@ -151,6 +151,8 @@ def test_bad_inputs_are_clear_errors(data):
         audit(_maps_encoder(), (x * 255, y), sigma=0.0, progress=False)
     with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
         audit(_maps_encoder(), (x, y), normalization=((0.5,) * 3, (2.0,) * 3), sigma=0.0, progress=False)
+    with pytest.raises(ValueError, match="the encoder failed on images of shape"):
+        audit(nn.Conv2d(1, 4, 3), (x, y), sigma=0.0, progress=False)
     with pytest.raises(ValueError, match="attacks"):
         audit(_maps_encoder(), (x, y), attacks=("decoder", "magic"), progress=False)
     with pytest.raises(ValueError, match="sigma"):

@@ -5,8 +5,8 @@ Every split here is seeded and stratified by class, so no result depends on the 
 """
 from __future__ import annotations
 
-import io
 import importlib.util
+import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,7 +210,11 @@ def compute_features(encoder: nn.Module, images01: torch.Tensor, labels: torch.T
     try:
         for start in progress_bar(range(0, len(images01), batch_size), desc, progress, leave=False):
             x = images01[start:start + batch_size].to(device)
-            z = encoder(x if normalization is None else normalization.normalize(x))
+            try:
+                z = encoder(x if normalization is None else normalization.normalize(x))
+            except RuntimeError as err:  # e.g. a channel or size mismatch: the data does not fit this encoder
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise ValueError(f"the encoder failed on images of shape {list(x.shape)}: {first}") from err
             if not isinstance(z, torch.Tensor) or z.dim() not in (2, 4):
                 raise ValueError(f"the encoder must return [N, D] or [N, C, H, W] features, got "
                                  f"{getattr(z, 'shape', type(z).__name__)}")

@@ -10,8 +10,18 @@ import torch
 from torch import nn
 
 from .adaptive import AdaptiveAttack, fit_cluster_prior, noise_variance
-from .data import (FeatureSet, Normalization, as_tensors, check_labels, class_counts, compute_features,
-                   make_perturbation, stratified_split, stratified_subset, to_unit_range)
+from .data import (
+    FeatureSet,
+    Normalization,
+    as_tensors,
+    check_labels,
+    class_counts,
+    compute_features,
+    make_perturbation,
+    stratified_split,
+    stratified_subset,
+    to_unit_range,
+)
 from .decoder import DecoderAttack
 from .gan import GANAttack
 from .loop import AttackResult, eval_seed, reconstruct, seeded, train_attack
