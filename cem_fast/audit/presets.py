@@ -62,8 +62,8 @@ PRESETS = {
         bound_images=500),
     "standard": AuditPreset(
         name="standard", max_train_images=10_000, max_test_images=1000,
-        decoder=DecoderConfig(batch_size=128, t_max=20), decoder_loop=LoopConfig(max_epochs=20, patience=3),
-        adaptive=AdaptiveConfig(batch_size=128, draws=2, t_max=6), adaptive_loop=LoopConfig(max_epochs=6, patience=2),
+        decoder=DecoderConfig(batch_size=128, t_max=15), decoder_loop=LoopConfig(max_epochs=15, patience=3),
+        adaptive=AdaptiveConfig(batch_size=128, draws=2, t_max=4), adaptive_loop=LoopConfig(max_epochs=4, patience=2),
         gan=GANConfig(t_max=10), gan_loop=LoopConfig(max_epochs=5, patience=2),
         whitebox=WhiteboxConfig(steps=200, n_images=128, batch_size=64),
         bound_images=5000),
