@@ -86,3 +86,13 @@ def test_cli_error_has_no_traceback_in_a_fresh_process(encoders, tmp_path):
                            "cifar10-sample", "--sigma", "0", "--out", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_npz_files_load_in_their_canonical_order(tmp_path):
+    from cem_fast.audit.data import load_named
+
+    x = np.arange(4, dtype=np.uint8).reshape(4, 1, 1, 1).repeat(3, axis=1).repeat(2, axis=2).repeat(2, axis=3)
+    np.savez(tmp_path / "shuffled.npz", x=x, y=np.array([3, 1, 0, 2]), canonical_index=np.array([3, 1, 0, 2]))
+    images, labels = load_named(str(tmp_path / "shuffled.npz"))["train"]
+    assert labels.tolist() == [0, 1, 2, 3]
+    assert torch.allclose(images[:, 0, 0, 0] * 255, torch.tensor([2.0, 1.0, 3.0, 0.0]))

@@ -345,8 +345,16 @@ def _load_npz(path: Path) -> dict:
         for xk, yk in (("x", "y"), ("images", "labels")):
             if not out and xk in keys:
                 out["train"] = (_as_images(d[xk], f"{path}:{xk}"), torch.from_numpy(d[yk]) if yk in keys else None)
+        for bk in ("jpeg_bytes", "png_bytes"):
+            if not out and bk in keys and "offsets" in keys:
+                out["train"] = (_decode(d[bk], d["offsets"]), torch.from_numpy(d["y"]) if "y" in keys else None)
         if not out:
-            raise ValueError(f"{path} holds none of the arrays x/y, images/labels, train_x/test_x: {sorted(keys)}")
+            raise ValueError(f"{path} holds none of the arrays x/y, images/labels, train_x/test_x, "
+                             f"jpeg_bytes/offsets: {sorted(keys)}")
+        if "canonical_index" in keys and set(out) == {"train"}:  # files stored out of order: restore it
+            order = torch.from_numpy(np.argsort(d["canonical_index"], kind="stable"))
+            x, y = out["train"]
+            out["train"] = (x[order], y[order] if y is not None else None)
         return out
 
 
