@@ -68,7 +68,8 @@ def load_resumable(path: Path, fmt: str, protocol: dict) -> Optional[dict]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != fmt:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} is not a {fmt} checkpoint (found {found!r})")
+        raise ValueError(f"{path} is not a {fmt} checkpoint (found {found!r}); delete {path.parent} "
+                         f"(or pass --fresh) to start over")
     if state["protocol"] != protocol:
         raise ValueError(f"{path} was written with a different attack protocol; delete {path.parent} "
                          f"(or pass --fresh) to restart.\n saved: {state['protocol']}\n now:   {protocol}")
