@@ -89,7 +89,7 @@ def test_cli_error_has_no_traceback_in_a_fresh_process(encoders, tmp_path):
 
 
 def test_npz_files_load_in_their_canonical_order(tmp_path):
-    from cem_fast.audit.data import load_named
+    from cem_fast.audit.datasets import load_named
 
     x = np.arange(4, dtype=np.uint8).reshape(4, 1, 1, 1).repeat(3, axis=1).repeat(2, axis=2).repeat(2, axis=3)
     np.savez(tmp_path / "shuffled.npz", x=x, y=np.array([3, 1, 0, 2]), canonical_index=np.array([3, 1, 0, 2]))

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import CIFAR10_NORMALIZATION, Normalization, load_named
+from .data import Normalization
+from .datasets import CIFAR10_NORMALIZATION, load_named
 from .ladder import ATTACKS, DEFAULT_ATTACKS, audit
 from .presets import PRESETS
 
