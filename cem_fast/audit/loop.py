@@ -265,7 +265,7 @@ def train_attack(attack: TrainedAttack, train: FeatureSet, test: FeatureSet, per
     started = time.perf_counter()
     device = torch.device(device)
     fit, val = _split(train, test, loop.val_fraction, loop.seed, device)
-    k = num_classes or int(max(train.labels.max().item(), test.labels.max().item())) + 1
+    n_classes = num_classes or int(max(train.labels.max().item(), test.labels.max().item())) + 1
     protocol = {"attack": attack.protocol(), "loop": asdict(loop), "n_fit": len(fit), "n_val": len(val),
                 "n_test": len(test), "feature_shape": list(fit.feature_shape), "image_shape": list(fit.image_shape)}
     fmt = f"cem_fast.audit.{attack.name}/v2"
@@ -292,8 +292,8 @@ def train_attack(attack: TrainedAttack, train: FeatureSet, test: FeatureSet, per
     finished = loop.patience is not None and since_best >= loop.patience
     bar = progress_bar(epochs, f"{attack.name} attack", progress) if not finished else []
     for epoch in bar:
-        lrs = {f"lr_{k}" if len(state.optimizers) > 1 else "lr": o.param_groups[0]["lr"]
-               for k, o in state.optimizers.items()}
+        lrs = {f"lr_{name}" if len(state.optimizers) > 1 else "lr": o.param_groups[0]["lr"]
+               for name, o in state.optimizers.items()}
         with seeded(int(loop.seed) * 1_000_003 + attack.seed_offset + epoch, device):
             stats = attack.epoch(state, fit, perturb, epoch, device, progress)
         with warnings.catch_warnings():
@@ -333,7 +333,7 @@ def train_attack(attack: TrainedAttack, train: FeatureSet, test: FeatureSet, per
         val_metrics=evaluate_reconstruction(best, val, perturb, **eval_kwargs), best_epoch=best_epoch,
         epochs=history[-1]["epoch"], max_epochs=loop.max_epochs, history=history, samples=samples,
         sizes={"fit": len(fit), "val": len(val), "test": len(test)},
-        train_class_counts=fit.class_counts(k), scored_class_counts=test.class_counts(k),
+        train_class_counts=fit.class_counts(n_classes), scored_class_counts=test.class_counts(n_classes),
         wall_time_s=prior_wall + time.perf_counter() - started,
         config={**attack.protocol(), **asdict(loop)}, extra=attack.extra(state))
 
