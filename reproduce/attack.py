@@ -1,76 +1,81 @@
 """Model inversion attacks on a trained run: ``python -m reproduce.attack --run RUN --attack decoder``.
 
-Writes ``RUN/attack_<name>.json`` (metrics per setting, protocol, wall time) and
-``RUN/attack_<name>_samples.pt`` (a few test originals and reconstructions for
-figures). Per-epoch state lives in ``RUN/attack_<name>/<setting>/`` and a rerun
-resumes from it. Settings (facts §4a):
+Every attack is ``cem_fast.audit``'s (decoder, gan, whitebox, adaptive); this module feeds it the run's
+encoder features and writes the records (file names: :mod:`reproduce.attacks.records`):
+``RUN/attack_<name>.json`` (one entry per setting: metrics, learning curve, class histograms of the
+attacker's and the scored images, wall time) and ``RUN/attack_<name>_samples.pt``. Per-epoch state
+lives in ``RUN/attack_<name>/<setting>/`` and a rerun resumes from it. Settings:
 
 * ``train_time``: the attack trains on the training split, is scored on the test split;
-* ``infer_time``: it trains on the first 90% of the test split, is scored on the last 10%.
+* ``infer_time``: it trains on 90% of the test split, is scored on the other 10% (a seeded split,
+  stratified by class: the test file's order does not matter).
 
-The GAN attack starts from the decoder attack of the same setting and runs
-that first if it is missing.
+gan, adaptive and whitebox start from the decoder attack of the same setting and run it first if it
+is missing.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from reproduce.attacks import (
-    DecoderAttackConfig,
+from cem_fast.audit import AdaptiveConfig, AuditPreset, DecoderConfig, GANConfig, LoopConfig, WhiteboxConfig
+from cem_fast.audit.adaptive import AdaptiveAttack, noise_variance
+from cem_fast.audit.data import (
     FeatureSet,
-    GANAttackConfig,
+    Normalization,
+    as_tensors,
     compute_features,
-    defence_noise_sigma,
-    load_best_decoder,
-    make_perturbation,
-    run_decoder_attack,
-    run_gan_attack,
-    split_infer_time,
+    stratified_split,
+    stratified_subset,
 )
-from reproduce.checkpoint import save_atomic, write_json_atomic
+from cem_fast.audit.decoder import DecoderAttack, load_decoder
+from cem_fast.audit.gan import GANAttack
+from cem_fast.audit.loop import BEST_NAME, train_attack
+from cem_fast.audit.whitebox import run_whitebox
+from reproduce.attacks import SETTINGS, defence_noise_sigma, make_perturbation, record_path, state_dir, write_setting
 
-ATTACKS = ("decoder", "gan")
-SETTINGS = ("train_time", "infer_time")
+ATTACKS = ("decoder", "gan", "whitebox", "adaptive")
 PRESETS = ("smoke", "cpu", "paper")
+INFER_TIME_TEST_FRACTION = 0.1
 
-
-@dataclass(frozen=True)
-class AttackPreset:
-    """Attack budget of one preset. ``None`` image limits mean the whole split."""
-
-    decoder_epochs: int
-    gan_epochs: int
-    gan_t_max: Optional[int]  # None: 2 x epochs (the paper's 300 for 150 epochs)
-    max_train_images: Optional[int]
-    max_test_images: Optional[int]
-    gan_batch_size: Optional[int] = None  # None: the authors' 128
-
-
-# smoke: seconds. cpu: a few minutes per setting on 2 cores (the full decoder
-# trains at roughly 170 images/s there). paper: the authors' schedule.
+# smoke: seconds. cpu: minutes per setting on 2 cores (the full decoder trains at roughly 170 images/s
+# there), the decoder until its held-out MSE stops improving. paper: the authors' schedule.
 ATTACK_PRESETS = {
     # smoke's GAN batch is tiny so that its few images still make 10+ critic steps (>= 1 generator step).
-    "smoke": AttackPreset(decoder_epochs=2, gan_epochs=2, gan_t_max=None, max_train_images=256, max_test_images=200,
-                          gan_batch_size=4),
-    "cpu": AttackPreset(decoder_epochs=4, gan_epochs=2, gan_t_max=None, max_train_images=10_000, max_test_images=None),
-    "paper": AttackPreset(decoder_epochs=50, gan_epochs=150, gan_t_max=300, max_train_images=None, max_test_images=None),
+    "smoke": AuditPreset(
+        name="smoke", max_train_images=256, max_test_images=200,
+        decoder=DecoderConfig(t_max=2), decoder_loop=LoopConfig(max_epochs=2, patience=2),
+        gan=GANConfig(batch_size=4, t_max=4), gan_loop=LoopConfig(max_epochs=2, patience=2),
+        adaptive=AdaptiveConfig(draws=2, t_max=2), adaptive_loop=LoopConfig(max_epochs=2, patience=2),
+        whitebox=WhiteboxConfig(steps=20, n_images=16, batch_size=16)),
+    "cpu": AuditPreset(
+        name="cpu", max_train_images=10_000, max_test_images=None,
+        decoder=DecoderConfig(t_max=30), decoder_loop=LoopConfig(max_epochs=30, patience=3),
+        gan=GANConfig(t_max=4), gan_loop=LoopConfig(max_epochs=2, patience=2),
+        adaptive=AdaptiveConfig(draws=2, t_max=6), adaptive_loop=LoopConfig(max_epochs=6, patience=2),
+        whitebox=WhiteboxConfig(steps=200, n_images=128)),
+    "paper": AuditPreset(
+        name="paper", max_train_images=None, max_test_images=None,
+        decoder=DecoderConfig(t_max=50), decoder_loop=LoopConfig(max_epochs=50, patience=None),
+        gan=GANConfig(t_max=300), gan_loop=LoopConfig(max_epochs=150, patience=None),
+        adaptive=AdaptiveConfig(draws=4, t_max=20), adaptive_loop=LoopConfig(max_epochs=20, patience=5),
+        whitebox=WhiteboxConfig(steps=500, n_images=256)),
 }
 PAPER_GAN_EPOCHS = {"tinyimagenet": 80}
+# run_attack's overrides beyond AuditPreset.with_overrides' "section.field" keys
+RUN_OPTIONS = ("epochs", "batch_size", "max_train_images", "max_test_images", "seed", "noise_aware", "fresh",
+               "progress")
 
 
-def check_finished_run(run_dir: str | os.PathLike) -> Path:
+def check_finished_run(run_dir) -> Path:
     """Return ``run_dir`` as a Path if it holds a finished training run, else raise with the reason."""
     path = Path(run_dir)
     if not path.exists():
@@ -87,63 +92,96 @@ def check_finished_run(run_dir: str | os.PathLike) -> Path:
     return path
 
 
-def _read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    with open(path) as f:
-        return json.load(f)
+def _setting_name(setting: str) -> str:
+    name = str(setting).replace("-", "_")
+    if name not in SETTINGS:
+        raise ValueError(f"setting must be one of {', '.join(SETTINGS)} (or with a hyphen), got {setting!r}")
+    return name
+
+
+def resolve_preset(name: str, attack: str, dataset: str, overrides: dict) -> AuditPreset:
+    """The preset's budgets with the run's overrides: ``epochs``/``batch_size`` apply to ``attack`` only."""
+    preset = ATTACK_PRESETS[name]
+    if name == "paper" and attack == "gan" and dataset in PAPER_GAN_EPOCHS:
+        preset = preset.with_overrides({"gan_loop.max_epochs": PAPER_GAN_EPOCHS[dataset]})
+    section = {"decoder": "decoder", "gan": "gan", "adaptive": "adaptive", "whitebox": "whitebox"}[attack]
+    changes = {k: v for k, v in overrides.items() if k not in RUN_OPTIONS}
+    for key in ("max_train_images", "max_test_images"):
+        if overrides.get(key) is not None:
+            changes[key] = overrides[key]
+    epochs = overrides.get("epochs")
+    if epochs is not None:
+        if attack == "whitebox":
+            changes["whitebox.steps"] = epochs
+        else:
+            changes[f"{section}_loop.max_epochs"] = epochs
+            if attack != "gan":
+                changes[f"{section}.t_max"] = epochs
+            elif name != "paper":  # the paper's GAN schedule is 300 epochs long whatever the budget
+                changes["gan.t_max"] = 2 * epochs
+    if overrides.get("batch_size") is not None:
+        changes[f"{section}.batch_size"] = overrides["batch_size"]
+    seed = overrides.get("seed", 0)
+    for loop in ("decoder_loop", "gan_loop", "adaptive_loop"):
+        changes[f"{loop}.seed"] = seed
+    return preset.with_overrides(changes)
+
+
+def _labels(dataset) -> torch.Tensor:
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets, dtype=torch.long)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
 
 
 class _RunData:
     """The loaded run, plus its encoder features computed lazily once per split."""
 
-    def __init__(self, run_dir: Path, device: torch.device, seed: int,
-                 max_train: Optional[int], max_test: Optional[int], progress: bool):
-        from reproduce.data import denormalize, load_dataset, subset
+    def __init__(self, run_dir: Path, device: torch.device, seed: int, preset: AuditPreset,
+                 data_root: Optional[str], progress: Optional[bool]):
+        from reproduce.data import dataset_info, load_dataset, subset
         from reproduce.runs import load_run
 
-        self.run_dir, self.device, self.seed, self.progress = run_dir, device, seed, progress
+        self.device, self.seed, self.preset, self.progress = device, seed, preset, progress
         self.run = load_run(run_dir, device=str(device))
         self.dataset_name = self.run.dataset
-        self._load_dataset = lambda split: load_dataset(self.dataset_name, split, data_root=self.run.data_root,
-                                                        augment=False)
-        self._denormalize = denormalize
+        root = data_root if data_root is not None else self.run.data_root
+        self._load = lambda split: load_dataset(self.dataset_name, split, data_root=root, augment=False)
         self._subset = subset
-        self.max_train, self.max_test = max_train, max_test
-        self._cache: dict[str, tuple[FeatureSet, str]] = {}
+        info = dataset_info(self.dataset_name)
+        self.normalization = Normalization(info.mean, info.std)
+        self.num_classes = info.num_classes
+        self._cache: dict = {}
 
     def features(self, split: str) -> tuple[FeatureSet, str]:
         """(FeatureSet, description) of the run's train or test data, limited by the preset.
 
-        The run's own subset (``train_subset``/``test_subset`` of its config, same seed) is
-        used, so a train-time attack sees exactly the images the model was trained on.
+        The run's own subset (``train_subset``/``test_subset`` of its config, same seed) is used, so a
+        train-time attack sees exactly the images the model was trained on; the preset's limit is a
+        seeded, class-stratified subset of it.
         """
         if split in self._cache:
             return self._cache[split]
         from torch.utils.data import Subset
 
+        from reproduce.data import denormalize
+
         config = self.run.config
-        dataset = self._load_dataset(split)
+        dataset = self._load(split)
         info_name = getattr(getattr(dataset, "info", None), "name", self.dataset_name)
-        indices = list(range(len(dataset)))
+        indices = torch.arange(len(dataset))
         how = f"{split} split, all {len(dataset)} images"
         run_subset = config.get(f"{split}_subset")
         if run_subset is not None and run_subset < len(dataset):
-            indices = list(self._subset(dataset, run_subset, seed=config["seed"]).indices)
+            indices = torch.tensor(self._subset(dataset, run_subset, seed=config["seed"]).indices)
             how = f"the run's {split} subset ({run_subset} of {len(dataset)}, class-balanced, seed {config['seed']})"
-        limit = self.max_train if split == "train" else self.max_test
+        limit = self.preset.max_train_images if split == "train" else self.preset.max_test_images
         if limit is not None and limit < len(indices):
-            if split == "train":
-                chosen = self._subset(Subset(dataset, indices), limit, seed=self.seed).indices
-                indices = [indices[i] for i in chosen]
-                how += f", class-balanced {limit} of them (seed {self.seed})"
-            else:
-                indices = indices[:limit]
-                how += f", the first {limit} of them"
-        feats = compute_features(
-            self.run.model.encoder, dataset, lambda x: self._denormalize(x, info_name),
-            indices=indices, device=self.device, progress=self.progress, desc=f"encoder features ({split})",
-        )
+            indices = indices[stratified_subset(_labels(dataset)[indices], limit, self.seed)]
+            how += f", a class-stratified {limit} of them (seed {self.seed})"
+        x, y = as_tensors(Subset(dataset, indices.tolist()))
+        feats = compute_features(self.run.model.encoder, denormalize(x, info_name), y, self.normalization,
+                                 device=self.device, progress=self.progress, desc=f"encoder features ({split})")
         self._cache[split] = (feats, how)
         return self._cache[split]
 
@@ -153,10 +191,10 @@ class _RunData:
             (train, train_how), (test, test_how) = self.features("train"), self.features("test")
             return train, test, {"attack_train": train_how, "attack_test": test_how}
         test, test_how = self.features("test")
-        first, last = split_infer_time(len(test))
+        first, last = stratified_split(test.labels, INFER_TIME_TEST_FRACTION, self.seed)
         return test.subset(first), test.subset(last), {
-            "attack_train": f"first 90% ({len(first)}) of: {test_how}",
-            "attack_test": f"last 10% ({len(last)}) of: {test_how}",
+            "attack_train": f"a class-stratified 90% ({len(first)}, seed {self.seed}) of: {test_how}",
+            "attack_test": f"the other 10% ({len(last)}) of: {test_how}",
         }
 
 
@@ -176,129 +214,117 @@ def _run_description(loaded) -> dict:
     }
 
 
-def _resolve_configs(args, dataset: str) -> tuple[DecoderAttackConfig, Optional[GANAttackConfig]]:
-    preset = ATTACK_PRESETS[args.preset]
-    dec_kwargs = {"epochs": preset.decoder_epochs, "seed": args.seed}
-    if args.attack == "decoder":
-        if args.epochs is not None:
-            dec_kwargs["epochs"] = args.epochs
-        if args.batch_size is not None:
-            dec_kwargs["batch_size"] = args.batch_size
-    decoder_config = DecoderAttackConfig(**dec_kwargs)
-    if args.attack != "gan":
-        return decoder_config, None
-    epochs = preset.gan_epochs
-    if args.preset == "paper":
-        epochs = PAPER_GAN_EPOCHS.get(dataset, epochs)
-    if args.epochs is not None:
-        epochs = args.epochs
-    gan_kwargs = {"epochs": epochs, "seed": args.seed,
-                  "t_max": preset.gan_t_max if preset.gan_t_max is not None else 2 * epochs}
-    if preset.gan_batch_size is not None:
-        gan_kwargs["batch_size"] = preset.gan_batch_size
-    if args.batch_size is not None:
-        gan_kwargs["batch_size"] = args.batch_size
-    return decoder_config, GANAttackConfig(**gan_kwargs)
-
-
 def _protocol_notes(attack: str, noise_aware: bool, sigma: float) -> dict:
     notes = {
         "perturbation": ("defence.perturb (noise-aware: the defence's full perturbation)" if noise_aware
                          else f"Gaussian noise only, sigma={sigma} (as the authors' attack)"),
-        "selection": "epoch with the lowest MSE on a seeded held-out part of the attack-training data",
+        "selection": "epoch with the lowest MSE on a seeded, class-stratified held-out part of the attack-training "
+                     "data, with patience and a max-epoch budget (config.patience, config.max_epochs)",
         "metrics": "per image on [0,1] images, then averaged; psnr_per_batch_authors = mean over "
                    "evaluation batches of 10*log10(1/MSE_batch); SSIM 11x11 Gaussian, sigma 1.5",
         "evaluation_noise": "fixed seed (same noisy features every evaluation)",
     }
-    if attack == "gan":
-        notes["generator_init"] = "the decoder attack's selected weights for the same setting"
+    if attack in ("gan", "adaptive"):
+        notes["init"] = "the decoder attack's selected weights for the same setting (a candidate of the selection)"
+    if attack == "whitebox":
+        notes["selection"] = "none: a fixed number of Adam steps on a fixed class-stratified subset of the test data"
     return notes
 
 
-def _write_outputs(run_dir: Path, attack: str, header: dict, setting: str, entry: dict, samples: dict) -> Path:
-    json_path = run_dir / f"attack_{attack}.json"
-    report = _read_json(json_path)
-    report.update(header)
-    report.setdefault("settings", {})[setting] = entry
-    write_json_atomic(report, json_path)
-
-    samples_path = run_dir / f"attack_{attack}_samples.pt"
-    saved = torch.load(samples_path, map_location="cpu", weights_only=True) if samples_path.exists() else {}
-    saved.update({k: v for k, v in header.items() if k != "settings"})
-    saved.setdefault("settings", {})[setting] = samples
-    save_atomic(saved, samples_path)
-    return json_path
+def _decoder_for(run_dir: Path, setting: str, data, train, test, perturb, preset, device, progress, header,
+                 how, noise_sigma, noise_aware):
+    """The decoder attack's selected model of this setting, training (and recording) it first if missing."""
+    folder = state_dir(run_dir, "decoder", setting)
+    if not (folder / BEST_NAME).exists():
+        _, entry = _run_one("decoder", run_dir, setting, data, train, test, perturb, preset, device, progress,
+                            header, how, noise_sigma, noise_aware, None)
+    model, saved = load_decoder(folder)
+    return model, {"decoder_best_epoch": saved["best_epoch"], "decoder_protocol": saved["protocol"]}
 
 
-def _entry(result, config, preset_name: str, notes: dict, data_how: dict, extra: Optional[dict] = None) -> dict:
-    return {
-        "preset": preset_name,
-        "metrics": result.test_metrics,
-        "val_metrics": result.val_metrics,
-        "best_epoch": result.best_epoch,
-        "epochs": result.epochs,
-        "sizes": result.sizes,
-        "data": data_how,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
-        "protocol": notes,
-        "history": result.history,
-        "wall_time_s": result.wall_time_s,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **(extra or {}),
-    }
+def _run_one(attack, run_dir, setting, data, train, test, perturb, preset, device, progress, header, how,
+             noise_sigma, noise_aware, decoder):
+    folder = state_dir(run_dir, attack, setting)
+    common = dict(num_classes=data.num_classes, device=device, progress=progress)
+    init_info = {}
+    if attack != "decoder" and decoder is None:
+        decoder, init_info = _decoder_for(run_dir, setting, data, train, test, perturb, preset, device, progress,
+                                          header, how, noise_sigma, noise_aware)
+    elif decoder is not None:
+        decoder, init_info = decoder
+    print(f"[attack] {attack} attack, {setting}: {len(train)} attack-training / {len(test)} test images",
+          file=sys.stderr)
+    if attack == "decoder":
+        result = train_attack(DecoderAttack(preset.decoder), train, test, perturb, preset.decoder_loop,
+                              state_dir=folder, **common)
+    elif attack == "gan":
+        result = train_attack(GANAttack(decoder, preset.gan, init_info=init_info), train, test, perturb,
+                              preset.gan_loop, state_dir=folder, **common)
+    elif attack == "adaptive":
+        defence = data.run.defence
+        own = defence.perturb if callable(getattr(defence, "perturb", None)) else perturb
+        noise_var = noise_variance(own, noise_sigma if own is perturb else None, train, seed=preset.adaptive_loop.seed)
+        attack_obj = AdaptiveAttack(preset.adaptive, num_classes=data.num_classes, noise_var=noise_var,
+                                    init=decoder, init_info=init_info)
+        result = train_attack(attack_obj, train, test, own, preset.adaptive_loop, state_dir=folder, **common)
+    else:
+        result = run_whitebox(data.run.model.encoder, test, perturb, preset.whitebox, sigma=noise_sigma,
+                              normalization=data.normalization, mean_image=train.images.mean(0), start_model=decoder,
+                              seed=preset.decoder_loop.seed, num_samples=preset.decoder_loop.num_samples, **common)
+    entry = {"preset": preset.name, **result.record(), "data": how,
+             "protocol": _protocol_notes(attack, noise_aware or attack == "adaptive", noise_sigma),
+             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if init_info:
+        entry["generator_init" if attack == "gan" else "init"] = {"decoder_best_epoch": init_info["decoder_best_epoch"]}
+    samples = {"original": result.samples["original"].mul(255).round().to(torch.uint8),
+               "reconstruction": result.samples["reconstruction"]}
+    write_setting(run_dir, attack, {**header, "attack": attack}, setting, entry, samples)
+    print(f"[attack] {attack} {setting}: MSE {entry['mse']:.5f} SSIM {entry['ssim']:.4f}", file=sys.stderr)
+    return result, entry
 
 
-def attack_run(args) -> dict:
-    """Run ``args.attack`` on ``args.run`` for the requested settings; return the JSON report."""
-    run_dir = check_finished_run(args.run)
-    device = torch.device(args.device)
-    preset = ATTACK_PRESETS[args.preset]
-    max_train = args.max_train_images if args.max_train_images is not None else preset.max_train_images
-    max_test = args.max_test_images if args.max_test_images is not None else preset.max_test_images
-    data = _RunData(run_dir, device, args.seed, max_train, max_test, progress=not args.no_progress)
-    loaded = data.run
-    decoder_config, gan_config = _resolve_configs(args, data.dataset_name)
-    noise_sigma = defence_noise_sigma(loaded.defence)
-    perturb = make_perturbation(loaded.defence, noise_aware=args.noise_aware, sigma=noise_sigma)
-    settings = SETTINGS if args.setting == "both" else (args.setting,)
-    header = {"run": str(run_dir.resolve()), "preset": args.preset, "device": str(device),
-              "seed": args.seed, "noise_aware": args.noise_aware, **_run_description(loaded)}
+def run_attack(run_dir, attack: str, *, setting: str = "train-time", preset: Optional[str] = None,
+               data_root: Optional[str] = None, device: str = "cpu", overrides: Optional[dict] = None) -> dict:
+    """Run ``attack`` (decoder, gan, whitebox, adaptive) on a finished run for one setting; return the entry
+    it wrote into ``RUN/attack_<attack>.json`` under ``settings[setting]``.
 
-    for setting in settings:
-        train, test, how = data.setting_data(setting)
-        dec_dir = run_dir / "attack_decoder" / setting
-        if args.attack == "decoder" or not (dec_dir / "decoder_best.pt").exists():
-            if args.fresh and dec_dir.exists() and args.attack == "decoder":
-                shutil.rmtree(dec_dir)
-            print(f"[attack] decoder attack, {setting}: {len(train)} attack-training / {len(test)} test images",
-                  file=sys.stderr)
-            result = run_decoder_attack(train, test, perturb, decoder_config, device=device,
-                                        state_dir=dec_dir, progress=not args.no_progress)
-            notes = _protocol_notes("decoder", args.noise_aware, noise_sigma)
-            _write_outputs(run_dir, "decoder", {**header, "attack": "decoder"}, setting,
-                           _entry(result, decoder_config, args.preset, notes, how), result.samples)
-            print(f"[attack] decoder {setting}: {json.dumps(result.test_metrics)}", file=sys.stderr)
-        if args.attack != "gan":
-            continue
-        gan_dir = run_dir / "attack_gan" / setting
-        if args.fresh and gan_dir.exists():
-            shutil.rmtree(gan_dir)
-        generator, saved = load_best_decoder(dec_dir)
-        if saved["protocol"]["config"] != dataclasses.asdict(decoder_config):
-            print(f"[attack] note: the GAN starts from the decoder saved in {dec_dir}, trained with "
-                  f"{saved['protocol']['config']} (not this preset's decoder settings)", file=sys.stderr)
-        init_info = {"decoder_best_epoch": saved["best_epoch"], "decoder_protocol": saved["protocol"]}
-        print(f"[attack] GAN attack, {setting}: {len(train)} attack-training / {len(test)} test images",
-              file=sys.stderr)
-        result = run_gan_attack(train, test, perturb, generator, gan_config, device=device, state_dir=gan_dir,
-                                progress=not args.no_progress, init_info=init_info)
-        notes = _protocol_notes("gan", args.noise_aware, noise_sigma)
-        _write_outputs(run_dir, "gan", {**header, "attack": "gan"}, setting,
-                       _entry(result, gan_config, args.preset, notes, how,
-                              {"generator_init": {"decoder_best_epoch": saved["best_epoch"]}, **result.extra}),
-                       result.samples)
-        print(f"[attack] gan {setting}: {json.dumps(result.test_metrics)}", file=sys.stderr)
-    return _read_json(run_dir / f"attack_{args.attack}.json")
+    ``preset``: smoke, cpu or paper (default: the run's training preset). ``overrides``: ``epochs``,
+    ``batch_size`` (of this attack), ``max_train_images``, ``max_test_images``, ``seed``, ``noise_aware``
+    (the defence's full perturbation, not only its noise), ``fresh`` (discard this attack's saved state),
+    ``progress``, or any ``"section.field"`` of :class:`cem_fast.audit.AuditPreset`.
+    """
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
+    setting = _setting_name(setting)
+    run_dir = check_finished_run(run_dir)
+    overrides = dict(overrides or {})
+    if preset is None:
+        preset = _read_config(run_dir).get("preset", "paper")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    device = torch.device(device)
+    seed, noise_aware = int(overrides.get("seed", 0)), bool(overrides.get("noise_aware", False))
+    config = _read_config(run_dir)
+    resolved = resolve_preset(preset, attack, config.get("dataset", ""), overrides)
+    progress = overrides.get("progress")
+    data = _RunData(run_dir, device, seed, resolved, data_root, progress)
+    noise_sigma = defence_noise_sigma(data.run.defence)
+    perturb = make_perturbation(data.run.defence, noise_aware=noise_aware, sigma=noise_sigma)
+    header = {"run": str(run_dir.resolve()), "preset": preset, "device": str(device), "seed": seed,
+              "noise_aware": noise_aware, **_run_description(data.run)}
+    if overrides.get("fresh"):
+        folder = state_dir(run_dir, attack, setting)
+        if folder.exists():
+            shutil.rmtree(folder)
+    train, test, how = data.setting_data(setting)
+    _, entry = _run_one(attack, run_dir, setting, data, train, test, perturb, resolved, device, progress, header,
+                        how, noise_sigma, noise_aware, None)
+    return entry
+
+
+def _read_config(run_dir) -> dict:
+    path = Path(run_dir) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,19 +333,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attack", required=True, choices=ATTACKS)
     parser.add_argument("--preset", choices=PRESETS, default=None,
                         help="attack budget (epochs, image limits); default: the run's training preset")
-    parser.add_argument("--setting", choices=SETTINGS + ("both",), default=None,
-                        help="default: both for decoder, train_time for gan")
-    parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs of this attack")
+    parser.add_argument("--setting", choices=SETTINGS + ("both", "train-time", "infer-time"), default=None,
+                        help="default: both for decoder, train_time for the others")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="this attack's epoch budget (whitebox: its steps), overriding the preset")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 256 (decoder), 128 (gan)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise-aware", action="store_true",
                         help="feed the attack the defence's full perturbation (dropout, top-k, ...), "
-                             "not only its Gaussian noise")
+                             "not only its Gaussian noise (adaptive always does)")
     parser.add_argument("--max-train-images", type=int, default=None, help="override the preset's limit")
     parser.add_argument("--max-test-images", type=int, default=None, help="override the preset's limit")
+    parser.add_argument("--data-root", default=None, help="default: the run's")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--fresh", action="store_true", help="discard this attack's saved state and start over (gan: not the decoder it starts from)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard this attack's saved state and start over (not the decoder others start from)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return parser
 
@@ -338,20 +367,25 @@ def main(argv=None) -> int:
     try:
         run_dir = check_finished_run(args.run)
         if args.preset is None:
-            args.preset = _read_json(run_dir / "config.json").get("preset", "paper")
+            args.preset = _read_config(run_dir).get("preset", "paper")
             if args.preset not in PRESETS:
                 parser.error(f"the run's preset {args.preset!r} is not one of {PRESETS}; pass --preset")
     except (OSError, ValueError) as err:
         parser.error(str(err))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "max_train_images": args.max_train_images,
+                 "max_test_images": args.max_test_images, "seed": args.seed, "noise_aware": args.noise_aware,
+                 "fresh": args.fresh, "progress": False if args.no_progress else None}
     started = time.perf_counter()
-    report = attack_run(args)
-    for setting, entry in report.get("settings", {}).items():
+    settings = SETTINGS if args.setting == "both" else (_setting_name(args.setting),)
+    for setting in settings:
+        entry = run_attack(run_dir, args.attack, setting=setting, preset=args.preset, data_root=args.data_root,
+                           device=args.device, overrides=overrides)
         m = entry["metrics"]
         print(f"{args.attack} {setting}: MSE {m['mse']:.5f}  PSNR {m['psnr']:.2f}  SSIM {m['ssim']:.4f}  "
               f"(authors' PSNR {m['psnr_per_batch_authors']:.2f}, best epoch {entry['best_epoch']}/{entry['epochs']})")
-    print(f"wrote {Path(args.run) / f'attack_{args.attack}.json'} in {time.perf_counter() - started:.1f} s")
+    print(f"wrote {record_path(run_dir, args.attack)} in {time.perf_counter() - started:.1f} s")
     return 0
 
 

@@ -1,47 +1,29 @@
-"""Decoder and GAN inversion attacks on tiny stand-ins (a small conv encoder, 16 px images)."""
+"""The attack loop skeleton, the decoder and GAN attacks on tiny stand-ins, and reproduce.attack on a smoke run."""
+import json
 import math
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-import reproduce.attacks.decoder as decoder_module
-import reproduce.attacks.gan as gan_module
-from reproduce.attacks import (
-    DecoderAttackConfig,
-    FeatureSet,
-    GANAttackConfig,
-    build_inversion_decoder,
-    compute_features,
-    gaussian_perturbation,
-    gradient_penalty,
-    load_best_decoder,
-    make_perturbation,
-    run_decoder_attack,
-    run_gan_attack,
-    split_infer_time,
-    split_train_val,
-)
+from cem_fast.audit import DecoderAttack, DecoderConfig, FeatureSet, GANAttack, GANConfig, LoopConfig, train_attack
+from cem_fast.audit.data import Normalization, compute_features, gaussian_perturbation, stratified_split
+from cem_fast.audit.decoder import load_decoder
+from cem_fast.audit.gan import gradient_penalty
+from cem_fast.audit.nets import build_decoder
+from reproduce.attacks import make_perturbation
 from reproduce.attacks.features import defence_noise_sigma
 
 SIZE = 16
 TINY_DECODER = dict(num_blocks=1, width=8)
+NORM = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # [0, 1] <-> [-1, 1]
 
 
-class _Images(Dataset):
-    """Smooth random images (low-frequency, so a small decoder can fit them), normalised to [-1, 1]."""
-
-    def __init__(self, n, seed):
-        g = torch.Generator().manual_seed(seed)
-        coarse = torch.rand(n, 3, 4, 4, generator=g)
-        self.x = nn.functional.interpolate(coarse, size=SIZE, mode="bilinear", align_corners=False) * 2 - 1
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], 0
+def _images(n, seed):
+    """Smooth random images in [0, 1] (low-frequency, so a small decoder can fit them)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 4, generator=g)
+    return nn.functional.interpolate(coarse, size=SIZE, mode="bilinear", align_corners=False)
 
 
 @pytest.fixture(autouse=True)
@@ -53,10 +35,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _denormalize(x):
-    return (x + 1) / 2
-
-
 def _encoder():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AvgPool2d(2), nn.Sigmoid())
@@ -65,8 +43,8 @@ def _encoder():
 @pytest.fixture(scope="module")
 def data():
     enc = _encoder()
-    train = compute_features(enc, _Images(48, 0), _denormalize, batch_size=16, progress=False)
-    test = compute_features(enc, _Images(12, 1), _denormalize, batch_size=16, progress=False)
+    train = compute_features(enc, _images(48, 0), torch.zeros(48, dtype=torch.long), NORM, batch_size=16)
+    test = compute_features(enc, _images(12, 1), torch.zeros(12, dtype=torch.long), NORM, batch_size=16)
     return train, test
 
 
@@ -74,31 +52,35 @@ def _finite(metrics):
     return all(math.isfinite(v) for v in metrics.values())
 
 
+def _loop(epochs, **kw):
+    return LoopConfig(max_epochs=epochs, patience=None, **kw)
+
+
 # ---------------------------------------------------------------- features, splits, noise
 
 def test_compute_features_shapes_images_and_eval_mode():
     enc = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.AvgPool2d(2))
     enc.train()
-    ds = _Images(10, 3)
-    fs = compute_features(enc, ds, _denormalize, batch_size=4, indices=[1, 3, 5], progress=False)
+    x = _images(3, 3)
+    fs = compute_features(enc, x, torch.tensor([0, 1, 2]), NORM, batch_size=2)
     assert enc.training, "the encoder's mode must be restored"
-    assert fs.smashed_shape == (4, 8, 8) and fs.image_shape == (3, SIZE, SIZE) and len(fs) == 3
-    expected = (_denormalize(ds.x[[1, 3, 5]]) * 255).round().to(torch.uint8)
-    assert torch.equal(fs.images, expected)
+    assert fs.feature_shape == (4, 8, 8) and fs.image_shape == (3, SIZE, SIZE) and len(fs) == 3
+    assert torch.equal(fs.images, x) and fs.labels.tolist() == [0, 1, 2]
     enc.eval()
     with torch.no_grad():
-        assert torch.allclose(fs.features, enc(ds.x[[1, 3, 5]]), atol=1e-6)
+        assert torch.allclose(fs.features, enc(x * 2 - 1), atol=1e-6), "the encoder sees normalised images"
 
 
-def test_splits():
-    fit, val = split_train_val(100, 0.1, seed=3)
-    assert len(val) == 10 and len(fit) == 90
-    assert sorted(torch.cat([fit, val]).tolist()) == list(range(100))
-    assert torch.equal(split_train_val(100, 0.1, seed=3)[1], val)
-    first, last = split_infer_time(10_000)
-    assert first[-1] == 8999 and last[0] == 9000 and len(last) == 1000
-    with pytest.raises(ValueError, match="val_fraction"):
-        split_train_val(10, 1.5, seed=0)
+def test_stratified_split_is_seeded_and_balanced_on_class_sorted_labels():
+    labels = torch.arange(10).repeat_interleave(100)  # class-sorted, as rows 1,000-9,999 of the CIFAR test file
+    rest, part = stratified_split(labels, 0.1, seed=3)
+    assert len(part) == 100 and len(rest) == 900
+    assert sorted(torch.cat([rest, part]).tolist()) == list(range(1000))
+    assert torch.bincount(labels[part]).tolist() == [10] * 10
+    assert torch.equal(stratified_split(labels, 0.1, seed=3)[1], part)
+    assert not torch.equal(stratified_split(labels, 0.1, seed=4)[1], part)
+    with pytest.raises(ValueError, match="fraction"):
+        stratified_split(labels, 1.5, seed=0)
 
 
 def test_perturbations():
@@ -134,45 +116,58 @@ def test_noise_sigma_of_real_defences():
 
 def test_decoder_attack_learns_and_reports_finite_metrics(data, tmp_path):
     train, test = data
-    config = DecoderAttackConfig(epochs=4, batch_size=8, lr=1e-2, num_samples=3, **TINY_DECODER)
-    result = run_decoder_attack(train, test, gaussian_perturbation(0.01), config, state_dir=tmp_path,
-                                progress=False)
-    losses = [h["train_loss"] for h in result.history]
+    attack = DecoderAttack(DecoderConfig(batch_size=8, lr=1e-2, t_max=4, **TINY_DECODER))
+    result = train_attack(attack, train, test, gaussian_perturbation(0.01), _loop(4, num_samples=3),
+                          state_dir=tmp_path, progress=False)
+    losses = [h["train_loss"] for h in result.history[1:]]
+    assert result.history[0]["epoch"] == 0, "the learning curve starts before training"
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]
     assert _finite(result.test_metrics) and result.test_metrics["n_images"] == len(test)
     assert result.sizes == {"fit": 43, "val": 5, "test": 12}
-    best_val = min(h["val_mse"] for h in result.history)
-    assert result.history[result.best_epoch - 1]["val_mse"] == best_val
+    assert result.train_class_counts == [43] and result.scored_class_counts == [12]
+    best_val = min(h["val_mse"] for h in result.history[1:])
+    assert result.history[result.best_epoch]["val_mse"] == best_val
     assert result.val_metrics["mse"] == pytest.approx(best_val, rel=1e-9), "selection is on the validation part"
     assert result.samples["original"].shape == (3, 3, SIZE, SIZE)
     assert result.samples["reconstruction"].shape == (3, 3, SIZE, SIZE)
-    reloaded, saved = load_best_decoder(tmp_path)
+    reloaded, saved = load_decoder(tmp_path)
     assert saved["best_epoch"] == result.best_epoch
     for a, b in zip(reloaded.state_dict().values(), result.model.state_dict().values()):
         assert torch.equal(a, b)
 
 
+def test_patience_stops_when_held_out_mse_stops_improving(data):
+    train, test = data
+    # At lr 1e-12 the weights do not move: only BatchNorm's running statistics settle, and the held-out MSE
+    # stops improving within a few epochs, so patience 2 ends the run long before the 50-epoch budget.
+    attack = DecoderAttack(DecoderConfig(batch_size=48, lr=1e-12, t_max=50, **TINY_DECODER))
+    result = train_attack(attack, train, test, gaussian_perturbation(0.0), LoopConfig(max_epochs=50, patience=2),
+                          progress=False)
+    assert result.epochs < 50 and result.epochs - result.best_epoch == 2
+
+
 def test_decoder_attack_resume_replays_exactly(data, tmp_path, monkeypatch):
     train, test = data
-    config = DecoderAttackConfig(epochs=3, batch_size=16, num_samples=2, **TINY_DECODER)
+    attack = DecoderAttack(DecoderConfig(batch_size=16, t_max=3, **TINY_DECODER))
+    loop = _loop(3, num_samples=2)
     perturb = gaussian_perturbation(0.05)
-    straight = run_decoder_attack(train, test, perturb, config, state_dir=tmp_path / "a", progress=False)
+    straight = train_attack(attack, train, test, perturb, loop, state_dir=tmp_path / "a", progress=False)
 
-    real_epoch = decoder_module._train_one_epoch
+    real_epoch = DecoderAttack.epoch
     calls = []
 
-    def crash_at_epoch_2(*args, **kwargs):
-        epoch = args[6]
+    def crash_at_epoch_2(self, state, fit, perturb, epoch, *args):
         calls.append(epoch)
         if epoch == 2:
             raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
+        return real_epoch(self, state, fit, perturb, epoch, *args)
 
-    monkeypatch.setattr(decoder_module, "_train_one_epoch", crash_at_epoch_2)
+    monkeypatch.setattr(DecoderAttack, "epoch", crash_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        run_decoder_attack(train, test, perturb, config, state_dir=tmp_path / "b", progress=False)
-    monkeypatch.setattr(decoder_module, "_train_one_epoch", lambda *a, **k: (calls.append(a[6]), real_epoch(*a, **k))[1])
-    resumed = run_decoder_attack(train, test, perturb, config, state_dir=tmp_path / "b", progress=False)
+        train_attack(attack, train, test, perturb, loop, state_dir=tmp_path / "b", progress=False)
+    monkeypatch.setattr(DecoderAttack, "epoch", lambda self, s, f, p, e, *a: (calls.append(e),
+                                                                              real_epoch(self, s, f, p, e, *a))[1])
+    resumed = train_attack(attack, train, test, perturb, loop, state_dir=tmp_path / "b", progress=False)
 
     assert calls == [1, 2, 2, 3], "the resumed run must start at the interrupted epoch"
     assert resumed.history == straight.history
@@ -181,19 +176,20 @@ def test_decoder_attack_resume_replays_exactly(data, tmp_path, monkeypatch):
         assert torch.equal(a, b)
 
     with pytest.raises(ValueError, match="different attack protocol"):
-        run_decoder_attack(train, test, perturb, DecoderAttackConfig(epochs=4, batch_size=16, **TINY_DECODER),
-                           state_dir=tmp_path / "b", progress=False)
+        train_attack(attack, train, test, perturb, _loop(4), state_dir=tmp_path / "b", progress=False)
 
 
 def test_decoder_attack_rejects_bad_input(data):
     train, test = data
     with pytest.raises(TypeError, match="config"):
-        run_decoder_attack(train, test, gaussian_perturbation(0.0), config={"epochs": 1})
-    with pytest.raises(ValueError, match="epochs"):
-        DecoderAttackConfig(epochs=0)
-    other = FeatureSet(torch.zeros(4, 2, 8, 8), torch.zeros(4, 3, SIZE, SIZE, dtype=torch.uint8))
+        DecoderAttack({"epochs": 1})
+    with pytest.raises(ValueError, match="max_epochs"):
+        LoopConfig(max_epochs=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        DecoderConfig(batch_size=0)
+    other = FeatureSet(torch.zeros(4, 2, 8, 8), torch.zeros(4, 3, SIZE, SIZE), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="shapes"):
-        run_decoder_attack(train, other, gaussian_perturbation(0.0), DecoderAttackConfig(epochs=1))
+        train_attack(DecoderAttack(), train, other, gaussian_perturbation(0.0), _loop(1))
 
 
 # ---------------------------------------------------------------- GAN attack
@@ -219,10 +215,11 @@ def test_gradient_penalty_zero_for_unit_gradient_critic():
 def test_gan_attack_learns_and_resumes(data, tmp_path, monkeypatch):
     train, test = data
     torch.manual_seed(0)
-    generator = build_inversion_decoder(train.smashed_shape, train.image_shape, **TINY_DECODER)
-    config = GANAttackConfig(epochs=3, batch_size=8, n_critic=2, lr_generator=5e-3, num_samples=2)
+    generator = build_decoder(train.feature_shape, train.image_shape, **TINY_DECODER)
+    attack = GANAttack(generator, GANConfig(batch_size=8, n_critic=2, lr_generator=5e-3))
+    loop = _loop(3, num_samples=2)
     perturb = gaussian_perturbation(0.01)
-    straight = run_gan_attack(train, test, perturb, generator, config, state_dir=tmp_path / "a", progress=False)
+    straight = train_attack(attack, train, test, perturb, loop, state_dir=tmp_path / "a", progress=False)
     epochs = straight.history[1:]
     assert straight.history[0]["epoch"] == 0 and straight.best_epoch >= 1
     assert epochs[-1]["generator_mse"] < epochs[0]["generator_mse"]
@@ -230,23 +227,35 @@ def test_gan_attack_learns_and_resumes(data, tmp_path, monkeypatch):
     assert _finite(straight.test_metrics) and all(math.isfinite(h["critic_loss"]) for h in epochs)
     assert straight.extra["critic_steps_total"] == 18
 
-    real_epoch = gan_module._train_one_epoch
+    real_epoch = GANAttack.epoch
 
-    def crash_at_epoch_3(*args, **kwargs):
-        if args[8] == 3:
+    def crash_at_epoch_3(self, state, fit, perturb, epoch, *args):
+        if epoch == 3:
             raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
+        return real_epoch(self, state, fit, perturb, epoch, *args)
 
-    monkeypatch.setattr(gan_module, "_train_one_epoch", crash_at_epoch_3)
+    monkeypatch.setattr(GANAttack, "epoch", crash_at_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        run_gan_attack(train, test, perturb, generator, config, state_dir=tmp_path / "b", progress=False)
-    monkeypatch.setattr(gan_module, "_train_one_epoch", real_epoch)
-    resumed = run_gan_attack(train, test, perturb, generator, config, state_dir=tmp_path / "b", progress=False)
+        train_attack(attack, train, test, perturb, loop, state_dir=tmp_path / "b", progress=False)
+    monkeypatch.setattr(GANAttack, "epoch", real_epoch)
+    resumed = train_attack(attack, train, test, perturb, loop, state_dir=tmp_path / "b", progress=False)
     assert resumed.history == straight.history
     assert resumed.test_metrics == straight.test_metrics
 
 
-# ---------------------------------------------------------------- CLI on a smoke run
+def test_gan_never_ends_worse_than_the_decoder_it_starts_from(data):
+    train, test = data
+    perturb = gaussian_perturbation(0.01)
+    decoder = train_attack(DecoderAttack(DecoderConfig(batch_size=8, lr=1e-2, t_max=4, **TINY_DECODER)), train,
+                           test, perturb, _loop(4), progress=False)
+    # A GAN step this large wrecks the generator: the selection must fall back on its starting weights.
+    gan = train_attack(GANAttack(decoder.model, GANConfig(batch_size=8, n_critic=1, lr_generator=1.0)), train, test,
+                       perturb, _loop(2), progress=False)
+    assert gan.val_metrics["mse"] <= decoder.val_metrics["mse"] + 1e-12
+    assert gan.history[0]["val_mse"] == pytest.approx(decoder.val_metrics["mse"], rel=1e-9)
+
+
+# ---------------------------------------------------------------- reproduce.attack on a smoke run
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
@@ -275,8 +284,6 @@ def _attack(run_dir, *extra):
 
 
 def test_cli_decoder_then_gan_on_a_smoke_run(smoke_run):
-    import json
-
     assert _attack(smoke_run, "--attack", "decoder", "--setting", "both") == 0
     report = json.loads((smoke_run / "attack_decoder.json").read_text())
     assert report["attack"] == "decoder" and report["defence"] == "noise"
@@ -285,9 +292,15 @@ def test_cli_decoder_then_gan_on_a_smoke_run(smoke_run):
     train_time, infer_time = report["settings"]["train_time"], report["settings"]["infer_time"]
     assert train_time["sizes"] == {"fit": 22, "val": 2, "test": 20}
     assert infer_time["sizes"] == {"fit": 16, "val": 2, "test": 2}
+    # The run's 20 test images are 2 per class: the inference-time split scores 2 different classes and
+    # trains on all ten (the authors' last-10% split of a class-sorted file would not).
+    assert sum(infer_time["scored_class_counts"]) == 2 and max(infer_time["scored_class_counts"]) == 1
+    assert min(c for c in infer_time["train_class_counts"]) >= 1
+    assert train_time["scored_class_counts"] == [2] * 10
     for entry in (train_time, infer_time):
         assert set(entry["metrics"]) == {"mse", "psnr", "ssim", "psnr_per_batch_authors", "n_images"}
-        assert _finite(entry["metrics"]) and entry["epochs"] == 2 and len(entry["history"]) == 2
+        assert entry["mse"] == entry["metrics"]["mse"] and entry["n_scored"] == entry["metrics"]["n_images"]
+        assert _finite(entry["metrics"]) and entry["epochs"] == 2 and len(entry["learning_curve"]) == 1 + 2
     samples = torch.load(smoke_run / "attack_decoder_samples.pt", weights_only=True)
     rec = samples["settings"]["train_time"]["reconstruction"]
     assert rec.shape == (16, 3, 32, 32) and 0 <= rec.min() and rec.max() <= 1
@@ -296,13 +309,30 @@ def test_cli_decoder_then_gan_on_a_smoke_run(smoke_run):
     # A rerun resumes the finished state: no training, the same numbers.
     assert _attack(smoke_run, "--attack", "decoder", "--setting", "train_time") == 0
     again = json.loads((smoke_run / "attack_decoder.json").read_text())["settings"]["train_time"]
-    assert again["metrics"] == train_time["metrics"] and again["history"] == train_time["history"]
+    assert again["metrics"] == train_time["metrics"] and again["learning_curve"] == train_time["learning_curve"]
 
     assert _attack(smoke_run, "--attack", "gan") == 0
     gan = json.loads((smoke_run / "attack_gan.json").read_text())
     entry = gan["settings"]["train_time"]
     assert _finite(entry["metrics"]) and entry["generator_steps_total"] >= 1
     assert entry["generator_init"]["decoder_best_epoch"] == train_time["best_epoch"]
+    assert entry["val_metrics"]["mse"] <= train_time["val_metrics"]["mse"] + 1e-9
+
+
+def test_run_attack_whitebox_and_adaptive_return_the_entry_they_write(smoke_run):
+    from reproduce.attack import run_attack
+
+    threads = torch.get_num_threads()
+    try:
+        for name in ("whitebox", "adaptive"):
+            entry = run_attack(smoke_run, name, setting="train-time", preset="smoke",
+                               overrides={"progress": False, "epochs": 1})
+            written = json.loads((smoke_run / f"attack_{name}.json").read_text())
+            assert written["settings"]["train_time"] == json.loads(json.dumps(entry))
+            assert _finite(entry["metrics"]) and sum(entry["scored_class_counts"]) == entry["n_scored"]
+    finally:
+        torch.set_num_threads(threads)
+    assert entry["init"]["decoder_best_epoch"] >= 1, "adaptive starts from the run's decoder attack"
 
 
 def test_cli_refuses_missing_or_unfinished_runs(tmp_path, capsys):

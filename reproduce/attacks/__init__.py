@@ -1,39 +1,6 @@
-"""Model inversion attacks on split-inference features: decoder-based and GAN-based."""
-from reproduce.attacks.decoder import (
-    AttackResult,
-    DecoderAttackConfig,
-    build_inversion_decoder,
-    load_best_decoder,
-    run_decoder_attack,
-)
-from reproduce.attacks.evaluate import evaluate_reconstruction, reconstruct
-from reproduce.attacks.features import (
-    FeatureSet,
-    compute_features,
-    defence_noise_sigma,
-    gaussian_perturbation,
-    make_perturbation,
-    split_infer_time,
-    split_train_val,
-)
-from reproduce.attacks.gan import GANAttackConfig, gradient_penalty, run_gan_attack
+"""The attacks on a trained run: the defence's perturbation and the record files (the attacks: ``cem_fast.audit``)."""
+from reproduce.attacks.features import defence_noise_sigma, make_perturbation
+from reproduce.attacks.records import SETTINGS, read_record, record_path, samples_path, state_dir, write_setting
 
-__all__ = [
-    "AttackResult",
-    "DecoderAttackConfig",
-    "FeatureSet",
-    "GANAttackConfig",
-    "build_inversion_decoder",
-    "compute_features",
-    "defence_noise_sigma",
-    "evaluate_reconstruction",
-    "gaussian_perturbation",
-    "gradient_penalty",
-    "load_best_decoder",
-    "make_perturbation",
-    "reconstruct",
-    "run_decoder_attack",
-    "run_gan_attack",
-    "split_infer_time",
-    "split_train_val",
-]
+__all__ = ["SETTINGS", "defence_noise_sigma", "make_perturbation", "read_record", "record_path", "samples_path",
+           "state_dir", "write_setting"]

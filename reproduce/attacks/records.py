@@ -1,0 +1,54 @@
+"""Where a run's attack results live (every file name in one place) and how a setting's entry is written.
+
+``RUN/attack_<name>.json``: the header (run, defence, preset, seed) and ``settings[<setting>]`` entries;
+``RUN/attack_<name>_samples.pt``: a few test originals (uint8) and their reconstructions per setting;
+``RUN/attack_<name>/<setting>/``: the attack's resumable state (checkpoint.pt, best.pt).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from reproduce.checkpoint import save_atomic, write_json_atomic
+
+__all__ = ["SETTINGS", "record_path", "samples_path", "state_dir", "read_record", "write_setting"]
+
+SETTINGS = ("train_time", "infer_time")
+
+
+def record_path(run_dir, attack: str) -> Path:
+    return Path(run_dir) / f"attack_{attack}.json"
+
+
+def samples_path(run_dir, attack: str) -> Path:
+    return Path(run_dir) / f"attack_{attack}_samples.pt"
+
+
+def state_dir(run_dir, attack: str, setting: str) -> Path:
+    return Path(run_dir) / f"attack_{attack}" / setting
+
+
+def read_record(run_dir, attack: str) -> dict:
+    """The attack's JSON record of a run ({} when it has none yet)."""
+    path = record_path(run_dir, attack)
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_setting(run_dir, attack: str, header: dict, setting: str, entry: dict, samples: dict) -> Path:
+    """Add (or replace) one setting's entry and samples, keeping the other settings; atomic writes."""
+    report = read_record(run_dir, attack)
+    report.update(header)
+    report.setdefault("settings", {})[setting] = entry
+    path = record_path(run_dir, attack)
+    write_json_atomic(report, path)
+    spath = samples_path(run_dir, attack)
+    saved = torch.load(spath, map_location="cpu", weights_only=True) if spath.exists() else {}
+    saved.update({k: v for k, v in header.items() if k != "settings"})
+    saved.setdefault("settings", {})[setting] = samples
+    save_atomic(saved, spath)
+    return path
