@@ -280,7 +280,6 @@ class CEMLoss(nn.Module):
         self.pi = pi.to(dev)
         self.variance = var.to(dev)
         size = float(epoch_size or self.dataset_size or N)
-        self._check_strength(size, stacklevel=4)
         self.fitted_size.fill_(size)
         self._fitted_size = size
         self._seen_since_refit = 0
@@ -304,11 +303,11 @@ class CEMLoss(nn.Module):
         return self
 
     def _check_strength(self, epoch: float, stacklevel: int) -> None:
-        """Warn once when the variant's 1/N push makes this weight much stronger than at the paper's N."""
-        if (self.reference_size is not None or self.weight == 0 or "strength" in self._warned_once
-                or self.variant_impl.dataset_size(None, 1.0, 1) is None or epoch * 4 > PAPER_EPOCH):
-            return
+        """Warn once (at the first training step) when the variant's 1/N push makes this weight much stronger
+        than at the paper's N."""
         self._warned_once.add("strength")
+        if self.reference_size is not None or self.weight == 0 or epoch * 4 > PAPER_EPOCH:
+            return
         ratio = PAPER_EPOCH / epoch
         warnings.warn(f"cem_fast: with {epoch:.0f} samples per epoch the {self.variant!r} variant pushes each sample "
                       f"{ratio:.3g}x harder than at the paper's {PAPER_EPOCH:,} (its gradient scales as 1/N): "
@@ -382,6 +381,9 @@ class CEMLoss(nn.Module):
             raise ValueError(f"z is on {z.device} but CEMLoss is on {self.centroids.device}: call cem.to(device)")
         update = self.training and self.variant_impl.streams_state
         N = self._dataset_size(B)
+        if self.training and "strength" not in self._warned_once and N is not None and \
+                not torch.compiler.is_compiling():
+            self._check_strength(N, stacklevel=3)
         # With validate=True the new state is kept only after the loss is seen to be finite, so a bad batch
         # leaves the state as it was; without the checks a backend may write it in place (fewer launches).
         loss, new_pi, new_var = cem_loss(

@@ -13,7 +13,7 @@ CORE = {"torch", "numpy", "ninja"}
 HEAVY = ("torchvision", "matplotlib", "torchmetrics", "tqdm", "PIL", "torch_pruning", "lightning", "pytorch_lightning")
 # A cem_fast module that needs an extra at import time (say, a callback class deriving from a Lightning one)
 # is listed here with that extra's top-level module; every other module must import with the extras absent.
-NEEDS_EXTRA = {"cem_fast.lightning": "lightning"}
+NEEDS_EXTRA = {"cem_fast.integrations.lightning": "lightning"}
 
 
 def _pyproject():

@@ -60,11 +60,11 @@ def _train(x, y, epochs, lam, two_call, n=512, batch=64, seed=0, on_step=None, o
                     loss = loss + lam * cem(z, y[i])
                 feats.append(z.detach())
                 labels.append(y[i])
+            if on_step is not None:  # before the update: the model that computed this step's loss
+                on_step(epoch, enc, head, cem)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if on_step is not None:
-                on_step(epoch, enc, head, cem)
         if two_call:
             cem.end_epoch()
         else:
@@ -98,7 +98,7 @@ def _accuracy(enc, head, x, y):
 
 def test_collapse_is_announced_before_accuracy_reaches_chance(sample):
     """Tiny encoder, 2,000 sample images, paper variant: a weight that collapses the features is announced at
-    the first refit (before any CEM step) and the SNR warning follows once the features hide under the noise."""
+    its first step (accuracy still well above chance) and the SNR warning follows once the features hide under the noise."""
     (x, y), (xt, yt) = sample
     seen, accuracy = [], []
 
@@ -116,7 +116,7 @@ def test_collapse_is_announced_before_accuracy_reaches_chance(sample):
         _train(x, y, 2, 100.0, two_call=True, n=2000, on_step=on_step, on_refit=on_refit)
     strength = [a for m, a in seen if "pushes each sample" in m]
     snr = [m for m, _ in seen if "signal-to-noise" in m or "collapsed" in m]
-    assert strength and strength[0] > 0.15, seen  # before CEM's first step, accuracy well above chance (0.1)
+    assert strength and strength[0] > 0.15, seen  # at CEM's first step, accuracy well above chance (0.1)
     assert "acts like 2.5e+03" in [m for m, _ in seen if "pushes" in m][0]
     assert snr, seen
     assert min(accuracy[-5:]) < 0.15  # and the case is a real collapse
