@@ -357,3 +357,37 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run_attack(run_dir, attack: str, *, setting: str = "train-time", preset: Optional[str] = None,
+               data_root=None, device: str = "cpu", overrides: Optional[dict] = None) -> dict:
+    """Run ``attack`` on the finished run ``run_dir`` in ``setting``; returns that setting's record entry.
+
+    ``preset``: the attack budget (default: the run's training preset). ``overrides``: ``epochs``,
+    ``batch_size``, ``seed`` (default 0), ``noise_aware``, ``max_train_images``, ``max_test_images``,
+    ``fresh``. This code reads the data from the run's own ``data_root``; another one is refused.
+    """
+    from reproduce.rundir import RunDir, setting_key
+
+    rd = RunDir(run_dir).check_finished()
+    config = rd.read_config()
+    if data_root is not None and str(Path(data_root).expanduser().resolve()) != config.get("data_root"):
+        raise ValueError(f"data_root {data_root} differs from the run's ({config.get('data_root')})")
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}")
+    key = setting_key(setting)
+    if key not in SETTINGS:
+        raise ValueError(f"setting must be one of {SETTINGS} (or with '-'), got {setting!r}")
+    preset = preset or config.get("preset", "paper")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    options = {"epochs": None, "batch_size": None, "seed": 0, "noise_aware": False, "max_train_images": None,
+               "max_test_images": None, "fresh": False}
+    unknown = sorted(set(overrides or {}) - set(options))
+    if unknown:
+        raise ValueError(f"overrides: {unknown} are not attack settings (known: {sorted(options)})")
+    options.update(overrides or {})
+    args = argparse.Namespace(run=str(rd.path), attack=attack, preset=preset, setting=key, device=str(device),
+                              threads=None, no_progress=not sys.stderr.isatty(), **options)
+    attack_run(args)
+    return rd.attack_entry(attack, key)
