@@ -613,6 +613,24 @@ def _write_text(text: str, path: Path) -> None:
     tmp.replace(path)
 
 
+def write_table(number: int, opts: Options, out: Path, *, run_missing: bool = False,
+                run_defences: Optional[set[str]] = None) -> tuple[dict, str, list[str]]:
+    """Build table ``number`` from the runs below ``opts.runs_root`` (training and attacking what is missing
+    when ``run_missing``), write ``out`` (markdown) and its ``.csv``; returns (result, markdown, errors)."""
+    errors: list[str] = []
+    if number == 9:
+        result = build_efficiency_table(opts, run_missing, run_defences, errors)
+        text, rows = efficiency_markdown(result, opts, errors), efficiency_csv_rows(result)
+    else:
+        result = build_result_table(number, opts, run_missing, run_defences, errors)
+        text, rows = result_markdown(result, opts, errors), result_csv_rows(result)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_text(text, out)
+    _write_csv(rows, out.with_suffix(".csv"))
+    return result, text, errors
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m reproduce.table", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -698,21 +716,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                    threads=args.threads,
                    arm_options={"sigma": args.sigma, "cem_lambda": args.cem_lambda, "cem_variant": args.cem_variant},
                    log=lambda msg: print(msg, file=sys.stderr))
-    errors: list[str] = []
     try:
-        if args.table == 9:
-            result = build_efficiency_table(opts, args.run_missing, run_defences, errors)
-            text, rows = efficiency_markdown(result, opts, errors), efficiency_csv_rows(result)
-        else:
-            result = build_result_table(args.table, opts, args.run_missing, run_defences, errors)
-            text, rows = result_markdown(result, opts, errors), result_csv_rows(result)
+        result, text, errors = write_table(args.table, opts, out, run_missing=args.run_missing,
+                                           run_defences=run_defences)
     except KeyboardInterrupt:
         print("[table] interrupted; rerun the same command to continue (finished runs and attacks are kept, "
               "the interrupted one resumes)", file=sys.stderr)
         return 130
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(text, out)
-    _write_csv(rows, out.with_suffix(".csv"))
     print(text)
     print(f"wrote {out} and {out.with_suffix('.csv')}", file=sys.stderr)
     if data is not None and not args.run_missing:
