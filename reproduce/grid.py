@@ -200,7 +200,7 @@ def _write_table(job: TableJob, grid: Grid, root: Path, data_root, device, threa
     log(f"[grid] wrote {out}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m reproduce.grid", description=__doc__.split("\n\n")[0],
                                 epilog="grids: " + "; ".join(f"{g.name}: {g.description}" for g in GRIDS.values()))
     p.add_argument("name", nargs="?", choices=tuple(GRIDS), help="the grid to run: " + ", ".join(GRIDS))
@@ -210,6 +210,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--data-root", help="folder with the datasets (cpu: default <repo>/../shared/data)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.list:
         for g in GRIDS.values():

@@ -17,8 +17,8 @@ import torch
 
 from cem_fast.checks import VARIANTS as CEM_VARIANTS
 from reproduce import presets as presets_mod
-from reproduce.data import dataset_info
-from reproduce.defences import canonical_name, default_bottleneck, defence_options
+from reproduce.data import DATASETS, dataset_info
+from reproduce.defences import DEFENCES, canonical_name, default_bottleneck, defence_options
 from reproduce.models import parse_bottleneck
 from reproduce.runs import build_run_defence
 from reproduce.schedules import CEM_SCHEDULES, LR_SCHEDULES
@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", required=True, help="run directory (see reproduce.rundir for its files)")
     a("--resume", action="store_true", help="continue the run in OUT from its last finished epoch (a run stopped "
       "before its first checkpoint starts over with its stored settings; a finished run is left as it is)")
-    a("--dataset", help="cifar10 | cifar100 | facescrub | tinyimagenet | cifar10-sample "
-                        "(default: the preset's with --data-root, else cifar10-sample)")
+    a("--dataset", choices=DATASETS,
+      help="default: the preset's with --data-root, else cifar10-sample (facescrub-6id: the 6-identity stand-in)")
     a("--data-root", help="folder with the datasets (default: none -> the offline cifar10-sample)")
     a("--download", action="store_true", help="let torchvision download a CIFAR set missing from --data-root")
     a("--arch", choices=("vgg11_bn", "resnet20"))
@@ -84,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--bottleneck", help="bottleneck option, e.g. noRELU_C8S1 or none (default: the defence's)")
     a("--no-sigmoid", dest="sigmoid", action="store_false", default=None,
       help="BatchNorm instead of Sigmoid at the cut")
-    a("--defense", "--defence", dest="defence", help="none | bottleneck | noise | nopeek | dropout | ressfl | "
-                                                      "patrol | noise_nopeek | noise_arl")
+    a("--defense", "--defence", dest="defence", help=" | ".join(DEFENCES))
     a("--sigma", type=_nonneg_float("--sigma"), help="noise std (noise defences) and CEM's Sigma_p (default 0.025)")
     a("--noise", choices=NOISE_MODES, help="add Gaussian noise of std sigma before the server: auto (default) = "
                                           "on for noise defences and whenever CEM is on (Algorithm 1 adds it)")
