@@ -138,8 +138,8 @@ GRIDS = {
     "cpu": Grid("cpu", "the --preset cpu runs behind reproduce/RESULTS.md (CIFAR-10; days on 2 cores)", "cpu",
                 _cpu_jobs(), {"decoder": CPU_ATTACK}, shared_data_root),
     "smoke": Grid("smoke", "two tiny runs on the shipped sample and Table 1 from them (about a minute)", "smoke",
-                  (RunJob("cifar10-sample", "noise", 0.025, 0, 0, train=_SMOKE_TRAIN),
-                   RunJob("cifar10-sample", "noise", 0.025, 16, 0, train=_SMOKE_TRAIN),
+                  (RunJob("cifar10-sample", "bottleneck", 0.025, 0, 0, train=_SMOKE_TRAIN),
+                   RunJob("cifar10-sample", "bottleneck", 0.025, 16, 0, train=_SMOKE_TRAIN),
                    TableJob(1, "table1_smoke.md", attacks=("decoder",), seeds=(0,))),
                   {"decoder": {"epochs": 1, "max_train_images": 16, "max_test_images": 20}}),
 }
