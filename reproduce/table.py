@@ -361,11 +361,10 @@ def _fmt_ratio(r: Optional[float]) -> str:
 
 # ----------------------------------------------------------------------------- tables 1-8
 
-def build_result_table(number: int, opts: Options, run: bool, run_defences: Optional[set[str]],
-                       errors: list[str]) -> dict:
-    """Collect (and with ``run``, first produce) every cell of table ``number`` (1-8)."""
-    arms = table_arms(number, **(opts.arm_options or {}))
-    columns = table_columns(number)
+def _collect_cells(arms: Sequence[Arm], columns: Sequence[str], opts: Options, errors: list[str],
+                   produce: Optional[Callable[[Arm, int], Path]], measure: Callable[[Path], dict]) -> dict:
+    """Every arm's cells: per seed, ``produce(arm, seed)`` (train / attack what is missing; None: nothing) then
+    ``measure(run_dir)``; one failing arm is an error line and missing cells, not a lost table."""
     cells: dict[Arm, dict[str, dict]] = {}
     for arm in arms:
         if opts.data is None:
@@ -374,18 +373,47 @@ def build_result_table(number: int, opts: Options, run: bool, run_defences: Opti
         per_seed = []
         for seed in opts.seeds:
             run_dir = run_dir_of(arm, seed, opts).path
-            if run and (run_defences is None or arm.defence in run_defences):
-                try:
-                    run_dir = ensure_trained(arm, seed, opts)
-                    for attack in opts.attacks:
-                        ensure_attacked(run_dir, attack, seed, opts)
-                except KeyboardInterrupt:
-                    raise
-                except Exception as err:  # one failing arm must not lose the others
-                    errors.append(f"{arm.label} (seed {seed}): {type(err).__name__}: {err}")
-                    opts.log(traceback.format_exc())
-            per_seed.append(collect_run(run_dir))
+            try:
+                if produce is not None:
+                    run_dir = produce(arm, seed)
+                per_seed.append(measure(run_dir))
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:  # one failing arm must not lose the others
+                errors.append(f"{arm.label} (seed {seed}): {type(err).__name__}: {err}")
+                opts.log(traceback.format_exc())
+                per_seed.append(_measure_what_exists(measure, run_dir, columns))
         cells[arm] = {k: summarize([r[k] for r in per_seed]) for k in columns}
+    return cells
+
+
+def _measure_what_exists(measure: Callable[[Path], dict], run_dir: Path, columns: Sequence[str]) -> dict:
+    """After a failure: the cells that the run's files still give (e.g. the decoder's when the GAN failed)."""
+    try:
+        return measure(run_dir)
+    except Exception:  # noqa: BLE001 - the failure is already reported; nothing more to show
+        return dict.fromkeys(columns)
+
+
+def _wanted(arm: Arm, run_defences: Optional[set[str]]) -> bool:
+    return run_defences is None or arm.defence in run_defences
+
+
+def build_result_table(number: int, opts: Options, run: bool, run_defences: Optional[set[str]],
+                       errors: list[str]) -> dict:
+    """Collect (and with ``run``, first produce) every cell of table ``number`` (1-8)."""
+    arms = table_arms(number, **(opts.arm_options or {}))
+    columns = table_columns(number)
+
+    def produce(arm: Arm, seed: int) -> Path:
+        if not (run and _wanted(arm, run_defences)):
+            return run_dir_of(arm, seed, opts).path
+        run_dir = ensure_trained(arm, seed, opts)
+        for attack in opts.attacks:
+            ensure_attacked(run_dir, attack, seed, opts)
+        return run_dir
+
+    cells = _collect_cells(arms, columns, opts, errors, produce, collect_run)
     return {"number": number, "arms": arms, "columns": columns, "cells": cells}
 
 
@@ -525,26 +553,18 @@ def measure_efficiency(run_dir: Path, device: str, reps: int, batch: int = LATEN
 def build_efficiency_table(opts: Options, run: bool, run_defences: Optional[set[str]], errors: list[str]) -> dict:
     arms = table_arms(9, **(opts.arm_options or {}))
     columns = paper_numbers.EFFICIENCY_COLUMNS
-    device = opts.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    device = opts.device or _default_device()
     reps = LATENCY_REPS[opts.preset]
-    cells = {}
-    for arm in arms:
-        if opts.data is None:
-            cells[arm] = {k: {"status": DATASET_MISSING} for k in columns}
-            continue
-        per_seed = []
-        for seed in opts.seeds:
-            run_dir = run_dir_of(arm, seed, opts).path
-            try:
-                if run and (run_defences is None or arm.defence in run_defences):
-                    run_dir = ensure_trained(arm, seed, opts)
-                per_seed.append(measure_efficiency(run_dir, device, reps) if RunDir(run_dir).finished
-                                else dict.fromkeys(columns))
-            except Exception as err:
-                errors.append(f"{arm.label} (seed {seed}): {type(err).__name__}: {err}")
-                opts.log(traceback.format_exc())
-                per_seed.append(dict.fromkeys(columns))
-        cells[arm] = {k: summarize([r[k] for r in per_seed]) for k in columns}
+
+    def produce(arm: Arm, seed: int) -> Path:
+        if run and _wanted(arm, run_defences):
+            return ensure_trained(arm, seed, opts)
+        return run_dir_of(arm, seed, opts).path
+
+    def measure(run_dir: Path) -> dict:
+        return measure_efficiency(run_dir, device, reps) if RunDir(run_dir).finished else dict.fromkeys(columns)
+
+    cells = _collect_cells(arms, columns, opts, errors, produce, measure)
     return {"number": 9, "arms": arms, "columns": columns, "cells": cells, "device": device, "reps": reps}
 
 

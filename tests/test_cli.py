@@ -144,3 +144,28 @@ def test_grid_help_lists_every_grid(capsys):
 def test_table_and_train_share_the_default_preset():
     t = table.build_parser().parse_args(["--table", "1"])
     assert t.preset == train.resolve_config(train.build_parser().parse_args(["--out", "x"]))["preset"] == "cpu"
+
+
+def test_the_docs_commands_at_the_smoke_preset(tmp_path, monkeypatch):
+    """docs/reproduce.md's short version (train two arms with --out, attack, table --runs-root runs/, figure 5)."""
+    from pathlib import Path
+
+    from reproduce import attack
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--preset", "smoke", "--defence", "bottleneck", "--sigma", "0.025", "--no-progress", "--threads", "1",
+              "--cem-backend", "torch", "--train-subset", "8", "--test-subset", "4", "--batch-size", "4"]
+    assert train.main([*common, "--cem-lambda", "0", "--out", "runs/bottleneck"]) == 0
+    assert train.main([*common, "--cem-lambda", "16", "--out", "runs/bottleneck_cem"]) == 0
+    for run in ("runs/bottleneck", "runs/bottleneck_cem"):
+        assert attack.main(["--run", run, "--attack", "decoder", "--epochs", "1", "--max-train-images", "16",
+                            "--max-test-images", "20", "--no-progress", "--threads", "1"]) == 0
+    assert table.main(["--table", "1", "--preset", "smoke", "--runs-root", "runs/", "--out", "table1.md"]) == 0
+    rows = {}
+    for line in Path("table1.md").read_text().splitlines():
+        if line.startswith("| "):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows.setdefault(cells[0], cells[1:])
+    for label in ("Bottleneck — w/o CEM", "Bottleneck — w/ CEM"):
+        assert rows[label][0] != "—" and rows[label][2] != "—", rows[label]  # accuracy and decoder MSE found
+    assert figure.main(["--figure", "5", "--runs", "runs/bottleneck", "runs/bottleneck_cem", "--out", "fig5.png"]) == 0
