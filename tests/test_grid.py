@@ -46,3 +46,17 @@ def test_cpu_grid_replaces_the_shell_script():
     assert len(gan) == 12
     with pytest.raises(ValueError, match="grid must be one of"):
         grid.run_grid("nope")
+
+
+def test_ctrl_c_in_a_grid_or_table_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    from reproduce import pipeline, table
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "ensure_trained", interrupted)
+    assert grid.main(["smoke", "--runs-root", str(tmp_path / "runs")]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "python -m reproduce.grid smoke" in err
+    assert table.main(["--table", "1", "--preset", "smoke", "--runs-root", str(tmp_path / "runs"), "--run-missing",
+                       "--out", str(tmp_path / "t.md")]) == 130
+    assert "rerun the same command" in capsys.readouterr().err
