@@ -76,20 +76,11 @@ RUN_OPTIONS = ("epochs", "batch_size", "max_train_images", "max_test_images", "s
 
 
 def check_finished_run(run_dir) -> Path:
-    """Return ``run_dir`` as a Path if it holds a finished training run, else raise with the reason."""
-    path = Path(run_dir)
-    if not path.exists():
-        raise FileNotFoundError(f"run directory {path} does not exist")
-    if not path.is_dir():
-        raise NotADirectoryError(f"run {path} is not a directory")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a run directory: it has no config.json")
-    if not (path / "final.pt").is_file():
-        raise ValueError(
-            f"run {path} has not finished training (no final.pt); finish it with "
-            f"`python -m reproduce.train` (it resumes) before attacking it"
-        )
-    return path
+    """Return ``run_dir`` as a Path if it holds a finished training run, else raise with the reason and the
+    command that finishes it."""
+    from reproduce.rundir import RunDir
+
+    return RunDir(run_dir).check_finished().path
 
 
 def _setting_name(setting: str) -> str:

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes, loads, and re-shaping a model to a (pruned) state_dict.
+"""Checkpoint files: atomic writes (mode 0644), loads, and re-shaping a model to a (pruned) state_dict.
 
 ``save_atomic`` writes to a temporary file in the same directory and ``os.replace``s it over
 the target, so a kill mid-write leaves the previous file intact. ``write_json_atomic`` does the
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 PathLike = Union[str, os.PathLike]
+FILE_MODE = 0o644  # run files are shared and copied: readable by others (mkstemp alone gives 0600)
 
 
 def _atomic_write(path: PathLike, write) -> None:
@@ -28,6 +29,7 @@ def _atomic_write(path: PathLike, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

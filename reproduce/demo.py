@@ -1,11 +1,11 @@
 """`make demo`: CEM against the decoder inversion attack on the shipped real CIFAR-10 sample.
 
-Two arms of split VGG11-BN (cosine LR, which suits a run of a few epochs) (cut 4, noRELU_C8S1 bottleneck, Sigmoid at the cut), both with Gaussian
-noise sigma 0.025 before the server: without CEM (lambda 0) and with CEM (paper variant, lambda 16,
-clusters refit every epoch). Then the decoder inversion attack (8 residual blocks, 64 channels) on each,
-in the training-time and inference-time settings. Prints the comparison table, writes it as
-``OUT/results.md`` and a PNG grid of originals and reconstructions (``OUT/reconstructions.png``).
-Rerunning resumes: finished runs and attacks are reused.
+Two arms of split VGG11-BN (cut 4, noRELU_C8S1 bottleneck, Sigmoid at the cut; cosine LR, which suits a
+run of a few epochs), both with Gaussian noise sigma 0.025 before the server: without CEM (lambda 0) and
+with CEM (paper variant, lambda 16, clusters refit every epoch). Then the decoder inversion attack (8
+residual blocks, 64 channels) on each, in the training-time and inference-time settings. Prints the
+comparison table, writes it as ``OUT/results.md`` and a PNG grid of originals and reconstructions
+(``OUT/reconstructions.png``). Rerunning resumes: finished runs and attacks are reused.
 
 It is a small run (minutes on 2 CPU cores), not the paper's protocol: see reproduce/RESULTS.md for
 the larger runs and their seed spread.
@@ -19,43 +19,36 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from reproduce import pipeline
+from reproduce.rundir import RunDir
+
 ARMS = (("noise", 0.0), ("noise+CEM", 16.0))
+SETTINGS = ("train_time", "infer_time")
 
 
-def _train(run: Path, lam: float, args) -> None:
-    from reproduce import train
-    if (run / "final.pt").is_file():
+def _train(run: Path, lam: float, args) -> RunDir:
+    rd = RunDir(run)
+    if rd.finished:
         print(f"[demo] {run.name}: finished run found, reusing it")
-        return
-    argv = ["--preset", "cpu", "--dataset", "cifar10-sample", "--defence", "noise", "--sigma", "0.025",
-            "--cem-lambda", str(lam), "--epochs", str(args.epochs), "--train-subset", str(args.train_images),
-            "--test-subset", str(args.test_images), "--seed", str(args.seed), "--out", str(run),
-            "--cem-backend", args.cem_backend, "--lr-schedule", "cosine"]
-    if (run / "config.json").is_file():  # resumes, or starts over a run killed in its first epoch
-        argv.append("--resume")
-    if args.device:
-        argv += ["--device", args.device]
-    train.main(argv)
+        return rd
+    settings = {"dataset": "cifar10-sample", "defence": "noise", "sigma": 0.025, "cem_lambda": lam,
+                "epochs": args.epochs, "train_subset": args.train_images, "test_subset": args.test_images,
+                "seed": args.seed, "cem_backend": args.cem_backend, "lr_schedule": "cosine"}
+    return pipeline.ensure_trained(rd, preset="cpu", overrides=settings, device=args.device)
 
 
-def _attack(run: Path, args) -> dict:
-    from reproduce import attack
-    out = run / "attack_decoder.json"
-    if out.is_file() and set(json.loads(out.read_text()).get("settings", {})) >= {"train_time", "infer_time"}:
-        print(f"[demo] {run.name}: decoder attack found, reusing it")
-    else:
-        argv = ["--run", str(run), "--attack", "decoder", "--preset", "cpu", "--setting", "both",
-                "--epochs", str(args.attack_epochs), "--max-train-images", str(args.attack_images),
-                "--batch-size", str(args.attack_batch_size), "--seed", str(args.seed)]
-        if args.device:
-            argv += ["--device", args.device]
-        attack.main(argv)
-    return json.loads(out.read_text())
+def _attack(rd: RunDir, args) -> dict:
+    if not rd.missing_settings("decoder", SETTINGS):
+        print(f"[demo] {rd.path.name}: decoder attack found, reusing it")
+    overrides = {"epochs": args.attack_epochs, "max_train_images": args.attack_images,
+                 "batch_size": args.attack_batch_size, "seed": args.seed}
+    return pipeline.ensure_attacked(rd, "decoder", SETTINGS, preset="cpu", device=args.device or _device(),
+                                    overrides=overrides)
 
 
-def _last_accuracy(run: Path) -> float:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return float(rows[-1]["test_acc"])
+def _device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def table(rows: list[dict]) -> str:
@@ -102,11 +95,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     for arm, lam in ARMS:
         run = out / ("noise_lambda0" if lam == 0 else f"noise_cem_lambda{lam:g}")
         print(f"[demo] === {arm}: training (lambda {lam:g}) ===", flush=True)
-        _train(run, lam, args)
+        rd = _train(run, lam, args)
         print(f"[demo] === {arm}: decoder inversion attack ===", flush=True)
-        res = _attack(run, args)
-        rows.append({"arm": arm, "lambda": lam, "acc": _last_accuracy(run), "run": str(run),
-                     **{s: res["settings"][s]["metrics"] for s in ("train_time", "infer_time")}})
+        entries = _attack(rd, args)
+        rows.append({"arm": arm, "lambda": lam, "acc": rd.final_accuracy(), "run": str(run),
+                     **{s: entries[s]["metrics"] for s in SETTINGS}})
     text = table(rows)
     (out / "results.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2))

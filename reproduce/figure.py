@@ -5,14 +5,12 @@ against attacker MSE over a sigma / lambda sweep) are drawn by ``reproduce.figur
 
 Figure 5: a grid whose first row holds test images and every further row the
 reconstructions an inversion attack made of them for one run (labelled with the
-run's defence, lambda and the attack's test MSE). It reads
-``RUN/attack_<attack>_samples.pt`` and ``RUN/attack_<attack>.json``, written by
-``python -m reproduce.attack``.
+run's defence, lambda and the attack's test MSE). It reads the attack's samples and record
+(``RunDir.attack_samples_path`` / ``attack_record_path``), written by ``python -m reproduce.attack``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,24 +19,25 @@ from typing import Optional, Sequence
 import torch
 
 from reproduce import figures_curves
+from reproduce.rundir import RunDir
 
-FIGURES = (5,)
+FIGURES = (3, 4, 5)
+ATTACKS = ("decoder", "gan")
+SETTINGS = ("train_time", "infer_time")
 
-__all__ = ["FIGURES", "run_label", "load_samples", "figure5", "main"]
+__all__ = ["FIGURES", "run_label", "load_samples", "figure5", "build_parser", "main"]
 
 
 def load_samples(run_dir: str | os.PathLike, attack: str = "decoder", setting: str = "train_time") -> dict:
     """``{"original": uint8 [n,C,H,W], "reconstruction": float [n,C,H,W], "header": dict, "metrics": dict}``."""
-    run_dir = Path(run_dir)
-    path = run_dir / f"attack_{attack}_samples.pt"
+    rd = RunDir(run_dir)
+    path = rd.attack_samples_path(attack)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `python -m reproduce.attack --run {run_dir} --attack {attack}`")
+        raise FileNotFoundError(f"{path} not found: run `python -m reproduce.attack --run {rd.path} --attack {attack}`")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if setting not in saved.get("settings", {}):
         raise ValueError(f"{path} has no {setting!r} samples (has {sorted(saved.get('settings', {}))})")
-    report_path = run_dir / f"attack_{attack}.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    metrics = report.get("settings", {}).get(setting, {}).get("metrics", {})
+    metrics = rd.attack_entry(attack, setting).get("metrics", {})
     header = {k: v for k, v in saved.items() if k != "settings"}
     return {**saved["settings"][setting], "header": header, "metrics": metrics}
 
@@ -118,28 +117,41 @@ def figure5(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m reproduce.figure", description=__doc__.split("\n")[0],
-        epilog="Figures 3 and 4 take other options: python -m reproduce.figure --figure 3 --help")
+    """The one parser of ``python -m reproduce.figure``: every figure, every option (each says which figure)."""
+    parser = argparse.ArgumentParser(prog="python -m reproduce.figure", description=__doc__.split("\n")[0])
     parser.add_argument("--figure", type=int, required=True, choices=FIGURES,
-                        help="5 here; 3 and 4 are handed to reproduce.figures_curves")
-    parser.add_argument("--runs", nargs="+", required=True, help="run directories, one row each")
+                        help="3: attacker MSE vs the entropy bound; 4: accuracy vs attacker MSE; "
+                             "5: originals and reconstructions")
+    parser.add_argument("--runs", nargs="+", required=True,
+                        help="run directories (5: one row each; 3, 4: or folders holding them)")
     parser.add_argument("--out", required=True, help="output PNG")
-    parser.add_argument("--attack", choices=("decoder", "gan"), default="decoder")
-    parser.add_argument("--setting", choices=("train_time", "infer_time"), default="train_time")
-    parser.add_argument("--num-images", type=int, default=8)
-    parser.add_argument("--labels", nargs="+", default=None, help="row labels, one per run")
+    parser.add_argument("--attack", choices=ATTACKS, default="decoder")
+    parser.add_argument("--setting", choices=SETTINGS, default="train_time")
+    g5 = parser.add_argument_group("figure 5")
+    g5.add_argument("--num-images", type=int, default=8, help="images per row (default 8)")
+    g5.add_argument("--labels", nargs="+", default=None, help="row labels, one per run")
+    g3 = parser.add_argument_group("figure 3")
+    g3.add_argument("--h-x", type=float, default=None, help="the constant H(x) (default: the tightest)")
+    g3.add_argument("--bound-source", choices=figures_curves.BOUND_SOURCES, default="auto",
+                    help="saved CEM state, a refit on the encoder features, or auto (state if any)")
+    g3.add_argument("--max-images", type=int, default=5000, help="training images for a refit (default 5000)")
+    g3.add_argument("--device", default="cpu", help="device for the refit's encoder pass (default cpu)")
     return parser
 
 
 def main(argv=None) -> int:
-    if figures_curves.requested(argv):  # figures 3 and 4
-        return figures_curves.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        out = figure5(args.runs, args.out, attack=args.attack, setting=args.setting,
-                      num_images=args.num_images, labels=args.labels)
+        if args.figure == 3:
+            out = figures_curves.figure3(args.runs, args.out, attack=args.attack, setting=args.setting, h_x=args.h_x,
+                                         bound_source=args.bound_source, max_images=args.max_images,
+                                         device=args.device)
+        elif args.figure == 4:
+            out = figures_curves.figure4(args.runs, args.out, attack=args.attack, setting=args.setting)
+        else:
+            out = figure5(args.runs, args.out, attack=args.attack, setting=args.setting,
+                          num_images=args.num_images, labels=args.labels)
     except (OSError, ValueError) as err:
         parser.error(str(err))
     print(f"wrote {out}")

@@ -10,26 +10,25 @@
 * Figure 4: accuracy against the attacker's MSE while sweeping sigma (and lambda): one point per run,
   one line per family (defence, lambda, cut), dashed without CEM.
 
-    python -m reproduce.figures_curves --figure 3 --runs RUN... --out fig3.png
-    (or ``python -m reproduce.figure --figure 3 ...`` once figure.py dispatches here)
+    python -m reproduce.figure --figure 3 --runs RUN... --out fig3.png
 
-``--runs`` takes run directories or folders holding them (searched recursively for config.json).
+``--runs`` takes run directories or folders holding them (searched recursively, ``reproduce.rundir.find_runs``).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
+from reproduce.rundir import RunDir, find_runs
+
 FIGURES = (3, 4)
 BOUND_SOURCES = ("auto", "state", "refit")
 
-__all__ = ["FIGURES", "expand_runs", "run_point", "entropy_bound_of_run", "tightest_h_x", "figure3", "figure4",
-           "requested", "main"]
+__all__ = ["FIGURES", "BOUND_SOURCES", "expand_runs", "run_point", "entropy_bound_of_run", "tightest_h_x",
+           "figure3", "figure4"]
 
 
 def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
@@ -38,12 +37,10 @@ def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
         raise ValueError("runs must name at least one run directory")
     found: list[Path] = []
     for p in map(Path, paths):
-        if (p / "config.json").is_file():
-            found.append(p)
-        elif p.is_dir():
-            below = sorted(c.parent for c in p.rglob("config.json"))
+        if p.is_dir():
+            below = [rd.path for rd in find_runs(p)]
             if not below:
-                raise FileNotFoundError(f"{p} is not a run directory and holds none (no config.json below it)")
+                raise FileNotFoundError(f"{p} is not a run directory and holds none (no {RunDir.CONFIG} below it)")
             found += below
         else:
             raise FileNotFoundError(f"run directory {p} does not exist")
@@ -52,15 +49,10 @@ def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
 
 def run_point(run_dir: str | Path, attack: str = "decoder", setting: str = "train_time") -> dict:
     """``{"config", "acc" (%), "mse"}`` of a run; acc/mse None when training or the attack is missing."""
-    from reproduce.table import final_accuracy
-
-    run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    report = run_dir / f"attack_{attack}.json"
-    mse = None
-    if report.is_file():
-        mse = json.loads(report.read_text()).get("settings", {}).get(setting, {}).get("metrics", {}).get("mse")
-    return {"config": config, "acc": final_accuracy(run_dir), "mse": mse, "run": run_dir}
+    rd = RunDir(run_dir)
+    acc = rd.final_accuracy()
+    return {"config": rd.read_config(), "acc": None if acc is None else 100.0 * acc,
+            "mse": rd.attack_metric(attack, setting, "mse"), "run": rd.path}
 
 
 def _bound_from_state(run_dir: Path, config: dict) -> Optional[float]:
@@ -69,7 +61,7 @@ def _bound_from_state(run_dir: Path, config: dict) -> Optional[float]:
 
     from reproduce.checkpoint import load_checkpoint
 
-    state = load_checkpoint(run_dir / "final.pt", map_location="cpu").get("cem")
+    state = load_checkpoint(RunDir(run_dir).final_path, map_location="cpu").get("cem")
     if state is None or config.get("cem_variant") == "official":
         return None
     cem = CEMLoss(config["num_classes"], clusters_per_class=config.get("cem_clusters"), sigma=config["sigma"],
@@ -121,10 +113,10 @@ def entropy_bound_of_run(run_dir: str | Path, source: str = "auto", max_images: 
         raise ValueError(f"source must be one of {BOUND_SOURCES}, got {source!r}")
     if not isinstance(max_images, int) or max_images < 1:
         raise ValueError(f"max_images must be a positive int, got {max_images!r}")
-    run_dir = Path(run_dir)
-    if not (run_dir / "final.pt").is_file():
-        raise ValueError(f"{run_dir} has not finished training (no final.pt)")
-    config = json.loads((run_dir / "config.json").read_text())
+    rd = RunDir(run_dir)
+    if not rd.finished:
+        raise ValueError(f"{run_dir} has not finished training (no {rd.FINAL})")
+    run_dir, config = rd.path, rd.read_config()
     if source in ("auto", "state"):
         bound = _bound_from_state(run_dir, config)
         if bound is not None:
@@ -281,45 +273,3 @@ def figure4(runs: Sequence[str | Path], out: str | Path, *, attack: str = "decod
     ax.set_title("Utility-robustness trade-off (labels: noise σ; seeds: mean ± sd)", fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, out)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m reproduce.figure", description="Figures 3 and 4 of the paper.")
-    p.add_argument("--figure", type=int, required=True, choices=FIGURES)
-    p.add_argument("--runs", nargs="+", required=True, help="run directories or folders holding them")
-    p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--attack", choices=("decoder", "gan"), default="decoder")
-    p.add_argument("--setting", choices=("train_time", "infer_time"), default="train_time")
-    p.add_argument("--h-x", type=float, default=None, help="figure 3: the constant H(x) (default: tightest)")
-    p.add_argument("--bound-source", choices=BOUND_SOURCES, default="auto",
-                   help="figure 3: saved CEM state, a refit on the encoder features, or auto (state if any)")
-    p.add_argument("--max-images", type=int, default=5000, help="figure 3: training images for a refit")
-    p.add_argument("--device", default="cpu", help="figure 3: device for the refit's encoder pass")
-    return p
-
-
-def requested(argv: Optional[Sequence[str]]) -> bool:
-    """Whether a ``reproduce.figure`` command line asks for one of this module's figures."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--figure", type=int)
-    known, _ = p.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    return known.figure in FIGURES
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(None if argv is None else list(argv))
-    try:
-        if args.figure == 3:
-            out = figure3(args.runs, args.out, attack=args.attack, setting=args.setting, h_x=args.h_x,
-                          bound_source=args.bound_source, max_images=args.max_images, device=args.device)
-        else:
-            out = figure4(args.runs, args.out, attack=args.attack, setting=args.setting)
-    except (OSError, ValueError) as err:
-        parser.error(str(err))
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,7 @@
 """The paper's reported numbers (Xia et al., CVPR 2025), transcribed from its text, as plain data.
 
-Source: /work/shared/docs/000_0a885371968b6844.txt (main paper Tables 1-3, supplementary Tables 4-9).
+Source: the paper's text (main paper Tables 1-3, supplementary Tables 4-9); not in the repository, set
+``CEM_FAST_PAPER_TEXT`` to it and ``tests/test_table.py`` checks this transcription against it.
 Every row of Tables 1-8 was read in full from the text (its layout survived the conversion); nothing
 below is derived or rounded by us. The values are as printed, typos included; the inconsistencies we
 found are listed in ``NOTES`` (the averages are truncated, not rounded, to the printed digits).

@@ -1,35 +1,22 @@
-"""Run directories: the objects a ``config.json`` describes, and ``load_run`` for the attacks.
+"""Rebuilding what a run directory describes: the split model, the defence, and ``load_run`` for the attacks.
 
-A run directory written by ``python -m reproduce.train`` holds
-
-* ``config.json``   every resolved setting (preset, data, model, defence, CEM, optimiser, seed,
-                    versions)
-* ``metrics.jsonl`` one JSON object per finished epoch
-* ``checkpoint.pt`` the full training state after the last finished epoch (atomic)
-* ``final.pt``      written once training is done: model, defence and CEM state, metrics
-
+The directory's files are named and checked by ``reproduce.rundir.RunDir``.
 ``load_run(run_dir)`` rebuilds the trained split model and its defence in eval mode.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from reproduce.checkpoint import load_checkpoint, reshape_to_state_dict
+from reproduce.rundir import RunDir
 from reproduce.defences import Defence, build_defence, with_noise
 from reproduce.models import SplitModel, build_split_model
-
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_FILE = "checkpoint.pt"
-FINAL_FILE = "final.pt"
-
 
 def build_model(config: dict, *, baseline: bool = False) -> SplitModel:
     """The split model of ``config`` (``baseline``: without PATROL's extra client layer)."""
@@ -86,10 +73,8 @@ class LoadedRun:
 
 
 def read_config(run_dir: Union[str, Path]) -> dict:
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory of reproduce.train?")
-    return json.loads(path.read_text())
+    """The run's ``config.json`` (FileNotFoundError when ``run_dir`` is no run directory)."""
+    return RunDir(run_dir).read_config()
 
 
 def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu",
@@ -99,11 +84,11 @@ def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu"
     which: "final" (``final.pt``, training finished) or "checkpoint" (``checkpoint.pt``, the last
     finished epoch of a run that may still be going).
     """
-    if which not in ("final", "checkpoint"):
-        raise ValueError(f"which must be 'final' or 'checkpoint', got {which!r}")
-    run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    state = load_checkpoint(run_dir / (FINAL_FILE if which == "final" else CHECKPOINT_FILE), map_location=device)
+    rd = RunDir(run_dir)
+    path = rd.weights_path(which)
+    config = rd.read_config()
+    state = load_checkpoint(path, map_location=device)
+    run_dir = rd.path
     model = build_model(config).to(device)
     load_model_state(model, state["model"])
     defence = build_run_defence(config)

@@ -10,13 +10,13 @@ mean, the sample standard deviation and the range over its finished runs.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
+from reproduce.rundir import RunDir
 from reproduce.table import collect_run
 
 HEADER = ("| run | defence | sigma | CEM lambda (variant) | epochs | test acc (%) | train wall (min) | feature var "
@@ -24,39 +24,38 @@ HEADER = ("| run | defence | sigma | CEM lambda (variant) | epochs | test acc (%
           "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def _attack(run: Path, name: str) -> dict:
-    path = run / f"attack_{name}.json"
-    return json.loads(path.read_text()).get("settings", {}) if path.is_file() else {}
-
-
-def _metric(settings: dict, setting: str, key: str, fmt: str) -> str:
-    value = settings.get(setting, {}).get("metrics", {}).get(key)
+def _metric(rd: RunDir, attack: str, setting: str, key: str, fmt: str) -> str:
+    value = rd.attack_metric(attack, setting, key)
     return format(value, fmt) if value is not None else "—"
+
+
+def _run_dir(run: Path) -> RunDir:
+    rd = RunDir(run)
+    if not rd.started:
+        raise ValueError(f"{run} is not a run directory (no {rd.CONFIG})")
+    return rd
 
 
 def row(run: Path) -> str:
     """The markdown row of one run directory (ValueError if it is not one)."""
-    cfg_path = run / "config.json"
-    if not cfg_path.is_file():
-        raise ValueError(f"{run} is not a run directory (no config.json)")
-    cfg = json.loads(cfg_path.read_text())
-    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
-    epochs = [json.loads(line) for line in lines if line.strip()]
+    rd = _run_dir(run)
+    cfg = rd.read_config()
+    epochs = rd.metrics()
     done = len(epochs)
-    status = "" if (run / "final.pt").is_file() else " (unfinished)"
+    status = "" if rd.finished else " (unfinished)"
     last = epochs[-1] if epochs else {}
     acc = f"{100 * last['test_acc']:.2f}" if "test_acc" in last else "—"
     wall = f"{sum(e.get('time_s', 0.0) for e in epochs) / 60:.1f}" if epochs else "—"
     fvar = f"{last['feature_var']:.4g}" if "feature_var" in last else "—"
     lam = cfg.get("cem_lambda", 0.0)
     cem = f"{lam:g} ({cfg.get('cem_variant')}, {cfg.get('cem_schedule')})" if lam else "0"
-    dec, gan = _attack(run, "decoder"), _attack(run, "gan")
-    name = f"{run.parent.name}/{run.name}" if run.name.startswith("seed") else run.name  # reproduce.table's layout
-    return (f"| {name}{status} | {cfg.get('defence')} | {cfg.get('sigma')} | {cem} | {done}/{cfg.get('epochs')} "
+    return (f"| {rd.label}{status} | {cfg.get('defence')} | {cfg.get('sigma')} | {cem} | {done}/{cfg.get('epochs')} "
             f"| {acc} | {wall} | {fvar} "
-            f"| {_metric(dec, 'train_time', 'mse', '.4f')} / {_metric(dec, 'infer_time', 'mse', '.4f')} "
-            f"| {_metric(dec, 'train_time', 'ssim', '.3f')} / {_metric(dec, 'infer_time', 'ssim', '.3f')} "
-            f"| {_metric(gan, 'train_time', 'mse', '.4f')} |")
+            f"| {_metric(rd, 'decoder', 'train_time', 'mse', '.4f')} / "
+            f"{_metric(rd, 'decoder', 'infer_time', 'mse', '.4f')} "
+            f"| {_metric(rd, 'decoder', 'train_time', 'ssim', '.3f')} / "
+            f"{_metric(rd, 'decoder', 'infer_time', 'ssim', '.3f')} "
+            f"| {_metric(rd, 'gan', 'train_time', 'mse', '.4f')} |")
 
 
 ARM_HEADER = ("| arm | seeds | test acc (%) | decoder MSE train | decoder MSE infer | decoder SSIM train "
@@ -81,12 +80,11 @@ def arm_rows(runs: Sequence[Path]) -> list[str]:
     """One markdown row per arm over its finished runs (seeds); unfinished runs are left out and named."""
     arms: dict[str, list[Path]] = defaultdict(list)
     for run in runs:
-        if not (run / "config.json").is_file():
-            raise ValueError(f"{run} is not a run directory (no config.json)")
+        _run_dir(run)
         arms[run.parent.name if run.name.startswith("seed") else run.name].append(run)
     out = []
     for arm, members in arms.items():
-        done = [r for r in members if (r / "final.pt").is_file()]
+        done = [r for r in members if RunDir(r).finished]
         collected = [collect_run(r) for r in done]
         seeds = ", ".join(r.name.removeprefix("seed") for r in sorted(done))
         left = [r.name for r in members if r not in done]

@@ -1,10 +1,11 @@
 """The paper's tables, reproduced: ``python -m reproduce.table --table N --preset P --runs-root DIR --out T.md``.
 
 For table ``N`` (1-9) it lists the arms the paper reports (dataset, architecture, cut, defence, with and
-without CEM), trains what is missing (``reproduce.train``) and attacks it (``reproduce.attack``: the
-decoder attack, train- and inference-time, and the GAN attack), each arm in
-``DIR/<arm name>/seed<S>/``. A finished run or attack is skipped, an interrupted one resumes. With
-``--no-run`` it only collects what exists (missing cells read "—").
+without CEM) and collects their runs below ``DIR``: ``DIR/<arm name>/seed<S>/``, or any run there whose
+``config.json`` is the arm's (e.g. ``runs/noise_nopeek_cem`` made by ``reproduce.train --out``). Missing
+cells read "—" and the command prints how to make them. ``--run-missing`` trains what is missing
+(``reproduce.pipeline.ensure_trained``) and attacks it (``ensure_attacked``: the decoder attack, train-
+and inference-time, and the GAN attack); a finished run or attack is skipped, an interrupted one resumes.
 
 Tables 1-8: one row per defence without CEM and one with CEM, columns accuracy, MSE, SSIM and PSNR of
 the decoder and GAN attacks, each beside the paper's number (``reproduce.paper_numbers``); then the
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import shlex
 import statistics
@@ -24,15 +24,18 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from reproduce import paper_numbers
+from reproduce import paper_numbers, pipeline
+from reproduce.rundir import RunDir, find_runs
+from reproduce.train_config import DEFAULT_PRESET
 
 TABLES = tuple(range(1, 10))
 PRESETS = ("smoke", "cpu", "paper")
 ATTACKS = ("decoder", "gan")
+ATTACK_SETTINGS = ("train_time", "infer_time")
 MISSING = "—"
 DATASET_MISSING = "n/a: dataset missing"
 NOISE_DEFENCES = ("noise", "noise_nopeek", "noise_arl")
@@ -179,35 +182,19 @@ def resolve_dataset(name: str, data_root: Optional[str], download: bool = False)
 
 # ----------------------------------------------------------------------------- reading runs
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def final_accuracy(run_dir: Path) -> Optional[float]:
+def final_accuracy(run_dir: str | Path) -> Optional[float]:
     """Test accuracy (%) of the last finished epoch, if training finished."""
-    if not (run_dir / "final.pt").is_file() or not (run_dir / "metrics.jsonl").is_file():
-        return None
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return 100.0 * rows[-1]["test_acc"] if rows and "test_acc" in rows[-1] else None
+    acc = RunDir(run_dir).final_accuracy()
+    return None if acc is None else 100.0 * acc
 
 
 def collect_run(run_dir: str | Path) -> dict:
     """Everything tables 1-8 show of one run: ``{"acc": %, "dec_train_mse": ..., ...}`` (None if missing)."""
-    run_dir = Path(run_dir)
-    out: dict[str, Optional[float]] = {"acc": final_accuracy(run_dir)}
-    reports = {a: _read_json(run_dir / f"attack_{a}.json") for a in ATTACKS}
+    rd = RunDir(run_dir)
+    out: dict[str, Optional[float]] = {"acc": final_accuracy(rd.path)}
     for key, (attack, setting, metric) in ATTACK_METRICS.items():
-        value = reports[attack].get("settings", {}).get(setting, {}).get("metrics", {}).get(metric)
-        out[key] = None if value is None else float(value)
+        out[key] = rd.attack_metric(attack, setting, metric)
     return out
-
-
-def run_status(run_dir: Path) -> str:
-    if not (run_dir / "config.json").is_file():
-        return "not run"
-    if not (run_dir / "final.pt").is_file():
-        return "training unfinished"
-    return "trained"
 
 
 # ----------------------------------------------------------------------------- running
@@ -220,69 +207,85 @@ class Options:
     data: Optional[ResolvedData]
     device: Optional[str]
     attacks: tuple[str, ...]
-    train_args: list[str]
-    attack_args: list[str]
-    threads: Optional[int]
+    train_overrides: dict = field(default_factory=dict)   # reproduce.train settings for every arm
+    attack_overrides: dict = field(default_factory=dict)  # reproduce.attack.run_attack overrides
+    threads: Optional[int] = None
     arm_options: dict = None   # sigma, cem_lambda, cem_variant of table_arms
     log: Callable[[str], None] = print
+    _found: Optional[list] = field(default=None, repr=False)  # (RunDir, config) of the runs under runs_root
 
 
-def _call(main, argv: list[str], what: str) -> None:
-    """Run a CLI's ``main(argv)`` in this process (datasets stay cached); raise RuntimeError on failure."""
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse errors
-        code = exc.code
-    if code not in (0, None):
-        raise RuntimeError(f"{what} failed (exit status {code}): {' '.join(argv)}")
+def _matches(cfg: dict, arm: Arm, dataset: str, seed: int, preset: str) -> bool:
+    lam = arm.cem_lambda if arm.cem else 0.0
+    return (cfg.get("preset") == preset and cfg.get("dataset") == dataset and cfg.get("arch") == arm.arch
+            and cfg.get("defence") == arm.defence and cfg.get("seed") == seed
+            and float(cfg.get("cem_lambda", -1.0)) == lam and float(cfg.get("sigma", -1.0)) == arm.sigma
+            and (not arm.cem or cfg.get("cem_variant") == arm.cem_variant))
+
+
+def run_dir_of(arm: Arm, seed: int, opts: Options) -> RunDir:
+    """Where ``arm``'s run of ``seed`` lives: ``ROOT/<arm name>/seed<S>`` (the layout this module trains),
+    else any run below ROOT whose config.json is that arm (e.g. ``runs/noise_nopeek_cem`` from
+    ``reproduce.train --out``), a finished one first; else the layout's path, where it would be trained."""
+    canonical = RunDir(opts.runs_root / arm.name(opts.data.name) / f"seed{seed}")
+    if canonical.started:
+        return canonical
+    if opts._found is None:
+        opts._found = [(rd, rd.read_config()) for rd in find_runs(opts.runs_root)]
+    hits = [rd for rd, cfg in opts._found if _matches(cfg, arm, opts.data.name, seed, opts.preset)]
+    hits.sort(key=lambda rd: not rd.finished)
+    return hits[0] if hits else canonical
+
+
+def _train_settings(arm: Arm, seed: int, opts: Options) -> dict:
+    settings = {"dataset": opts.data.name, "seed": seed, "arch": arm.arch, "defence": arm.defence,
+                "sigma": arm.sigma, "cem_lambda": arm.cem_lambda if arm.cem else 0.0}
+    if arm.cem:
+        settings["cem_variant"] = arm.cem_variant
+    return {**settings, **opts.train_overrides}
 
 
 def ensure_trained(arm: Arm, seed: int, opts: Options) -> Path:
     """Train ``arm`` with ``seed`` unless finished; resume an interrupted run. Returns the run directory."""
-    from reproduce import train
-
-    run_dir = opts.runs_root / arm.name(opts.data.name) / f"seed{seed}"
-    if (run_dir / "final.pt").is_file():
-        return run_dir
-    argv = ["--preset", opts.preset, "--out", str(run_dir), "--dataset", opts.data.name, "--seed", str(seed),
-            "--no-progress", *arm.train_args()]
-    if opts.data.data_root is not None:
-        argv += ["--data-root", opts.data.data_root]
-    if opts.device:
-        argv += ["--device", opts.device]
-    if opts.threads:
-        argv += ["--threads", str(opts.threads)]
-    argv += opts.train_args
-    config = _read_json(run_dir / "config.json")
-    if config and config.get("preset") != opts.preset:
-        raise ValueError(f"{run_dir} holds a run of preset {config.get('preset')!r}, not {opts.preset!r}: "
-                         f"use another --runs-root per preset")
-    if config:  # train resumes from checkpoint.pt, or starts over a run killed before its first one
-        opts.log(f"[table] resuming {run_dir}")
-        argv.append("--resume")
-    else:
-        opts.log(f"[table] training {run_dir}")
-    _call(train.main, argv, "reproduce.train")
-    return run_dir
+    rd = run_dir_of(arm, seed, opts)
+    pipeline.ensure_trained(rd, preset=opts.preset, overrides=_train_settings(arm, seed, opts),
+                            data_root=opts.data.data_root, device=opts.device, threads=opts.threads, log=opts.log)
+    return rd.path
 
 
 def ensure_attacked(run_dir: Path, attack: str, seed: int, opts: Options) -> None:
-    """Run ``attack`` on ``run_dir`` for each setting its report lacks (the attack resumes its own state)."""
-    from reproduce import attack as attack_cli
+    """Run ``attack`` on ``run_dir`` for each setting its record lacks (the attack resumes its own state)."""
+    pipeline.ensure_attacked(run_dir, attack, ATTACK_SETTINGS, preset=opts.preset,
+                             device=opts.device or _default_device(),
+                             overrides={"seed": seed, **opts.attack_overrides}, log=opts.log)
 
-    settings = _read_json(run_dir / f"attack_{attack}.json").get("settings", {})
-    missing = [s for s in ("train_time", "infer_time") if "metrics" not in settings.get(s, {})]
-    if not missing:
-        return
-    argv = ["--run", str(run_dir), "--attack", attack, "--preset", opts.preset, "--seed", str(seed),
-            "--setting", missing[0] if len(missing) == 1 else "both", "--no-progress"]
-    if opts.device:
-        argv += ["--device", opts.device]
-    if opts.threads:
-        argv += ["--threads", str(opts.threads)]
-    argv += opts.attack_args
-    opts.log(f"[table] {attack} attack on {run_dir} ({', '.join(missing)})")
-    _call(attack_cli.main, argv, "reproduce.attack")
+
+def _default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def missing_runs_text(arms: Sequence[Arm], opts: Options) -> list[str]:
+    """One line per run of ``arms`` x seeds that is not finished or not attacked, with the command that makes it."""
+    lines = []
+    root = f" --data-root {opts.data.data_root}" if opts.data.data_root else ""
+    for arm in arms:
+        for seed in opts.seeds:
+            rd = run_dir_of(arm, seed, opts)
+            s = _train_settings(arm, seed, opts)
+            if not rd.finished:
+                variant = f" --cem-variant {s['cem_variant']}" if "cem_variant" in s else ""
+                lines.append(f"- {arm.label}, seed {seed} ({rd.status()}): python -m reproduce.train --preset "
+                             f"{opts.preset} --dataset {s['dataset']}{root} --arch {s['arch']} --defence "
+                             f"{s['defence']} --sigma {s['sigma']:g} --cem-lambda {s['cem_lambda']:g}{variant} "
+                             f"--seed {seed} --out {rd.path}" + (" --resume" if rd.started else ""))
+            for attack in opts.attacks:
+                todo = rd.missing_settings(attack, ATTACK_SETTINGS)
+                if todo:
+                    lines.append(f"- {arm.label}, seed {seed}: python -m reproduce.attack --run {rd.path} "
+                                 f"--attack {attack} --preset {opts.preset} --seed {seed} --setting "
+                                 f"{todo[0] if len(todo) == 1 else 'both'}")
+    return lines
 
 
 # ----------------------------------------------------------------------------- cells
@@ -358,11 +361,10 @@ def _fmt_ratio(r: Optional[float]) -> str:
 
 # ----------------------------------------------------------------------------- tables 1-8
 
-def build_result_table(number: int, opts: Options, run: bool, run_defences: Optional[set[str]],
-                       errors: list[str]) -> dict:
-    """Collect (and with ``run``, first produce) every cell of table ``number`` (1-8)."""
-    arms = table_arms(number, **(opts.arm_options or {}))
-    columns = table_columns(number)
+def _collect_cells(arms: Sequence[Arm], columns: Sequence[str], opts: Options, errors: list[str],
+                   produce: Optional[Callable[[Arm, int], Path]], measure: Callable[[Path], dict]) -> dict:
+    """Every arm's cells: per seed, ``produce(arm, seed)`` (train / attack what is missing; None: nothing) then
+    ``measure(run_dir)``; one failing arm is an error line and missing cells, not a lost table."""
     cells: dict[Arm, dict[str, dict]] = {}
     for arm in arms:
         if opts.data is None:
@@ -370,17 +372,48 @@ def build_result_table(number: int, opts: Options, run: bool, run_defences: Opti
             continue
         per_seed = []
         for seed in opts.seeds:
-            run_dir = opts.runs_root / arm.name(opts.data.name) / f"seed{seed}"
-            if run and (run_defences is None or arm.defence in run_defences):
-                try:
-                    run_dir = ensure_trained(arm, seed, opts)
-                    for attack in opts.attacks:
-                        ensure_attacked(run_dir, attack, seed, opts)
-                except Exception as err:  # one failing arm must not lose the others
-                    errors.append(f"{arm.label} (seed {seed}): {type(err).__name__}: {err}")
-                    opts.log(traceback.format_exc())
-            per_seed.append(collect_run(run_dir))
+            run_dir = run_dir_of(arm, seed, opts).path
+            try:
+                if produce is not None:
+                    run_dir = produce(arm, seed)
+                per_seed.append(measure(run_dir))
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:  # one failing arm must not lose the others
+                errors.append(f"{arm.label} (seed {seed}): {type(err).__name__}: {err}")
+                opts.log(traceback.format_exc())
+                per_seed.append(_measure_what_exists(measure, run_dir, columns))
         cells[arm] = {k: summarize([r[k] for r in per_seed]) for k in columns}
+    return cells
+
+
+def _measure_what_exists(measure: Callable[[Path], dict], run_dir: Path, columns: Sequence[str]) -> dict:
+    """After a failure: the cells that the run's files still give (e.g. the decoder's when the GAN failed)."""
+    try:
+        return measure(run_dir)
+    except Exception:  # noqa: BLE001 - the failure is already reported; nothing more to show
+        return dict.fromkeys(columns)
+
+
+def _wanted(arm: Arm, run_defences: Optional[set[str]]) -> bool:
+    return run_defences is None or arm.defence in run_defences
+
+
+def build_result_table(number: int, opts: Options, run: bool, run_defences: Optional[set[str]],
+                       errors: list[str]) -> dict:
+    """Collect (and with ``run``, first produce) every cell of table ``number`` (1-8)."""
+    arms = table_arms(number, **(opts.arm_options or {}))
+    columns = table_columns(number)
+
+    def produce(arm: Arm, seed: int) -> Path:
+        if not (run and _wanted(arm, run_defences)):
+            return run_dir_of(arm, seed, opts).path
+        run_dir = ensure_trained(arm, seed, opts)
+        for attack in opts.attacks:
+            ensure_attacked(run_dir, attack, seed, opts)
+        return run_dir
+
+    cells = _collect_cells(arms, columns, opts, errors, produce, collect_run)
     return {"number": number, "arms": arms, "columns": columns, "cells": cells}
 
 
@@ -520,26 +553,18 @@ def measure_efficiency(run_dir: Path, device: str, reps: int, batch: int = LATEN
 def build_efficiency_table(opts: Options, run: bool, run_defences: Optional[set[str]], errors: list[str]) -> dict:
     arms = table_arms(9, **(opts.arm_options or {}))
     columns = paper_numbers.EFFICIENCY_COLUMNS
-    device = opts.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    device = opts.device or _default_device()
     reps = LATENCY_REPS[opts.preset]
-    cells = {}
-    for arm in arms:
-        if opts.data is None:
-            cells[arm] = {k: {"status": DATASET_MISSING} for k in columns}
-            continue
-        per_seed = []
-        for seed in opts.seeds:
-            run_dir = opts.runs_root / arm.name(opts.data.name) / f"seed{seed}"
-            try:
-                if run and (run_defences is None or arm.defence in run_defences):
-                    run_dir = ensure_trained(arm, seed, opts)
-                per_seed.append(measure_efficiency(run_dir, device, reps) if (run_dir / "final.pt").is_file()
-                                else dict.fromkeys(columns))
-            except Exception as err:
-                errors.append(f"{arm.label} (seed {seed}): {type(err).__name__}: {err}")
-                opts.log(traceback.format_exc())
-                per_seed.append(dict.fromkeys(columns))
-        cells[arm] = {k: summarize([r[k] for r in per_seed]) for k in columns}
+
+    def produce(arm: Arm, seed: int) -> Path:
+        if run and _wanted(arm, run_defences):
+            return ensure_trained(arm, seed, opts)
+        return run_dir_of(arm, seed, opts).path
+
+    def measure(run_dir: Path) -> dict:
+        return measure_efficiency(run_dir, device, reps) if RunDir(run_dir).finished else dict.fromkeys(columns)
+
+    cells = _collect_cells(arms, columns, opts, errors, produce, measure)
     return {"number": 9, "arms": arms, "columns": columns, "cells": cells, "device": device, "reps": reps}
 
 
@@ -608,14 +633,38 @@ def _write_text(text: str, path: Path) -> None:
     tmp.replace(path)
 
 
+def write_table(number: int, opts: Options, out: Path, *, run_missing: bool = False,
+                run_defences: Optional[set[str]] = None) -> tuple[dict, str, list[str]]:
+    """Build table ``number`` from the runs below ``opts.runs_root`` (training and attacking what is missing
+    when ``run_missing``), write ``out`` (markdown) and its ``.csv``; returns (result, markdown, errors)."""
+    errors: list[str] = []
+    if number == 9:
+        result = build_efficiency_table(opts, run_missing, run_defences, errors)
+        text, rows = efficiency_markdown(result, opts, errors), efficiency_csv_rows(result)
+    else:
+        result = build_result_table(number, opts, run_missing, run_defences, errors)
+        text, rows = result_markdown(result, opts, errors), result_csv_rows(result)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_text(text, out)
+    _write_csv(rows, out.with_suffix(".csv"))
+    return result, text, errors
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m reproduce.table", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", type=int, required=True, choices=TABLES)
-    p.add_argument("--preset", default="smoke", choices=PRESETS, help="training and attack budget (default smoke)")
-    p.add_argument("--runs-root", default=None, help="where the arms' runs live (default runs/<preset>)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
+                   help=f"training and attack budget (default {DEFAULT_PRESET}, as reproduce.train's)")
+    p.add_argument("--runs-root", default=None,
+                   help="where the arms' runs live: ROOT/<arm>/seed<S>, or any run below ROOT whose config is "
+                        "the arm's (default runs/<preset>)")
     p.add_argument("--out", default=None, help="output markdown file (default table<N>_<preset>.md); a .csv beside it")
-    p.add_argument("--no-run", action="store_true", help="only collect the runs that exist")
+    p.add_argument("--run-missing", action="store_true",
+                   help="train and attack the arms that are missing (without it the table lists them and the "
+                        "commands that make them)")
+    p.add_argument("--no-run", action="store_true", help="only collect the runs that exist (the default)")
     p.add_argument("--data-root", default=None, help="folder with the datasets (default: train's default)")
     p.add_argument("--download", action="store_true", help="let torchvision download a missing CIFAR set")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the preset's)")
@@ -627,8 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=0.025, help="noise std / CEM sigma (paper: 0.025)")
     p.add_argument("--cem-lambda", type=float, default=16.0, help="CEM weight of the w/ CEM arms (paper: 16)")
     p.add_argument("--cem-variant", default="paper", choices=("paper", "official", "official-trained"))
-    p.add_argument("--train-args", default="", help="extra flags for reproduce.train, one string")
-    p.add_argument("--attack-args", default="", help="extra flags for reproduce.attack, one string")
+    p.add_argument("--train-args", default="", help="extra reproduce.train flags for every arm, one string")
+    p.add_argument("--attack-args", default="", help="extra attack settings, one string: --epochs N, --batch-size "
+                   "B, --max-train-images N, --max-test-images N, --noise-aware")
     return p
 
 
@@ -674,24 +724,54 @@ def main(argv: Optional[list[str]] = None) -> int:
     except DatasetMissing as err:
         print(f"[table] {dataset}: {err}; its cells read '{DATASET_MISSING}'", file=sys.stderr)
         data = None
+    if args.run_missing and args.no_run:
+        parser.error("--run-missing and --no-run contradict each other")
+    try:
+        train_settings = pipeline.train_overrides(args.train_args)
+        attack_settings = attack_overrides(args.attack_args)
+    except (ValueError, SystemExit) as err:
+        parser.error(f"--train-args / --attack-args: {err}")
     opts = Options(preset=args.preset, runs_root=runs_root, seeds=seeds, data=data, device=args.device,
-                   attacks=tuple(args.attacks), train_args=shlex.split(args.train_args),
-                   attack_args=shlex.split(args.attack_args), threads=args.threads,
+                   attacks=tuple(args.attacks), train_overrides=train_settings, attack_overrides=attack_settings,
+                   threads=args.threads,
                    arm_options={"sigma": args.sigma, "cem_lambda": args.cem_lambda, "cem_variant": args.cem_variant},
                    log=lambda msg: print(msg, file=sys.stderr))
-    errors: list[str] = []
-    if args.table == 9:
-        result = build_efficiency_table(opts, not args.no_run, run_defences, errors)
-        text, rows = efficiency_markdown(result, opts, errors), efficiency_csv_rows(result)
-    else:
-        result = build_result_table(args.table, opts, not args.no_run, run_defences, errors)
-        text, rows = result_markdown(result, opts, errors), result_csv_rows(result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(text, out)
-    _write_csv(rows, out.with_suffix(".csv"))
+    try:
+        result, text, errors = write_table(args.table, opts, out, run_missing=args.run_missing,
+                                           run_defences=run_defences)
+    except KeyboardInterrupt:
+        print("[table] interrupted; rerun the same command to continue (finished runs and attacks are kept, "
+              "the interrupted one resumes)", file=sys.stderr)
+        return 130
     print(text)
     print(f"wrote {out} and {out.with_suffix('.csv')}", file=sys.stderr)
+    if data is not None and not args.run_missing:
+        arms = [a for a in result["arms"] if run_defences is None or a.defence in run_defences]
+        missing = missing_runs_text(arms, opts)
+        if missing:
+            print(f"[table] {len(missing)} run(s) or attack(s) missing (their cells read '{MISSING}'); make them "
+                  "with the commands below, or rerun this command with --run-missing:", file=sys.stderr)
+            print("\n".join(missing), file=sys.stderr)
     return 1 if errors else 0
+
+
+def attack_overrides(flags: str) -> dict:
+    """The attack settings a string of ``--attack-args`` flags sets."""
+    p = argparse.ArgumentParser(prog="--attack-args", add_help=False, exit_on_error=False)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-train-images", type=int)
+    p.add_argument("--max-test-images", type=int)
+    p.add_argument("--noise-aware", action="store_true", default=None)
+    try:
+        parsed = p.parse_args(shlex.split(flags))
+    except argparse.ArgumentError as err:
+        raise ValueError(str(err)) from None
+    out = {k: v for k, v in vars(parsed).items() if v is not None}
+    bad = [k for k, v in out.items() if isinstance(v, int) and not isinstance(v, bool) and v < 1]
+    if bad:
+        raise ValueError(f"--attack-args: {', '.join(bad)} must be >= 1")
+    return out
 
 
 if __name__ == "__main__":

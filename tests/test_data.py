@@ -1,6 +1,5 @@
 """Tests for reproduce.data: dataset info, the shipped sample, the offline npz copies, errors, helpers."""
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -234,3 +233,53 @@ def test_subset_fills_up_from_larger_classes():
         subset(ds, 15)
     with pytest.raises(TypeError, match="n"):
         subset(ds, 2.0)
+
+
+def _class_sorted_test_npz(path: Path, known: int = 20, per_class: int = 10) -> np.ndarray:
+    """A cifar10_test.npz laid out like the real one: ``known`` rows in canonical order, then the rest grouped
+    by class (canonical_index -1, within_class_index their rank in the class). Returns the labels."""
+    rng = np.random.default_rng(0)
+    y_known = rng.permutation(np.arange(known) % 10)
+    rest = np.repeat(np.arange(10), per_class)
+    y = np.concatenate([y_known, rest])
+    x = np.zeros((len(y), 32, 32, 3), dtype=np.uint8)
+    x[:, 0, 0, 0] = np.arange(len(y))  # each image carries its file row
+    within = np.zeros(len(y), dtype=np.int64)
+    for c in range(10):
+        rows = np.flatnonzero(y == c)
+        within[rows] = np.arange(len(rows))
+    canonical = np.concatenate([np.arange(known), np.full(len(rest), -1)])
+    np.savez(path, x=x, y=y, canonical_index=canonical, within_class_index=within,
+             class_names=np.array([f"c{i}" for i in range(10)]))
+    return y
+
+
+def test_loader_restores_canonical_order_and_interleaves_a_class_sorted_tail(tmp_path):
+    y = _class_sorted_test_npz(tmp_path / "cifar10_test.npz")
+    test = load_dataset("cifar10", "test", data_root=tmp_path)
+    rows = test.images[:, 0, 0, 0].long()
+    assert torch.equal(rows[:20], torch.arange(20))  # the known canonical rows first, in order
+    assert sorted(rows.tolist()) == list(range(len(y)))  # a permutation: nothing lost or repeated
+    assert torch.equal(test.targets, torch.from_numpy(y)[rows])  # labels travel with their images
+    tail = torch.bincount(test.targets[-len(test) // 10:], minlength=10)  # the last 10 %: the inference-time
+    assert tail.max() - tail.min() <= 1  # attack's scored images; in file order they would all be class 9
+    assert torch.equal(torch.bincount(test.targets[-10:], minlength=10), torch.ones(10, dtype=torch.long))
+    for c in range(10):  # the order inside each class is kept
+        inside = rows[test.targets == c]
+        assert torch.equal(inside, inside.sort().values)
+
+
+def test_canonical_order_sorts_known_positions():
+    from reproduce.data.datasets import canonical_order
+
+    order = canonical_order(np.array([2, 0, 1, -1, -1]), np.array([0, 1, 0, 1, 1]))
+    assert order.tolist() == [1, 2, 0, 3, 4]
+    with pytest.raises(ValueError, match="canonical_index"):
+        canonical_order(np.array([0, 1]), np.array([0]))
+
+
+@needs_shared
+def test_shared_cifar10_test_tail_is_class_balanced():
+    test = load_dataset("cifar10", "test", data_root=SHARED)
+    counts = torch.bincount(test.targets[-1000:], minlength=10)
+    assert counts.min() >= 90 and counts.max() <= 110, counts.tolist()

@@ -22,7 +22,8 @@ def test_figure5_writes_a_png_with_one_row_per_run(tmp_path):
     import matplotlib.image
 
     originals = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
-    runs = [_fake_run(tmp_path / "a", "noise", 0.0, originals, 1), _fake_run(tmp_path / "b", "noise", 16.0, originals, 2)]
+    runs = [_fake_run(tmp_path / "a", "noise", 0.0, originals, 1),
+            _fake_run(tmp_path / "b", "noise", 16.0, originals, 2)]
     out = figure5(runs, tmp_path / "fig" / "f5.png", num_images=4)
     image = matplotlib.image.imread(out)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 300

@@ -8,7 +8,7 @@ from torch import nn
 
 from reproduce.models import ResDecoder, SplitModel, WGANCritic, build_split_model, parse_bottleneck
 
-# official-code-facts.md section 2: smashed (C,H,W) with the 8-channel bottleneck.
+# The authors' smashed-data shapes (C,H,W) with the 8-channel bottleneck.
 VGG_SMASHED = {  # cut -> {image_size: (C,H,W)}
     1: {32: (8, 32, 32), 48: (8, 48, 48), 64: (8, 64, 64)},
     2: {32: (8, 16, 16), 48: (8, 24, 24), 64: (8, 32, 32)},

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reproduce import train
+from reproduce import ddp, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # resnet20 (no dropout), no augmentation, no noise: the run is deterministic. 19 images in batches
@@ -73,7 +73,7 @@ def test_global_batch_shard_covers_the_one_process_batches():
     shards = []
     for rank in range(2):
         gen = torch.Generator().manual_seed(3)
-        sampler = train.GlobalBatchShard(BatchSampler(RandomSampler(data, generator=gen), 8, False), rank, 2)
+        sampler = ddp.GlobalBatchShard(BatchSampler(RandomSampler(data, generator=gen), 8, False), rank, 2)
         shards.append(([b.tolist() for b in DataLoader(data, batch_sampler=sampler, generator=gen)],
                        sampler.positions))
     assert [a + b for a, b in zip(shards[0][0], shards[1][0])] == one

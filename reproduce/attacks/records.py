@@ -1,4 +1,4 @@
-"""Where a run's attack results live (every file name in one place) and how a setting's entry is written.
+"""How a setting's attack entry is written into a run (the file names are ``reproduce.rundir.RunDir``'s).
 
 ``RUN/attack_<name>.json``: the header (run, defence, preset, seed) and ``settings[<setting>]`` entries;
 ``RUN/attack_<name>_samples.pt``: a few test originals (uint8) and their reconstructions per setting;
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from reproduce.checkpoint import save_atomic, write_json_atomic
+from reproduce.rundir import RunDir
 
 __all__ = ["SETTINGS", "record_path", "samples_path", "state_dir", "read_record", "write_setting"]
 
@@ -19,15 +20,15 @@ SETTINGS = ("train_time", "infer_time")
 
 
 def record_path(run_dir, attack: str) -> Path:
-    return Path(run_dir) / f"attack_{attack}.json"
+    return RunDir(run_dir).attack_record_path(attack)
 
 
 def samples_path(run_dir, attack: str) -> Path:
-    return Path(run_dir) / f"attack_{attack}_samples.pt"
+    return RunDir(run_dir).attack_samples_path(attack)
 
 
 def state_dir(run_dir, attack: str, setting: str) -> Path:
-    return Path(run_dir) / f"attack_{attack}" / setting
+    return RunDir(run_dir).attack_state_dir(attack, setting)
 
 
 def read_record(run_dir, attack: str) -> dict:

@@ -7,9 +7,9 @@ before the float conversion, as in the authors' PIL pipeline.
 
 Sources, first found wins (``data_root`` defaults to ``~/.cache/cem_fast/data``):
 
-* ``cifar10``: the offline ``cifar10_{train_jpeg,test}.npz`` copies in ``data_root`` (see
-  /work/shared/data/README.md), else torchvision's CIFAR10 under ``data_root`` (downloaded if
-  ``download``).
+* ``cifar10``: the offline ``cifar10_{train_jpeg,test}.npz`` copies in ``data_root`` (see the data
+  folder's README), rows in canonical order (``canonical_order``), else torchvision's CIFAR10 under
+  ``data_root`` (downloaded only with ``download=True``).
 * ``cifar100``: torchvision's CIFAR100 under ``data_root``.
 * ``facescrub``: ``<root>/facescrub/48x48/{train,validate}/<person>/*.jpg`` (the authors'
   prepare_facescrub.py output), else (with a warning) ``facescrub_6id_64px.npz`` in
@@ -32,6 +32,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -165,15 +166,20 @@ def _to_nchw(x: np.ndarray) -> torch.Tensor:
 def _load_npz_split(path: str, mtime: float, split: str) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
     """Read (and decode, once per process) one split of one of our npz files. ``mtime`` keys the cache."""
     with np.load(path) as d:
+        prefix = ""
         if "train_offsets" in d.files:  # our shipped sample: both splits in one file
-            prefix = "train" if split == "train" else "test"
+            prefix = "train_" if split == "train" else "test_"
             key = "jpeg" if split == "train" else "png"
-            x = _decode_images(d[f"{prefix}_{key}_bytes"], d[f"{prefix}_offsets"])
-            y = d[f"{prefix}_y"]
+            x = _decode_images(d[f"{prefix}{key}_bytes"], d[f"{prefix}offsets"])
+            y = d[f"{prefix}y"]
         elif "jpeg_bytes" in d.files:
             x, y = _decode_images(d["jpeg_bytes"], d["offsets"]), d["y"]
         else:
             x, y = d["x"], d["y"]
+        if f"{prefix}canonical_index" in d.files:
+            within = d[f"{prefix}within_class_index"] if f"{prefix}within_class_index" in d.files else None
+            order = canonical_order(d[f"{prefix}canonical_index"], np.asarray(y), within)
+            x, y = x[order], np.asarray(y)[order]
         if "wnids" in d.files:
             # npz labels index wnids.txt order; ImageFolder (the authors' loader) sorts wnids.
             wnids = d["wnids"]
@@ -184,6 +190,35 @@ def _load_npz_split(path: str, mtime: float, split: str) -> tuple[torch.Tensor, 
         else:
             classes = tuple(str(c) for c in d["class_names"])
     return _to_nchw(x), torch.from_numpy(np.asarray(y, dtype=np.int64)), classes
+
+
+def canonical_order(canonical_index: np.ndarray, y: np.ndarray,
+                    within_class_index: Optional[np.ndarray] = None) -> np.ndarray:
+    """Row order that restores a file's canonical order (a permutation of ``range(len(y))``).
+
+    Rows with a known position (``canonical_index >= 0``) come first, sorted by it. Rows whose position
+    is unknown (``-1``: in ``cifar10_test.npz`` the 9,000 images after canonical 999, stored grouped by
+    class) follow with the classes interleaved: sorted by their rank inside their class
+    (``within_class_index``), then by label. So no stretch of the returned order is one class, and a
+    split by position (e.g. the last 10 %) is class-balanced; the order inside each class is kept.
+    """
+    canonical_index = np.asarray(canonical_index, dtype=np.int64)
+    y = np.asarray(y, dtype=np.int64)
+    if canonical_index.shape != y.shape:
+        raise ValueError(f"canonical_index has shape {canonical_index.shape}, the labels {y.shape}")
+    known = np.flatnonzero(canonical_index >= 0)
+    known = known[np.argsort(canonical_index[known], kind="stable")]
+    unknown = np.flatnonzero(canonical_index < 0)
+    if len(unknown):
+        if within_class_index is None:  # rank inside the class by file position
+            rank = np.empty(len(unknown), dtype=np.int64)
+            for c in np.unique(y[unknown]):
+                sel = y[unknown] == c
+                rank[sel] = np.arange(int(sel.sum()))
+        else:
+            rank = np.asarray(within_class_index, dtype=np.int64)[unknown]
+        unknown = unknown[np.lexsort((y[unknown], rank))]
+    return np.concatenate([known, unknown])
 
 
 def _npz(path: Path, split: str):
@@ -233,7 +268,7 @@ def _facescrub_standin(path: Path, split: str):
 
 
 def load_dataset(name: str, split: str, data_root: str | os.PathLike | None = None, augment: bool = False,
-                 download: bool = True) -> Dataset:
+                 download: bool = False) -> Dataset:
     """Load ``split`` ("train"/"test") of dataset ``name`` (see the module docstring for sources).
 
     Returns a Dataset of ``(normalised float32 [C,H,W] image, int label)`` with ``.targets``

@@ -1,0 +1,246 @@
+"""Named grids of runs, resumable: ``python -m reproduce.grid NAME`` (``--list``, ``--dry-run``).
+
+A grid is a list of jobs run in order: a *run* job trains one run unless it has finished (resuming an
+interrupted one) and then runs its attacks unless their records exist; a *table* job writes a table
+from the runs that exist. Rerunning a grid continues where it stopped, and a finished grid reruns as a
+no-op (its tables are rewritten from the same records). Grids:
+
+* ``cpu``: the ``--preset cpu`` runs behind ``reproduce/RESULTS.md`` on CIFAR-10 (``--data-root``,
+  default ``<repo>/../shared/data`` or ``$CEM_FAST_DATA``), in ``runs/cpu``, ordered so that an
+  interrupted grid leaves the most useful runs finished.
+* ``smoke``: two tiny runs and a table, seconds; shows the machinery.
+
+Run layout (the one ``reproduce.table`` collects): ``ROOT/<dataset>_<arch>_<defence>_lam<L>_sigma<S>/seed<N>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+from reproduce import pipeline
+from reproduce.rundir import RunDir
+
+DECODER_SETTINGS = ("train_time", "infer_time")
+# The attacker at the cpu preset: batch 64 for 8 epochs (about 1,250 steps on 10,000 images). With the
+# preset's batch of 256 and 4 epochs, 160 steps left the decoder close to the mean image on small data.
+CPU_ATTACK = {"batch_size": 64, "epochs": 8}
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """Train one run, then each ``(attack, settings)`` of ``attacks`` that has no record yet."""
+
+    dataset: str
+    defence: str
+    sigma: float
+    cem_lambda: float
+    seed: int
+    attacks: tuple = (("decoder", DECODER_SETTINGS),)
+    arch: str = "vgg11_bn"
+    train: tuple = ()  # extra reproduce.train settings, as (name, value) pairs
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}_{self.arch}_{self.defence}_lam{self.cem_lambda:g}_sigma{self.sigma:g}/seed{self.seed}"
+
+    def settings(self) -> dict:
+        return {"dataset": self.dataset, "arch": self.arch, "defence": self.defence, "sigma": self.sigma,
+                "cem_lambda": self.cem_lambda, "seed": self.seed, **dict(self.train)}
+
+    def todo(self, root: Path) -> list[str]:
+        """What is left of this job (empty: done)."""
+        rd = RunDir(root / self.name)
+        left = [] if rd.finished else [f"train ({rd.status()})"]
+        for attack, settings in self.attacks:
+            missing = settings if left else rd.missing_settings(attack, settings)
+            left += [f"{attack} {s}" for s in missing]
+        return left
+
+
+@dataclass(frozen=True)
+class TableJob:
+    """Write table ``number`` (and its .csv) to ``out`` from the runs that exist (trains nothing)."""
+
+    number: int
+    out: str
+    attacks: tuple = ("decoder", "gan")
+    seeds: Optional[tuple] = None
+
+    def todo(self, root: Path, out_dir: Path = Path(".")) -> list[str]:
+        """``write OUT``, or nothing when the table exists (a grid that ran nothing rewrites no table)."""
+        return [] if (Path(out_dir) / self.out).is_file() else [f"write {self.out}"]
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    description: str
+    preset: str
+    jobs: tuple
+    attack_overrides: dict = field(default_factory=dict)  # attack -> its run_attack overrides
+    default_data_root: Optional[Callable[[], Optional[str]]] = None
+
+
+def shared_data_root() -> Optional[str]:
+    """``$CEM_FAST_DATA``, else ``<repo>/../shared/data`` when it exists, else None."""
+    env = os.environ.get("CEM_FAST_DATA")
+    if env:
+        return env
+    beside = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return str(beside) if beside.is_dir() else None
+
+
+def _cpu_jobs() -> tuple:
+    def noise(sigma, lam, seed, **kw):
+        return RunJob("cifar10", "noise", sigma, lam, seed, **kw)
+
+    def arl(lam, seed, **kw):
+        return RunJob("cifar10", "noise_arl", 0.025, lam, seed, **kw)
+
+    def noise25(lam, seed, **kw):
+        return noise(0.025, lam, seed, **kw)
+
+    def gan(settings):
+        return (("decoder", DECODER_SETTINGS), ("gan", settings))
+
+    jobs = [
+        # 1. Table 1's Noise_ARL rows. Plain noise is no Table 1 row: see step 3.
+        arl(0, 125), arl(16, 125),
+        # 2. Figure 4's question: more noise alone against CEM at a lower weight.
+        noise(0.05, 0, 125), noise(0.1, 0, 125), noise25(4, 125),
+        # 3. noise with and without CEM over three seeds.
+        *[noise25(lam, seed) for seed in (126, 127) for lam in (0, 16)],
+        # 4. The GAN attack on the noise and noise_arl arms, starting from their decoders.
+        *[job(lam, 125, attacks=gan(("train_time",))) for job in (noise25, arl) for lam in (0, 16)],
+        TableJob(1, "reproduce/results/table1_cpu.md"),
+        # 5. Seeds for Figure 4's strongest noise-only arm (sigma 0.1), the comparison CEM has to win.
+        *[noise(0.1, 0, seed) for seed in (126, 127)],
+        # 6. Seeds for noise_arl with and without CEM (about 30 minutes an arm at this preset).
+        *[arl(lam, seed) for seed in (126, 127) for lam in (0, 16)],
+        # 7-8. The GAN attack in both settings on all three seeds: Table 1's GAN columns.
+        *[job(lam, seed, attacks=gan(DECODER_SETTINGS)) for seed in (125, 126, 127)
+          for job in (noise25, arl) for lam in (0, 16)],
+        TableJob(1, "reproduce/results/table1_cpu.md"),
+        # 9. Seeds for Figure 4's two single-seed arms: CEM at lambda 4, then noise alone at sigma 0.05.
+        *[noise25(4, seed) for seed in (126, 127)],
+        *[noise(0.05, 0, seed) for seed in (126, 127)],
+    ]
+    return tuple(jobs)
+
+
+_SMOKE_TRAIN = (("epochs", 1), ("train_subset", 8), ("test_subset", 4), ("batch_size", 4), ("cem_backend", "torch"))
+GRIDS = {
+    "cpu": Grid("cpu", "the --preset cpu runs behind reproduce/RESULTS.md (CIFAR-10; days on 2 cores)", "cpu",
+                _cpu_jobs(), {"decoder": CPU_ATTACK}, shared_data_root),
+    "smoke": Grid("smoke", "two tiny runs on the shipped sample and Table 1 from them (about a minute)", "smoke",
+                  (RunJob("cifar10-sample", "bottleneck", 0.025, 0, 0, train=_SMOKE_TRAIN),
+                   RunJob("cifar10-sample", "bottleneck", 0.025, 16, 0, train=_SMOKE_TRAIN),
+                   TableJob(1, "table1_smoke.md", attacks=("decoder",), seeds=(0,))),
+                  {"decoder": {"epochs": 1, "max_train_images": 16, "max_test_images": 20}}),
+}
+
+
+def run_grid(name: str, *, runs_root: Optional[Union[str, Path]] = None, data_root: Optional[str] = None,
+             device: Optional[str] = None, threads: Optional[int] = None, out_dir: Optional[Path] = None,
+             dry_run: bool = False, log: Callable[[str], None] = print) -> list[str]:
+    """Run grid ``name`` (``GRIDS``) job by job, skipping what is done; returns the lines of what was (or,
+    with ``dry_run``, would be) done. ``out_dir``: where table jobs write (default: the current folder)."""
+    if name not in GRIDS:
+        raise ValueError(f"grid must be one of {tuple(GRIDS)}, got {name!r}")
+    grid = GRIDS[name]
+    root = Path(runs_root or f"runs/{grid.preset}")
+    if data_root is None and grid.default_data_root is not None:
+        data_root = grid.default_data_root()
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    done_lines = []
+    out_base = Path(out_dir or ".")
+    changed = False  # a table job rewrites its table only after a run job did something (or when it is missing)
+    for i, job in enumerate(grid.jobs, 1):
+        if isinstance(job, RunJob):
+            left = job.todo(root)
+        else:
+            left = [f"write {job.out}"] if changed else job.todo(root, out_base)
+        what = job.name if isinstance(job, RunJob) else f"table {job.number}"
+        if not left:
+            continue
+        done_lines.append(f"{i}/{len(grid.jobs)} {what}: {', '.join(left)}")
+        log(("[grid] would run " if dry_run else "[grid] ") + done_lines[-1])
+        if dry_run:
+            continue
+        if isinstance(job, RunJob):
+            rd = pipeline.ensure_trained(root / job.name, preset=grid.preset, overrides=job.settings(),
+                                         data_root=data_root if job.dataset != "cifar10-sample" else None,
+                                         device=device, threads=threads, log=log)
+            for attack, settings in job.attacks:
+                pipeline.ensure_attacked(rd, attack, settings, preset=grid.preset, device=device,
+                                         overrides={"seed": job.seed, **grid.attack_overrides.get(attack, {})},
+                                         log=log)
+            changed = True
+        else:
+            _write_table(job, grid, root, data_root, device, threads, out_base, log)
+    return done_lines
+
+
+def _write_table(job: TableJob, grid: Grid, root: Path, data_root, device, threads, out_dir, log) -> None:
+    from reproduce import paper_numbers, table
+    from reproduce.presets import preset
+
+    data = table.resolve_dataset(paper_numbers.table(job.number)["dataset"], data_root)
+    opts = table.Options(preset=grid.preset, runs_root=root, seeds=list(job.seeds or [preset(grid.preset)["seed"]]),
+                         data=data, device=device, attacks=job.attacks, threads=threads, log=log)
+    out = Path(out_dir) / job.out
+    table.write_table(job.number, opts, out)
+    log(f"[grid] wrote {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m reproduce.grid", description=__doc__.split("\n\n")[0],
+                                epilog="grids: " + "; ".join(f"{g.name}: {g.description}" for g in GRIDS.values()))
+    p.add_argument("name", nargs="?", choices=tuple(GRIDS), help="the grid to run: " + ", ".join(GRIDS))
+    p.add_argument("--list", action="store_true", help="list the grids and how much of each is left")
+    p.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
+    p.add_argument("--runs-root", help="where the runs live (default runs/<the grid's preset>)")
+    p.add_argument("--data-root", help="folder with the datasets (cpu: default <repo>/../shared/data)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.list:
+        for g in GRIDS.values():
+            root = Path(args.runs_root or f"runs/{g.preset}")
+            left = sum(1 for j in g.jobs if isinstance(j, RunJob) and j.todo(root))
+            runs = sum(isinstance(j, RunJob) for j in g.jobs)
+            print(f"{g.name}: {g.description}; {runs - left}/{runs} run jobs done in {root}")
+        return 0
+    if args.name is None:
+        p.error("name a grid (or --list)")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    if args.data_root is not None and not Path(args.data_root).is_dir():
+        print(f"error: --data-root {args.data_root} is not a folder", file=sys.stderr)
+        return 2
+    try:
+        lines = run_grid(args.name, runs_root=args.runs_root, data_root=args.data_root, device=args.device,
+                         threads=args.threads, dry_run=args.dry_run, log=lambda m: print(m, file=sys.stderr))
+    except KeyboardInterrupt:
+        print(f"[grid] interrupted; continue with `python -m reproduce.grid {args.name}` (it resumes)",
+              file=sys.stderr)
+        return 130
+    if not lines:
+        print(f"[grid] {args.name}: everything is done", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The experiment pipeline as plain calls: train a run unless it is finished, attack it unless it is attacked.
+
+    rd = ensure_trained("runs/noise_cem", preset="cpu", overrides={"defence": "noise", "cem_lambda": 16.0})
+    entries = ensure_attacked(rd, "decoder", ("train_time", "infer_time"), overrides={"epochs": 8})
+
+Both are idempotent: a finished run or attack is returned as it is, an interrupted one resumes. They are
+what ``reproduce.table``, ``reproduce.demo`` and ``reproduce.grid`` call.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+from reproduce.rundir import RunDir, setting_key
+
+PathLike = Union[str, os.PathLike, RunDir]
+TRAIN_SETTINGS_FIXED = ("out", "resume", "stop_after_epoch")  # the pipeline decides these
+
+
+def _train_namespace(path, preset: Optional[str], overrides: Mapping, data_root, device, threads, progress):
+    from reproduce.train_config import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["--out", str(path)])
+    known = set(vars(args))
+    for key, value in overrides.items():
+        if key not in known or key in TRAIN_SETTINGS_FIXED:
+            raise ValueError(f"overrides: {key!r} is not a setting of reproduce.train "
+                             f"(one of {sorted(known - set(TRAIN_SETTINGS_FIXED))})")
+        setattr(args, key, value)
+    args.preset = preset
+    for key, value in (("data_root", data_root), ("device", device), ("threads", threads)):
+        if value is not None:
+            setattr(args, key, str(value) if key == "data_root" else value)
+    args.progress = progress
+    return args
+
+
+def train_overrides(flags: str) -> dict:
+    """The settings a string of ``reproduce.train`` flags sets (``"--epochs 3 --no-augment"`` -> a dict)."""
+    from reproduce.train_config import build_parser
+
+    parser = build_parser()
+    defaults = vars(parser.parse_args(["--out", "x"]))
+    given = vars(parser.parse_args(["--out", "x", *shlex.split(flags)]))
+    out = {k: v for k, v in given.items() if v != defaults[k]}
+    bad = sorted(set(out) & set(TRAIN_SETTINGS_FIXED))
+    if bad:
+        raise ValueError(f"--train-args may not set {', '.join(bad)}: the pipeline chooses them")
+    return out
+
+
+def ensure_trained(run_dir: PathLike, *, preset: Optional[str] = None, overrides: Optional[Mapping] = None,
+                   data_root: Optional[PathLike] = None, device: Optional[str] = None,
+                   threads: Optional[int] = None, download: bool = False,
+                   log: Callable[[str], None] = print) -> RunDir:
+    """Train ``run_dir`` as ``preset`` + ``overrides`` say unless it has finished; resume an interrupted run.
+
+    ``overrides`` maps ``reproduce.train`` settings (their flag names with ``_``: ``defence``, ``sigma``,
+    ``cem_lambda``, ``epochs``, ``seed``, ...) to values. A run already there must have been made with the
+    same preset (ValueError otherwise) and its stored settings bind. Returns the finished run's ``RunDir``.
+    """
+    from reproduce import train
+    from reproduce.train_config import DEFAULT_PRESET, resolve_config, resume_config
+
+    rd = RunDir(run_dir)
+    if rd.finished:
+        return rd
+    overrides = dict(overrides or {})
+    progress = bool(overrides.pop("progress", sys.stderr.isatty()))
+    preset = preset or DEFAULT_PRESET
+    args = _train_namespace(rd.path, preset, overrides, data_root, device, threads, progress)
+    cfg = resolve_config(args)
+    cfg["command"] = "reproduce.pipeline.ensure_trained"
+    if rd.started:
+        stored = rd.read_config()
+        if stored.get("preset") != preset:
+            raise ValueError(f"{rd.path} holds a run of preset {stored.get('preset')!r}, not {preset!r}: "
+                             "use another run directory per preset")
+        cfg = resume_config(stored, cfg, args)
+        log(f"[pipeline] resuming {rd.path}")
+    else:
+        log(f"[pipeline] training {rd.path}")
+    train.run(cfg, rd.path, resume=rd.started, log=log, download=download)
+    return rd
+
+
+def ensure_attacked(run_dir: PathLike, attack: str, settings: Sequence[str] = ("train_time",), *,
+                    preset: Optional[str] = None, data_root: Optional[PathLike] = None, device: str = "cpu",
+                    overrides: Optional[Mapping] = None, log: Callable[[str], None] = print) -> dict:
+    """Run ``attack`` on the finished run ``run_dir`` in each of ``settings`` that has no record yet.
+
+    ``settings``: ``"train_time"`` / ``"infer_time"`` (``"train-time"`` spellings too). Returns
+    ``{setting: record entry}`` for every requested setting. The attack resumes its own saved state.
+    """
+    from reproduce.attack import run_attack
+
+    if isinstance(settings, str):
+        settings = (settings,)
+    rd = RunDir(run_dir).check_finished()
+    for setting in rd.missing_settings(attack, settings):
+        log(f"[pipeline] {attack} attack on {rd.path} ({setting_key(setting)})")
+        run_attack(rd.path, attack, setting=setting, preset=preset, data_root=data_root, device=device,
+                   overrides=dict(overrides or {}))
+    return {setting_key(s): rd.attack_entry(attack, s) for s in settings}

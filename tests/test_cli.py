@@ -1,0 +1,171 @@
+"""The command lines' rough edges: Ctrl-C, an existing --out, a missing --data-root, file modes and sizes,
+progress bars off a terminal, and every --help listing every choice."""
+
+import argparse
+import stat
+import sys
+
+import pytest
+import torch
+
+from reproduce import figure, grid, table, train, train_loop
+from reproduce.rundir import RunDir
+
+TINY = ["--preset", "smoke", "--train-subset", "8", "--test-subset", "4", "--batch-size", "4", "--epochs", "2",
+        "--no-progress", "--threads", "1", "--cem-backend", "torch", "--defense", "noise", "--cem-lambda", "0"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_ctrl_c_ends_with_one_line_naming_the_resume_command_which_works(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real = train.train_epoch
+
+    def interrupted_in_epoch_2(epoch, *a, **k):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(epoch, *a, **k)
+    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_2)
+    assert train.main([*TINY, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "interrupted after 1 finished epoch" in lines[0]
+    hint = lines[0].split("`")[1]
+    assert hint == f"python -m reproduce.train --out {out} --resume"
+    monkeypatch.setattr(train, "train_epoch", real)
+    # The hint as printed (only --out and --resume) finishes the run with its stored settings.
+    assert train.main(hint.split()[3:]) == 0
+    rd = RunDir(out)
+    assert rd.finished and [r["epoch"] for r in rd.metrics()] == [1, 2]
+    assert rd.read_config()["preset"] == "smoke"
+
+
+def test_existing_out_suggests_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--epochs", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert train.main([*TINY, "--epochs", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "FileExistsError" not in err
+    assert len(err.splitlines()) == 1 and f"python -m reproduce.train --out {out} --resume" in err
+    # A finished run resumed is left as it is.
+    assert train.main(["--out", str(out), "--resume", "--no-progress"]) == 0
+
+
+def test_missing_data_root_is_one_line_and_downloads_nothing(tmp_path, capsys, monkeypatch):
+    import torchvision.datasets
+
+    class NoDownload(torchvision.datasets.CIFAR10):
+        def __init__(self, *a, download=False, **k):
+            if download:
+                pytest.fail("a download was attempted")
+            super().__init__(*a, download=False, **k)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", NoDownload)
+    assert train.main([*TINY, "--dataset", "cifar10", "--data-root", "/nonexistent", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "/nonexistent" in err and "Traceback" not in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train.main([*TINY, "--dataset", "cifar10", "--data-root", str(empty), "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: dataset 'cifar10' not found") and "Traceback" not in err
+    assert "download" in err  # it says how to get the data
+
+
+def test_run_files_are_0644_and_small(tmp_path):
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--arch", "resnet20", "--epochs", "1", "--out", str(out)]) == 0
+    files = [p for p in out.iterdir() if p.is_file()]
+    assert {p.name for p in files} == {RunDir.CONFIG, RunDir.METRICS, RunDir.FINAL}  # checkpoint.pt: not kept
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p.name
+    assert sum(p.stat().st_size for p in files) < 10 * 2**20
+    stopped = tmp_path / "stopped"
+    assert train.main([*TINY, "--arch", "resnet20", "--out", str(stopped), "--stop-after-epoch", "1"]) == 0
+    assert stat.S_IMODE(RunDir(stopped).checkpoint_path.stat().st_mode) == 0o644
+    ckpt = torch.load(RunDir(stopped).checkpoint_path, weights_only=False)
+    assert "config" not in ckpt  # what resume needs, once: the config lives in config.json
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    class Tty:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            pass
+    monkeypatch.setattr(sys, "stderr", Tty(False))
+    assert not train_loop.show_progress({"progress": True})
+    monkeypatch.setattr(sys, "stderr", Tty(True))
+    assert train_loop.show_progress({"progress": True}) and not train_loop.show_progress({"progress": False})
+
+
+def _choices(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        for choice in action.choices or ():
+            yield action, str(choice)
+
+
+@pytest.mark.parametrize("parser", [train.build_parser, table.build_parser, figure.build_parser, grid.build_parser])
+def test_every_help_lists_every_choice(parser):
+    p = parser()
+    text = " ".join(p.format_help().split())
+    for action, choice in _choices(p):
+        assert choice in text, (action.dest, choice)
+
+
+def test_train_help_names_every_defence_and_dataset():
+    from reproduce.data import DATASETS
+    from reproduce.defences import DEFENCES
+
+    text = train.build_parser().format_help()
+    assert all(d in text for d in DEFENCES) and all(d in text for d in DATASETS)
+
+
+def test_grid_help_lists_every_grid(capsys):
+    with pytest.raises(SystemExit):
+        grid.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in grid.GRIDS)
+
+
+def test_table_and_train_share_the_default_preset():
+    t = table.build_parser().parse_args(["--table", "1"])
+    assert t.preset == train.resolve_config(train.build_parser().parse_args(["--out", "x"]))["preset"] == "cpu"
+
+
+def test_the_docs_commands_at_the_smoke_preset(tmp_path, monkeypatch):
+    """docs/reproduce.md's short version (train two arms with --out, attack, table --runs-root runs/, figure 5)."""
+    from pathlib import Path
+
+    from reproduce import attack
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--preset", "smoke", "--defence", "bottleneck", "--sigma", "0.025", "--no-progress", "--threads", "1",
+              "--cem-backend", "torch", "--train-subset", "8", "--test-subset", "4", "--batch-size", "4"]
+    assert train.main([*common, "--cem-lambda", "0", "--out", "runs/bottleneck"]) == 0
+    assert train.main([*common, "--cem-lambda", "16", "--out", "runs/bottleneck_cem"]) == 0
+    for run in ("runs/bottleneck", "runs/bottleneck_cem"):
+        assert attack.main(["--run", run, "--attack", "decoder", "--epochs", "1", "--max-train-images", "16",
+                            "--max-test-images", "20", "--no-progress", "--threads", "1"]) == 0
+    assert table.main(["--table", "1", "--preset", "smoke", "--runs-root", "runs/", "--out", "table1.md"]) == 0
+    rows = {}
+    for line in Path("table1.md").read_text().splitlines():
+        if line.startswith("| "):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows.setdefault(cells[0], cells[1:])
+    for label in ("Bottleneck — w/o CEM", "Bottleneck — w/ CEM"):
+        assert rows[label][0] != "—" and rows[label][2] != "—", rows[label]  # accuracy and decoder MSE found
+    assert figure.main(["--figure", "5", "--runs", "runs/bottleneck", "runs/bottleneck_cem", "--out", "fig5.png"]) == 0

@@ -1,0 +1,62 @@
+"""reproduce.grid: a named grid runs job by job, resumes, and a finished grid reruns as a no-op."""
+
+import pytest
+import torch
+
+from reproduce import attack, grid, train
+from reproduce.rundir import RunDir
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_smoke_grid_runs_then_reruns_as_a_no_op(tmp_path, monkeypatch, capsys):
+    root, out = tmp_path / "runs", tmp_path / "out"
+    planned = grid.run_grid("smoke", runs_root=root, out_dir=out, device="cpu", threads=1, dry_run=True,
+                            log=lambda m: None)
+    assert len(planned) == 3 and not root.exists()  # a dry run writes nothing
+    done = grid.run_grid("smoke", runs_root=root, out_dir=out, device="cpu", threads=1, log=lambda m: None)
+    assert done == planned
+    for job in grid.GRIDS["smoke"].jobs:
+        if isinstance(job, grid.RunJob):
+            rd = RunDir(root / job.name)
+            assert rd.finished and not rd.missing_settings("decoder", ("train_time", "infer_time"))
+    text = (out / "table1_smoke.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| Bottleneck — w/ CEM"))
+    assert row.split("|")[2].strip() not in ("", "—")  # the table found the grid's run
+
+    monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    monkeypatch.setattr(attack, "run_attack", lambda *a, **k: pytest.fail("a finished attack ran again"))
+    assert grid.run_grid("smoke", runs_root=root, out_dir=out, device="cpu", log=lambda m: None) == []
+    assert grid.main(["smoke", "--runs-root", str(root), "--dry-run"]) == 0
+    assert grid.main(["--list", "--runs-root", str(root)]) == 0
+    assert "smoke:" in capsys.readouterr().out
+
+
+def test_cpu_grid_replaces_the_shell_script():
+    jobs = grid.GRIDS["cpu"].jobs
+    runs = {j.name for j in jobs if isinstance(j, grid.RunJob)}
+    assert len(runs) == 21  # 3 seeds x (noise and noise_arl at lambda 0, 16; sigma 0.1; sigma 0.05; lambda 4)
+    assert "cifar10_vgg11_bn_noise_arl_lam16_sigma0.025/seed127" in runs
+    gan = {j.name for j in jobs if isinstance(j, grid.RunJob) and any(a == "gan" for a, _ in j.attacks)}
+    assert len(gan) == 12
+    with pytest.raises(ValueError, match="grid must be one of"):
+        grid.run_grid("nope")
+
+
+def test_ctrl_c_in_a_grid_or_table_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    from reproduce import pipeline, table
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "ensure_trained", interrupted)
+    assert grid.main(["smoke", "--runs-root", str(tmp_path / "runs")]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "python -m reproduce.grid smoke" in err
+    assert table.main(["--table", "1", "--preset", "smoke", "--runs-root", str(tmp_path / "runs"), "--run-missing",
+                       "--out", str(tmp_path / "t.md")]) == 130
+    assert "rerun the same command" in capsys.readouterr().err
