@@ -62,8 +62,8 @@ _COMMON: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {**_COMMON, "dataset": "cifar10-sample", "epochs": 2, "batch_size": 8, "eval_batch_size": 16,
               "train_subset": 32, "test_subset": 16, "pretrain_epochs": 1, "seed": 0},
-    "cpu": {**_COMMON, "epochs": 15, "batch_size": 128, "lr": 0.05, "train_subset": 10_000,
-            "test_subset": 2_000, "pretrain_epochs": 2},
+    "cpu": {**_COMMON, "epochs": 15, "batch_size": 128, "lr": 0.05, "lr_schedule": "warmup-cosine",
+            "augment": "crop-flip", "train_subset": 10_000, "test_subset": 2_000, "pretrain_epochs": 2},
     "paper": {**_COMMON},
 }
 

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Subset
 from reproduce import presets as presets_mod
 from reproduce.checkpoint import load_checkpoint, save_atomic, write_json_atomic
 from reproduce.data import dataset_info, denormalize, load_dataset, subset
+from reproduce.data.augment import AUGMENTATIONS, set_augmentation  # [preset] named augmentations
 from reproduce.defences import canonical_name, default_bottleneck, defence_options
 from reproduce.models import parse_bottleneck
 from reproduce.runs import (CHECKPOINT_FILE, CONFIG_FILE, FINAL_FILE, METRICS_FILE, build_model,
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--test-subset", type=_positive_int("--test-subset"), help="class-balanced test subset size")
     a("--full-data", action="store_true", help="ignore the preset's subsets (use all images)")
     a("--no-augment", dest="augment", action="store_false", default=None)
+    a("--augment", dest="augment", choices=AUGMENTATIONS, help="authors | crop-flip | none "  # [preset]
+      "(default: the preset's)")
     a("--workers", type=int, help="DataLoader workers (default 0)")
     a("--seed", type=int)
     a("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
@@ -276,6 +279,7 @@ def _info_of(dataset):
 
 def _load_data(cfg: dict):
     train = load_dataset(cfg["dataset"], "train", data_root=cfg["data_root"], augment=cfg["augment"])
+    set_augmentation(train, cfg["augment"])  # [preset] the preset's kind (True = the authors')
     plain = load_dataset(cfg["dataset"], "train", data_root=cfg["data_root"], augment=False)
     test = load_dataset(cfg["dataset"], "test", data_root=cfg["data_root"], augment=False)
     info = _info_of(train)
