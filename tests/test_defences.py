@@ -183,7 +183,7 @@ def test_defaults_are_the_authors_shipped_strengths_and_settings():
     arl = AdversarialReconstruction()
     assert (arl.strength, arl.steps, arl.pretrain_epochs, arl.adversary_sees) == (0.3, 1, 30, "clean")
     assert arl.pretrain_split == "train"  # deliberate: the authors' test-split pretraining leaks (docs/presets.md)
-    model, d = _ressfl()
+    _, d = _ressfl()
     assert d.ssim_threshold == 0.5
     # PATROL: 3 decoder steps, pruning ratio 0.05 with Taylor importance, convs <= 32 channels kept
     p = Patrol()
