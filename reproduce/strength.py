@@ -11,7 +11,8 @@ variances) does not depend on ``N``.
 The authors' scripts also tie the weight to the server LR (``cem_schedule="official"``:
 ``lambda * 0.001 / lr`` until the LR falls under 4.1e-4, e.g. 0.32 for lambda 16 at LR 0.05);
 ``paper_units`` then reports that effective weight at the given ``lr``, times the same ``N``
-factor. ``from_paper_units`` inverts it (the ``lambda`` to pass for a wanted strength).
+factor. ``from_paper_units`` inverts it (the ``lambda`` to pass for a wanted strength), and
+``config_paper_units`` reads a run's ``config.json`` settings (the LR-tied weight at the peak LR).
 """
 
 from __future__ import annotations
@@ -69,3 +70,11 @@ def from_paper_units(units: float, variant: str, n_train: int, *, batch_size: in
     """The constant-schedule ``lambda`` to train with at ``n_train`` samples for ``units`` in the paper's units."""
     _check(units, variant, n_train, "constant", batch_size)
     return float(units) / n_factor(variant, n_train, paper_n)
+
+
+def config_paper_units(config: dict, n_train: int) -> float:
+    """``paper_units`` of a run's settings (``cem_lambda``, ``cem_variant``, ``cem_schedule``, ``lr``,
+    ``batch_size``) trained on ``n_train`` images; the official schedule's weight is read at the peak LR."""
+    return paper_units(float(config["cem_lambda"]), config["cem_variant"], n_train, lr=config.get("lr"),
+                       schedule=config.get("cem_schedule", "constant"),
+                       batch_size=int(config.get("batch_size", 128)))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reproduce.strength import from_paper_units, paper_units
+from reproduce.strength import config_paper_units, from_paper_units, paper_units
 
 
 def test_paper_variant_scales_with_the_training_set_size():
@@ -50,3 +50,13 @@ def test_paper_variant_gradient_per_sample_is_inverse_in_n():
         grads.append(zz.grad.abs().sum())
     ratio = float(grads[0] / grads[1])
     assert ratio == pytest.approx(paper_units(1, "paper", 10_000), rel=0.02)
+
+
+def test_config_paper_units_reads_a_run_config():
+    from reproduce import train
+
+    cfg = train.resolve_config(train.build_parser().parse_args(["--out", "x", "--preset", "cpu"]))
+    assert config_paper_units(cfg, cfg["train_subset"]) == pytest.approx(80)  # lambda 16 at 10,000 images
+    cfg = train.resolve_config(train.build_parser().parse_args(
+        ["--out", "x", "--preset", "cpu-full", "--cem-variant", "official-trained", "--cem-schedule", "official"]))
+    assert config_paper_units(cfg, 50_000) == pytest.approx(0.32)
