@@ -15,11 +15,11 @@ def _cfg(*argv):
     return train.resolve_config(train.build_parser().parse_args(["--out", "x", *argv]))
 
 
-def test_cpu_presets_use_the_short_run_schedule_and_crop_flip():
+def test_cpu_presets_use_the_short_run_schedule_and_crop_flip(tmp_path):
     cpu = preset("cpu")
     assert (cpu["epochs"], cpu["train_subset"], cpu["test_subset"]) == (15, 10_000, 2_000)
     assert (cpu["lr_schedule"], cpu["augment"], cpu["lr"]) == ("warmup-cosine", "crop-flip", 0.05)
-    full = _cfg("--preset", "cpu-full", "--data-root", "/tmp", "--cem-lambda", "0", "--defense", "noise")
+    full = _cfg("--preset", "cpu-full", "--data-root", str(tmp_path), "--cem-lambda", "0", "--defense", "noise")
     assert (full["train_subset"], full["test_subset"], full["dataset"]) == (None, None, "cifar10")
     assert (full["arch"], full["cut"], full["bottleneck"], full["epochs"]) == ("vgg11_bn", 4, "noRELU_C8S1", 25)
     assert full["lr_schedule"] == "warmup-cosine" and full["augment"] == "crop-flip"
