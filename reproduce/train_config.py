@@ -18,6 +18,7 @@ import torch
 from cem_fast import VARIANTS as CEM_VARIANTS
 from reproduce import presets as presets_mod
 from reproduce.data import DATASETS, dataset_info
+from reproduce.data.augment import AUGMENTATIONS
 from reproduce.defences import DEFENCES, canonical_name, default_bottleneck, defence_options
 from reproduce.models import parse_bottleneck
 from reproduce.runs import build_run_defence
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--test-subset", type=_positive_int("--test-subset"), help="class-balanced test subset size")
     a("--full-data", action="store_true", help="ignore the preset's subsets (use all images)")
     a("--no-augment", dest="augment", action="store_false", default=None)
+    a("--augment", dest="augment", choices=AUGMENTATIONS, help="the training augmentation (default: the preset's)")
     a("--workers", type=int, help="DataLoader workers (default 0)")
     a("--seed", type=int)
     a("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
@@ -120,19 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
       help="debug: stop (as if killed) after this epoch's checkpoint")
     g = p.add_argument_group("defence options")
     g.add_argument("--defence-strength", type=_nonneg_float("--defence-strength", positive=True),
-                   help="NoPeek dCor weight (default 0.5) / ResSFL SSIM-penalty weight (default 1)")
+                   help="NoPeek dCor weight / ResSFL, PATROL SSIM-penalty weight "
+                        "(default 0.3, the authors' run_exp.sh)")
     g.add_argument("--dropout-rate", type=_nonneg_float("--dropout-rate"), help="default 0.2")
     g.add_argument("--ssim-threshold", type=_nonneg_float("--ssim-threshold"),
                    help="default 0.5 (0.6 facescrub/tinyimagenet)")
-    g.add_argument("--adv-steps", type=_positive_int("--adv-steps"), help="decoder steps per batch (default 1)")
+    g.add_argument("--adv-steps", type=_positive_int("--adv-steps"),
+                   help="decoder steps per batch (default 1; PATROL 3)")
     g.add_argument("--pretrain-epochs", type=int, help="ResSFL decoder pretraining epochs")
     g.add_argument("--pretrain-split", choices=("train", "test"), help="train (default) or the authors' test 90%%")
-    g.add_argument("--adversary-sees", choices=("perturbed", "clean"))
+    g.add_argument("--adversary-sees", choices=("perturbed", "clean"),
+                   help="what the simulated attacker sees: clean z (default, the authors') or the noisy z")
     g.add_argument("--prune-epoch", type=_positive_int("--prune-epoch"), help="PATROL pruning epoch (default 3/4)")
-    g.add_argument("--pruning-ratio", help="'match' (default) or a fraction in [0, 1)")
+    g.add_argument("--pruning-ratio", help="'match' (the encoder's size without the extra layer) or a fraction "
+                   "in [0, 1) (default: the authors' pruning)")
     g.add_argument("--prune-importance", choices=("l1", "taylor"))
     g.add_argument("--authors-pruning", action="store_true", default=None,
-                   help="ratio 0.05, Taylor, skip <=32-ch convs")
+                   help="ratio 0.05, Taylor, skip <=32-ch convs (the default unless --pruning-ratio or "
+                   "--prune-importance is given)")
     return p
 
 

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from reproduce.data import load_dataset, subset
+from reproduce.data.augment import set_augmentation
 from reproduce.ddp import Dist, GlobalBatchShard
 
 
@@ -22,6 +23,7 @@ def load_data(cfg: dict, download: bool = False):
     def load(split, augment):
         return load_dataset(cfg["dataset"], split, data_root=cfg["data_root"], augment=augment, download=download)
     train, plain, test = load("train", cfg["augment"]), load("train", False), load("test", False)
+    set_augmentation(train, cfg["augment"])  # the preset's kind (True = the authors')
     info = _info_of(train)
     if info.name != cfg["dataset"]:  # e.g. "facescrub" served by the 6-identity stand-in "facescrub-6id"
         warnings.warn(f"--dataset {cfg['dataset']}: training on {info.name} ({info.num_classes} classes), "

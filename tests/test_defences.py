@@ -163,14 +163,65 @@ def test_ressfl_pretrain_lowers_mse_and_runs_once():
     assert d.pretrain(model.encoder, loader, denormalize=lambda t: t, device="cpu") == {}
 
 
-def test_noise_arl_adversary_sees_noisy_features():
+def test_noise_arl_adversary_sees_clean_features_by_default_and_noisy_on_request():
     d = build_defence("noise_arl", sigma=0.5, decoder_blocks=1, decoder_width=8)
     assert isinstance(d, Combined) and d.adds_noise and d.needs_unit_images
     adv = d.parts[1]
     z = torch.full((4, 4, 4, 4), 0.5)
-    assert not torch.equal(adv._adversary_input(z), z)
-    adv.adversary_sees = "clean"
+    assert adv.adversary_sees == "clean"  # the authors': decoder step and penalty on the clean z
     assert torch.equal(adv._adversary_input(z), z)
+    adv.adversary_sees = "perturbed"
+    assert not torch.equal(adv._adversary_input(z), z)
+    noisy = build_defence("noise_arl", sigma=0.5, adversary_sees="perturbed", decoder_blocks=1, decoder_width=8)
+    assert not torch.equal(noisy.parts[1]._adversary_input(z), z)
+
+
+def test_defaults_are_the_authors_shipped_strengths_and_settings():
+    # run_exp.sh: AT_regularization_strength=0.3 (NoPeek's alpha1, ResSFL's alpha2), ssim_threshold=0.5
+    assert NoPeek().strength == 0.3
+    assert build_defence("noise_nopeek", sigma=0.025).parts[1].strength == 0.3
+    arl = AdversarialReconstruction()
+    assert (arl.strength, arl.steps, arl.pretrain_epochs, arl.adversary_sees) == (0.3, 1, 30, "clean")
+    assert arl.pretrain_split == "train"  # deliberate: the authors' test-split pretraining leaks (docs/presets.md)
+    _, d = _ressfl()
+    assert d.ssim_threshold == 0.5
+    # PATROL: 3 decoder steps, pruning ratio 0.05 with Taylor importance, convs <= 32 channels kept
+    p = Patrol()
+    assert (p.steps, p.strength, p.authors_pruning, p.pruning_ratio, p.importance) == (3, 0.3, True, 0.05, "taylor")
+    own = Patrol(pruning_ratio="match")
+    assert (own.authors_pruning, own.pruning_ratio, own.importance, own.steps) == (False, "match", "l1", 3)
+    assert Patrol(importance="taylor").pruning_ratio == "match" and Patrol(steps=1).steps == 1
+
+
+def test_train_cli_builds_the_authors_defaults():
+    from reproduce.runs import build_run_defence
+    from reproduce.train import build_parser, resolve_config
+
+    def built(*argv):  # lambda 0: no CEM, so no noise is put in front of the defence
+        argv = ["--out", "unused", "--cem-lambda", "0", *argv]
+        return build_run_defence(resolve_config(build_parser().parse_args(argv)))
+    assert built("--defense", "nopeek").strength == 0.3
+    assert built("--defense", "nopeek", "--defence-strength", "0.5").strength == 0.5
+    arl = built("--defense", "noise_arl").parts[1]
+    assert arl.adversary_sees == "clean" and arl.strength == 0.3
+    assert built("--defense", "noise_arl", "--adversary-sees", "perturbed").parts[1].adversary_sees == "perturbed"
+    assert built("--defense", "patrol").authors_pruning
+    assert built("--defense", "patrol", "--pruning-ratio", "match").pruning_ratio == "match"
+
+
+def test_bottleneck_with_cem_is_a_named_noise_arm():
+    from reproduce.runs import build_run_defence
+    from reproduce.train import build_parser, resolve_config
+
+    cfg = resolve_config(build_parser().parse_args(["--out", "unused", "--defense", "bottleneck"]))
+    d = build_run_defence(cfg)  # the cpu preset's lambda 16: CEM on, so Algorithm 1's noise is added
+    assert cfg["noise_on"] and d.adds_noise and d.describe()["name"] == "noise+bottleneck"
+    control = resolve_config(build_parser().parse_args(["--out", "unused", "--defense", "bottleneck", "--noise", "on",
+                                                        "--cem-lambda", "0"]))
+    assert build_run_defence(control).describe() == d.describe()  # the same arm without CEM
+    plain = resolve_config(build_parser().parse_args(["--out", "unused", "--defense", "bottleneck",
+                                                      "--cem-lambda", "0"]))
+    assert not plain["noise_on"] and build_run_defence(plain).describe()["name"] == "bottleneck"
 
 
 # ------------------------------------------------------------------ PATROL
@@ -178,7 +229,7 @@ def test_noise_arl_adversary_sees_noisy_features():
 def test_patrol_pruning_matches_baseline_size_and_keeps_output_shape():
     base, model = TinySplit(), TinySplit(extra=True)
     target = count_params(base.encoder)
-    d = Patrol(pretrain_epochs=0, decoder_blocks=1, decoder_width=8)
+    d = Patrol(pretrain_epochs=0, decoder_blocks=1, decoder_width=8, pruning_ratio="match")
     d.setup(model, image_size=16, total_epochs=4, baseline_encoder_params=target)
     assert d.prune_epoch == 3 and d.extra_client_layer
     x, _ = _batch()
@@ -197,6 +248,19 @@ def test_patrol_pruning_matches_baseline_size_and_keeps_output_shape():
     fresh.load_state_dict(model.state_dict())
     fresh.eval(), model.eval()
     assert torch.equal(fresh.encoder(x), model.encoder(x))
+
+
+def test_patrol_authors_pruning_keeps_narrow_convs_and_prunes_five_percent():
+    model = TinySplit(extra=True)
+    d = Patrol(pretrain_epochs=0, decoder_blocks=1, decoder_width=8)
+    d.setup(model, image_size=16, total_epochs=4)
+    convs = [m for m in model.encoder.modules() if isinstance(m, nn.Conv2d)]
+    widths = [c.out_channels for c in convs]
+    assert widths == [8, 48, 64, 4]
+    assert d.on_epoch_start(3, model, {}) is True and d.applied_ratio == 0.05
+    after = [m.out_channels for m in model.encoder.modules() if isinstance(m, nn.Conv2d)]
+    assert after[0] == 8 and after[-1] == 4  # <= 32 channels and the output conv are left alone
+    assert 0 < widths[1] - after[1] <= 3 and 0 < widths[2] - after[2] <= 4  # about 5 % of 48 and 64
 
 
 def test_prune_channels_on_the_real_models():
@@ -229,6 +293,7 @@ def test_registry_builds_every_defence_and_rejects_bad_input():
     wrapped = with_noise(build_defence("dropout"), 0.05)
     assert wrapped.adds_noise and [type(p) for p in wrapped.parts] == [GaussianNoise, FeatureDropout]
     assert isinstance(with_noise(build_defence("bottleneck"), 0.05), GaussianNoise)
+    assert with_noise(build_defence("bottleneck"), 0.05).describe()["name"] == "noise+bottleneck"
 
 
 # ------------------------------------------------------------------ checkpoint files

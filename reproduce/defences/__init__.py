@@ -107,12 +107,19 @@ def build_defence(name: str, **options) -> Defence:
 
 
 def with_noise(defence: Defence, sigma: float) -> Defence:
-    """``defence`` with Gaussian noise of std ``sigma`` applied first (no-op if it adds noise)."""
+    """``defence`` with Gaussian noise of std ``sigma`` applied first (no-op if it adds noise).
+
+    The result is named ``noise+<name>`` (e.g. ``noise+bottleneck``, the arm the authors call
+    "Bottleneck + CEM": CEM needs the noise, so that arm is bottleneck + noise + CEM, and its
+    no-CEM control is ``noise+bottleneck`` at lambda 0, i.e. ``--defense bottleneck --noise on``).
+    """
     if defence.adds_noise:
         return defence
     parts = list(defence.parts) if isinstance(defence, Combined) else [defence]
     if len(parts) == 1 and isinstance(parts[0], (NoDefence, BottleneckOnly)):
-        return GaussianNoise(sigma)
+        noise = GaussianNoise(sigma)
+        noise.name = f"noise+{parts[0].name}"  # stated in the run's record, not a silent "noise"
+        return noise
     return Combined([GaussianNoise(sigma)] + parts, name=f"noise+{defence.name}")
 
 

@@ -2,7 +2,8 @@
 
 ``perturb`` chains the parts in order; ``regularizer`` and ``adversary_step`` sum / merge the
 parts' results. An adversarial part placed after a perturbing part gets the preceding
-perturbation as its ``feature_transform``, so its simulated attacker sees the noisy features.
+perturbation as its ``feature_transform``; its simulated attacker sees it only with
+``adversary_sees="perturbed"`` (the default, as the authors, is the clean features).
 """
 
 from __future__ import annotations

@@ -1,16 +1,19 @@
 """PATROL: an extra client layer, ResSFL-style adversarial training, then channel pruning.
 
 * The model is built with ``extra_client_layer=True`` (one more conv on the client).
-* Adversarial reconstruction exactly as ``AdversarialReconstruction`` (ResSFL).
+* Adversarial reconstruction exactly as ``AdversarialReconstruction`` (ResSFL), with the
+  authors' PATROL settings: 3 decoder steps per batch (their ``gan_adv_step1_pruning180``
+  string fails to parse as a step count and falls back to 3), strength 0.3, threshold 0.5.
 * At epoch ``prune_epoch`` (default: 3/4 of training, the authors' 180 of 240) the client's
   conv channels are pruned with torch-pruning (structural pruning that keeps the graph
-  consistent). Importance: L1 magnitude by default (deterministic); ``importance="taylor"`` is
-  the authors' Taylor importance from a dummy loss ``encoder(randn).sum()``.
-* Pruning ratio: the paper "adjusts the pruning ratio so that the encoder in PATROL remains the
-  same size as in the other methods": ``pruning_ratio="match"`` (default) searches the smallest
-  uniform ratio that brings the encoder's parameter count down to that of the model built
-  without the extra layer. The authors' code uses ``pruning_ratio=0.05`` and ignores convs with
-  <= 32 output channels (``authors_pruning=True`` does that).
+  consistent).
+* Pruning, by default as the authors shipped it (``authors_pruning``): ratio 0.05, Taylor
+  importance from a dummy loss ``encoder(randn).sum()``, convs with <= 32 output channels left
+  alone. Giving ``pruning_ratio`` (``--pruning-ratio``) or ``importance`` switches to the
+  project's own pruning instead: ``pruning_ratio="match"`` searches the smallest uniform ratio
+  that brings the encoder's parameter count down to that of the model built without the extra
+  layer (the paper: "adjusts the pruning ratio so that the encoder in PATROL remains the same
+  size as in the other methods"), importance L1 magnitude unless given.
 * The encoder's output conv is never pruned (the smashed shape stays fixed).
 * After pruning the trainer re-points the client optimizer at the new parameters (the authors'
   code kept stepping the stale tensors, freezing the pruned layers).
@@ -27,6 +30,9 @@ from torch import nn
 from .adversarial import AdversarialReconstruction
 
 PRUNE_FRACTION = 180 / 240
+AUTHORS_PRUNING_RATIO = 0.05
+AUTHORS_MIN_CHANNELS = 32
+AUTHORS_PATROL_STEPS = 3
 
 
 def count_params(module: nn.Module) -> int:
@@ -103,9 +109,16 @@ class Patrol(AdversarialReconstruction):
     extra_client_layer = True
 
     def __init__(self, prune_epoch: Optional[int] = None,
-                 pruning_ratio: Union[str, float] = "match", importance: str = "l1",
-                 authors_pruning: bool = False, **adversarial_options):
+                 pruning_ratio: Union[str, float, None] = None, importance: Optional[str] = None,
+                 authors_pruning: Optional[bool] = None, **adversarial_options):
+        adversarial_options.setdefault("steps", AUTHORS_PATROL_STEPS)
         super().__init__(**adversarial_options)
+        if authors_pruning is None:  # the authors' pruning unless the project's is asked for
+            authors_pruning = pruning_ratio is None and importance is None
+        if pruning_ratio is None:
+            pruning_ratio = "match"
+        if importance is None:
+            importance = "l1"
         if pruning_ratio != "match":
             pruning_ratio = float(pruning_ratio)
             if not 0 <= pruning_ratio < 1:
@@ -116,7 +129,7 @@ class Patrol(AdversarialReconstruction):
             raise ValueError(f"prune_epoch must be an int >= 1, got {prune_epoch!r}")
         self.authors_pruning = bool(authors_pruning)
         if self.authors_pruning:
-            pruning_ratio, importance = 0.05, "taylor"
+            pruning_ratio, importance = AUTHORS_PRUNING_RATIO, "taylor"
         self.prune_epoch = None if prune_epoch is None else int(prune_epoch)
         self.pruning_ratio = pruning_ratio
         self.importance = importance
@@ -142,7 +155,7 @@ class Patrol(AdversarialReconstruction):
         encoder = model.encoder
         device = next(encoder.parameters()).device
         example = torch.zeros(1, self.in_channels, self.image_size, self.image_size, device=device)
-        min_channels = 32 if self.authors_pruning else 0
+        min_channels = AUTHORS_MIN_CHANNELS if self.authors_pruning else 0
         ratio = self.pruning_ratio
         if ratio == "match":
             if self.baseline_encoder_params is None:
