@@ -6,6 +6,7 @@ assignment, and the assignment against float64 distances: every row's choice mus
 within ``tie_rel`` (relative to its distance), and where it differs from another assignment, the two
 candidates' float64 distances must be that close (a near-tie, counted and reported).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,25 +39,32 @@ def stats_from(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor):
 @dataclass
 class Agreement:
     rows: int
-    not_nearest: int          # rows whose choice is farther than the nearest candidate beyond tie_rel
-    differ: int               # rows assigned differently from ``other`` (0 when no other is given)
-    differ_not_tied: int      # of those, rows where the two candidates are not a near-tie
-    counts_exact: bool        # counts equal float64 counts of the backend's own assignment
-    sqdev_rel_err: float      # max |sqdev - float64 sqdev| / max(|float64 sqdev|) over clusters
+    not_nearest: int  # rows whose choice is farther than the nearest candidate beyond tie_rel
+    differ: int  # rows assigned differently from ``other`` (0 when no other is given)
+    differ_not_tied: int  # of those, rows where the two candidates are not a near-tie
+    counts_exact: bool  # counts equal float64 counts of the backend's own assignment
+    sqdev_rel_err: float  # max |sqdev - float64 sqdev| / max(|float64 sqdev|) over clusters
 
     def ok(self, sqdev_tol: float) -> bool:
-        return (self.not_nearest == 0 and self.differ_not_tied == 0 and self.counts_exact
-                and self.sqdev_rel_err <= sqdev_tol)
+        return (
+            self.not_nearest == 0
+            and self.differ_not_tied == 0
+            and self.counts_exact
+            and self.sqdev_rel_err <= sqdev_tol
+        )
 
     def describe(self) -> str:
         counts = "exact" if self.counts_exact else "WRONG"
-        return (f"{self.rows} rows: {self.not_nearest} not nearest, {self.differ} assigned differently "
-                f"({self.differ - self.differ_not_tied} at near-ties), counts {counts}, "
-                f"sqdev rel err {self.sqdev_rel_err:.1e}")
+        return (
+            f"{self.rows} rows: {self.not_nearest} not nearest, {self.differ} assigned differently "
+            f"({self.differ - self.differ_not_tied} at near-ties), counts {counts}, "
+            f"sqdev rel err {self.sqdev_rel_err:.1e}"
+        )
 
 
-def check_assign_stats(out, z, labels, centroids, m, class_conditional, other_assign=None,
-                       tie_rel: float = 1e-4) -> Agreement:
+def check_assign_stats(
+    out, z, labels, centroids, m, class_conditional, other_assign=None, tie_rel: float = 1e-4
+) -> Agreement:
     """Judge ``out = (assign, counts, sqdev)`` of a backend (see the module docstring)."""
     assign, counts, sqdev = out
     d2, cand = candidate_d2(z, labels, centroids, m, class_conditional)

@@ -4,6 +4,7 @@
 
 Prints the median time of torch and cpp per shape (torch.utils.benchmark) and the speed-up torch / cpp.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,10 @@ def main():
     cc = not args.all_clusters
     sizes = (128, 1024) if args.quick else (128, 1024, 8192)
     min_run_time = 0.2 if args.quick else 0.5
-    print(f"threads={args.threads} dtype={args.dtype} class_conditional={cc} "
-          f"cpu tier={cpp_backend.load_cpp_extension().cpu_tier()}")
+    print(
+        f"threads={args.threads} dtype={args.dtype} class_conditional={cc} "
+        f"cpu tier={cpp_backend.load_cpp_extension().cpu_tier()}"
+    )
     print(f"{'B':>5} {'D':>5} {'classes':>7} {'m':>3} {'K':>5} | {'torch ms':>9} {'cpp ms':>9} {'speed-up':>8}")
     gen = torch.Generator().manual_seed(0)
     for B, D, classes, m in itertools.product(sizes, (512, 2048), (10, 100), (3, 10)):
@@ -53,8 +56,11 @@ def main():
         inputs = (z, labels, centroids, coef, m, cc)
         t_torch = median_seconds(torch_backend, inputs, min_run_time)
         t_cpp = median_seconds(cpp_backend, inputs, min_run_time)
-        print(f"{B:>5} {D:>5} {classes:>7} {m:>3} {K:>5} | {t_torch * 1e3:>9.3f} {t_cpp * 1e3:>9.3f} "
-              f"{t_torch / t_cpp:>7.1f}x", flush=True)
+        print(
+            f"{B:>5} {D:>5} {classes:>7} {m:>3} {K:>5} | {t_torch * 1e3:>9.3f} {t_cpp * 1e3:>9.3f} "
+            f"{t_torch / t_cpp:>7.1f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ Data rows (time to produce one normalised, augmented batch of 128 from uint8 ima
 (the trainer's ``DataLoader`` over ``load_dataset``'s per-image PIL transform, crop + flip) and
 ``batched`` (``reproduce.data.augment.crop_flip_batch`` on a uint8 batch, then one fused normalisation).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -116,9 +117,13 @@ def time_compute(rows: list[str], steps: int, warmup: int, batch: int) -> dict:
     for row in built:
         med = statistics.median(row.times)
         paired = statistics.median(b / t for b, t in zip(base, row.times))
-        out[row.name] = {"median_step_s": med, "speedup_vs_first_paired": paired,
-                         "epoch_full_s": med * STEPS_PER_EPOCH_FULL, "warmup_s": row.compile_s,
-                         "steps": len(row.times)}
+        out[row.name] = {
+            "median_step_s": med,
+            "speedup_vs_first_paired": paired,
+            "epoch_full_s": med * STEPS_PER_EPOCH_FULL,
+            "warmup_s": row.compile_s,
+            "steps": len(row.times),
+        }
     return out
 
 
@@ -150,9 +155,13 @@ def time_data(data_root, batch: int, batches: int) -> dict:
         xb = crop_flip_batch(images[i], 4, generator=g)
         torch.addcmul(-shift, xb.float(), scale)
     batched = (time.perf_counter() - t0) / batches
-    return {"source": source, "per_image_batch_s": per_image, "batched_batch_s": batched,
-            "per_image_epoch_full_s": per_image * STEPS_PER_EPOCH_FULL,
-            "batched_epoch_full_s": batched * STEPS_PER_EPOCH_FULL}
+    return {
+        "source": source,
+        "per_image_batch_s": per_image,
+        "batched_batch_s": batched,
+        "per_image_epoch_full_s": per_image * STEPS_PER_EPOCH_FULL,
+        "batched_epoch_full_s": batched * STEPS_PER_EPOCH_FULL,
+    }
 
 
 def main(argv=None) -> int:
@@ -171,19 +180,28 @@ def main(argv=None) -> int:
     if bad or rows[0] != "fp32":
         p.error(f"--rows must start with fp32 and name rows of {ROWS}, got {a.rows!r}")
     torch.set_num_threads(a.threads)
-    res = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "cpu": cpu_model(), "threads": a.threads, "torch": torch.__version__, "batch": a.batch,
-           "compute": time_compute(rows, a.steps, a.warmup, a.batch),
-           "data": time_data(a.data_root, a.batch, a.data_batches)}
+    res = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_model(),
+        "threads": a.threads,
+        "torch": torch.__version__,
+        "batch": a.batch,
+        "compute": time_compute(rows, a.steps, a.warmup, a.batch),
+        "data": time_data(a.data_root, a.batch, a.data_batches),
+    }
     print(f"{res['date']}  {res['cpu']}  threads {a.threads}  torch {res['torch']}  batch {a.batch}")
     print(f"{'row':22s} {'median step s':>14s} {'speed-up (paired)':>18s} {'epoch 50k s':>12s} {'warm-up s':>10s}")
     for name, r in res["compute"].items():
-        print(f"{name:22s} {r['median_step_s']:14.3f} {r['speedup_vs_first_paired']:18.2f} "
-              f"{r['epoch_full_s']:12.0f} {r['warmup_s']:10.1f}")
+        print(
+            f"{name:22s} {r['median_step_s']:14.3f} {r['speedup_vs_first_paired']:18.2f} "
+            f"{r['epoch_full_s']:12.0f} {r['warmup_s']:10.1f}"
+        )
     d = res["data"]
-    print(f"data ({d['source']}): per-image {d['per_image_batch_s'] * 1e3:.1f} ms/batch "
-          f"({d['per_image_epoch_full_s']:.0f} s/epoch), batched {d['batched_batch_s'] * 1e3:.1f} ms/batch "
-          f"({d['batched_epoch_full_s']:.1f} s/epoch)")
+    print(
+        f"data ({d['source']}): per-image {d['per_image_batch_s'] * 1e3:.1f} ms/batch "
+        f"({d['per_image_epoch_full_s']:.0f} s/epoch), batched {d['batched_batch_s'] * 1e3:.1f} ms/batch "
+        f"({d['batched_epoch_full_s']:.1f} s/epoch)"
+    )
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     return 0

@@ -18,6 +18,7 @@ Its exit status is 0 whatever the step did: a failing step never stops the next.
 failure on its own line) and the headline numbers (the ``TIME``/``RATIO`` lines that carry a goal). It
 exits 1 when a step failed or timed out or a check failed (a missed speed goal is not a failure), else 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,7 +107,7 @@ def summary(out: str, max_lines: int) -> list:
     lines += [f"  {n}" for n in numbers]
     if len(lines) > max_lines:
         cut = len(lines) - max_lines + 1
-        lines = lines[:max_lines - 1] + [f"... {cut} more lines: see the logs"]
+        lines = lines[: max_lines - 1] + [f"... {cut} more lines: see the logs"]
     return lines
 
 

@@ -26,6 +26,7 @@ capture or a device fault can poison the process (pytorch#171263), the script th
 process. ``--tiny`` shrinks every shape for the CPU dry run (the Triton interpreter), where CUDA-only
 checks print SKIPPED.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,7 @@ from cem_fast.backends import torch_backend  # noqa: E402
 
 VARIANTS = (("paper", "diag"), ("official", "diag"), ("official-trained", "diag"), ("paper", "full"))
 DIAG_VARIANTS = VARIANTS[:3]
-FP32_TOL = 1e-5          # relative error of loss and gradient against float64
+FP32_TOL = 1e-5  # relative error of loss and gradient against float64
 # bf16 bar: this multiple of the torch backend's error on the same bf16 input. That error is one rounding of
 # dz to bf16 (~2^-9 relative); an implementation that truncates instead (the Triton interpreter's conversion
 # measured 2.0x torch's error on the CPU) or rounds twice reaches 2x; 3x leaves room for accumulation order
@@ -114,8 +115,9 @@ def rel(a, b) -> float:
 def fitted(variant, covariance, backend, sh: Shapes, device, gen, D=None, validate=True) -> CEMLoss:
     """A CEMLoss refit on random features (20 rows per cluster at least), with one empty cluster."""
     D = D or sh.D
-    cem = CEMLoss(sh.C, sh.m, variant=variant, covariance=covariance, dataset_size=50_000, backend=backend,
-                  validate=validate).to(device)
+    cem = CEMLoss(
+        sh.C, sh.m, variant=variant, covariance=covariance, dataset_size=50_000, backend=backend, validate=validate
+    ).to(device)
     x = torch.rand(sh.fit_rows, D, generator=gen)
     cem.refit(x.to(device), (torch.arange(sh.fit_rows) % sh.C).to(device))
     return cem
@@ -164,15 +166,20 @@ def check_kernels(backend, sh, device, gen):
             ref_a = torch_backend.assign_stats(z, y, cent, sh.m, True)[0]
             ag = check_assign_stats(out, z, y, cent, sh.m, True, other_assign=ref_a)
             dz = mod.scatter_grad(z, out[0], cent, coef)
-            want = (coef.double()[out[0]] * (z.double() - cent.double()[out[0]]))
+            want = coef.double()[out[0]] * (z.double() - cent.double()[out[0]])
             eg = rel(dz, want)
             gtol = FP32_TOL if dtype == torch.float32 else BF16_MULTIPLE * rel(want.to(dtype), want)  # one rounding
             tag = f"B={B} {str(dtype)[6:]}"
             worst.append(f"{tag}: {ag.describe()}, scatter_grad rel err {eg:.1e}")
             if not ag.ok(FP32_TOL) or eg > max(gtol, FP32_TOL):
                 problems.append(tag)
-    report_cases(backend, "kernels", worst, problems,
-                 f"assign_stats+scatter_grad vs float64, B in {sh.batches}, D={sh.D}, fp32+bf16")
+    report_cases(
+        backend,
+        "kernels",
+        worst,
+        problems,
+        f"assign_stats+scatter_grad vs float64, B in {sh.batches}, D={sh.D}, fp32+bf16",
+    )
 
 
 def check_loss(backend, sh, device, gen):
@@ -181,24 +188,30 @@ def check_loss(backend, sh, device, gen):
         cem = fitted(variant, cov, backend, sh, device, gen)
         base, ref = on_backend(cem, "torch"), twin64(cem)
         for B in sh.batches:
-            y = torch.randint(0, sh.C - 1, (B,), generator=gen).to(device)      # the last class absent
+            y = torch.randint(0, sh.C - 1, (B,), generator=gen).to(device)  # the last class absent
             z32 = torch.rand(B, sh.D, generator=gen).to(device)
             for dtype in (torch.float32, torch.bfloat16):
                 z = z32.to(dtype)
                 errs = loss_errors(cem, ref, z, y)
                 if dtype == torch.float32:
                     bar = FP32_TOL
-                else:   # same-precision PyTorch: the torch backend on the same bf16 input
+                else:  # same-precision PyTorch: the torch backend on the same bf16 input
                     bar = max(FP32_TOL, BF16_MULTIPLE * max(loss_errors(base, ref, z, y)))
                 ok = max(errs) <= bar
                 tag = f"{variant} B={B} {str(dtype)[6:]}"
-                lines.append(f"{tag}: loss {errs[0]:.1e} grad {errs[1]:.1e} state {errs[2]:.1e} (bar {bar:.1e})"
-                             f"{'' if ok else ' FAIL'}")
+                lines.append(
+                    f"{tag}: loss {errs[0]:.1e} grad {errs[1]:.1e} state {errs[2]:.1e} (bar {bar:.1e})"
+                    f"{'' if ok else ' FAIL'}"
+                )
                 if not ok:
                     problems.append(tag)
-    report_cases(backend, "loss", lines, problems,
-                 f"{len(lines)} cases vs float64 (fp32 bar {FP32_TOL:g}, "
-                 f"bf16 bar {BF16_MULTIPLE:g}x torch's bf16 error)")
+    report_cases(
+        backend,
+        "loss",
+        lines,
+        problems,
+        f"{len(lines)} cases vs float64 (fp32 bar {FP32_TOL:g}, bf16 bar {BF16_MULTIPLE:g}x torch's bf16 error)",
+    )
 
 
 def first_cem_frame(exc) -> str:
@@ -215,13 +228,13 @@ def check_nosync(backend, sh, device, gen):
         cem = fitted(variant, cov, backend, sh, device, gen, D=D, validate=False)
         z = torch.rand(B, D, device=device, requires_grad=True)
         y = torch.randint(0, sh.C, (B,), device=device)
-        cem(z, y).backward()                                     # compile, build, autotune outside the count
+        cem(z, y).backward()  # compile, build, autotune outside the count
         name = f"{variant}/{cov}"
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
-                cem(z, y).backward()                             # train mode: the state update is inside
+                cem(z, y).backward()  # train mode: the state update is inside
                 passed.append(name)
             except RuntimeError as exc:
                 failed.append(f"{name} ({first_cem_frame(exc)})")
@@ -232,9 +245,13 @@ def check_nosync(backend, sh, device, gen):
                 cem(z, y).backward()
             (failed.append(f"{name} ({', '.join(sorted(set(seen)))})") if seen else passed.append(name))
     how = "cuda sync debug mode 'error'" if device.type == "cuda" else "ops that would sync on a GPU, counted on CPU"
-    report(backend, "nosync", "FAIL" if failed else "PASS",
-           f"forward+backward+state update at B={B} ({how}); pass: {', '.join(passed) or '-'}"
-           + (f"; FAIL: {'; '.join(failed)}" if failed else ""))
+    report(
+        backend,
+        "nosync",
+        "FAIL" if failed else "PASS",
+        f"forward+backward+state update at B={B} ({how}); pass: {', '.join(passed) or '-'}"
+        + (f"; FAIL: {'; '.join(failed)}" if failed else ""),
+    )
 
 
 def training_step_graph(backend, sh, device, gen):
@@ -268,17 +285,21 @@ def training_step_graph(backend, sh, device, gen):
         graph.replay()
     torch.cuda.synchronize()
     ok = bool(torch.isfinite(static_loss)) and not torch.equal(before, cem.pi)
-    report(backend, "graph-step", "PASS" if ok else "FAIL",
-           f"SGD step with CEMLoss (paper, B={B}, D={D}) captured, replayed 3x: loss {float(static_loss):.4g}, "
-           f"state {'updated' if not torch.equal(before, cem.pi) else 'NOT updated'} by the replays")
+    report(
+        backend,
+        "graph-step",
+        "PASS" if ok else "FAIL",
+        f"SGD step with CEMLoss (paper, B={B}, D={D}) captured, replayed 3x: loss {float(static_loss):.4g}, "
+        f"state {'updated' if not torch.equal(before, cem.pi) else 'NOT updated'} by the replays",
+    )
 
 
 def forward_backward_graph(backend, sh, device, gen, variant, cov):
     name = f"graph-{variant}-{cov}"
     D = sh.D if cov == "diag" else sh.full_D
-    cem = fitted(variant, cov, backend, sh, device, gen, D=D, validate=False).eval()   # fixed state: replay = eager
+    cem = fitted(variant, cov, backend, sh, device, gen, D=D, validate=False).eval()  # fixed state: replay = eager
     details, ok = [], True
-    for B in (sh.batches if (variant, cov) == ("paper", "diag") else sh.batches[:1]):
+    for B in sh.batches if (variant, cov) == ("paper", "diag") else sh.batches[:1]:
         z = torch.rand(B, D, device=device, requires_grad=True)
         y = torch.randint(0, sh.C, (B,), device=device)
         side = torch.cuda.Stream()
@@ -288,7 +309,7 @@ def forward_backward_graph(backend, sh, device, gen, variant, cov):
                 z.grad = None
                 cem(z, y).backward()
         torch.cuda.current_stream().wait_stream(side)
-        z.grad = None                       # allocated inside the graph's pool: each replay overwrites it
+        z.grad = None  # allocated inside the graph's pool: each replay overwrites it
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = cem(z, y)
@@ -306,8 +327,12 @@ def forward_backward_graph(backend, sh, device, gen, variant, cov):
         details.append(f"B={B}: loss err {el:.0e} grad err {eg:.0e}")
         goal = GOALS["graph128"] if (B == 128 and cov == "diag" and variant == "paper") else None
         timing(backend, f"{name}-replay-B{B}-D{D}", t, goal)
-    report(backend, name, "PASS" if ok else "FAIL", "captured fwd+bwd replayed on new inputs vs eager; "
-           + "; ".join(details))
+    report(
+        backend,
+        name,
+        "PASS" if ok else "FAIL",
+        "captured fwd+bwd replayed on new inputs vs eager; " + "; ".join(details),
+    )
 
 
 def check_timings(backend, sh, device, gen):
@@ -330,7 +355,7 @@ def check_timings(backend, sh, device, gen):
             mine, base = t[backend], t["torch"]
             eager = mine.noflush if cuda else mine.median
             tag = f"fwdbwd-{variant}-B{B}-D{sh.D}"
-            goals = cuda and variant == "paper"                    # the lease's goals: CUDA, B 128 and 8192
+            goals = cuda and variant == "paper"  # the lease's goals: CUDA, B 128 and 8192
             timing(backend, f"{tag}-eager", eager, GOALS["eager128"] if goals and B == 128 else None)
             if cuda:
                 timing(backend, f"{tag}-l2flushed", mine.median)
@@ -340,8 +365,13 @@ def check_timings(backend, sh, device, gen):
             if copy_bw:
                 need = loss_bytes(B, sh.D, sh.C * sh.m, 4, state_bytes(variant, sh.C * sh.m, sh.D))["fwdbwd"]
                 print(f"  timings {backend} {tag}: bytes-bound {need / copy_bw * 1e6:.1f} us", flush=True)
-                ratio(backend, f"{tag}-l2flushed-over-bytes-bound", mine.median * copy_bw / need,
-                      GOALS["bytes8192"] if goals and B == 8192 else None, at_least=False)
+                ratio(
+                    backend,
+                    f"{tag}-l2flushed-over-bytes-bound",
+                    mine.median * copy_bw / need,
+                    GOALS["bytes8192"] if goals and B == 8192 else None,
+                    at_least=False,
+                )
     report(backend, "timings", "PASS", "measured (goals in the TIME lines)")
 
 
@@ -353,16 +383,25 @@ def check_fullcov(backend, sh, device, gen):
     y = torch.randint(0, sh.C, (B,), generator=gen).to(device)
     errs = loss_errors(cem, ref, z, y)
     base = on_backend(cem, "torch")
-    bar = max(FP32_TOL, 2 * max(loss_errors(base, ref, z, y)))     # fp32 PyTorch's own error on the inverse
+    bar = max(FP32_TOL, 2 * max(loss_errors(base, ref, z, y)))  # fp32 PyTorch's own error on the inverse
     ok = max(errs) <= bar
     zz = z.clone().requires_grad_(True)
     clock = Clock(device, threads=torch.get_num_threads(), min_run_time=0.02, rounds=1, slow_runs=3)
     t = clock.measure({("f",): lambda: cem(zz, y).backward()})[("f",)]
-    timing(backend, f"fullcov-D{sh.full_D}-K{sh.C * sh.m}-B{B}-fwdbwd", t.noflush or t.median,
-           GOALS["fullcov"] if sh.full_D == 512 else None, unit="ms")
-    report(backend, "fullcov", "PASS" if ok else "FAIL",
-           f"paper full covariance D={sh.full_D}, {sh.C * sh.m} clusters: loss {errs[0]:.1e} grad {errs[1]:.1e} "
-           f"state {errs[2]:.1e} (bar {bar:.1e} = 2x the torch backend's fp32 error)")
+    timing(
+        backend,
+        f"fullcov-D{sh.full_D}-K{sh.C * sh.m}-B{B}-fwdbwd",
+        t.noflush or t.median,
+        GOALS["fullcov"] if sh.full_D == 512 else None,
+        unit="ms",
+    )
+    report(
+        backend,
+        "fullcov",
+        "PASS" if ok else "FAIL",
+        f"paper full covariance D={sh.full_D}, {sh.C * sh.m} clusters: loss {errs[0]:.1e} grad {errs[1]:.1e} "
+        f"state {errs[2]:.1e} (bar {bar:.1e} = 2x the torch backend's fp32 error)",
+    )
 
 
 def check_refit(backend, sh, device, gen):
@@ -381,20 +420,34 @@ def check_refit(backend, sh, device, gen):
                 torch.cuda.synchronize()
             t = time.perf_counter() - start
         timing(backend, f"refit-{N}x{D}-{label}", t, GOALS["refit"] if N == 50_000 else None, unit="s")
-        print(f"  refit {label}: {cem.last_refit_iterations} Lloyd iterations, {len(seen)} host syncs in the "
-              f"whole refit (inside the Lloyd loop at most one per iteration, tests/test_kmeans_sync.py)", flush=True)
+        print(
+            f"  refit {label}: {cem.last_refit_iterations} Lloyd iterations, {len(seen)} host syncs in the "
+            f"whole refit (inside the Lloyd loop at most one per iteration, tests/test_kmeans_sync.py)",
+            flush=True,
+        )
         if label == "k-means++-again":
             same = all(torch.equal(getattr(fits[0], k), getattr(fits[1], k)) for k in ("centroids", "pi", "variance"))
-    report(backend, "refit", "PASS" if same else "FAIL",
-           f"{N}x{D}, {sh.C}x{sh.m} clusters: two fresh refits {'bitwise equal' if same else 'DIFFER'}")
+    report(
+        backend,
+        "refit",
+        "PASS" if same else "FAIL",
+        f"{N}x{D}, {sh.C}x{sh.m} clusters: two fresh refits {'bitwise equal' if same else 'DIFFER'}",
+    )
 
 
 def run_check(name, backend, sh, device, gen):
     if name.startswith("graph-") and name != "graph-step":
-        variant, cov = name[len("graph-"):].rsplit("-", 1)
+        variant, cov = name[len("graph-") :].rsplit("-", 1)
         return forward_backward_graph(backend, sh, device, gen, variant, cov)
-    fn = {"kernels": check_kernels, "loss": check_loss, "nosync": check_nosync, "graph-step": training_step_graph,
-          "timings": check_timings, "fullcov": check_fullcov, "refit": check_refit}[name]
+    fn = {
+        "kernels": check_kernels,
+        "loss": check_loss,
+        "nosync": check_nosync,
+        "graph-step": training_step_graph,
+        "timings": check_timings,
+        "fullcov": check_fullcov,
+        "refit": check_refit,
+    }[name]
     return fn(backend, sh, device, gen)
 
 
@@ -427,10 +480,14 @@ def main(argv=None) -> int:
         try:
             run_check(name, args.backend, sh, device, gen)
         except Exception as exc:  # report, then let a fresh process run the rest (a capture may have poisoned this one)
-            report(args.backend, name, "FAIL", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]} "
-                                               f"at {first_cem_frame(exc)}")
+            report(
+                args.backend,
+                name,
+                "FAIL",
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]} at {first_cem_frame(exc)}",
+            )
             traceback.print_exc()
-            rest = checks[i + 1:]
+            rest = checks[i + 1 :]
             if rest and device.type == "cuda":
                 print(f"REMAINING {','.join(rest)}", flush=True)
                 return 3

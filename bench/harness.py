@@ -4,6 +4,7 @@ bytes a kernel must move, and CSV writing.
 Nothing here needs more than torch (and Triton's ``do_bench`` on CUDA), so the GPU check can import it on a
 machine without the experiment extras.
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 
 from cem_fast import backends  # noqa: E402
 
-SLOW_S = 0.05   # a call slower than this is timed by single runs, not blocked_autorange
+SLOW_S = 0.05  # a call slower than this is timed by single runs, not blocked_autorange
 
 
 # --------------------------------------------------------------------------- backends, device and machine
@@ -91,11 +92,16 @@ def machine(device: Optional[torch.device] = None) -> str:
         parts.append(f"GPU {torch.cuda.get_device_name(device)}")
     try:
         import triton
+
         tri = triton.__version__
     except ImportError:
         tri = "absent"
-    parts += [f"Python {platform.python_version()}", f"torch {torch.__version__}", f"triton {tri}",
-              f"load average {loadavg()}"]
+    parts += [
+        f"Python {platform.python_version()}",
+        f"torch {torch.__version__}",
+        f"triton {tri}",
+        f"load average {loadavg()}",
+    ]
     return ", ".join(parts)
 
 
@@ -104,10 +110,10 @@ def machine(device: Optional[torch.device] = None) -> str:
 
 @dataclass
 class Timing:
-    median: float                       # seconds (do_bench with the L2 flushed, on CUDA)
+    median: float  # seconds (do_bench with the L2 flushed, on CUDA)
     minimum: float
     runs: int
-    noflush: Optional[float] = None     # CUDA only: tight-loop median, warm L2, launches overlapping
+    noflush: Optional[float] = None  # CUDA only: tight-loop median, warm L2, launches overlapping
 
 
 class _NoProgress:
@@ -127,8 +133,15 @@ class Clock:
     (L2 flushed between calls) and a tight loop of back-to-back calls timed with CUDA events (warm L2).
     """
 
-    def __init__(self, device: torch.device, threads: int = 1, min_run_time: float = 0.05, rounds: int = 3,
-                 slow_runs: int = 3, cuda_rep_ms: int = 100):
+    def __init__(
+        self,
+        device: torch.device,
+        threads: int = 1,
+        min_run_time: float = 0.05,
+        rounds: int = 3,
+        slow_runs: int = 3,
+        cuda_rep_ms: int = 100,
+    ):
         self.device = torch.device(device)
         self.threads = threads
         self.min_run_time = min_run_time
@@ -160,12 +173,15 @@ class Clock:
 
         progress = progress or _NoProgress()
         for fn in stmts.values():
-            fn()                                                     # warm-up: allocations, lazy builds
-        first = {key: self.once(fn) for key, fn in stmts.items()}    # slow-call detection
+            fn()  # warm-up: allocations, lazy builds
+        first = {key: self.once(fn) for key, fn in stmts.items()}  # slow-call detection
         if self.device.type == "cuda":
             return {key: self.cuda(fn, first[key], progress, key) for key, fn in stmts.items()}
-        fast = {key: Timer("fn()", globals={"fn": fn}, num_threads=self.threads)
-                for key, fn in stmts.items() if first[key] < SLOW_S}
+        fast = {
+            key: Timer("fn()", globals={"fn": fn}, num_threads=self.threads)
+            for key, fn in stmts.items()
+            if first[key] < SLOW_S
+        }
         pooled = {key: [] for key in stmts}
         for r in range(self.rounds):
             for key, timer in fast.items():
@@ -181,7 +197,7 @@ class Clock:
         from triton.testing import do_bench
 
         (progress or _NoProgress()).set_postfix_str(" ".join(map(str, key)))
-        rep = max(self.cuda_rep_ms, int(3e3 * first_s))      # at least a few calls for slow ones
+        rep = max(self.cuda_rep_ms, int(3e3 * first_s))  # at least a few calls for slow ones
         flushed = do_bench(fn, warmup=max(5, rep // 4), rep=rep, return_mode="median") * 1e-3
         return Timing(flushed, flushed, 1, tight_loop(fn, first_s, max(3, self.rounds)))
 
@@ -205,9 +221,11 @@ def statements(loss_fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor)
     """Forward, backward on a retained graph, and forward+backward of ``loss_fn(z)``."""
     z = z.detach().clone().requires_grad_(True)
     loss = loss_fn(z)
-    return {"fwd": lambda: loss_fn(z),
-            "bwd": lambda: torch.autograd.grad(loss, z, retain_graph=True),
-            "fwdbwd": lambda: torch.autograd.grad(loss_fn(z), z)}
+    return {
+        "fwd": lambda: loss_fn(z),
+        "bwd": lambda: torch.autograd.grad(loss, z, retain_graph=True),
+        "fwdbwd": lambda: torch.autograd.grad(loss_fn(z), z),
+    }
 
 
 # --------------------------------------------------------------------------- bytes that must move
@@ -255,11 +273,24 @@ if __name__ == "__main__":  # the GPU check's first step: what this machine is
     print("# device", machine("cuda" if cuda else None), f"| CUDA {torch.version.cuda}", flush=True)
     if cuda:
         props = torch.cuda.get_device_properties(0)
-        print(f"# device {props.name}: {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB, "
-              f"L2 {getattr(props, 'L2_cache_size', 0) / 2**20:.0f} MiB", flush=True)
+        print(
+            f"# device {props.name}: {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB, "
+            f"L2 {getattr(props, 'L2_cache_size', 0) / 2**20:.0f} MiB",
+            flush=True,
+        )
         try:
-            print(subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm,"
-                                  "clocks.max.mem", "--format=csv"], capture_output=True, text=True,
-                                 timeout=20).stdout, flush=True)
+            print(
+                subprocess.run(
+                    [
+                        "nvidia-smi",
+                        "--query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem",
+                        "--format=csv",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=20,
+                ).stdout,
+                flush=True,
+            )
         except (OSError, subprocess.SubprocessError) as exc:
             print(f"nvidia-smi: {exc}")

@@ -19,6 +19,7 @@ with ``torch.export.export`` and compares the generated graph code, the aten op 
 parameter shapes, plus how far the parameters differ (non-zero: the two encoders really were trained
 differently).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,8 @@ LATENCY_BATCHES = (1, 128)
 class Pair:
     label: str
     image_size: int
-    plain: torch.nn.Module      # encoder trained without CEM
-    cem: torch.nn.Module        # encoder trained with CEM
+    plain: torch.nn.Module  # encoder trained without CEM
+    cem: torch.nn.Module  # encoder trained with CEM
     source: str
 
 
@@ -72,6 +73,7 @@ def training_images(image_size: int, n: int, seed: int) -> tuple[torch.Tensor, t
     """``n`` normalised images ``[n,3,S,S]`` and labels: the shipped CIFAR-10 sample, else random images."""
     try:
         from reproduce.data import load_dataset
+
         ds = load_dataset("cifar10-sample", "train")
         idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
         x = torch.stack([ds[int(i)][0] for i in idx])
@@ -89,8 +91,10 @@ def training_images(image_size: int, n: int, seed: int) -> tuple[torch.Tensor, t
 
 def train(model, x, y, steps: int, batch: int, seed: int, cem: Optional[CEMLoss]) -> None:
     """SGD steps (client and server optimisers, noise sigma before the server), the same batches for every call."""
-    opts = [torch.optim.SGD(part.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-            for part in (model.encoder, model.server)]
+    opts = [
+        torch.optim.SGD(part.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        for part in (model.encoder, model.server)
+    ]
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # the same noise draws for both arms
     model.train()
@@ -120,23 +124,33 @@ def trained_pair(name: str, steps: int, batch: int, seed: int) -> Pair:
         cem.refit(with_cem.encoder(x[:REFIT_SAMPLES]), y[:REFIT_SAMPLES])
     train(plain, x, y, steps, batch, seed, cem=None)
     train(with_cem, x, y, steps, batch, seed, cem=cem)
-    return Pair(label, size, plain.encoder, with_cem.encoder,
-                f"{steps} SGD steps of batch {batch} from the same init on {source}; CEM: paper, lambda {LAMBDA:g}")
+    return Pair(
+        label,
+        size,
+        plain.encoder,
+        with_cem.encoder,
+        f"{steps} SGD steps of batch {batch} from the same init on {source}; CEM: paper, lambda {LAMBDA:g}",
+    )
 
 
 def loaded_pair(run_plain: str, run_cem: str) -> Pair:
     from reproduce.runs import load_run
+
     a, b = load_run(run_plain), load_run(run_cem)
     keys = ("arch", "cut", "image_size", "bottleneck", "sigmoid", "in_channels")
     if any(a.config[k] != b.config[k] for k in keys):
-        raise ValueError(f"--runs: the two runs have different models: "
-                         f"{ {k: a.config[k] for k in keys} } vs { {k: b.config[k] for k in keys} }")
+        raise ValueError(
+            f"--runs: the two runs have different models: "
+            f"{ {k: a.config[k] for k in keys} } vs { {k: b.config[k] for k in keys} }"
+        )
     if a.config.get("in_channels", 3) != 3:
         raise ValueError("--runs: only 3-channel models are supported")
     cfg = a.config
     label = f"{cfg['arch']} cut {cfg['cut']}, {cfg['image_size']} px"
-    source = (f"runs {run_plain} (cem_lambda {a.config.get('cem_lambda')}) and {run_cem} "
-              f"(cem_lambda {b.config.get('cem_lambda')})")
+    source = (
+        f"runs {run_plain} (cem_lambda {a.config.get('cem_lambda')}) and {run_cem} "
+        f"(cem_lambda {b.config.get('cem_lambda')})"
+    )
     return Pair(label, cfg["image_size"], a.model.encoder.eval(), b.model.encoder.eval(), source)
 
 
@@ -166,8 +180,9 @@ def latencies(pair: Pair, device: torch.device, batch: int, rounds: int, min_run
     times = ([], [])
     for _ in range(rounds):
         for i, enc in enumerate(encoders):
-            timer = Timer("infer(enc, x)", globals={"infer": _infer, "enc": enc, "x": x},
-                          num_threads=torch.get_num_threads())
+            timer = Timer(
+                "infer(enc, x)", globals={"infer": _infer, "enc": enc, "x": x}, num_threads=torch.get_num_threads()
+            )
             times[i].extend(timer.blocked_autorange(min_run_time=min_run_time).times)
     return statistics.median(times[0]), statistics.median(times[1])
 
@@ -192,8 +207,9 @@ def export(encoder, size: int) -> Exported:
 
 def structure(encoder) -> list:
     """Module tree as (name, type) plus any hooks: what a deployed encoder consists of."""
-    hooks = [name for name, m in encoder.named_modules()
-             if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks]
+    hooks = [
+        name for name, m in encoder.named_modules() if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+    ]
     return [(name, type(m).__name__) for name, m in encoder.named_modules()] + [("hooks", tuple(hooks))]
 
 
@@ -202,7 +218,7 @@ def weight_difference(a, b) -> tuple[float, float]:
     pairs = [(p.detach(), q.detach()) for p, q in zip(a.parameters(), b.parameters())]
     largest = max(float((p - q).abs().max()) for p, q in pairs)
     num = sum(float(((p - q) ** 2).sum()) for p, q in pairs)
-    den = sum(float((p ** 2).sum()) for p, _ in pairs)
+    den = sum(float((p**2).sum()) for p, _ in pairs)
     return largest, (num / den) ** 0.5 if den else float("inf")
 
 
@@ -230,8 +246,12 @@ def compare(pair: Pair, devices: list, rounds: int, min_run_time: float) -> tupl
     for device in devices:
         for batch in LATENCY_BATCHES:
             ta, tb = latencies(pair, torch.device(device), batch, rounds, min_run_time)
-            row(f"{device.upper()} latency, batch {batch} (median)", f"{ta * 1e3:.3f} ms", f"{tb * 1e3:.3f} ms",
-                ratio(ta, tb))
+            row(
+                f"{device.upper()} latency, batch {batch} (median)",
+                f"{ta * 1e3:.3f} ms",
+                f"{tb * 1e3:.3f} ms",
+                ratio(ta, tb),
+            )
     ea, eb = export(a, pair.image_size), export(b, pair.image_size)
     checks = {
         "module tree": structure(a) == structure(b),
@@ -239,29 +259,49 @@ def compare(pair: Pair, devices: list, rounds: int, min_run_time: float) -> tupl
         "aten op sequence": ea.ops == eb.ops,
         "parameter shapes": ea.param_shapes == eb.param_shapes,
     }
-    row("torch.export graph", f"{len(ea.ops)} aten ops, code sha256 {ea.digest}",
+    row(
+        "torch.export graph",
+        f"{len(ea.ops)} aten ops, code sha256 {ea.digest}",
         f"{len(eb.ops)} aten ops, code sha256 {eb.digest}",
-        "identical" if checks["exported graph code"] else "DIFFERENT")
-    row("exported parameter shapes", f"{len(ea.param_shapes)} tensors", f"{len(eb.param_shapes)} tensors",
-        "identical" if checks["parameter shapes"] else "DIFFERENT")
+        "identical" if checks["exported graph code"] else "DIFFERENT",
+    )
+    row(
+        "exported parameter shapes",
+        f"{len(ea.param_shapes)} tensors",
+        f"{len(eb.param_shapes)} tensors",
+        "identical" if checks["parameter shapes"] else "DIFFERENT",
+    )
     largest, rel = weight_difference(a, b)
     checks["weights differ"] = largest > 0
-    row("parameter difference (max abs; relative L2)", "-", f"{largest:.3g}; {rel:.3g}",
-        "trained apart" if largest > 0 else "SAME WEIGHTS")
+    row(
+        "parameter difference (max abs; relative L2)",
+        "-",
+        f"{largest:.3g}; {rel:.3g}",
+        "trained apart" if largest > 0 else "SAME WEIGHTS",
+    )
     return rows, checks
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
-    p.add_argument("--runs", nargs=2, metavar=("RUN_NO_CEM", "RUN_CEM"), default=None,
-                   help="compare the encoders of two reproduce.train run directories instead of training")
+    p.add_argument(
+        "--runs",
+        nargs=2,
+        metavar=("RUN_NO_CEM", "RUN_CEM"),
+        default=None,
+        help="compare the encoders of two reproduce.train run directories instead of training",
+    )
     p.add_argument("--train-steps", type=int, default=10)
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="alternating latency measurements per encoder")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per torch.utils.benchmark measurement")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where latency is measured: auto = CPU, and CUDA when available; cuda = CUDA only")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where latency is measured: auto = CPU, and CUDA when available; cuda = CUDA only",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 training steps of 8, 1 short latency round")
@@ -285,29 +325,42 @@ def main(argv=None) -> str:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: CUDA is not available")
     devices = {"cpu": ["cpu"], "cuda": ["cuda"]}.get(args.device) or (
-        ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    )
     if args.runs:
         pairs = [loaded_pair(*args.runs)]
     else:
         pairs = [trained_pair(name, args.train_steps, args.train_batch, args.seed) for name in args.models]
-    lines = ["| encoder | quantity | trained without CEM | trained with CEM | with / without |",
-             "|---|---|---:|---:|---:|"]
+    lines = [
+        "| encoder | quantity | trained without CEM | trained with CEM | with / without |",
+        "|---|---|---:|---:|---:|",
+    ]
     notes, all_ok = [], True
     for pair in pairs:
         rows, checks = compare(pair, devices, args.rounds, args.min_run_time)
         lines += rows
         all_ok &= all(checks.values())
-        notes.append(f"- {pair.label}: {pair.source}; identical: "
-                     + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items() if k != "weights differ"))
-    header = (f"{machine('cuda' if 'cuda' in devices else None)} (at the end), {torch.get_num_threads()} CPU "
-              f"threads; latency: median of "
-              f"{args.rounds} alternating torch.utils.benchmark measurements of >= {args.min_run_time:g} s each, "
-              f"eval mode, inference_mode.")
-    fact = ("Structural fact: CEMLoss is a training-time loss only. It is a separate nn.Module holding its "
-            "cluster state in its own buffers; it reads the encoder output z and returns a scalar, so the "
-            "deployed encoder gains no module, parameter, buffer or hook. "
-            + ("Every check above agrees: same module tree, identical exported graph and parameter shapes, "
-               "only the weight values differ." if all_ok else "WARNING: a check above failed."))
+        notes.append(
+            f"- {pair.label}: {pair.source}; identical: "
+            + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items() if k != "weights differ")
+        )
+    header = (
+        f"{machine('cuda' if 'cuda' in devices else None)} (at the end), {torch.get_num_threads()} CPU "
+        f"threads; latency: median of "
+        f"{args.rounds} alternating torch.utils.benchmark measurements of >= {args.min_run_time:g} s each, "
+        f"eval mode, inference_mode."
+    )
+    fact = (
+        "Structural fact: CEMLoss is a training-time loss only. It is a separate nn.Module holding its "
+        "cluster state in its own buffers; it reads the encoder output z and returns a scalar, so the "
+        "deployed encoder gains no module, parameter, buffer or hook. "
+        + (
+            "Every check above agrees: same module tree, identical exported graph and parameter shapes, "
+            "only the weight values differ."
+            if all_ok
+            else "WARNING: a check above failed."
+        )
+    )
     text = "\n".join([header, "", *lines, "", *notes, "", fact])
     print(text)
     if args.out:

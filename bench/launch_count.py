@@ -18,6 +18,7 @@ Two paths are counted: ``cemloss`` (the library as a user calls it) and ``direct
 ``forward_diag(update_state=True)`` + ``scatter_grad(grad_out=...)`` in a minimal autograd.Function: what
 ``CEMLoss`` costs once it calls them for the fused variants).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,24 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 
 # ATen ops that launch no kernel on a GPU (besides views, found by OpOverload.is_view)
-_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
-              "lift_fresh", "resize_", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
-              "_has_compatible_shallow_copy_type", "set_"}
+_NO_KERNEL = {
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "detach",
+    "alias",
+    "lift_fresh",
+    "resize_",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "sym_storage_offset",
+    "is_same_size",
+    "_has_compatible_shallow_copy_type",
+    "set_",
+}
 _SYNC = {"_local_scalar_dense", "item", "equal", "is_nonzero"}
 
 
@@ -67,7 +83,7 @@ class LaunchCounter(TorchDispatchMode):
         def run(fn_self, *args, **kwargs):
             if not kwargs.get("warmup", False):
                 counter.triton[getattr(fn_self, "__name__", None) or fn_self.fn.__name__] += 1
-            with _disable_current_modes():   # the interpreter's own tensor copies are not the kernel's
+            with _disable_current_modes():  # the interpreter's own tensor copies are not the kernel's
                 return original(fn_self, *args, **kwargs)
 
         cls.run = run
@@ -75,9 +91,11 @@ class LaunchCounter(TorchDispatchMode):
 
     def __enter__(self):
         import triton.runtime.jit as jit
+
         self._hook(jit.JITFunction)
         try:
             from triton.runtime.interpreter import InterpretedFunction
+
             self._hook(InterpretedFunction)
         except ImportError:  # pragma: no cover - an interpreter-less triton
             pass
@@ -90,9 +108,11 @@ class LaunchCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def describe(self) -> str:
-        parts = [f"{k} x{v}" for k, v in sorted(self.triton.items())] + \
-                [f"aten.{k} x{v}" for k, v in sorted(self.aten.items())] + \
-                [f"sync aten.{k} x{v}" for k, v in sorted(self.syncs.items())]
+        parts = (
+            [f"{k} x{v}" for k, v in sorted(self.triton.items())]
+            + [f"aten.{k} x{v}" for k, v in sorted(self.aten.items())]
+            + [f"sync aten.{k} x{v}" for k, v in sorted(self.syncs.items())]
+        )
         return ", ".join(parts) or "nothing"
 
 
@@ -102,9 +122,11 @@ VARIANT_CODES = {"official": 0, "official-trained": 1, "paper": 2}
 def make_case(variant: str, covariance: str, *, B=48, D=20, C=3, m=2, device="cpu", validate=False, seed=0):
     """A fitted ``CEMLoss`` on the triton backend and a batch ``(z, labels)``; small: the interpreter is slow."""
     from cem_fast import CEMLoss
+
     gen = torch.Generator().manual_seed(seed)
-    cem = CEMLoss(C, m, variant=variant, covariance=covariance, backend="triton", dataset_size=10 * B,
-                  validate=validate).to(device)
+    cem = CEMLoss(
+        C, m, variant=variant, covariance=covariance, backend="triton", dataset_size=10 * B, validate=validate
+    ).to(device)
     cent = torch.randn(C, m, D, generator=gen)
     if variant == "official":
         cem.set_clusters(cent)
@@ -119,6 +141,7 @@ def make_case(variant: str, covariance: str, *, B=48, D=20, C=3, m=2, device="cp
         # the hinge constant: host arithmetic on CPU tensors (whatever the device), cached per (sigma, threshold);
         # computed here so that the count holds only what the device would run
         from cem_fast.variants import trained_threshold
+
         trained_threshold(cem.sigma, cem.var_threshold)
     z = torch.randn(B, D, generator=gen).to(device).requires_grad_(True)
     labels = torch.randint(0, C, (B,), generator=gen).to(device)
@@ -132,28 +155,45 @@ class _Direct(torch.autograd.Function):
     def forward(ctx, z, labels, cem, code):
         from cem_fast.backends import triton_backend as tb
         from cem_fast.variants import trained_threshold
+
         threshold = trained_threshold(cem.sigma, cem.var_threshold) if code == 1 else 0.0
         loss, coef, _, _, assign = tb.forward_diag(
-            z, labels, cem.centroids.reshape(-1, z.shape[1]), cem.pi, cem.variance, code, cem.m,
-            cem.class_conditional, cem.sigma, cem.num_classes, cem._dataset_size(z.shape[0]) or 0.0, threshold,
-            bool(cem.log_entropy), cem.replicate_index_bug, cem.reduction == "mean_dim", update_state=code == 2)
+            z,
+            labels,
+            cem.centroids.reshape(-1, z.shape[1]),
+            cem.pi,
+            cem.variance,
+            code,
+            cem.m,
+            cem.class_conditional,
+            cem.sigma,
+            cem.num_classes,
+            cem._dataset_size(z.shape[0]) or 0.0,
+            threshold,
+            bool(cem.log_entropy),
+            cem.replicate_index_bug,
+            cem.reduction == "mean_dim",
+            update_state=code == 2,
+        )
         ctx.save_for_backward(z, assign, cem.centroids.reshape(-1, z.shape[1]), coef)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         from cem_fast.backends import triton_backend as tb
+
         z, assign, centroids, coef = ctx.saved_tensors
         return tb.scatter_grad(z, assign, centroids, coef, grad, 2.0), None, None, None
 
 
-def count(variant: str, covariance: str = "diag", path: str = "cemloss", validate: bool = False,
-          device: str = "cpu") -> LaunchCounter:
+def count(
+    variant: str, covariance: str = "diag", path: str = "cemloss", validate: bool = False, device: str = "cpu"
+) -> LaunchCounter:
     """One forward+backward of the given configuration under a ``LaunchCounter``."""
     cem, z, labels = make_case(variant, covariance, device=device, validate=validate)
     if path == "direct" and covariance != "diag":
         raise ValueError("the direct path exists for diagonal covariance only")
-    g = torch.ones((), dtype=cem.centroids.dtype, device=device)   # the upstream gradient, made before
+    g = torch.ones((), dtype=cem.centroids.dtype, device=device)  # the upstream gradient, made before
     counter = LaunchCounter()
     with counter:
         if path == "cemloss":
@@ -184,11 +224,13 @@ def main(argv=None) -> int:
     for variant, cov in configs:
         paths = ["cemloss", "direct"] if cov == "diag" else ["cemloss"]
         for path in paths if args.all else [args.path]:
-            for validate in ([False, True] if args.validate and path == "cemloss" else [False]):
+            for validate in [False, True] if args.validate and path == "cemloss" else [False]:
                 c = count(variant, cov, path, validate, device)
                 syncs = sum(c.syncs.values())
-                line = (f"{variant:>16s} {cov:4s} {path:7s} validate={str(validate):5s}: {c.total:3d} launches "
-                        f"({sum(c.triton.values())} triton, {sum(c.aten.values())} aten), {syncs} host syncs")
+                line = (
+                    f"{variant:>16s} {cov:4s} {path:7s} validate={str(validate):5s}: {c.total:3d} launches "
+                    f"({sum(c.triton.values())} triton, {sum(c.aten.values())} aten), {syncs} host syncs"
+                )
                 print(line + (f"\n    {c.describe()}" if args.verbose else ""), flush=True)
                 if not validate:
                     last = c.total if last is None or not args.all else last
@@ -197,5 +239,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     sys.exit(main())

@@ -12,6 +12,7 @@ the CPU; for CUDA inputs nothing is patched.
 
 This module also builds the identical inputs that parity checks hand to both sides (``parity_case``).
 """
+
 from __future__ import annotations
 
 import ast
@@ -42,12 +43,15 @@ def _check_repo(repo) -> Path:
         raise TypeError(f"official_repo must be a path, got {type(repo).__name__}")
     path = Path(repo).expanduser()
     if not path.is_dir():
-        raise OfficialRepoError(f"official_repo={str(repo)!r} is not a directory; pass a checkout of "
-                                f"github.com/xiasong0501/CEM (it must hold {GMM_FILE} and {PP_FILE})")
+        raise OfficialRepoError(
+            f"official_repo={str(repo)!r} is not a directory; pass a checkout of "
+            f"github.com/xiasong0501/CEM (it must hold {GMM_FILE} and {PP_FILE})"
+        )
     missing = [name for name in (GMM_FILE, PP_FILE) if not (path / name).is_file()]
     if missing:
-        raise OfficialRepoError(f"official_repo={str(repo)!r} is not a checkout of xiasong0501/CEM: "
-                                f"missing {', '.join(missing)}")
+        raise OfficialRepoError(
+            f"official_repo={str(repo)!r} is not a checkout of xiasong0501/CEM: missing {', '.join(missing)}"
+        )
     return path
 
 
@@ -57,7 +61,7 @@ def _find_method(tree: ast.Module, file: Path) -> ast.FunctionDef:
         if isinstance(cls, ast.ClassDef):
             defs = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == METHOD]
             if defs:
-                found.append(defs[-1])   # a later def in the class body replaces an earlier one
+                found.append(defs[-1])  # a later def in the class body replaces an earlier one
     if len(found) != 1:
         raise OfficialRepoError(f"{file}: expected one class defining {METHOD}, found {len(found)}")
     return found[0]
@@ -104,6 +108,7 @@ def _cuda_is_identity(active: bool):
 @dataclass
 class Official:
     """The authors' two loss functions, each taking the batch as their training step hands it over."""
+
     gmm_method: Callable
     pp_method: Callable
     repo: Path
@@ -116,17 +121,36 @@ class Official:
             loss, _ = self.gmm_method(stand_in, z4d, labels, torch.unique(labels), centroids_list)
         return loss
 
-    def pp_loss(self, z4d: torch.Tensor, labels: torch.Tensor, centroids_list, weights_list, variances_list, *,
-                sigma: float = 0.025, num_classes: int, batches_per_epoch: int, batch_size: int,
-                var_threshold: float = 0.125, log_entropy: int = 1):
+    def pp_loss(
+        self,
+        z4d: torch.Tensor,
+        labels: torch.Tensor,
+        centroids_list,
+        weights_list,
+        variances_list,
+        *,
+        sigma: float = 0.025,
+        num_classes: int,
+        batches_per_epoch: int,
+        batch_size: int,
+        var_threshold: float = 0.125,
+        log_entropy: int = 1,
+    ):
         """``model_training_paral_pruning.compute_class_means``; its epoch size is
         ``batches_per_epoch * batch_size`` (``len(client_dataloader[0]) * batch_size`` in their code)."""
         stand_in = types.SimpleNamespace(
-            client_dataloader=[range(batches_per_epoch)], batch_size=batch_size, num_class=num_classes,
-            pooling=False, log_entropy=log_entropy, var_threshold=var_threshold, regularization_strength=sigma)
+            client_dataloader=[range(batches_per_epoch)],
+            batch_size=batch_size,
+            num_class=num_classes,
+            pooling=False,
+            log_entropy=log_entropy,
+            var_threshold=var_threshold,
+            regularization_strength=sigma,
+        )
         with _cuda_is_identity(not z4d.is_cuda):
-            loss, _ = self.pp_method(stand_in, z4d, labels, torch.unique(labels), centroids_list, weights_list,
-                                     variances_list)
+            loss, _ = self.pp_method(
+                stand_in, z4d, labels, torch.unique(labels), centroids_list, weights_list, variances_list
+            )
         return loss
 
 
@@ -153,11 +177,12 @@ def official_arg(repo) -> Optional[Official]:
 @dataclass
 class Case:
     """One batch and cluster state, as tensors for ``CEMLoss.set_clusters`` and as the authors' lists."""
-    z: torch.Tensor            # [B, 8, H, W]
-    labels: torch.Tensor       # [B] int64
-    centroids: torch.Tensor    # [C, m, D]
-    weights: torch.Tensor      # [C, m], each row sums to 1
-    variances: torch.Tensor    # [C, m] scalar variances
+
+    z: torch.Tensor  # [B, 8, H, W]
+    labels: torch.Tensor  # [B] int64
+    centroids: torch.Tensor  # [C, m, D]
+    weights: torch.Tensor  # [C, m], each row sums to 1
+    variances: torch.Tensor  # [C, m] scalar variances
 
     @property
     def centroids_list(self):
@@ -172,8 +197,17 @@ class Case:
         return [v for v in self.variances]
 
 
-def parity_case(B: int, C: int, m: int, H: int, *, seed: int, dtype=torch.float64, tight: bool = False,
-                device: Optional[torch.device] = None) -> Case:
+def parity_case(
+    B: int,
+    C: int,
+    m: int,
+    H: int,
+    *,
+    seed: int,
+    dtype=torch.float64,
+    tight: bool = False,
+    device: Optional[torch.device] = None,
+) -> Case:
     """Sigmoid-range features ``[B, 8, H, H]``, random labels and a full cluster state.
 
     Every class holds exactly ``m`` clusters with a weight and a variance each, so the authors' lists line
@@ -195,8 +229,9 @@ def parity_case(B: int, C: int, m: int, H: int, *, seed: int, dtype=torch.float6
     weights = torch.rand(C, m, generator=gen, dtype=torch.float64) + 0.05
     weights = weights / weights.sum(1, keepdim=True)
     to = dict(device=device, dtype=dtype)
-    return Case(z.reshape(B, 8, H, H).to(**to), labels.to(device), centroids.to(**to), weights.to(**to),
-                variances.to(**to))
+    return Case(
+        z.reshape(B, 8, H, H).to(**to), labels.to(device), centroids.to(**to), weights.to(**to), variances.to(**to)
+    )
 
 
 # --------------------------------------------------------------------------- parity: ours against theirs
@@ -205,7 +240,8 @@ def parity_case(B: int, C: int, m: int, H: int, *, seed: int, dtype=torch.float6
 @dataclass(frozen=True)
 class ParitySpec:
     """One comparison: a variant, the batch shape ``[B, 8, H, H]``, classes, clusters and PP options."""
-    variant: str                 # "official" (vs GMM) or "official-trained" (vs PP)
+
+    variant: str  # "official" (vs GMM) or "official-trained" (vs PP)
     B: int = 128
     C: int = 10
     m: int = 3
@@ -217,10 +253,14 @@ class ParitySpec:
 
     @property
     def name(self) -> str:
-        extra = (f" batches={self.batches_per_epoch} log_entropy={self.log_entropy}"
-                 if self.variant == "official-trained" else "")
-        return (f"{self.variant} B={self.B} C={self.C} m={self.m} D={8 * self.H * self.H}{extra}"
-                + (" tight" if self.tight else ""))
+        extra = (
+            f" batches={self.batches_per_epoch} log_entropy={self.log_entropy}"
+            if self.variant == "official-trained"
+            else ""
+        )
+        return f"{self.variant} B={self.B} C={self.C} m={self.m} D={8 * self.H * self.H}{extra}" + (
+            " tight" if self.tight else ""
+        )
 
 
 PARITY_SPECS = (
@@ -230,8 +270,8 @@ PARITY_SPECS = (
     ParitySpec("official-trained", C=10, m=3, H=8),
     ParitySpec("official-trained", C=10, m=10, H=16),
     ParitySpec("official-trained", C=100, m=3, H=8),
-    ParitySpec("official-trained", C=10, m=3, H=8, batches_per_epoch=2),     # lambda >= 1 -> 0.99
-    ParitySpec("official-trained", C=10, m=3, H=8, tight=True),              # hinge inactive for some clusters
+    ParitySpec("official-trained", C=10, m=3, H=8, batches_per_epoch=2),  # lambda >= 1 -> 0.99
+    ParitySpec("official-trained", C=10, m=3, H=8, tight=True),  # hinge inactive for some clusters
     ParitySpec("official-trained", C=10, m=3, H=8, log_entropy=0),
 )
 
@@ -263,22 +303,42 @@ def parity(official: Official, spec: ParitySpec, *, backend: str = "torch", sigm
         bug_kw = {}
     elif spec.variant == "official-trained":
         theirs = lambda z: official.pp_loss(  # noqa: E731
-            z, case.labels, case.centroids_list, case.weights_list, case.variances_list, sigma=sigma,
-            num_classes=spec.C, batches_per_epoch=spec.batches_per_epoch, batch_size=spec.B,
-            log_entropy=spec.log_entropy)
+            z,
+            case.labels,
+            case.centroids_list,
+            case.weights_list,
+            case.variances_list,
+            sigma=sigma,
+            num_classes=spec.C,
+            batches_per_epoch=spec.batches_per_epoch,
+            batch_size=spec.B,
+            log_entropy=spec.log_entropy,
+        )
         make = lambda **kw: CEMLoss(  # noqa: E731
-            spec.C, spec.m, sigma=sigma, variant="official-trained", backend=backend,
-            dataset_size=spec.batches_per_epoch * spec.B, log_entropy=spec.log_entropy, **kw)
+            spec.C,
+            spec.m,
+            sigma=sigma,
+            variant="official-trained",
+            backend=backend,
+            dataset_size=spec.batches_per_epoch * spec.B,
+            log_entropy=spec.log_entropy,
+            **kw,
+        )
         bug_kw = {"replicate_index_bug": True}
     else:
         raise ValueError(f"variant must be 'official' or 'official-trained', got {spec.variant!r}")
     ours = make(**bug_kw).set_clusters(case.centroids, case.weights, case.variances if bug_kw else None)
     ref_loss, ref_grad = _loss_and_grad(theirs, case.z)
     our_loss, our_grad = _loss_and_grad(lambda z: ours(z, case.labels), case.z)
-    out = {"case": spec.name, "backend": backend, "theirs": float(ref_loss), "ours": float(our_loss),
-           "loss_rel_err": abs(float(our_loss) - float(ref_loss)) / max(abs(float(ref_loss)), 1e-300),
-           "grad_rel_err": _rel(our_grad, ref_grad),
-           "zero_grad_rows": float((ref_grad.flatten(1).abs().sum(1) == 0).double().mean())}
+    out = {
+        "case": spec.name,
+        "backend": backend,
+        "theirs": float(ref_loss),
+        "ours": float(our_loss),
+        "loss_rel_err": abs(float(our_loss) - float(ref_loss)) / max(abs(float(ref_loss)), 1e-300),
+        "grad_rel_err": _rel(our_grad, ref_grad),
+        "zero_grad_rows": float((ref_grad.flatten(1).abs().sum(1) == 0).double().mean()),
+    }
     if bug_kw:
         fixed = make().set_clusters(case.centroids, case.weights, case.variances)
         fixed_loss, fixed_grad = _loss_and_grad(lambda z: fixed(z, case.labels), case.z)

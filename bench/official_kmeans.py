@@ -1,6 +1,6 @@
 """The authors' per-class k-means refit (``PP`` ``kmeans_cuda``), restated in plain PyTorch for timing.
 
-Written from ``official-code-facts.md`` section 1B ("PP kmeans_cuda") and section 6, not from their code.
+Written from a description of their ``kmeans_cuda`` (the ``PP`` training script), not from their code.
 It keeps the shape of their work, which is what a timing must reproduce:
 
 * one class at a time (a Python loop over classes);
@@ -16,6 +16,7 @@ It keeps the shape of their work, which is what a timing must reproduce:
 
 Used by ``bench/bench_kernels.py`` as the baseline of ``CEMLoss.refit``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,10 +31,11 @@ PAD_WEIGHT = 0.01
 @dataclass
 class ClassFit:
     """One class's result, as the authors keep it (lists indexed by cluster)."""
-    centroids: torch.Tensor                  # [k, D]
-    variances: torch.Tensor                  # [k] after padding
-    weights: torch.Tensor                    # [k] after padding
-    covariances: List[torch.Tensor] = field(default_factory=list)   # [D, D] per cluster with >= 2 members
+
+    centroids: torch.Tensor  # [k, D]
+    variances: torch.Tensor  # [k] after padding
+    weights: torch.Tensor  # [k] after padding
+    covariances: List[torch.Tensor] = field(default_factory=list)  # [D, D] per cluster with >= 2 members
     iterations: int = 0
 
 
@@ -45,7 +47,7 @@ def kmeanspp_start(x: torch.Tensor, k: int, generator: Optional[torch.Generator]
     for _ in range(1, k):
         d2 = torch.cdist(x, torch.stack(centres)).min(dim=1).values ** 2
         weights = d2.cpu() if generator is not None else d2
-        if float(weights.sum()) <= 0:                     # all points coincide with a centre already
+        if float(weights.sum()) <= 0:  # all points coincide with a centre already
             weights = torch.ones_like(weights)
         pick = torch.multinomial(weights, 1, generator=generator).item()
         centres.append(x[pick])
@@ -60,19 +62,20 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, max_iter: int = MAX_ITER):
     steps = 0
     for steps in range(1, max_iter + 1):
         assign = torch.cdist(x, centroids).argmin(dim=1)
-        torch.unique(assign)                               # their per-iteration bookkeeping (a sync)
+        torch.unique(assign)  # their per-iteration bookkeeping (a sync)
         if previous is not None and torch.equal(assign, previous):
             break
         for j in range(k):
             members = assign == j
-            if members.any():                              # one host sync per cluster, as theirs
+            if members.any():  # one host sync per cluster, as theirs
                 centroids[j] = x[members].mean(dim=0)
         previous = assign
     return centroids, assign, steps
 
 
-def class_statistics(x: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor,
-                     covariances: bool = True) -> ClassFit:
+def class_statistics(
+    x: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor, covariances: bool = True
+) -> ClassFit:
     """Per-cluster variances, weights and (optionally) full covariances, padded as the authors pad them."""
     k, n = centroids.shape[0], x.shape[0]
     variances, weights, covs = [], [], []
@@ -84,7 +87,7 @@ def class_statistics(x: torch.Tensor, centroids: torch.Tensor, assign: torch.Ten
         if members.shape[0] >= 2:
             weights.append(members.shape[0] / n)
             if covariances:
-                covs.append(torch.cov(members.t()))        # around the cluster's own mean, / (n - 1)
+                covs.append(torch.cov(members.t()))  # around the cluster's own mean, / (n - 1)
     variances = torch.tensor([float(v) for v in variances], device=x.device)
     weights = torch.tensor(weights, device=x.device)
     if variances.numel() < k:
@@ -95,9 +98,17 @@ def class_statistics(x: torch.Tensor, centroids: torch.Tensor, assign: torch.Ten
     return ClassFit(centroids, variances, weights, covs)
 
 
-def refit(x: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int, *,
-          previous: Optional[List[ClassFit]] = None, covariances: bool = True, max_iter: int = MAX_ITER,
-          generator: Optional[torch.Generator] = None) -> List[ClassFit]:
+def refit(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    k: int,
+    *,
+    previous: Optional[List[ClassFit]] = None,
+    covariances: bool = True,
+    max_iter: int = MAX_ITER,
+    generator: Optional[torch.Generator] = None,
+) -> List[ClassFit]:
     """One epoch's refit: per class, k-means (k-means++ if ``previous`` is None, else warm) and statistics.
 
     ``x [N, D]`` float features, ``labels [N]`` int64. Classes with fewer than ``k`` samples are skipped

@@ -7,6 +7,7 @@ that reads a device value on the host (``item``, ``bool``, ``int``, ``float`` al
 indexing size their output from the data) and ``Tensor.tolist``. It cannot see a sync hidden inside an ATen
 kernel (``torch.cholesky_inverse`` checking its status on the host): only the GPU count can.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,16 @@ import warnings
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-SYNCING_OPS = ("aten._local_scalar_dense", "aten.equal", "aten.bincount", "aten.nonzero", "aten.unique",
-               "aten._unique", "aten.masked_select", "aten.repeat_interleave.Tensor")
+SYNCING_OPS = (
+    "aten._local_scalar_dense",
+    "aten.equal",
+    "aten.bincount",
+    "aten.nonzero",
+    "aten.unique",
+    "aten._unique",
+    "aten.masked_select",
+    "aten.repeat_interleave.Tensor",
+)
 
 
 def _bool_index(args) -> bool:

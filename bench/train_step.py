@@ -10,7 +10,7 @@ One step = encoder -> z, server on z + N(0, sigma^2) (sigma 0.025), cross-entrop
   on the device (CPU: torch, cpp; CUDA: torch, cuda, triton; ``--backends`` picks others), and once more
   with the auto backend and ``validate=False`` (no label-range or NaN check, so no host sync);
 * ``authors' application``: the gradient scheme of the authors' training step, restated from
-  official-code-facts.md §1A: ``cem.backward(retain_graph=True)``, clone every encoder grad, zero both
+  their training script: ``cem.backward(retain_graph=True)``, clone every encoder grad, zero both
   optimisers, ``CE.backward()``, ``grad += lambda * saved`` on the encoder; the loss is our CEMLoss
   (auto backend), so only the application differs;
 * with ``--compile``: ``torch.compile`` of the ``one backward`` step (auto backend, ``validate=False``); the
@@ -27,6 +27,7 @@ cycles) so that load changes on a shared machine hit all rows alike; the table g
 time, the 25-75 % range, and the overhead against ``no CEM`` measured in the same run, both as the ratio
 of the medians and as the median of the per-cycle ratios (paired, more robust to load drift).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,18 +53,19 @@ from reproduce.models import build_split_model  # noqa: E402
 NUM_CLASSES = 10
 SIGMA = 0.025
 LAMBDA = 16.0
-BATCHES_PER_EPOCH = 391          # CIFAR-10 at batch 128: official-trained's epoch size is 391 * batch
-REFIT_SAMPLES = 1024             # images whose features the clusters are fitted on (256 with --quick)
+BATCHES_PER_EPOCH = 391  # CIFAR-10 at batch 128: official-trained's epoch size is 391 * batch
+REFIT_SAMPLES = 1024  # images whose features the clusters are fitted on (256 with --quick)
 DEVICE_BACKENDS = {"cpu": ("torch", "cpp"), "cuda": ("torch", "cuda", "triton")}
-TARGET_OVERHEAD = {"cpu": 10.0, "cuda": 5.0}   # percent, with the fastest backend at B=128
+TARGET_OVERHEAD = {"cpu": 10.0, "cuda": 5.0}  # percent, with the fastest backend at B=128
 VARIANTS = ("paper", "official-trained")
 
 
 @dataclass
 class Row:
     """One timed configuration: its own model copy, optimisers and CEMLoss, and a step function."""
-    variant: str            # "-" for no CEM
-    backend: str            # "-" for no CEM
+
+    variant: str  # "-" for no CEM
+    backend: str  # "-" for no CEM
     application: str
     step: Callable[[], None]
     times: list = field(default_factory=list)
@@ -107,7 +109,7 @@ def one_backward_step(t: Trainee, x, y, cem: Optional[CEMLoss]):
 
 
 def authors_step(t: Trainee, x, y, cem_fn: Callable):
-    """The authors' gradient application (facts §1A): a separate CEM backward, saved and added to the encoder."""
+    """The authors' gradient application (their training script): a separate CEM backward, saved and added to the encoder."""
     z, ce = t.forward(x, y)
     cem_value = cem_fn(z, y)
     t.zero_grad()
@@ -140,23 +142,43 @@ def refit_features(encoder: torch.nn.Module, n: int, device: torch.device, seed:
     return z, y
 
 
-def fitted_cem(variant: str, backend: str, features, batch: int, device: torch.device,
-               validate: bool = True) -> CEMLoss:
+def fitted_cem(
+    variant: str, backend: str, features, batch: int, device: torch.device, validate: bool = True
+) -> CEMLoss:
     """A CEMLoss whose clusters are refit on ``features = (z, y)``."""
-    cem = CEMLoss(NUM_CLASSES, sigma=SIGMA, variant=variant, backend=backend, validate=validate,
-                  dataset_size=BATCHES_PER_EPOCH * batch).to(device)
+    cem = CEMLoss(
+        NUM_CLASSES,
+        sigma=SIGMA,
+        variant=variant,
+        backend=backend,
+        validate=validate,
+        dataset_size=BATCHES_PER_EPOCH * batch,
+    ).to(device)
     return cem.refit(*features)
 
 
-def build_rows(device: torch.device, batch: int, seed: int, official_repo: Optional[str],
-               refit_samples: int, only: Optional[list] = None, variants=VARIANTS) -> tuple[list, dict]:
+def build_rows(
+    device: torch.device,
+    batch: int,
+    seed: int,
+    official_repo: Optional[str],
+    refit_samples: int,
+    only: Optional[list] = None,
+    variants=VARIANTS,
+) -> tuple[list, dict]:
     base = make_base_model(device, seed)
     features = refit_features(base.encoder, refit_samples, device, seed)
     gen = torch.Generator().manual_seed(seed + 2)
     x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
     y = (torch.randperm(batch, generator=gen) % NUM_CLASSES).to(device)
-    info = {"backends": available_backends(device, only or DEVICE_BACKENDS[device.type]),
-            "auto": backends.resolve("auto", device), "x": x, "y": y, "base": base, "features": features}
+    info = {
+        "backends": available_backends(device, only or DEVICE_BACKENDS[device.type]),
+        "auto": backends.resolve("auto", device),
+        "x": x,
+        "y": y,
+        "base": base,
+        "features": features,
+    }
 
     def trainee():
         return Trainee(copy.deepcopy(base))
@@ -171,12 +193,17 @@ def build_rows(device: torch.device, batch: int, seed: int, official_repo: Optio
             rows.append(Row(variant, backend, "one backward", lambda t=t, cem=cem: one_backward_step(t, x, y, cem)))
         t = trainee()
         cem = fitted_cem(variant, info["auto"], features, batch, device, validate=False)
-        rows.append(Row(variant, info["auto"], "one backward, validate=False",
-                        lambda t=t, cem=cem: one_backward_step(t, x, y, cem)))
+        rows.append(
+            Row(
+                variant,
+                info["auto"],
+                "one backward, validate=False",
+                lambda t=t, cem=cem: one_backward_step(t, x, y, cem),
+            )
+        )
         t = trainee()
         cem = fitted_cem(variant, info["auto"], features, batch, device)
-        rows.append(Row(variant, info["auto"], "authors' application",
-                        lambda t=t, cem=cem: authors_step(t, x, y, cem)))
+        rows.append(Row(variant, info["auto"], "authors' application", lambda t=t, cem=cem: authors_step(t, x, y, cem)))
     if official_repo is not None:
         rows.append(official_loss_row(official_repo, trainee(), x, y, batch, device, features))
     return rows, info
@@ -193,11 +220,21 @@ def official_loss_row(repo: str, t: Trainee, x, y, batch: int, device: torch.dev
     variances = [v for v in cem.variance]
 
     def their_loss(z, labels):
-        return official.pp_loss(z, labels, centroids, weights, variances, sigma=SIGMA, num_classes=NUM_CLASSES,
-                                batches_per_epoch=BATCHES_PER_EPOCH, batch_size=batch)
+        return official.pp_loss(
+            z,
+            labels,
+            centroids,
+            weights,
+            variances,
+            sigma=SIGMA,
+            num_classes=NUM_CLASSES,
+            batches_per_epoch=BATCHES_PER_EPOCH,
+            batch_size=batch,
+        )
 
-    return Row("official-trained", "authors' loss fn", "authors' application",
-               lambda: authors_step(t, x, y, their_loss))
+    return Row(
+        "official-trained", "authors' loss fn", "authors' application", lambda: authors_step(t, x, y, their_loss)
+    )
 
 
 def sync(device: torch.device):
@@ -252,10 +289,12 @@ def first_compile(info: dict, device: torch.device, batch: int, steps: int) -> s
         step()
         sync(device)
         later.append(time.perf_counter() - start)
-    return (f"- {device.type}: torch.compile of the one-backward step (paper, {info['auto']}, validate=False): "
-            f"first call {first:.1f} s (compilation included), then {1e3 * statistics.median(later):.1f} ms "
-            f"per step (median of {steps}; each: {', '.join(f'{1e3 * t:.1f}' for t in later)} ms; a call far "
-            f"above the median recompiled)")
+    return (
+        f"- {device.type}: torch.compile of the one-backward step (paper, {info['auto']}, validate=False): "
+        f"first call {first:.1f} s (compilation included), then {1e3 * statistics.median(later):.1f} ms "
+        f"per step (median of {steps}; each: {', '.join(f'{1e3 * t:.1f}' for t in later)} ms; a call far "
+        f"above the median recompiled)"
+    )
 
 
 def quantile(values: list, q: float) -> float:
@@ -263,18 +302,22 @@ def quantile(values: list, q: float) -> float:
 
 
 def table(results: list) -> str:
-    lines = ["| device | CEM variant | backend | gradient application | median step (ms) | p25-p75 (ms) | "
-             "overhead vs no CEM (medians) | overhead, paired per cycle |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| device | CEM variant | backend | gradient application | median step (ms) | p25-p75 (ms) | "
+        "overhead vs no CEM (medians) | overhead, paired per cycle |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
     for device, rows in results:
         for row in rows:
             if row is rows[0]:
                 over = "(baseline) | (baseline)"
             else:
                 over = " | ".join(f"{v:+.1f} %" for v in overheads(row, rows[0]))
-            lines.append(f"| {device} | {row.variant} | {row.backend} | {row.application} | "
-                         f"{1e3 * statistics.median(row.times):.1f} | "
-                         f"{1e3 * quantile(row.times, .25):.1f}-{1e3 * quantile(row.times, .75):.1f} | {over} |")
+            lines.append(
+                f"| {device} | {row.variant} | {row.backend} | {row.application} | "
+                f"{1e3 * statistics.median(row.times):.1f} | "
+                f"{1e3 * quantile(row.times, 0.25):.1f}-{1e3 * quantile(row.times, 0.75):.1f} | {over} |"
+            )
     return "\n".join(lines)
 
 
@@ -290,16 +333,19 @@ def verdicts(results: list) -> list:
             of_medians, paired = overheads(best, rows[0])
             worst = max(of_medians, paired)
             target = TARGET_OVERHEAD[device]
-            out.append(f"- {device}, {variant}: fastest backend {best.backend}, overhead {of_medians:+.1f} % "
-                       f"(medians) / {paired:+.1f} % (paired); target <= {target:g} %: "
-                       f"{'met' if worst <= target else 'NOT met'} (judged on the larger of the two)")
+            out.append(
+                f"- {device}, {variant}: fastest backend {best.backend}, overhead {of_medians:+.1f} % "
+                f"(medians) / {paired:+.1f} % (paired); target <= {target:g} %: "
+                f"{'met' if worst <= target else 'NOT met'} (judged on the larger of the two)"
+            )
     return out
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto = CPU, and CUDA too when available")
+    p.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = CPU, and CUDA too when available"
+    )
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="timed cycles per round (a cycle = one step of every row)")
     p.add_argument("--rounds", type=int, default=3, help="rounds (only a progress unit)")
@@ -307,11 +353,19 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--official-repo", default=None, help="checkout of xiasong0501/CEM: also time their loss function")
-    p.add_argument("--backends", nargs="+", default=None, choices=("torch", "cpp", "cuda", "triton"),
-                   help="the backends of the one-backward rows (default: those of the device)")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=None,
+        choices=("torch", "cpp", "cuda", "triton"),
+        help="the backends of the one-backward rows (default: those of the device)",
+    )
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="CEM variants timed")
-    p.add_argument("--compile", action="store_true",
-                   help="also time the first call of a torch.compile'd step (compilation included)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the first call of a torch.compile'd step (compilation included)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up step, 2 steps, 1 round")
     p.add_argument("--out", default=None, help="also write the markdown to this file")
     args = p.parse_args(argv)
@@ -333,22 +387,28 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    devices = ["cpu", "cuda"] if args.device == "auto" and torch.cuda.is_available() else (
-        ["cpu"] if args.device == "auto" else [args.device])
+    devices = (
+        ["cpu", "cuda"]
+        if args.device == "auto" and torch.cuda.is_available()
+        else (["cpu"] if args.device == "auto" else [args.device])
+    )
     results, infos = [], []
     for name in devices:
         device = torch.device(name)
-        rows, info = build_rows(device, args.batch, args.seed, args.official_repo, args.refit_samples,
-                                args.backends, args.variants)
+        rows, info = build_rows(
+            device, args.batch, args.seed, args.official_repo, args.refit_samples, args.backends, args.variants
+        )
         time_rows(rows, device, args.warmup, args.steps, args.rounds, progress=not args.quick)
         results.append((name, rows))
         infos.append(f"- {name}: backends available {info['backends']}, auto -> {info['auto']}")
         if args.compile:
             infos.append(first_compile(info, device, args.batch, max(args.steps, 2)))
-    header = (f"Split VGG11-BN cut 4 (noRELU_C8S1, sigmoid), batch [{args.batch},3,32,32], sigma {SIGMA}, "
-              f"lambda {LAMBDA:g}, SGD client+server; {args.warmup} warm-up steps per row, then {args.rounds} x "
-              f"{args.steps} timed cycles (one step of every row each); {torch.get_num_threads()} CPU threads; "
-              f"{machine('cuda' if 'cuda' in devices else None)} (at the end).")
+    header = (
+        f"Split VGG11-BN cut 4 (noRELU_C8S1, sigmoid), batch [{args.batch},3,32,32], sigma {SIGMA}, "
+        f"lambda {LAMBDA:g}, SGD client+server; {args.warmup} warm-up steps per row, then {args.rounds} x "
+        f"{args.steps} timed cycles (one step of every row each); {torch.get_num_threads()} CPU threads; "
+        f"{machine('cuda' if 'cuda' in devices else None)} (at the end)."
+    )
     text = "\n".join([header, "", table(results), "", *verdicts(results), "", *infos])
     print(text)
     if args.out:

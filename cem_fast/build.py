@@ -6,6 +6,7 @@ extension instead (add ``--cpu`` for both). ``--check`` then compares each again
 inputs (the CUDA one only where a GPU is visible; without one it is built and imported, not run).
 Prints where each extension lives; exits non-zero on any error, with the compiler's output.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             print(f"[cem_fast.build] {exc}", file=sys.stderr)
             return 1
-        ok &= _build("CUDA", lambda: build_cuda_extension(csrc_dir()), args.check,
-                     "cuda" if torch.cuda.is_available() else None)
+        ok &= _build(
+            "CUDA", lambda: build_cuda_extension(csrc_dir()), args.check, "cuda" if torch.cuda.is_available() else None
+        )
     return 0 if ok else 1
 
 

@@ -1,4 +1,5 @@
 """Argument checks with the messages users see. Each raises ValueError/TypeError naming the argument."""
+
 from __future__ import annotations
 
 import math
@@ -82,5 +83,6 @@ def __getattr__(name: str):
     # ``checks.VARIANTS`` moved to ``cem_fast.VARIANTS`` (the variants' registry); kept readable for old imports.
     if name == "VARIANTS":
         from .variants import VARIANTS
+
         return VARIANTS
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,7 @@ a few GEMMs per iteration. The per-cluster sums are deterministic on every devic
 CPU (a serial loop there), a one-hot GEMM in row chunks elsewhere (``index_add_`` would use float atomics
 on a GPU); counts are integer sums, exact in any order.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -20,11 +21,11 @@ _CHUNK_ROWS = 8192
 
 @dataclass
 class KMeansResult:
-    centroids: torch.Tensor   # [C, m, D]
-    assign: torch.Tensor      # [N] flat cluster index c * m + j
-    counts: torch.Tensor      # [C * m]
+    centroids: torch.Tensor  # [C, m, D]
+    assign: torch.Tensor  # [N] flat cluster index c * m + j
+    counts: torch.Tensor  # [C * m]
     iterations: int
-    sq_dist: torch.Tensor     # [N] squared distance of each row to its centroid (GEMM expansion, >= 0)
+    sq_dist: torch.Tensor  # [N] squared distance of each row to its centroid (GEMM expansion, >= 0)
 
 
 def _row_sq_norms(x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +44,7 @@ def repeated_centroids(centroids: torch.Tensor, group: int) -> torch.Tensor:
     c = centroids.reshape(K // group, group, D)
     rep = torch.zeros(K // group, group, dtype=torch.bool, device=centroids.device)
     for j in range(1, group):
-        rep[:, j] = (c[:, :j] == c[:, j:j + 1]).all(2).any(1)
+        rep[:, j] = (c[:, :j] == c[:, j : j + 1]).all(2).any(1)
     return rep.reshape(K)
 
 
@@ -52,7 +53,9 @@ def _centroid_sq_norms(centroids: torch.Tensor, m: int) -> torch.Tensor:
     return (centroids * centroids).sum(1).masked_fill(repeated_centroids(centroids, m), float("inf"))
 
 
-def nearest(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest(
+    x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest of the ``m`` centroids of each row's class (``centroids [C*m, D]``), one GEMM per row chunk.
 
     Returns the flat index and ``|mu|^2 - 2 x.mu`` at it (the squared distance less ``|x|^2``).
@@ -60,9 +63,9 @@ def nearest(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: i
     c_sq = _centroid_sq_norms(centroids, m)
     idx, part = [], []
     for s in range(0, x.shape[0], _CHUNK_ROWS):
-        xs = x[s:s + _CHUNK_ROWS]
-        d2 = c_sq[None, :] - 2.0 * (xs @ centroids.t())                          # [b, K]
-        cols = labels[s:s + _CHUNK_ROWS, None] * m + torch.arange(m, device=x.device)[None]
+        xs = x[s : s + _CHUNK_ROWS]
+        d2 = c_sq[None, :] - 2.0 * (xs @ centroids.t())  # [b, K]
+        cols = labels[s : s + _CHUNK_ROWS, None] * m + torch.arange(m, device=x.device)[None]
         best, j = d2.gather(1, cols).min(1, keepdim=True)
         idx.append(cols.gather(1, j).squeeze(1))
         part.append(best.squeeze(1))
@@ -71,7 +74,9 @@ def nearest(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: i
     return torch.cat(idx), torch.cat(part)
 
 
-def nearest_sorted(x: torch.Tensor, bounds: list[int], centroids: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_sorted(
+    x: torch.Tensor, bounds: list[int], centroids: torch.Tensor, m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``nearest`` for rows sorted by class (class ``c`` in rows ``bounds[c]:bounds[c+1]``): one small GEMM
     per class against its own ``m`` centroids, ``C`` times fewer flops than the one GEMM against all."""
     c_sq = _centroid_sq_norms(centroids, m)
@@ -80,8 +85,8 @@ def nearest_sorted(x: torch.Tensor, bounds: list[int], centroids: torch.Tensor, 
     for c in range(len(bounds) - 1):
         s, e = bounds[c], bounds[c + 1]
         if e > s:
-            cent = centroids[c * m:(c + 1) * m]
-            best, j = (c_sq[c * m:(c + 1) * m][None, :] - 2.0 * (x[s:e] @ cent.t())).min(1)
+            cent = centroids[c * m : (c + 1) * m]
+            best, j = (c_sq[c * m : (c + 1) * m][None, :] - 2.0 * (x[s:e] @ cent.t())).min(1)
             idx[s:e] = j + c * m
             part[s:e] = best
     return idx, part
@@ -93,18 +98,22 @@ def _per_class_argmin(key: torch.Tensor, labels: torch.Tensor, num_classes: int)
     best = torch.full((num_classes,), float("inf"), dtype=key.dtype, device=key.device)
     best = best.scatter_reduce(0, labels, key, reduce="amin")
     idx = torch.where(key == best[labels], torch.arange(n, device=key.device), torch.full_like(labels, n))
-    return torch.full((num_classes,), n, dtype=torch.int64, device=key.device).scatter_reduce(0, labels, idx, reduce="amin")
+    return torch.full((num_classes,), n, dtype=torch.int64, device=key.device).scatter_reduce(
+        0, labels, idx, reduce="amin"
+    )
 
 
 def _random_init(x, labels, num_classes, m, generator):
     """``m`` distinct random members per class (repeating members when a class has fewer than ``m``)."""
-    key = torch.rand(x.shape[0], generator=generator, device=x.device if generator is None else generator.device).to(x.device)
+    key = torch.rand(x.shape[0], generator=generator, device=x.device if generator is None else generator.device).to(
+        x.device
+    )
     order = torch.argsort(key)
     order = order[torch.argsort(labels[order], stable=True)]
     counts = cluster_counts(labels, num_classes)
     start = torch.cumsum(counts, 0) - counts
     j = torch.arange(m, device=x.device)
-    pick = start[:, None] + j[None] % counts.clamp_min(1)[:, None]                # [C, m]
+    pick = start[:, None] + j[None] % counts.clamp_min(1)[:, None]  # [C, m]
     return x[order[pick.clamp_max(x.shape[0] - 1)]], counts
 
 
@@ -118,10 +127,15 @@ def _kmeanspp_init(x, labels, num_classes, m, generator, x_sq):
     dev = x.device
 
     def uniform():
-        return torch.rand(n, generator=generator, device=dev if generator is None else generator.device,
-                          dtype=torch.float64).to(dev).clamp_min(1e-300)
+        return (
+            torch.rand(
+                n, generator=generator, device=dev if generator is None else generator.device, dtype=torch.float64
+            )
+            .to(dev)
+            .clamp_min(1e-300)
+        )
 
-    def sq_dist_to(rows):                                                         # rows [C] -> [N]
+    def sq_dist_to(rows):  # rows [C] -> [N]
         centres = x[rows]
         cross = (x @ centres.t()).gather(1, labels[:, None]).squeeze(1)
         d = (x_sq - 2.0 * cross + x_sq[rows][labels]).clamp_min(0)
@@ -131,17 +145,26 @@ def _kmeanspp_init(x, labels, num_classes, m, generator, x_sq):
     chosen = [first]
     d2 = sq_dist_to(first)
     for _ in range(1, m):
-        key = -torch.log(uniform()) / d2.to(torch.float64)                         # Exp(1)/w: min ~ P proportional to w
+        key = -torch.log(uniform()) / d2.to(torch.float64)  # Exp(1)/w: min ~ P proportional to w
         nxt = _per_class_argmin(key, labels, num_classes).clamp_max(n - 1)
         chosen.append(nxt)
         d2 = torch.minimum(d2, sq_dist_to(nxt))
     return x[torch.stack(chosen, 1)], cluster_counts(labels, num_classes)
 
 
-def kmeans(x: torch.Tensor, labels: Optional[torch.Tensor], num_classes: int, m: int, *, init: str = "kmeans++",
-           centroids: Optional[torch.Tensor] = None, max_iter: int = 50,
-           generator: Optional[torch.Generator] = None, segmented: Optional[bool] = None,
-           segment_sums: Optional[str] = None) -> KMeansResult:
+def kmeans(
+    x: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    num_classes: int,
+    m: int,
+    *,
+    init: str = "kmeans++",
+    centroids: Optional[torch.Tensor] = None,
+    max_iter: int = 50,
+    generator: Optional[torch.Generator] = None,
+    segmented: Optional[bool] = None,
+    segment_sums: Optional[str] = None,
+) -> KMeansResult:
     """Lloyd's k-means with ``m`` clusters inside each class, all classes at once.
 
     Args:
@@ -180,8 +203,12 @@ def kmeans(x: torch.Tensor, labels: Optional[torch.Tensor], num_classes: int, m:
     if bool(absent.any()):
         fill = prev if prev is not None else x.mean(0).expand(C, mm, D)
         if prev is None:
-            warnings.warn(f"cem_fast: {int(absent.sum())} class(es) have no features in this refit; "
-                          "their centroids are set to the mean of all features", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"cem_fast: {int(absent.sum())} class(es) have no features in this refit; "
+                "their centroids are set to the mean of all features",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         cent = torch.where(absent[:, None, None], fill, cent)
     flat = cent.reshape(C * mm, D).contiguous()
 
@@ -206,7 +233,7 @@ def kmeans(x: torch.Tensor, labels: Optional[torch.Tensor], num_classes: int, m:
         sums, counts = cluster_sums(xs, assign, C * mm, segment_sums)
         flat = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], flat)
         new_assign, part = find(flat)
-        if torch.equal(new_assign, assign):         # the iteration's one host synchronisation
+        if torch.equal(new_assign, assign):  # the iteration's one host synchronisation
             break
         assign = new_assign
     # ``part`` always belongs to ``flat`` and ``assign`` (the loop's last nearest is what it keeps).
@@ -224,8 +251,9 @@ def cluster_counts(assign: torch.Tensor, K: int) -> torch.Tensor:
     return torch.zeros(K, dtype=torch.int64, device=assign.device).scatter_add_(0, assign, torch.ones_like(assign))
 
 
-def cluster_sums(x: torch.Tensor, assign: torch.Tensor, K: int,
-                 method: str = "matmul") -> tuple[torch.Tensor, torch.Tensor]:
+def cluster_sums(
+    x: torch.Tensor, assign: torch.Tensor, K: int, method: str = "matmul"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-cluster sums ``[K, D]`` of the rows of ``x`` and member counts ``[K]`` (in ``x``'s dtype),
     deterministic and without a host synchronisation.
 
@@ -238,6 +266,6 @@ def cluster_sums(x: torch.Tensor, assign: torch.Tensor, K: int,
     ids = torch.arange(K, device=x.device)[:, None]
     sums = x.new_zeros(K, x.shape[1])
     for s in range(0, x.shape[0], _CHUNK_ROWS):
-        onehot = (assign[None, s:s + _CHUNK_ROWS] == ids).to(x.dtype)
-        sums = sums + onehot @ x[s:s + _CHUNK_ROWS]
+        onehot = (assign[None, s : s + _CHUNK_ROWS] == ids).to(x.dtype)
+        sums = sums + onehot @ x[s : s + _CHUNK_ROWS]
     return sums, counts

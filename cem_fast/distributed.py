@@ -1,4 +1,5 @@
 """Data-parallel CEM: one packed all-reduce of the per-cluster statistics per step (like SyncBatchNorm)."""
+
 from __future__ import annotations
 
 import torch
@@ -8,12 +9,14 @@ def world_size(process_group) -> int:
     if process_group is None:
         return 1
     import torch.distributed as dist
+
     return dist.get_world_size(process_group)
 
 
 def all_reduce_sum(counts: torch.Tensor, stat: torch.Tensor, process_group):
     """Sum ``counts [K]`` and ``stat [K, ...]`` over the ranks of ``process_group`` in one collective."""
     import torch.distributed as dist
+
     K = counts.shape[0]
     packed = torch.cat([counts[:, None], stat.reshape(K, -1)], dim=1)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
@@ -23,6 +26,7 @@ def all_reduce_sum(counts: torch.Tensor, stat: torch.Tensor, process_group):
 def all_gather_rows(x: torch.Tensor, process_group) -> torch.Tensor:
     """Concatenate ``x [n_r, ...]`` from all ranks (ranks may hold different ``n_r``, including 0)."""
     import torch.distributed as dist
+
     if process_group is None:
         return x
     ws = dist.get_world_size(process_group)

@@ -70,7 +70,7 @@ class FeatureBank:
         if fresh.any():
             n_new = int(fresh.sum())
             self._reserve(c, kept + n_new, x)
-            self._rows[c][kept : kept + n_new] = x[: n_new]
+            self._rows[c][kept : kept + n_new] = x[:n_new]
             self._stamp[c] = np.concatenate([self._stamp[c], stamps[:n_new]])
         # Algorithm R: the row with stream position i replaces a uniform slot j <= i when j < per_class.
         for i in np.flatnonzero(~fresh):

@@ -10,6 +10,7 @@ raise without a host sync) belong to no cluster and get a zero gradient in every
 The gradient coefficient of cluster ``k`` is ``factor[k] * (L_k L_k^T)^-1`` with ``L_k`` a Cholesky factor
 (``variants.paper.paper_full``): ``coef_solve`` applies it to rows, ``coef_matrix`` builds it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,22 +21,23 @@ def _member_diff(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor)
     valid = (assign >= 0)[:, None]
     a = assign.clamp_min(0)
     diff = (z.to(centroids.dtype) - centroids[a]) * valid
-    onehot = torch.nn.functional.one_hot(a, centroids.shape[0]).to(diff.dtype) * valid   # one_hot(-1) asserts on CUDA
+    onehot = torch.nn.functional.one_hot(a, centroids.shape[0]).to(diff.dtype) * valid  # one_hot(-1) asserts on CUDA
     return diff, onehot
 
 
 def second_moments(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """``[K, D, D]``: per cluster the sum of ``(z - mu)(z - mu)^T``, one batched product, no host sync."""
     diff, onehot = _member_diff(z, assign, centroids)
-    masked = onehot.t()[:, :, None] * diff[None]                              # [K, B, D]
-    return masked.transpose(1, 2) @ diff                                      # [K, D, D]
+    masked = onehot.t()[:, :, None] * diff[None]  # [K, B, D]
+    return masked.transpose(1, 2) @ diff  # [K, D, D]
 
 
-def matrix_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, coef: torch.Tensor,
-                scale: float = 1.0) -> torch.Tensor:
+def matrix_grad(
+    z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, coef: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
     """``dz[i] = scale * coef[a_i] @ (z_i - mu[a_i])`` in ``z``'s dtype for symmetric ``coef [K, D, D]``."""
     diff, onehot = _member_diff(z, assign, centroids)
-    per_cluster = (onehot.t()[:, :, None] * diff[None]) @ coef                # [K, B, D]
+    per_cluster = (onehot.t()[:, :, None] * diff[None]) @ coef  # [K, B, D]
     dz = per_cluster.sum(0)
     return (dz if scale == 1.0 else dz * scale).to(z.dtype)
 
@@ -51,7 +53,7 @@ def cluster_member_diffs(z: torch.Tensor, assign: torch.Tensor, centroids: torch
     start = 0
     for k, n in enumerate(counts):
         if n:
-            yield k, order[start:start + n], diff[start:start + n]
+            yield k, order[start : start + n], diff[start : start + n]
         start += n
 
 
@@ -81,8 +83,9 @@ def coef_solve(chol_k: torch.Tensor, factor_k: torch.Tensor, diff: torch.Tensor)
     return torch.cholesky_solve(diff.t(), chol_k).t() * factor_k
 
 
-def segmented_full_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, chol: torch.Tensor,
-                        factor: torch.Tensor) -> torch.Tensor:
+def segmented_full_grad(
+    z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, chol: torch.Tensor, factor: torch.Tensor
+) -> torch.Tensor:
     """``dz[i] = factor[a_i] (L L^T)^-1_{a_i} (z_i - mu[a_i])``: one Cholesky solve per cluster on the rows
     sorted by cluster (reads the cluster sizes: for the CPU), no explicit inverse."""
     dz = centroids.new_zeros(z.shape)

@@ -1,4 +1,5 @@
 """``cem_loss``: the stateless form of the CEM loss (the module ``CEMLoss`` holds the state)."""
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -15,12 +16,27 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def cem_loss(z: torch.Tensor, labels: Optional[torch.Tensor], centroids: torch.Tensor, *,
-             variant: Union[str, Variant] = "paper", sigma: float = 0.025, pi: Optional[torch.Tensor] = None,
-             variance: Optional[torch.Tensor] = None, dataset_size: Optional[float] = None, covariance: str = "diag",
-             reduction: str = "mean_dim", class_conditional: bool = True, var_threshold: float = 0.125,
-             log_entropy: int = 1, replicate_index_bug: bool = False, backend: str = "auto", process_group=None,
-             update_state: bool = False, validate_labels: bool = False):
+def cem_loss(
+    z: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    centroids: torch.Tensor,
+    *,
+    variant: Union[str, Variant] = "paper",
+    sigma: float = 0.025,
+    pi: Optional[torch.Tensor] = None,
+    variance: Optional[torch.Tensor] = None,
+    dataset_size: Optional[float] = None,
+    covariance: str = "diag",
+    reduction: str = "mean_dim",
+    class_conditional: bool = True,
+    var_threshold: float = 0.125,
+    log_entropy: int = 1,
+    replicate_index_bug: bool = False,
+    backend: str = "auto",
+    process_group=None,
+    update_state: bool = False,
+    validate_labels: bool = False,
+):
     """CEM loss of features ``z [B, D]`` given the cluster state; returns ``(loss, new_pi, new_variance)``.
 
     No argument checking beyond what the kernels do (``CEMLoss`` validates), except the label range with
@@ -50,11 +66,19 @@ def cem_loss(z: torch.Tensor, labels: Optional[torch.Tensor], centroids: torch.T
         empty = cent.new_zeros(C, m)
     pi = empty if pi is None else _as(pi, acc)
     variance = empty if variance is None else _as(variance, acc)
-    params = LossParams(num_classes=C, m=m, sigma=float(sigma), class_conditional=class_conditional,
-                        covariance=covariance, reduction=reduction,
-                        dataset_size=float(dataset_size) if dataset_size is not None else 0.0, backend=name,
-                        process_group=process_group, update_state=update_state)
+    params = LossParams(
+        num_classes=C,
+        m=m,
+        sigma=float(sigma),
+        class_conditional=class_conditional,
+        covariance=covariance,
+        reduction=reduction,
+        dataset_size=float(dataset_size) if dataset_size is not None else 0.0,
+        backend=name,
+        process_group=process_group,
+        update_state=update_state,
+    )
     loss, new_pi, new_var = CEMFunction.apply(z2d, lab, cent, pi, variance, variant, params)
-    if new_pi is None:              # the backend wrote the new state into pi and variance
+    if new_pi is None:  # the backend wrote the new state into pi and variance
         new_pi, new_var = pi, variance
     return loss, new_pi, new_var

@@ -1,4 +1,5 @@
 """``CEMLoss``: conditional entropy maximisation as an ``nn.Module`` that drops into a training loop."""
+
 from __future__ import annotations
 
 import math
@@ -64,17 +65,32 @@ class CEMLoss(nn.Module):
     and again when the features collapse, once per refit.
     """
 
-    def __init__(self, num_classes: int, clusters_per_class: Optional[int] = None, sigma: float = 0.025,
-                 variant: str = "paper", covariance: str = "diag", reduction: str = "mean_dim",
-                 dataset_size: Optional[int] = None, class_conditional: bool = True, backend: str = "auto",
-                 warmup: str = "raise", process_group=None, validate: bool = True, weight: float = 1.0,
-                 reference_size: Optional[int] = None, feature_bank: Optional[int] = None, **variant_options):
+    def __init__(
+        self,
+        num_classes: int,
+        clusters_per_class: Optional[int] = None,
+        sigma: float = 0.025,
+        variant: str = "paper",
+        covariance: str = "diag",
+        reduction: str = "mean_dim",
+        dataset_size: Optional[int] = None,
+        class_conditional: bool = True,
+        backend: str = "auto",
+        warmup: str = "raise",
+        process_group=None,
+        validate: bool = True,
+        weight: float = 1.0,
+        reference_size: Optional[int] = None,
+        feature_bank: Optional[int] = None,
+        **variant_options,
+    ):
         super().__init__()
         kind = variants.variant_type(variant)
         self.variant = variant
         self.num_classes = checks.positive_int("num_classes", num_classes)
-        self.m = checks.positive_int("clusters_per_class",
-                                     kind.default_clusters if clusters_per_class is None else clusters_per_class)
+        self.m = checks.positive_int(
+            "clusters_per_class", kind.default_clusters if clusters_per_class is None else clusters_per_class
+        )
         self.sigma = checks.positive_float("sigma", sigma)
         self.covariance = checks.choice("covariance", covariance, ("diag", "full"))
         self.reduction = checks.choice("reduction", reduction, ("mean_dim", "sum"))
@@ -89,8 +105,7 @@ class CEMLoss(nn.Module):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
         self.weight = float(weight)
-        self.reference_size = None if reference_size is None else checks.positive_int("reference_size",
-                                                                                        reference_size)
+        self.reference_size = None if reference_size is None else checks.positive_int("reference_size", reference_size)
         self.bank = None
         if feature_bank is not None:
             self.bank = FeatureBank(num_classes if class_conditional else 1, feature_bank, seed=0)
@@ -102,19 +117,21 @@ class CEMLoss(nn.Module):
         opts = {**allowed, **variant_options}
         self.variant_impl = kind(**{k: opts[k] for k in kind.defaults})
         self.variant_impl.check_config(self.covariance, self.reduction, class_conditional)
-        self.variant_impl.kernel_options(self.sigma)   # builds (and caches) any constant now, outside compiled graphs
+        self.variant_impl.kernel_options(self.sigma)  # builds (and caches) any constant now, outside compiled graphs
         iters = opts["kmeans_iters"] if opts["kmeans_iters"] is not None else kind.kmeans_iters
         self.kmeans_iters = checks.positive_int("kmeans_iters", iters)
         self.seed = int(opts["seed"])
         if self.reference_size is not None and self.variant_impl.dataset_size(None, 1.0, 1) is None:
-            raise ValueError(f"reference_size applies to variants whose push depends on the dataset size "
-                             f"('paper', 'official-trained'), not variant={variant!r}")
+            raise ValueError(
+                f"reference_size applies to variants whose push depends on the dataset size "
+                f"('paper', 'official-trained'), not variant={variant!r}"
+            )
         self.refits = 0
         self.last_refit_iterations = 0  # Lloyd iterations of the last refit (not saved in the state)
         self.last_snr: Optional[float] = None  # the last SNR reading (refit features or a training batch)
-        self._warned = set()           # warnings given since the last refit ("snr", "collapse")
-        self._warned_once = set()      # warnings given once per loss ("strength")
-        self._seen_since_refit = 0     # training-mode rows since the last refit (to check the refit's epoch size)
+        self._warned = set()  # warnings given since the last refit ("snr", "collapse")
+        self._warned_once = set()  # warnings given once per loss ("strength")
+        self._seen_since_refit = 0  # training-mode rows since the last refit (to check the refit's epoch size)
         self._steps = 0
         C, m = self.num_classes, self.m
         self.register_buffer("centroids", torch.zeros(C, m, 0))
@@ -152,8 +169,13 @@ class CEMLoss(nn.Module):
         return self.centroids.shape[-1] if self.fitted else None
 
     def _config(self) -> dict:
-        return {"variant": self.variant, "num_classes": self.num_classes, "clusters_per_class": self.m,
-                "covariance": self.covariance, "class_conditional": self.class_conditional}
+        return {
+            "variant": self.variant,
+            "num_classes": self.num_classes,
+            "clusters_per_class": self.m,
+            "covariance": self.covariance,
+            "class_conditional": self.class_conditional,
+        }
 
     def get_extra_state(self):
         return {"config": self._config(), "refits": self.refits}
@@ -161,28 +183,34 @@ class CEMLoss(nn.Module):
     def set_extra_state(self, state):
         if not isinstance(state, dict) or state.get("config") != self._config():
             theirs = state.get("config") if isinstance(state, dict) else state
-            raise ValueError(f"state_dict is from another CEMLoss configuration: expected {self._config()}, "
-                             f"got {theirs}")
+            raise ValueError(
+                f"state_dict is from another CEMLoss configuration: expected {self._config()}, got {theirs}"
+            )
         self.refits = int(state.get("refits", 0))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         extra = state_dict.get(prefix + "_extra_state")
         if extra is not None:
             self.set_extra_state(extra)
         for name in ("centroids", "pi", "variance"):
             src = state_dict.get(prefix + name)
             if src is not None and src.shape[:2] != (self.num_classes, self.m):
-                raise ValueError(f"state_dict[{prefix + name!r}] has shape {tuple(src.shape)}; this CEMLoss needs "
-                                 f"[{self.num_classes}, {self.m}, ...]")
+                raise ValueError(
+                    f"state_dict[{prefix + name!r}] has shape {tuple(src.shape)}; this CEMLoss needs "
+                    f"[{self.num_classes}, {self.m}, ...]"
+                )
             if src is not None and src.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(src, device=getattr(self, name).device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self._fitted_size = float(self.fitted_size)
 
-    def set_clusters(self, centroids: torch.Tensor, weights: Optional[torch.Tensor] = None,
-                     variances: Optional[torch.Tensor] = None) -> "CEMLoss":
+    def set_clusters(
+        self, centroids: torch.Tensor, weights: Optional[torch.Tensor] = None, variances: Optional[torch.Tensor] = None
+    ) -> "CEMLoss":
         """Install a cluster state directly.
 
         ``centroids [num_classes, m, D]``; ``weights [num_classes, m]`` (pi: for the paper variant summing to 1
@@ -201,15 +229,16 @@ class CEMLoss(nn.Module):
         if weights is None:
             weights = torch.full((C, m), self.variant_impl.default_weight(C, m), dtype=dtype)
         if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (C, m):
-            raise ValueError(f"weights must be a tensor of shape [{C}, {m}], got "
-                             f"{_shape_or_type(weights)}")
+            raise ValueError(f"weights must be a tensor of shape [{C}, {m}], got {_shape_or_type(weights)}")
         vshape = self.variant_impl.variance_shape(C, m, D, self.covariance)
         if variances is None:
             variances = torch.zeros(vshape, dtype=dtype)
         if not isinstance(variances, torch.Tensor) or tuple(variances.shape) != vshape:
-            raise ValueError(f"variances must be a tensor of shape {list(vshape)} for variant={self.variant!r}, "
-                             f"covariance={self.covariance!r}, got "
-                             f"{_shape_or_type(variances)}")
+            raise ValueError(
+                f"variances must be a tensor of shape {list(vshape)} for variant={self.variant!r}, "
+                f"covariance={self.covariance!r}, got "
+                f"{_shape_or_type(variances)}"
+            )
         for name, t in (("centroids", centroids), ("weights", weights), ("variances", variances)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or Inf")
@@ -224,8 +253,14 @@ class CEMLoss(nn.Module):
     # ------------------------------------------------------------------ refit
 
     @torch.no_grad()
-    def refit(self, features: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-              gather: bool = True, epoch_size: Optional[int] = None) -> "CEMLoss":
+    def refit(
+        self,
+        features: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        gather: bool = True,
+        epoch_size: Optional[int] = None,
+    ) -> "CEMLoss":
         """Fit the clusters (k-means inside each class) on a whole epoch of features ``[N, ...]``.
 
         The variant decides the start: ``official`` draws fresh random members every time (as the authors);
@@ -259,10 +294,13 @@ class CEMLoss(nn.Module):
                 raise ValueError(f"epoch_size ({epoch_size}) is smaller than the number of features ({N})")
         seen = self._seen_since_refit * world_size(self.process_group)
         if epoch_size is None and self.dataset_size is None and seen > N:
-            warnings.warn(f"cem_fast: refit on {N} samples, but the loss saw {seen} in training since the last "
-                          f"refit: the streaming rate would assume {N} samples per epoch; pass "
-                          f"refit(..., epoch_size={seen}) (or CEMLoss(dataset_size=...))", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"cem_fast: refit on {N} samples, but the loss saw {seen} in training since the last "
+                f"refit: the streaming rate would assume {N} samples per epoch; pass "
+                f"refit(..., epoch_size={seen}) (or CEMLoss(dataset_size=...))",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         checks.finite("features", x)
         x = x.to(accumulation_dtype(x.dtype))
         self._warned.clear()
@@ -272,8 +310,16 @@ class CEMLoss(nn.Module):
             raise ValueError(f"features have {x.shape[1]} dimensions but the clusters have {self.centroids.shape[-1]}")
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.refits)
         prev = self.centroids.to(x) if self.fitted else None
-        res = kmeans(x, y, self.num_classes, self.m, init=self.variant_impl.kmeans_init(self.fitted), centroids=prev,
-                     max_iter=self.kmeans_iters, generator=gen)
+        res = kmeans(
+            x,
+            y,
+            self.num_classes,
+            self.m,
+            init=self.variant_impl.kmeans_init(self.fitted),
+            centroids=prev,
+            max_iter=self.kmeans_iters,
+            generator=gen,
+        )
         pi, var = self.variant_impl.state_from_kmeans(x, res, self.num_classes, self.m, self.covariance)
         dev = self.fitted_size.device
         self.centroids = res.centroids.to(dev).contiguous()
@@ -290,15 +336,22 @@ class CEMLoss(nn.Module):
     def end_epoch(self) -> "CEMLoss":
         """Refit from the features the loss kept this epoch (``feature_bank=...``), then empty the bank."""
         if self.bank is None:
-            raise RuntimeError("end_epoch needs a feature bank: construct CEMLoss(..., feature_bank=N) "
-                               "(samples kept per class), or call refit(features, labels) yourself")
+            raise RuntimeError(
+                "end_epoch needs a feature bank: construct CEMLoss(..., feature_bank=N) "
+                "(samples kept per class), or call refit(features, labels) yourself"
+            )
         if len(self.bank) == 0:
-            raise RuntimeError("end_epoch: the loss saw no features in training mode this epoch "
-                               "(call it in cem.train() mode on every batch)")
+            raise RuntimeError(
+                "end_epoch: the loss saw no features in training mode this epoch "
+                "(call it in cem.train() mode on every batch)"
+            )
         x, y = self.bank.features()
         epoch = self.bank.seen * world_size(self.process_group)
-        self.refit(x, y if self.class_conditional else None, epoch_size=max(epoch, x.shape[0]) if
-                   self.process_group is None else None)
+        self.refit(
+            x,
+            y if self.class_conditional else None,
+            epoch_size=max(epoch, x.shape[0]) if self.process_group is None else None,
+        )
         self.bank.clear()
         return self
 
@@ -309,31 +362,42 @@ class CEMLoss(nn.Module):
         if self.reference_size is not None or self.weight == 0 or epoch * 4 > PAPER_EPOCH:
             return
         ratio = PAPER_EPOCH / epoch
-        warnings.warn(f"cem_fast: with {epoch:.0f} samples per epoch the {self.variant!r} variant pushes each sample "
-                      f"{ratio:.3g}x harder than at the paper's {PAPER_EPOCH:,} (its gradient scales as 1/N): "
-                      f"lambda = {self.weight:g} here acts like {self.weight * ratio:.3g} there (times any weight you "
-                      f"apply yourself), which can collapse the encoder; pass reference_size={PAPER_EPOCH} to keep "
-                      f"lambda's meaning, or lower lambda", RuntimeWarning, stacklevel=stacklevel)
+        warnings.warn(
+            f"cem_fast: with {epoch:.0f} samples per epoch the {self.variant!r} variant pushes each sample "
+            f"{ratio:.3g}x harder than at the paper's {PAPER_EPOCH:,} (its gradient scales as 1/N): "
+            f"lambda = {self.weight:g} here acts like {self.weight * ratio:.3g} there (times any weight you "
+            f"apply yourself), which can collapse the encoder; pass reference_size={PAPER_EPOCH} to keep "
+            f"lambda's meaning, or lower lambda",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
 
     def _check_snr(self, spread: float, stacklevel: int) -> None:
         """Record the clean features' SNR and warn (once per refit) when it is below 1, and at collapse."""
-        snr = spread / self.sigma ** 2
+        snr = spread / self.sigma**2
         self.last_snr = snr
         if snr < _COLLAPSE_RATIO and "collapse" not in self._warned:
             self._warned.update(("collapse", "snr"))
-            warnings.warn(f"cem_fast: the features have collapsed (mean per-dimension variance {spread:.3g} = "
-                          f"{snr:.2g} x sigma^2 < {_COLLAPSE_RATIO:g} x sigma^2): the encoder is close to a "
-                          f"constant; lower the CEM weight (now {self.weight:g} x the loss), set reference_size, "
-                          f"or use the official-trained hinge / the authors' weight schedule", RuntimeWarning,
-                          stacklevel=stacklevel)
+            warnings.warn(
+                f"cem_fast: the features have collapsed (mean per-dimension variance {spread:.3g} = "
+                f"{snr:.2g} x sigma^2 < {_COLLAPSE_RATIO:g} x sigma^2): the encoder is close to a "
+                f"constant; lower the CEM weight (now {self.weight:g} x the loss), set reference_size, "
+                f"or use the official-trained hinge / the authors' weight schedule",
+                RuntimeWarning,
+                stacklevel=stacklevel,
+            )
         elif snr < _SNR_WARN and "snr" not in self._warned:
             self._warned.add("snr")
-            warnings.warn(f"cem_fast: the clean features' signal-to-noise ratio (per-dimension variance / "
-                          f"sigma^2) is {snr:.3g} < {_SNR_WARN:g}: the features are hiding under the noise and "
-                          f"the task accuracy will fall; if that is not wanted, lower the CEM weight (lambda; "
-                          f"this loss multiplies by {self.weight:g}), set reference_size (lambda then means the "
-                          f"same at every dataset size: the paper variant's push grows as 1/N), or use the "
-                          f"official-trained hinge", RuntimeWarning, stacklevel=stacklevel)
+            warnings.warn(
+                f"cem_fast: the clean features' signal-to-noise ratio (per-dimension variance / "
+                f"sigma^2) is {snr:.3g} < {_SNR_WARN:g}: the features are hiding under the noise and "
+                f"the task accuracy will fall; if that is not wanted, lower the CEM weight (lambda; "
+                f"this loss multiplies by {self.weight:g}), set reference_size (lambda then means the "
+                f"same at every dataset size: the paper variant's push grows as 1/N), or use the "
+                f"official-trained hinge",
+                RuntimeWarning,
+                stacklevel=stacklevel,
+            )
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() move the state but never change its precision (statistics stay fp32/fp64).
@@ -342,7 +406,7 @@ class CEMLoss(nn.Module):
         for name, old in before.items():
             new = self._buffers[name]
             if old is not None and new is not None and new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)   # from the original: no round trip through fp16/bf16
+                self._buffers[name] = old.to(new.device)  # from the original: no round trip through fp16/bf16
         return self
 
     # ------------------------------------------------------------------ loss
@@ -372,33 +436,53 @@ class CEMLoss(nn.Module):
         if not self.fitted:
             if self.warmup == "zero":
                 return z2d.sum() * 0.0
-            raise RuntimeError("CEMLoss has no clusters yet: call cem.refit(features, labels) on an epoch of "
-                               "features (or cem.set_clusters(...)) first, or construct it with warmup='zero'")
+            raise RuntimeError(
+                "CEMLoss has no clusters yet: call cem.refit(features, labels) on an epoch of "
+                "features (or cem.set_clusters(...)) first, or construct it with warmup='zero'"
+            )
         if z2d.shape[1] != self.centroids.shape[-1]:
-            raise ValueError(f"z has {z2d.shape[1]} features per sample but the clusters were fitted on "
-                             f"{self.centroids.shape[-1]}")
+            raise ValueError(
+                f"z has {z2d.shape[1]} features per sample but the clusters were fitted on {self.centroids.shape[-1]}"
+            )
         if self.centroids.device != z.device:
             raise ValueError(f"z is on {z.device} but CEMLoss is on {self.centroids.device}: call cem.to(device)")
         update = self.training and self.variant_impl.streams_state
         N = self._dataset_size(B)
-        if self.training and "strength" not in self._warned_once and N is not None and \
-                not torch.compiler.is_compiling():
+        if (
+            self.training
+            and "strength" not in self._warned_once
+            and N is not None
+            and not torch.compiler.is_compiling()
+        ):
             self._check_strength(N, stacklevel=3)
         # With validate=True the new state is kept only after the loss is seen to be finite, so a bad batch
         # leaves the state as it was; without the checks a backend may write it in place (fewer launches).
         loss, new_pi, new_var = cem_loss(
-            z2d, labels, self.centroids, variant=self.variant_impl, sigma=self.sigma, pi=self.pi,
-            variance=self.variance, dataset_size=N,
-            covariance=self.covariance, reduction=self.reduction, class_conditional=self.class_conditional,
-            backend=self.backend, process_group=self.process_group, update_state=update and not self.validate,
-            validate_labels=self.validate)
+            z2d,
+            labels,
+            self.centroids,
+            variant=self.variant_impl,
+            sigma=self.sigma,
+            pi=self.pi,
+            variance=self.variance,
+            dataset_size=N,
+            covariance=self.covariance,
+            reduction=self.reduction,
+            class_conditional=self.class_conditional,
+            backend=self.backend,
+            process_group=self.process_group,
+            update_state=update and not self.validate,
+            validate_labels=self.validate,
+        )
         if self.validate and not math.isfinite(loss.item()):
             checks.finite("z", z2d)
             scale = float(z2d.detach().abs().max())
-            raise ValueError(f"z is finite but too large for the CEM statistics in {loss.dtype} (max |z| = "
-                             f"{scale:.3g}: squared deviations overflow); rescale the features (e.g. a bounded "
-                             f"activation such as Sigmoid at the cut)")
-        if update and new_pi is not self.pi:     # else the backend has written the state in place
+            raise ValueError(
+                f"z is finite but too large for the CEM statistics in {loss.dtype} (max |z| = "
+                f"{scale:.3g}: squared deviations overflow); rescale the features (e.g. a bounded "
+                f"activation such as Sigmoid at the cut)"
+            )
+        if update and new_pi is not self.pi:  # else the backend has written the state in place
             with torch.no_grad():
                 self.pi.copy_(new_pi)
                 self.variance.copy_(new_var)
@@ -412,8 +496,9 @@ class CEMLoss(nn.Module):
         B = z2d.shape[0]
         self._seen_since_refit += B
         if self.bank is not None:
-            self.bank.add(z2d, labels if self.class_conditional else torch.zeros(B, dtype=torch.int64,
-                                                                                    device=z2d.device))
+            self.bank.add(
+                z2d, labels if self.class_conditional else torch.zeros(B, dtype=torch.int64, device=z2d.device)
+            )
         if self.validate and B > 1 and self._steps % _SNR_EVERY == 0 and "collapse" not in self._warned:
             self._check_snr(_mean_variance(z2d.detach().float()), stacklevel=4)
         self._steps += 1
@@ -425,8 +510,10 @@ class CEMLoss(nn.Module):
         return self.variant_impl.entropy_bound(self.pi, self.variance, self.sigma, self.centroids.shape[-1])
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, clusters_per_class={self.m}, variant={self.variant!r}, "
-                f"sigma={self.sigma}, covariance={self.covariance!r}, backend={self.backend!r}, fitted={self.fitted}")
+        return (
+            f"num_classes={self.num_classes}, clusters_per_class={self.m}, variant={self.variant!r}, "
+            f"sigma={self.sigma}, covariance={self.covariance!r}, backend={self.backend!r}, fitted={self.fitted}"
+        )
 
 
 def _shape_or_type(t) -> str:
@@ -443,6 +530,7 @@ def _mean_variance(x: torch.Tensor, chunk_rows: int = 4096) -> float:
     """``x.var(0, unbiased=False).mean()`` for ``x [N, D]``, two-pass in row chunks (``var(0)`` is a slow
     strided reduction on the CPU: 8x slower at 50,000 x 512)."""
     mu = x.mean(0)
-    total = sum(float(torch.linalg.vector_norm(x[s:s + chunk_rows] - mu).square())
-                for s in range(0, x.shape[0], chunk_rows))
+    total = sum(
+        float(torch.linalg.vector_norm(x[s : s + chunk_rows] - mu).square()) for s in range(0, x.shape[0], chunk_rows)
+    )
     return total / x.numel()

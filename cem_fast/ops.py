@@ -12,6 +12,7 @@ through two ops registered with ``torch.library`` (schema, fake implementation, 
 ``torch.compile``, so that a training step with ``CEMLoss`` compiles. A backend may also offer a fused forward
 (``forward_diag``) or the full-covariance gradient from the Cholesky factors; ``ops`` uses them when present.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -25,8 +26,9 @@ from .distributed import all_reduce_sum, world_size
 
 
 @torch.library.custom_op("cem_fast::assign_stats", mutates_args=())
-def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int,
-                 class_conditional: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def assign_stats(
+    z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int, class_conditional: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sqdev [K, D], counts [K], assign [B])``: the clusters' squared deviations and counts, and the
     nearest cluster of each row of ``z [B, D]`` (floating outputs first, as opcheck's autograd test needs)."""
     assign, counts, sqdev = backends.get(backend).assign_stats(z, labels, centroids, m, class_conditional)
@@ -40,8 +42,15 @@ def _(z, labels, centroids, m, class_conditional, backend):
 
 
 @torch.library.custom_op("cem_fast::scatter_grad", mutates_args=())
-def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, coef: torch.Tensor,
-                 backend: str, grad_out: Optional[torch.Tensor] = None, factor: float = 1.0) -> torch.Tensor:
+def scatter_grad(
+    z: torch.Tensor,
+    assign: torch.Tensor,
+    centroids: torch.Tensor,
+    coef: torch.Tensor,
+    backend: str,
+    grad_out: Optional[torch.Tensor] = None,
+    factor: float = 1.0,
+) -> torch.Tensor:
     """``dz[i] = factor * grad_out * coef[assign[i]] * (z[i] - centroids[assign[i]])`` in ``z``'s dtype."""
     return backends.get(backend).scatter_grad(z, assign, centroids, coef, grad_out, factor)
 
@@ -112,7 +121,8 @@ class CEMFunction(torch.autograd.Function):
         fused = not full and variant.code in getattr(k, "FUSED_VARIANT_CODES", ())
         if fused and p.process_group is None and hasattr(k, "forward_diag"):
             loss, coef, new_pi, new_var, assign = k.forward_diag(
-                z, labels, centroids, pi, variance, *variant.kernel_args(p), update_state=p.update_state)
+                z, labels, centroids, pi, variance, *variant.kernel_args(p), update_state=p.update_state
+            )
         else:
             assign, counts, stat = k.assign_stats(z, labels, centroids, p.m, p.class_conditional)
             if full:
@@ -130,19 +140,19 @@ class CEMFunction(torch.autograd.Function):
             ctx.save_for_backward(z, assign, centroids, coef)
         ctx.full = full
         ctx.backend = p.backend
-        ctx.set_materialize_grads(False)     # no zero gradients built for the state outputs (two launches)
+        ctx.set_materialize_grads(False)  # no zero gradients built for the state outputs (two launches)
         # Under data parallelism every rank holds the global loss; DDP averages gradients over ranks,
         # so each rank's exact gradient is scaled by the world size (folded into grad_scale).
         ctx.grad_scale = 2.0 * world_size(p.process_group)
         if p.update_state and new_pi is pi and new_var is variance:
-            return loss, None, None          # written in place: returned, they would come back as views
+            return loss, None, None  # written in place: returned, they would come back as views
         ctx.mark_non_differentiable(new_pi, new_var)
         return loss, new_pi, new_var
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_pi, _grad_var):
-        z, assign, centroids, coef, *chol = ctx.saved_tensors   # chol: full covariance only
-        if grad_loss is None:                # the loss itself took no part in what is differentiated
+        z, assign, centroids, coef, *chol = ctx.saved_tensors  # chol: full covariance only
+        if grad_loss is None:  # the loss itself took no part in what is differentiated
             return (None,) * 7
         k = kernels(ctx.backend)
         if not ctx.full:

@@ -3,6 +3,7 @@
 This is the ground truth of the test suite: the fast paths must match its loss, its gradient (here
 obtained by autograd, and checked with ``torch.autograd.gradcheck``) and its state update.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,15 +21,19 @@ from .variants import (
 )
 
 
-def reference_assign(z: torch.Tensor, labels: Optional[torch.Tensor], centroids: torch.Tensor,
-    class_conditional: bool = True) -> list[tuple[int, int]]:
+def reference_assign(
+    z: torch.Tensor, labels: Optional[torch.Tensor], centroids: torch.Tensor, class_conditional: bool = True
+) -> list[tuple[int, int]]:
     """``(class, cluster)`` of the nearest centroid for every row, ties to the lowest index."""
     C, m, _ = centroids.shape
     out = []
     for i in range(z.shape[0]):
         zi = z[i].detach().double()
-        cands = [(int(labels[i]), j) for j in range(m)] if class_conditional else \
-                [(c, j) for c in range(C) for j in range(m)]
+        cands = (
+            [(int(labels[i]), j) for j in range(m)]
+            if class_conditional
+            else [(c, j) for c in range(C) for j in range(m)]
+        )
         dists = [float(((zi - centroids[c, j].double()) ** 2).sum()) for c, j in cands]
         out.append(cands[dists.index(min(dists))])
     return out
@@ -38,11 +43,23 @@ def _members(assign, key):
     return [i for i, a in enumerate(assign) if a == key]
 
 
-def reference_loss(z: torch.Tensor, labels: Optional[torch.Tensor], centroids: torch.Tensor, *,
-    variant: str = "paper", sigma: float = 0.025, pi: Optional[torch.Tensor] = None,
-    variance: Optional[torch.Tensor] = None, dataset_size: Optional[float] = None,
-    covariance: str = "diag", reduction: str = "mean_dim", class_conditional: bool = True,
-    var_threshold: float = 0.125, log_entropy: int = 1, replicate_index_bug: bool = False):
+def reference_loss(
+    z: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    centroids: torch.Tensor,
+    *,
+    variant: str = "paper",
+    sigma: float = 0.025,
+    pi: Optional[torch.Tensor] = None,
+    variance: Optional[torch.Tensor] = None,
+    dataset_size: Optional[float] = None,
+    covariance: str = "diag",
+    reduction: str = "mean_dim",
+    class_conditional: bool = True,
+    var_threshold: float = 0.125,
+    log_entropy: int = 1,
+    replicate_index_bug: bool = False,
+):
     """Loss for a batch ``z [B, D]`` (float64), and for the paper variant the updated ``(pi, variance)``.
 
     Returns ``(loss, new_pi, new_variance)``; the last two are ``None`` for the official variants.
@@ -66,7 +83,7 @@ def reference_loss(z: torch.Tensor, labels: Optional[torch.Tensor], centroids: t
         loss = zero
         for g in present:
             n_group = sum(1 for a in assign if group_of(a[0]) == g)
-            for c in (range(C) if g is None else [g]):
+            for c in range(C) if g is None else [g]:
                 for j in range(m):
                     idx = _members(assign, (c, j))
                     if not idx:
@@ -81,7 +98,7 @@ def reference_loss(z: torch.Tensor, labels: Optional[torch.Tensor], centroids: t
         sorted_labels = sorted(int(a[0]) for a in assign)
         loss = zero
         for rank, g in enumerate(present):
-            for c in (range(C) if g is None else [g]):
+            for c in range(C) if g is None else [g]:
                 row = sorted_labels[rank] if replicate_index_bug else c
                 for j in range(m):
                     idx = _members(assign, (c, j))
@@ -109,7 +126,7 @@ def reference_loss(z: torch.Tensor, labels: Optional[torch.Tensor], centroids: t
         for j in range(m):
             idx = _members(assign, (c, j))
             n = len(idx)
-            p = (float(pi[c, j]) * (N - batch) + n) / N                              # Eq. 5
+            p = (float(pi[c, j]) * (N - batch) + n) / N  # Eq. 5
             new_pi[c, j] = p
             old = variance[c, j].double()
             if n:
@@ -118,7 +135,7 @@ def reference_loss(z: torch.Tensor, labels: Optional[torch.Tensor], centroids: t
                     d_sigma = sum(torch.outer(d, d) for d in diffs) / n
                 else:
                     d_sigma = sum(d * d for d in diffs) / n
-                alpha = min(max(n / (p * N), 0.0), 1.0)                              # Eq. 6
+                alpha = min(max(n / (p * N), 0.0), 1.0)  # Eq. 6
                 sig = (1 - alpha) * old + alpha * d_sigma
             else:
                 sig = old
@@ -128,7 +145,7 @@ def reference_loss(z: torch.Tensor, labels: Optional[torch.Tensor], centroids: t
             else:
                 logdet = torch.log(sig + s2).sum()
             neg_log_p = -math.log(p) if p > 0 else 0.0
-            loss = loss + p * (neg_log_p + 0.5 * logdet - 0.5 * D * math.log(s2))      # Eq. 7
+            loss = loss + p * (neg_log_p + 0.5 * logdet - 0.5 * D * math.log(s2))  # Eq. 7
     if reduction == "mean_dim":
         loss = loss / D
     new_var = torch.stack(new_var).reshape(variance.shape)

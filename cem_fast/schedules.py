@@ -1,4 +1,5 @@
 """Weight schedules for the CEM term."""
+
 from __future__ import annotations
 
 # The authors' training scripts scale lambda by 0.001 / lr until the server LR falls below this value.

@@ -1,4 +1,5 @@
 """The paper's information-theoretic quantities: the entropy bound (Eq. 3) and Theorem 1's MSE floor."""
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ def entropy_bound(pi: torch.Tensor, covariance: torch.Tensor, sigma: float) -> t
         raise ValueError(f"sigma must be a positive number, got {sigma!r}")
     p = pi.reshape(-1)
     k = p.numel()
-    cov = covariance.reshape(k, *covariance.shape[pi.dim():])
+    cov = covariance.reshape(k, *covariance.shape[pi.dim() :])
     s2 = sigma * sigma
     if cov.dim() == 1:
         half_logdet = 0.5 * torch.log1p(cov / s2)

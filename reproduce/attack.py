@@ -13,6 +13,7 @@ lives in ``RUN/attack_<name>/<setting>/`` and a rerun resumes from it. Settings:
 gan, adaptive and whitebox start from the decoder attack of the same setting and run it first if it
 is missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,28 +52,54 @@ INFER_TIME_TEST_FRACTION = 0.1
 ATTACK_PRESETS = {
     # smoke's GAN batch is tiny so that its few images still make 10+ critic steps (>= 1 generator step).
     "smoke": AuditPreset(
-        name="smoke", max_train_images=256, max_test_images=200,
-        decoder=DecoderConfig(t_max=2), decoder_loop=LoopConfig(max_epochs=2, patience=2),
-        gan=GANConfig(batch_size=4, t_max=4), gan_loop=LoopConfig(max_epochs=2, patience=2),
-        adaptive=AdaptiveConfig(draws=2, t_max=2), adaptive_loop=LoopConfig(max_epochs=2, patience=2),
-        whitebox=WhiteboxConfig(steps=20, n_images=16, batch_size=16)),
+        name="smoke",
+        max_train_images=256,
+        max_test_images=200,
+        decoder=DecoderConfig(t_max=2),
+        decoder_loop=LoopConfig(max_epochs=2, patience=2),
+        gan=GANConfig(batch_size=4, t_max=4),
+        gan_loop=LoopConfig(max_epochs=2, patience=2),
+        adaptive=AdaptiveConfig(draws=2, t_max=2),
+        adaptive_loop=LoopConfig(max_epochs=2, patience=2),
+        whitebox=WhiteboxConfig(steps=20, n_images=16, batch_size=16),
+    ),
     "cpu": AuditPreset(
-        name="cpu", max_train_images=10_000, max_test_images=None,
-        decoder=DecoderConfig(t_max=30), decoder_loop=LoopConfig(max_epochs=30, patience=3),
-        gan=GANConfig(t_max=4), gan_loop=LoopConfig(max_epochs=2, patience=2),
-        adaptive=AdaptiveConfig(draws=2, t_max=6), adaptive_loop=LoopConfig(max_epochs=6, patience=2),
-        whitebox=WhiteboxConfig(steps=200, n_images=128)),
+        name="cpu",
+        max_train_images=10_000,
+        max_test_images=None,
+        decoder=DecoderConfig(t_max=30),
+        decoder_loop=LoopConfig(max_epochs=30, patience=3),
+        gan=GANConfig(t_max=4),
+        gan_loop=LoopConfig(max_epochs=2, patience=2),
+        adaptive=AdaptiveConfig(draws=2, t_max=6),
+        adaptive_loop=LoopConfig(max_epochs=6, patience=2),
+        whitebox=WhiteboxConfig(steps=200, n_images=128),
+    ),
     "paper": AuditPreset(
-        name="paper", max_train_images=None, max_test_images=None,
-        decoder=DecoderConfig(t_max=50), decoder_loop=LoopConfig(max_epochs=50, patience=None),
-        gan=GANConfig(t_max=300), gan_loop=LoopConfig(max_epochs=150, patience=None),
-        adaptive=AdaptiveConfig(draws=4, t_max=20), adaptive_loop=LoopConfig(max_epochs=20, patience=5),
-        whitebox=WhiteboxConfig(steps=500, n_images=256)),
+        name="paper",
+        max_train_images=None,
+        max_test_images=None,
+        decoder=DecoderConfig(t_max=50),
+        decoder_loop=LoopConfig(max_epochs=50, patience=None),
+        gan=GANConfig(t_max=300),
+        gan_loop=LoopConfig(max_epochs=150, patience=None),
+        adaptive=AdaptiveConfig(draws=4, t_max=20),
+        adaptive_loop=LoopConfig(max_epochs=20, patience=5),
+        whitebox=WhiteboxConfig(steps=500, n_images=256),
+    ),
 }
 PAPER_GAN_EPOCHS = {"tinyimagenet": 80}
 # run_attack's overrides beyond AuditPreset.with_overrides' "section.field" keys
-RUN_OPTIONS = ("epochs", "batch_size", "max_train_images", "max_test_images", "seed", "noise_aware", "fresh",
-               "progress")
+RUN_OPTIONS = (
+    "epochs",
+    "batch_size",
+    "max_train_images",
+    "max_test_images",
+    "seed",
+    "noise_aware",
+    "fresh",
+    "progress",
+)
 
 
 def check_finished_run(run_dir) -> Path:
@@ -128,8 +155,15 @@ def _labels(dataset) -> torch.Tensor:
 class _RunData:
     """The loaded run, plus its encoder features computed lazily once per split."""
 
-    def __init__(self, run_dir: Path, device: torch.device, seed: int, preset: AuditPreset,
-                 data_root: Optional[str], progress: Optional[bool]):
+    def __init__(
+        self,
+        run_dir: Path,
+        device: torch.device,
+        seed: int,
+        preset: AuditPreset,
+        data_root: Optional[str],
+        progress: Optional[bool],
+    ):
         from reproduce.data import dataset_info, load_dataset, subset
         from reproduce.runs import load_run
 
@@ -171,8 +205,15 @@ class _RunData:
             indices = indices[stratified_subset(_labels(dataset)[indices], limit, self.seed)]
             how += f", a class-stratified {limit} of them (seed {self.seed})"
         x, y = as_tensors(Subset(dataset, indices.tolist()))
-        feats = compute_features(self.run.model.encoder, denormalize(x, info_name), y, self.normalization,
-                                 device=self.device, progress=self.progress, desc=f"encoder features ({split})")
+        feats = compute_features(
+            self.run.model.encoder,
+            denormalize(x, info_name),
+            y,
+            self.normalization,
+            device=self.device,
+            progress=self.progress,
+            desc=f"encoder features ({split})",
+        )
         self._cache[split] = (feats, how)
         return self._cache[split]
 
@@ -183,10 +224,14 @@ class _RunData:
             return train, test, {"attack_train": train_how, "attack_test": test_how}
         test, test_how = self.features("test")
         first, last = stratified_split(test.labels, INFER_TIME_TEST_FRACTION, self.seed)
-        return test.subset(first), test.subset(last), {
-            "attack_train": f"a class-stratified 90% ({len(first)}, seed {self.seed}) of: {test_how}",
-            "attack_test": f"the other 10% ({len(last)}) of: {test_how}",
-        }
+        return (
+            test.subset(first),
+            test.subset(last),
+            {
+                "attack_train": f"a class-stratified 90% ({len(first)}, seed {self.seed}) of: {test_how}",
+                "attack_test": f"the other 10% ({len(last)}) of: {test_how}",
+            },
+        )
 
 
 def _run_description(loaded) -> dict:
@@ -207,12 +252,15 @@ def _run_description(loaded) -> dict:
 
 def _protocol_notes(attack: str, noise_aware: bool, sigma: float) -> dict:
     notes = {
-        "perturbation": ("defence.perturb (noise-aware: the defence's full perturbation)" if noise_aware
-                         else f"Gaussian noise only, sigma={sigma} (as the authors' attack)"),
+        "perturbation": (
+            "defence.perturb (noise-aware: the defence's full perturbation)"
+            if noise_aware
+            else f"Gaussian noise only, sigma={sigma} (as the authors' attack)"
+        ),
         "selection": "epoch with the lowest MSE on a seeded, class-stratified held-out part of the attack-training "
-                     "data, with patience and a max-epoch budget (config.patience, config.max_epochs)",
+        "data, with patience and a max-epoch budget (config.patience, config.max_epochs)",
         "metrics": "per image on [0,1] images, then averaged; psnr_per_batch_authors = mean over "
-                   "evaluation batches of 10*log10(1/MSE_batch); SSIM 11x11 Gaussian, sigma 1.5",
+        "evaluation batches of 10*log10(1/MSE_batch); SSIM 11x11 Gaussian, sigma 1.5",
         "evaluation_noise": "fixed seed (same noisy features every evaluation)",
     }
     if attack in ("gan", "adaptive"):
@@ -222,60 +270,150 @@ def _protocol_notes(attack: str, noise_aware: bool, sigma: float) -> dict:
     return notes
 
 
-def _decoder_for(run_dir: Path, setting: str, data, train, test, perturb, preset, device, progress, header,
-                 how, noise_sigma, noise_aware):
+def _decoder_for(
+    run_dir: Path,
+    setting: str,
+    data,
+    train,
+    test,
+    perturb,
+    preset,
+    device,
+    progress,
+    header,
+    how,
+    noise_sigma,
+    noise_aware,
+):
     """The decoder attack's selected model of this setting, training (and recording) it first if missing."""
     folder = state_dir(run_dir, "decoder", setting)
     if not (folder / BEST_NAME).exists():
-        _, entry = _run_one("decoder", run_dir, setting, data, train, test, perturb, preset, device, progress,
-                            header, how, noise_sigma, noise_aware, None)
+        _, entry = _run_one(
+            "decoder",
+            run_dir,
+            setting,
+            data,
+            train,
+            test,
+            perturb,
+            preset,
+            device,
+            progress,
+            header,
+            how,
+            noise_sigma,
+            noise_aware,
+            None,
+        )
     model, saved = load_decoder(folder)
     return model, {"decoder_best_epoch": saved["best_epoch"], "decoder_protocol": saved["protocol"]}
 
 
-def _run_one(attack, run_dir, setting, data, train, test, perturb, preset, device, progress, header, how,
-             noise_sigma, noise_aware, decoder):
+def _run_one(
+    attack,
+    run_dir,
+    setting,
+    data,
+    train,
+    test,
+    perturb,
+    preset,
+    device,
+    progress,
+    header,
+    how,
+    noise_sigma,
+    noise_aware,
+    decoder,
+):
     folder = state_dir(run_dir, attack, setting)
     common = dict(num_classes=data.num_classes, device=device, progress=progress)
     init_info = {}
     if attack != "decoder" and decoder is None:
-        decoder, init_info = _decoder_for(run_dir, setting, data, train, test, perturb, preset, device, progress,
-                                          header, how, noise_sigma, noise_aware)
+        decoder, init_info = _decoder_for(
+            run_dir,
+            setting,
+            data,
+            train,
+            test,
+            perturb,
+            preset,
+            device,
+            progress,
+            header,
+            how,
+            noise_sigma,
+            noise_aware,
+        )
     elif decoder is not None:
         decoder, init_info = decoder
-    print(f"[attack] {attack} attack, {setting}: {len(train)} attack-training / {len(test)} test images",
-          file=sys.stderr)
+    print(
+        f"[attack] {attack} attack, {setting}: {len(train)} attack-training / {len(test)} test images", file=sys.stderr
+    )
     if attack == "decoder":
-        result = train_attack(DecoderAttack(preset.decoder), train, test, perturb, preset.decoder_loop,
-                              state_dir=folder, **common)
+        result = train_attack(
+            DecoderAttack(preset.decoder), train, test, perturb, preset.decoder_loop, state_dir=folder, **common
+        )
     elif attack == "gan":
-        result = train_attack(GANAttack(decoder, preset.gan, init_info=init_info), train, test, perturb,
-                              preset.gan_loop, state_dir=folder, **common)
+        result = train_attack(
+            GANAttack(decoder, preset.gan, init_info=init_info),
+            train,
+            test,
+            perturb,
+            preset.gan_loop,
+            state_dir=folder,
+            **common,
+        )
     elif attack == "adaptive":
         defence = data.run.defence
         own = defence.perturb if callable(getattr(defence, "perturb", None)) else perturb
         noise_var = noise_variance(own, noise_sigma if own is perturb else None, train, seed=preset.adaptive_loop.seed)
-        attack_obj = AdaptiveAttack(preset.adaptive, num_classes=data.num_classes, noise_var=noise_var,
-                                    init=decoder, init_info=init_info)
+        attack_obj = AdaptiveAttack(
+            preset.adaptive, num_classes=data.num_classes, noise_var=noise_var, init=decoder, init_info=init_info
+        )
         result = train_attack(attack_obj, train, test, own, preset.adaptive_loop, state_dir=folder, **common)
     else:
-        result = run_whitebox(data.run.model.encoder, test, perturb, preset.whitebox, sigma=noise_sigma,
-                              normalization=data.normalization, mean_image=train.images.mean(0), start_model=decoder,
-                              seed=preset.decoder_loop.seed, num_samples=preset.decoder_loop.num_samples, **common)
-    entry = {"preset": preset.name, **result.record(), "data": how,
-             "protocol": _protocol_notes(attack, noise_aware or attack == "adaptive", noise_sigma),
-             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        result = run_whitebox(
+            data.run.model.encoder,
+            test,
+            perturb,
+            preset.whitebox,
+            sigma=noise_sigma,
+            normalization=data.normalization,
+            mean_image=train.images.mean(0),
+            start_model=decoder,
+            seed=preset.decoder_loop.seed,
+            num_samples=preset.decoder_loop.num_samples,
+            **common,
+        )
+    entry = {
+        "preset": preset.name,
+        **result.record(),
+        "data": how,
+        "protocol": _protocol_notes(attack, noise_aware or attack == "adaptive", noise_sigma),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     if init_info:
         entry["generator_init" if attack == "gan" else "init"] = {"decoder_best_epoch": init_info["decoder_best_epoch"]}
-    samples = {"original": result.samples["original"].mul(255).round().to(torch.uint8),
-               "reconstruction": result.samples["reconstruction"]}
+    samples = {
+        "original": result.samples["original"].mul(255).round().to(torch.uint8),
+        "reconstruction": result.samples["reconstruction"],
+    }
     write_setting(run_dir, attack, {**header, "attack": attack}, setting, entry, samples)
     print(f"[attack] {attack} {setting}: MSE {entry['mse']:.5f} SSIM {entry['ssim']:.4f}", file=sys.stderr)
     return result, entry
 
 
-def run_attack(run_dir, attack: str, *, setting: str = "train-time", preset: Optional[str] = None,
-               data_root: Optional[str] = None, device: str = "cpu", overrides: Optional[dict] = None) -> dict:
+def run_attack(
+    run_dir,
+    attack: str,
+    *,
+    setting: str = "train-time",
+    preset: Optional[str] = None,
+    data_root: Optional[str] = None,
+    device: str = "cpu",
+    overrides: Optional[dict] = None,
+) -> dict:
     """Run ``attack`` (decoder, gan, whitebox, adaptive) on a finished run for one setting; return the entry
     it wrote into ``RUN/attack_<attack>.json`` under ``settings[setting]``.
 
@@ -301,15 +439,36 @@ def run_attack(run_dir, attack: str, *, setting: str = "train-time", preset: Opt
     data = _RunData(run_dir, device, seed, resolved, data_root, progress)
     noise_sigma = defence_noise_sigma(data.run.defence)
     perturb = make_perturbation(data.run.defence, noise_aware=noise_aware, sigma=noise_sigma)
-    header = {"run": str(run_dir.resolve()), "preset": preset, "device": str(device), "seed": seed,
-              "noise_aware": noise_aware, **_run_description(data.run)}
+    header = {
+        "run": str(run_dir.resolve()),
+        "preset": preset,
+        "device": str(device),
+        "seed": seed,
+        "noise_aware": noise_aware,
+        **_run_description(data.run),
+    }
     if overrides.get("fresh"):
         folder = state_dir(run_dir, attack, setting)
         if folder.exists():
             shutil.rmtree(folder)
     train, test, how = data.setting_data(setting)
-    _, entry = _run_one(attack, run_dir, setting, data, train, test, perturb, resolved, device, progress, header,
-                        how, noise_sigma, noise_aware, None)
+    _, entry = _run_one(
+        attack,
+        run_dir,
+        setting,
+        data,
+        train,
+        test,
+        perturb,
+        resolved,
+        device,
+        progress,
+        header,
+        how,
+        noise_sigma,
+        noise_aware,
+        None,
+    )
     return entry
 
 
@@ -322,24 +481,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m reproduce.attack", description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="a finished run directory (from reproduce.train)")
     parser.add_argument("--attack", required=True, choices=ATTACKS)
-    parser.add_argument("--preset", choices=PRESETS, default=None,
-                        help="attack budget (epochs, image limits); default: the run's training preset")
-    parser.add_argument("--setting", choices=SETTINGS + ("both", "train-time", "infer-time"), default=None,
-                        help="default: both for decoder, train_time for the others")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="this attack's epoch budget (whitebox: its steps), overriding the preset")
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=None,
+        help="attack budget (epochs, image limits); default: the run's training preset",
+    )
+    parser.add_argument(
+        "--setting",
+        choices=SETTINGS + ("both", "train-time", "infer-time"),
+        default=None,
+        help="default: both for decoder, train_time for the others",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="this attack's epoch budget (whitebox: its steps), overriding the preset",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="default: 256 (decoder), 128 (gan)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--noise-aware", action="store_true",
-                        help="feed the attack the defence's full perturbation (dropout, top-k, ...), "
-                             "not only its Gaussian noise (adaptive always does)")
+    parser.add_argument(
+        "--noise-aware",
+        action="store_true",
+        help="feed the attack the defence's full perturbation (dropout, top-k, ...), "
+        "not only its Gaussian noise (adaptive always does)",
+    )
     parser.add_argument("--max-train-images", type=int, default=None, help="override the preset's limit")
     parser.add_argument("--max-test-images", type=int, default=None, help="override the preset's limit")
     parser.add_argument("--data-root", default=None, help="default: the run's")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--fresh", action="store_true",
-                        help="discard this attack's saved state and start over (not the decoder others start from)")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard this attack's saved state and start over (not the decoder others start from)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return parser
 
@@ -365,17 +542,33 @@ def main(argv=None) -> int:
         parser.error(str(err))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "max_train_images": args.max_train_images,
-                 "max_test_images": args.max_test_images, "seed": args.seed, "noise_aware": args.noise_aware,
-                 "fresh": args.fresh, "progress": False if args.no_progress else None}
+    overrides = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "max_train_images": args.max_train_images,
+        "max_test_images": args.max_test_images,
+        "seed": args.seed,
+        "noise_aware": args.noise_aware,
+        "fresh": args.fresh,
+        "progress": False if args.no_progress else None,
+    }
     started = time.perf_counter()
     settings = SETTINGS if args.setting == "both" else (_setting_name(args.setting),)
     for setting in settings:
-        entry = run_attack(run_dir, args.attack, setting=setting, preset=args.preset, data_root=args.data_root,
-                           device=args.device, overrides=overrides)
+        entry = run_attack(
+            run_dir,
+            args.attack,
+            setting=setting,
+            preset=args.preset,
+            data_root=args.data_root,
+            device=args.device,
+            overrides=overrides,
+        )
         m = entry["metrics"]
-        print(f"{args.attack} {setting}: MSE {m['mse']:.5f}  PSNR {m['psnr']:.2f}  SSIM {m['ssim']:.4f}  "
-              f"(authors' PSNR {m['psnr_per_batch_authors']:.2f}, best epoch {entry['best_epoch']}/{entry['epochs']})")
+        print(
+            f"{args.attack} {setting}: MSE {m['mse']:.5f}  PSNR {m['psnr']:.2f}  SSIM {m['ssim']:.4f}  "
+            f"(authors' PSNR {m['psnr_per_batch_authors']:.2f}, best epoch {entry['best_epoch']}/{entry['epochs']})"
+        )
     print(f"wrote {record_path(run_dir, args.attack)} in {time.perf_counter() - started:.1f} s")
     return 0
 

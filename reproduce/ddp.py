@@ -21,6 +21,7 @@ class Dist:
 
     def __init__(self, device: torch.device):
         import torch.distributed as dist
+
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.group = None
@@ -40,6 +41,7 @@ class Dist:
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         if self.enabled:
             import torch.distributed as dist
+
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
@@ -47,6 +49,7 @@ class Dist:
         if not self.enabled:
             return [obj]
         import torch.distributed as dist
+
         out = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
@@ -54,6 +57,7 @@ class Dist:
     def barrier(self) -> None:
         if self.enabled:
             import torch.distributed as dist
+
             dist.barrier()
 
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,8 +99,7 @@ class _GlooSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     global batch. Eval mode, and training outside torch.distributed, is plain BatchNorm.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_group=None):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, process_group=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.process_group = process_group
 
@@ -106,11 +109,17 @@ class _GlooSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
-        if not (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size(self.process_group) > 1):
+
+        if not (
+            self.training
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.process_group) > 1
+        ):
             return super().forward(x)
         self._check_input_dim(x)
         from torch.distributed.nn.functional import all_reduce
+
         group = self.process_group or dist.group.WORLD
         dims = [0, *range(2, x.dim())]
         shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
@@ -148,8 +157,9 @@ def convert_sync_batchnorm(module: torch.nn.Module, device: torch.device, proces
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
     out = module
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-        out = _GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                 module.track_running_stats, process_group)
+        out = _GlooSyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, process_group
+        )
         if module.affine:
             out.weight, out.bias = module.weight, module.bias
         out.running_mean, out.running_var = module.running_mean, module.running_var
@@ -168,6 +178,7 @@ class Net:
         self.encoder, self.server = model.encoder, model.server
         if dist_ctx.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
+
             # Global train-mode BN statistics: the same normalisation as one process on the global batch.
             model.encoder = self.encoder = convert_sync_batchnorm(model.encoder, device)
             model.server = self.server = convert_sync_batchnorm(model.server, device)

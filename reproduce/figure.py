@@ -8,6 +8,7 @@ reconstructions an inversion attack made of them for one run (labelled with the
 run's defence, lambda and the attack's test MSE). It reads the attack's samples and record
 (``RunDir.attack_samples_path`` / ``attack_record_path``), written by ``python -m reproduce.attack``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,10 +91,12 @@ def figure5(
     n = min(num_images, *(len(s["reconstruction"]) for s in loaded))
     for run, s in zip(runs, loaded):
         if not torch.equal(s["original"][:n], originals[:n]):
-            raise ValueError(f"{run} was attacked on other test images than {runs[0]}; "
-                             f"attack both with the same data settings")
-    row_labels = ["original"] + [labels[i] if labels is not None else run_label(s["header"], s["metrics"])
-                                 for i, s in enumerate(loaded)]
+            raise ValueError(
+                f"{run} was attacked on other test images than {runs[0]}; attack both with the same data settings"
+            )
+    row_labels = ["original"] + [
+        labels[i] if labels is not None else run_label(s["header"], s["metrics"]) for i, s in enumerate(loaded)
+    ]
     rows = [originals[:n]] + [s["reconstruction"][:n] for s in loaded]
 
     fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n + 1.6, 1.25 * len(rows)), squeeze=False)
@@ -119,11 +122,16 @@ def figure5(
 def build_parser() -> argparse.ArgumentParser:
     """The one parser of ``python -m reproduce.figure``: every figure, every option (each says which figure)."""
     parser = argparse.ArgumentParser(prog="python -m reproduce.figure", description=__doc__.split("\n")[0])
-    parser.add_argument("--figure", type=int, required=True, choices=FIGURES,
-                        help="3: attacker MSE vs the entropy bound; 4: accuracy vs attacker MSE; "
-                             "5: originals and reconstructions")
-    parser.add_argument("--runs", nargs="+", required=True,
-                        help="run directories (5: one row each; 3, 4: or folders holding them)")
+    parser.add_argument(
+        "--figure",
+        type=int,
+        required=True,
+        choices=FIGURES,
+        help="3: attacker MSE vs the entropy bound; 4: accuracy vs attacker MSE; 5: originals and reconstructions",
+    )
+    parser.add_argument(
+        "--runs", nargs="+", required=True, help="run directories (5: one row each; 3, 4: or folders holding them)"
+    )
     parser.add_argument("--out", required=True, help="output PNG")
     parser.add_argument("--attack", choices=ATTACKS, default="decoder")
     parser.add_argument("--setting", choices=SETTINGS, default="train_time")
@@ -132,8 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     g5.add_argument("--labels", nargs="+", default=None, help="row labels, one per run")
     g3 = parser.add_argument_group("figure 3")
     g3.add_argument("--h-x", type=float, default=None, help="the constant H(x) (default: the tightest)")
-    g3.add_argument("--bound-source", choices=figures_curves.BOUND_SOURCES, default="auto",
-                    help="saved CEM state, a refit on the encoder features, or auto (state if any)")
+    g3.add_argument(
+        "--bound-source",
+        choices=figures_curves.BOUND_SOURCES,
+        default="auto",
+        help="saved CEM state, a refit on the encoder features, or auto (state if any)",
+    )
     g3.add_argument("--max-images", type=int, default=5000, help="training images for a refit (default 5000)")
     g3.add_argument("--device", default="cpu", help="device for the refit's encoder pass (default cpu)")
     return parser
@@ -144,14 +156,27 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.figure == 3:
-            out = figures_curves.figure3(args.runs, args.out, attack=args.attack, setting=args.setting, h_x=args.h_x,
-                                         bound_source=args.bound_source, max_images=args.max_images,
-                                         device=args.device)
+            out = figures_curves.figure3(
+                args.runs,
+                args.out,
+                attack=args.attack,
+                setting=args.setting,
+                h_x=args.h_x,
+                bound_source=args.bound_source,
+                max_images=args.max_images,
+                device=args.device,
+            )
         elif args.figure == 4:
             out = figures_curves.figure4(args.runs, args.out, attack=args.attack, setting=args.setting)
         else:
-            out = figure5(args.runs, args.out, attack=args.attack, setting=args.setting,
-                          num_images=args.num_images, labels=args.labels)
+            out = figure5(
+                args.runs,
+                args.out,
+                attack=args.attack,
+                setting=args.setting,
+                num_images=args.num_images,
+                labels=args.labels,
+            )
     except (OSError, ValueError) as err:
         parser.error(str(err))
     print(f"wrote {out}")

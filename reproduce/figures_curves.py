@@ -14,6 +14,7 @@
 
 ``--runs`` takes run directories or folders holding them (searched recursively, ``reproduce.rundir.find_runs``).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,16 @@ from reproduce.rundir import RunDir, find_runs
 FIGURES = (3, 4)
 BOUND_SOURCES = ("auto", "state", "refit")
 
-__all__ = ["FIGURES", "BOUND_SOURCES", "expand_runs", "run_point", "entropy_bound_of_run", "tightest_h_x",
-           "figure3", "figure4"]
+__all__ = [
+    "FIGURES",
+    "BOUND_SOURCES",
+    "expand_runs",
+    "run_point",
+    "entropy_bound_of_run",
+    "tightest_h_x",
+    "figure3",
+    "figure4",
+]
 
 
 def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
@@ -51,22 +60,32 @@ def run_point(run_dir: str | Path, attack: str = "decoder", setting: str = "trai
     """``{"config", "acc" (%), "mse"}`` of a run; acc/mse None when training or the attack is missing."""
     rd = RunDir(run_dir)
     acc = rd.final_accuracy()
-    return {"config": rd.read_config(), "acc": None if acc is None else 100.0 * acc,
-            "mse": rd.attack_metric(attack, setting, "mse"), "run": rd.path}
+    return {
+        "config": rd.read_config(),
+        "acc": None if acc is None else 100.0 * acc,
+        "mse": rd.attack_metric(attack, setting, "mse"),
+        "run": rd.path,
+    }
 
 
 def _bound_from_state(run_dir: Path, config: dict) -> Optional[float]:
     import torch
-    from cem_fast import CEMLoss
 
+    from cem_fast import CEMLoss
     from reproduce.checkpoint import load_checkpoint
 
     state = load_checkpoint(RunDir(run_dir).final_path, map_location="cpu").get("cem")
     if state is None or config.get("cem_variant") == "official":
         return None
-    cem = CEMLoss(config["num_classes"], clusters_per_class=config.get("cem_clusters"), sigma=config["sigma"],
-                  variant=config["cem_variant"], covariance=config.get("cem_covariance", "diag"),
-                  dataset_size=config.get("train_size"), backend="torch")
+    cem = CEMLoss(
+        config["num_classes"],
+        clusters_per_class=config.get("cem_clusters"),
+        sigma=config["sigma"],
+        variant=config["cem_variant"],
+        covariance=config.get("cem_covariance", "diag"),
+        dataset_size=config.get("train_size"),
+        backend="torch",
+    )
     cem.load_state_dict(state)
     if not cem.fitted:
         return None
@@ -76,9 +95,9 @@ def _bound_from_state(run_dir: Path, config: dict) -> Optional[float]:
 
 def _bound_from_refit(run_dir: Path, config: dict, max_images: int, device: str) -> float:
     import torch
-    from cem_fast import CEMLoss
     from torch.utils.data import DataLoader, Subset
 
+    from cem_fast import CEMLoss
     from reproduce.data import load_dataset, subset
     from reproduce.runs import load_run
 
@@ -98,16 +117,23 @@ def _bound_from_refit(run_dir: Path, config: dict, max_images: int, device: str)
             feats.append(loaded.model.encoder(x.to(device)).flatten(1).double().cpu())
             labels.append(y)
     feats, labels = torch.cat(feats), torch.cat(labels)
-    cem = CEMLoss(loaded.num_classes, clusters_per_class=config.get("cem_clusters"), sigma=config["sigma"],
-                  variant="paper", dataset_size=len(feats), backend="torch")
+    cem = CEMLoss(
+        loaded.num_classes,
+        clusters_per_class=config.get("cem_clusters"),
+        sigma=config["sigma"],
+        variant="paper",
+        dataset_size=len(feats),
+        backend="torch",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a collapsed encoder still has a (high) bound
         cem.refit(feats, labels)
     return float(cem.entropy_bound())
 
 
-def entropy_bound_of_run(run_dir: str | Path, source: str = "auto", max_images: int = 5000,
-                         device: str = "cpu") -> tuple[float, str]:
+def entropy_bound_of_run(
+    run_dir: str | Path, source: str = "auto", max_images: int = 5000, device: str = "cpu"
+) -> tuple[float, str]:
     """Eq. 3's bound on H(x|z) (up to H(x)) of a finished run, and where it came from ("state"/"refit")."""
     if source not in BOUND_SOURCES:
         raise ValueError(f"source must be one of {BOUND_SOURCES}, got {source!r}")
@@ -122,8 +148,10 @@ def entropy_bound_of_run(run_dir: str | Path, source: str = "auto", max_images: 
         if bound is not None:
             return bound, "state"
         if source == "state":
-            raise ValueError(f"{run_dir} saved no CEM state with a bound (lambda 0 or variant official); "
-                             "use source 'refit' or 'auto'")
+            raise ValueError(
+                f"{run_dir} saved no CEM state with a bound (lambda 0 or variant official); "
+                "use source 'refit' or 'auto'"
+            )
     return _bound_from_refit(run_dir, config, max_images, device), "refit"
 
 
@@ -141,6 +169,7 @@ def _pyplot():
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -150,6 +179,7 @@ def _save(fig, out: str | Path) -> Path:
     fig.tight_layout()
     fig.savefig(out, dpi=150)
     import matplotlib.pyplot as plt
+
     plt.close(fig)
     return out
 
@@ -158,18 +188,29 @@ def _usable(points: list[dict], what: str) -> list[dict]:
     good = [p for p in points if p["acc"] is not None and p["mse"] is not None]
     for p in points:
         if p not in good:
-            print(f"[figure] skipping {p['run']}: {'training unfinished' if p['acc'] is None else 'no ' + what}",
-                  file=sys.stderr)
+            print(
+                f"[figure] skipping {p['run']}: {'training unfinished' if p['acc'] is None else 'no ' + what}",
+                file=sys.stderr,
+            )
     if not good:
         raise ValueError(f"none of the runs has finished training and has {what}")
     return good
 
 
-def figure3(runs: Sequence[str | Path], out: str | Path, *, attack: str = "decoder", setting: str = "train_time",
-            h_x: Optional[float] = None, bound_source: str = "auto", max_images: int = 5000,
-            device: str = "cpu") -> Path:
+def figure3(
+    runs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    attack: str = "decoder",
+    setting: str = "train_time",
+    h_x: Optional[float] = None,
+    bound_source: str = "auto",
+    max_images: int = 5000,
+    device: str = "cpu",
+) -> Path:
     """Attacker MSE vs. the entropy bound, with Theorem 1's floor; returns the PNG path."""
     import numpy as np
+
     from cem_fast import mse_lower_bound
 
     points = _usable([run_point(r, attack, setting) for r in expand_runs(runs)], f"{attack} {setting} attack results")
@@ -236,13 +277,22 @@ def figure4_series(points: list[dict]) -> dict[tuple, list[dict]]:
             ps = by_sigma[sigma]
             mse, acc = [p["mse"] for p in ps], [p["acc"] for p in ps]
             sd = statistics.stdev if len(ps) > 1 else (lambda v: 0.0)
-            series[key].append(dict(sigma=sigma, n=len(ps), mse=statistics.mean(mse), acc=statistics.mean(acc),
-                                    mse_sd=sd(mse), acc_sd=sd(acc)))
+            series[key].append(
+                dict(
+                    sigma=sigma,
+                    n=len(ps),
+                    mse=statistics.mean(mse),
+                    acc=statistics.mean(acc),
+                    mse_sd=sd(mse),
+                    acc_sd=sd(acc),
+                )
+            )
     return series
 
 
-def figure4(runs: Sequence[str | Path], out: str | Path, *, attack: str = "decoder",
-            setting: str = "train_time") -> Path:
+def figure4(
+    runs: Sequence[str | Path], out: str | Path, *, attack: str = "decoder", setting: str = "train_time"
+) -> Path:
     """Accuracy vs. attacker MSE, one line per (defence, lambda, cut) family, points sorted by sigma; the
     seeds of one arm are drawn as their mean with sample-sd error bars."""
     points = _usable([run_point(r, attack, setting) for r in expand_runs(runs)], f"{attack} {setting} attack results")
@@ -258,12 +308,23 @@ def figure4(runs: Sequence[str | Path], out: str | Path, *, attack: str = "decod
             label += f" ({variant})"
         if several_cuts:
             label += f", cut {cut}"
-        ax.errorbar([p["mse"] for p in fam], [p["acc"] for p in fam], xerr=[p["mse_sd"] for p in fam],
-                    yerr=[p["acc_sd"] for p in fam], fmt=("-" if lam else "--") + ("o" if lam else "s"),
-                    capsize=2, label=label)
+        ax.errorbar(
+            [p["mse"] for p in fam],
+            [p["acc"] for p in fam],
+            xerr=[p["mse_sd"] for p in fam],
+            yerr=[p["acc_sd"] for p in fam],
+            fmt=("-" if lam else "--") + ("o" if lam else "s"),
+            capsize=2,
+            label=label,
+        )
         for p in fam:
-            ax.annotate(f"{p['sigma']:g}" + (f" (n={p['n']})" if p["n"] > 1 else ""), (p["mse"], p["acc"]),
-                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                f"{p['sigma']:g}" + (f" (n={p['n']})" if p["n"] > 1 else ""),
+                (p["mse"], p["acc"]),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(5))

@@ -49,8 +49,15 @@ class RunJob:
         return f"{self.dataset}_{self.arch}_{self.defence}_lam{self.cem_lambda:g}_sigma{self.sigma:g}/seed{self.seed}"
 
     def settings(self) -> dict:
-        return {"dataset": self.dataset, "arch": self.arch, "defence": self.defence, "sigma": self.sigma,
-                "cem_lambda": self.cem_lambda, "seed": self.seed, **dict(self.train)}
+        return {
+            "dataset": self.dataset,
+            "arch": self.arch,
+            "defence": self.defence,
+            "sigma": self.sigma,
+            "cem_lambda": self.cem_lambda,
+            "seed": self.seed,
+            **dict(self.train),
+        }
 
     def todo(self, root: Path) -> list[str]:
         """What is left of this job (empty: done)."""
@@ -110,9 +117,12 @@ def _cpu_jobs() -> tuple:
 
     jobs = [
         # 1. Table 1's Noise_ARL rows. Plain noise is no Table 1 row: see step 3.
-        arl(0, 125), arl(16, 125),
+        arl(0, 125),
+        arl(16, 125),
         # 2. Figure 4's question: more noise alone against CEM at a lower weight.
-        noise(0.05, 0, 125), noise(0.1, 0, 125), noise25(4, 125),
+        noise(0.05, 0, 125),
+        noise(0.1, 0, 125),
+        noise25(4, 125),
         # 3. noise with and without CEM over three seeds.
         *[noise25(lam, seed) for seed in (126, 127) for lam in (0, 16)],
         # 4. The GAN attack on the noise and noise_arl arms, starting from their decoders.
@@ -123,8 +133,12 @@ def _cpu_jobs() -> tuple:
         # 6. Seeds for noise_arl with and without CEM (about 30 minutes an arm at this preset).
         *[arl(lam, seed) for seed in (126, 127) for lam in (0, 16)],
         # 7-8. The GAN attack in both settings on all three seeds: Table 1's GAN columns.
-        *[job(lam, seed, attacks=gan(DECODER_SETTINGS)) for seed in (125, 126, 127)
-          for job in (noise25, arl) for lam in (0, 16)],
+        *[
+            job(lam, seed, attacks=gan(DECODER_SETTINGS))
+            for seed in (125, 126, 127)
+            for job in (noise25, arl)
+            for lam in (0, 16)
+        ],
         TableJob(1, "reproduce/results/table1_cpu.md"),
         # 9. Seeds for Figure 4's two single-seed arms: CEM at lambda 4, then noise alone at sigma 0.05.
         *[noise25(4, seed) for seed in (126, 127)],
@@ -135,19 +149,39 @@ def _cpu_jobs() -> tuple:
 
 _SMOKE_TRAIN = (("epochs", 1), ("train_subset", 8), ("test_subset", 4), ("batch_size", 4), ("cem_backend", "torch"))
 GRIDS = {
-    "cpu": Grid("cpu", "the --preset cpu runs behind reproduce/RESULTS.md (CIFAR-10; days on 2 cores)", "cpu",
-                _cpu_jobs(), {"decoder": CPU_ATTACK}, shared_data_root),
-    "smoke": Grid("smoke", "two tiny runs on the shipped sample and Table 1 from them (about a minute)", "smoke",
-                  (RunJob("cifar10-sample", "bottleneck", 0.025, 0, 0, train=_SMOKE_TRAIN),
-                   RunJob("cifar10-sample", "bottleneck", 0.025, 16, 0, train=_SMOKE_TRAIN),
-                   TableJob(1, "table1_smoke.md", attacks=("decoder",), seeds=(0,))),
-                  {"decoder": {"epochs": 1, "max_train_images": 16, "max_test_images": 20}}),
+    "cpu": Grid(
+        "cpu",
+        "the --preset cpu runs behind reproduce/RESULTS.md (CIFAR-10; days on 2 cores)",
+        "cpu",
+        _cpu_jobs(),
+        {"decoder": CPU_ATTACK},
+        shared_data_root,
+    ),
+    "smoke": Grid(
+        "smoke",
+        "two tiny runs on the shipped sample and Table 1 from them (about a minute)",
+        "smoke",
+        (
+            RunJob("cifar10-sample", "bottleneck", 0.025, 0, 0, train=_SMOKE_TRAIN),
+            RunJob("cifar10-sample", "bottleneck", 0.025, 16, 0, train=_SMOKE_TRAIN),
+            TableJob(1, "table1_smoke.md", attacks=("decoder",), seeds=(0,)),
+        ),
+        {"decoder": {"epochs": 1, "max_train_images": 16, "max_test_images": 20}},
+    ),
 }
 
 
-def run_grid(name: str, *, runs_root: Optional[Union[str, Path]] = None, data_root: Optional[str] = None,
-             device: Optional[str] = None, threads: Optional[int] = None, out_dir: Optional[Path] = None,
-             dry_run: bool = False, log: Callable[[str], None] = print) -> list[str]:
+def run_grid(
+    name: str,
+    *,
+    runs_root: Optional[Union[str, Path]] = None,
+    data_root: Optional[str] = None,
+    device: Optional[str] = None,
+    threads: Optional[int] = None,
+    out_dir: Optional[Path] = None,
+    dry_run: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[str]:
     """Run grid ``name`` (``GRIDS``) job by job, skipping what is done; returns the lines of what was (or,
     with ``dry_run``, would be) done. ``out_dir``: where table jobs write (default: the current folder)."""
     if name not in GRIDS:
@@ -158,6 +192,7 @@ def run_grid(name: str, *, runs_root: Optional[Union[str, Path]] = None, data_ro
         data_root = grid.default_data_root()
     if device is None:
         import torch
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
     done_lines = []
     out_base = Path(out_dir or ".")
@@ -175,13 +210,25 @@ def run_grid(name: str, *, runs_root: Optional[Union[str, Path]] = None, data_ro
         if dry_run:
             continue
         if isinstance(job, RunJob):
-            rd = pipeline.ensure_trained(root / job.name, preset=grid.preset, overrides=job.settings(),
-                                         data_root=data_root if job.dataset != "cifar10-sample" else None,
-                                         device=device, threads=threads, log=log)
+            rd = pipeline.ensure_trained(
+                root / job.name,
+                preset=grid.preset,
+                overrides=job.settings(),
+                data_root=data_root if job.dataset != "cifar10-sample" else None,
+                device=device,
+                threads=threads,
+                log=log,
+            )
             for attack, settings in job.attacks:
-                pipeline.ensure_attacked(rd, attack, settings, preset=grid.preset, device=device,
-                                         overrides={"seed": job.seed, **grid.attack_overrides.get(attack, {})},
-                                         log=log)
+                pipeline.ensure_attacked(
+                    rd,
+                    attack,
+                    settings,
+                    preset=grid.preset,
+                    device=device,
+                    overrides={"seed": job.seed, **grid.attack_overrides.get(attack, {})},
+                    log=log,
+                )
             changed = True
         else:
             _write_table(job, grid, root, data_root, device, threads, out_base, log)
@@ -193,16 +240,27 @@ def _write_table(job: TableJob, grid: Grid, root: Path, data_root, device, threa
     from reproduce.presets import preset
 
     data = table.resolve_dataset(paper_numbers.table(job.number)["dataset"], data_root)
-    opts = table.Options(preset=grid.preset, runs_root=root, seeds=list(job.seeds or [preset(grid.preset)["seed"]]),
-                         data=data, device=device, attacks=job.attacks, threads=threads, log=log)
+    opts = table.Options(
+        preset=grid.preset,
+        runs_root=root,
+        seeds=list(job.seeds or [preset(grid.preset)["seed"]]),
+        data=data,
+        device=device,
+        attacks=job.attacks,
+        threads=threads,
+        log=log,
+    )
     out = Path(out_dir) / job.out
     table.write_table(job.number, opts, out)
     log(f"[grid] wrote {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m reproduce.grid", description=__doc__.split("\n\n")[0],
-                                epilog="grids: " + "; ".join(f"{g.name}: {g.description}" for g in GRIDS.values()))
+    p = argparse.ArgumentParser(
+        prog="python -m reproduce.grid",
+        description=__doc__.split("\n\n")[0],
+        epilog="grids: " + "; ".join(f"{g.name}: {g.description}" for g in GRIDS.values()),
+    )
     p.add_argument("name", nargs="?", choices=tuple(GRIDS), help="the grid to run: " + ", ".join(GRIDS))
     p.add_argument("--list", action="store_true", help="list the grids and how much of each is left")
     p.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
@@ -231,11 +289,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: --data-root {args.data_root} is not a folder", file=sys.stderr)
         return 2
     try:
-        lines = run_grid(args.name, runs_root=args.runs_root, data_root=args.data_root, device=args.device,
-                         threads=args.threads, dry_run=args.dry_run, log=lambda m: print(m, file=sys.stderr))
+        lines = run_grid(
+            args.name,
+            runs_root=args.runs_root,
+            data_root=args.data_root,
+            device=args.device,
+            threads=args.threads,
+            dry_run=args.dry_run,
+            log=lambda m: print(m, file=sys.stderr),
+        )
     except KeyboardInterrupt:
-        print(f"[grid] interrupted; continue with `python -m reproduce.grid {args.name}` (it resumes)",
-              file=sys.stderr)
+        print(f"[grid] interrupted; continue with `python -m reproduce.grid {args.name}` (it resumes)", file=sys.stderr)
         return 130
     if not lines:
         print(f"[grid] {args.name}: everything is done", file=sys.stderr)

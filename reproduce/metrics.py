@@ -1,4 +1,5 @@
 """Reconstruction and task metrics (they live in ``cem_fast.audit.metrics``)."""
+
 from cem_fast.audit.metrics import (
     ReconstructionMeter,
     accuracy,

@@ -17,6 +17,7 @@ found are listed in ``NOTES`` (the averages are truncated, not rounded, to the p
 
 The "Average" rows average the seven defences (No_defense excluded), with and without CEM.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -44,10 +45,10 @@ AVERAGE_ROWS = ("Average w/o CEM", "Average w/ CEM")
 TABLES: dict[int, dict] = {
     1: {
         "caption": (
-            'Comparative results on CIFAR10 dataset: we present the prediction accuracy and reconstruction '
-            'MSE of different defense methods using the VGG11 model before and after the integration with the'
-            ' proposed CEM algorithm. The last 2 rows report the average performance of all methods, '
-            'comparing results with and without incorporating the CEM algorithm.'
+            "Comparative results on CIFAR10 dataset: we present the prediction accuracy and reconstruction "
+            "MSE of different defense methods using the VGG11 model before and after the integration with the"
+            " proposed CEM algorithm. The last 2 rows report the average performance of all methods, "
+            "comparing results with and without incorporating the CEM algorithm."
         ),
         "dataset": "cifar10",
         "arch": "vgg11_bn",
@@ -75,9 +76,9 @@ TABLES: dict[int, dict] = {
     },
     2: {
         "caption": (
-            'Comparative results on TinyImageNet dataset: we present the prediction accuracy and '
-            'reconstruction MSE of different defense methods using the ResNet-20 model with and without '
-            'integrating the proposed CEM.'
+            "Comparative results on TinyImageNet dataset: we present the prediction accuracy and "
+            "reconstruction MSE of different defense methods using the ResNet-20 model with and without "
+            "integrating the proposed CEM."
         ),
         "dataset": "tinyimagenet",
         "arch": "resnet20",
@@ -105,9 +106,9 @@ TABLES: dict[int, dict] = {
     },
     3: {
         "caption": (
-            'Comparative results on Facescrub dataset: we present the prediction accuracy and reconstruction '
-            'MSE of different defense methods using the VGG11 model with and without integrating the proposed'
-            ' CEM.'
+            "Comparative results on Facescrub dataset: we present the prediction accuracy and reconstruction "
+            "MSE of different defense methods using the VGG11 model with and without integrating the proposed"
+            " CEM."
         ),
         "dataset": "facescrub",
         "arch": "vgg11_bn",
@@ -135,8 +136,8 @@ TABLES: dict[int, dict] = {
     },
     4: {
         "caption": (
-            'Comparative results on CIFAR10 dataset: we present the accuracy and reconstruction SSIM and PSNR'
-            ' on the validation set.'
+            "Comparative results on CIFAR10 dataset: we present the accuracy and reconstruction SSIM and PSNR"
+            " on the validation set."
         ),
         "dataset": "cifar10",
         "arch": "vgg11_bn",
@@ -163,8 +164,8 @@ TABLES: dict[int, dict] = {
     },
     5: {
         "caption": (
-            'Comparative results on CIFAR100 dataset: we present the accuracy and reconstruction SSIM and '
-            'PSNR on the validation set.'
+            "Comparative results on CIFAR100 dataset: we present the accuracy and reconstruction SSIM and "
+            "PSNR on the validation set."
         ),
         "dataset": "cifar100",
         "arch": "vgg11_bn",
@@ -191,8 +192,8 @@ TABLES: dict[int, dict] = {
     },
     6: {
         "caption": (
-            'Comparative results on TinyImageNet dataset: we present the accuracy and reconstruction SSIM and'
-            ' PSNR on the validation set.'
+            "Comparative results on TinyImageNet dataset: we present the accuracy and reconstruction SSIM and"
+            " PSNR on the validation set."
         ),
         "dataset": "tinyimagenet",
         "arch": "resnet20",
@@ -219,8 +220,8 @@ TABLES: dict[int, dict] = {
     },
     7: {
         "caption": (
-            'Comparative results on FaceScrub dataset: we present the prediction accuracy and reconstruction '
-            'SSIM and PSNR on the validation set.'
+            "Comparative results on FaceScrub dataset: we present the prediction accuracy and reconstruction "
+            "SSIM and PSNR on the validation set."
         ),
         "dataset": "facescrub",
         "arch": "vgg11_bn",
@@ -247,8 +248,8 @@ TABLES: dict[int, dict] = {
     },
     8: {
         "caption": (
-            'Comparative results on CIFAR100 dataset: we present the accuracy and reconstruction MSE of '
-            'different defense methods using the VGG11 model with and without integrating the proposed CEM.'
+            "Comparative results on CIFAR100 dataset: we present the accuracy and reconstruction MSE of "
+            "different defense methods using the VGG11 model with and without integrating the proposed CEM."
         ),
         "dataset": "cifar100",
         "arch": "vgg11_bn",
@@ -294,8 +295,9 @@ NOTES: dict[tuple[int, str, str], str] = {
     (8, "Average w/ CEM", "gan_train_mse"): "printed 0.0095; the seven rows average 0.0092",
     (8, "Average w/ CEM", "gan_infer_mse"): "printed 0.0102; the seven rows average 0.0098",
     (6, "Bottleneck+CEM", "acc"): "printed 52.52 here but 52.25 in Table 2; the Average row (51.62) fits 52.25",
-    (6, "Average w/ CEM", "acc"): ("51.62 is the average with Table 2's 52.25 for Bottleneck+CEM, "
-                                   "not this table's 52.52"),
+    (6, "Average w/ CEM", "acc"): (
+        "51.62 is the average with Table 2's 52.25 for Bottleneck+CEM, not this table's 52.52"
+    ),
 }
 
 # The relative MSE increases the paper's text states for CEM ("an average increase in reconstruction MSE of

@@ -28,8 +28,10 @@ def _train_namespace(path, preset: Optional[str], overrides: Mapping, data_root,
     known = set(vars(args))
     for key, value in overrides.items():
         if key not in known or key in TRAIN_SETTINGS_FIXED:
-            raise ValueError(f"overrides: {key!r} is not a setting of reproduce.train "
-                             f"(one of {sorted(known - set(TRAIN_SETTINGS_FIXED))})")
+            raise ValueError(
+                f"overrides: {key!r} is not a setting of reproduce.train "
+                f"(one of {sorted(known - set(TRAIN_SETTINGS_FIXED))})"
+            )
         setattr(args, key, value)
     args.preset = preset
     for key, value in (("data_root", data_root), ("device", device), ("threads", threads)):
@@ -53,10 +55,17 @@ def train_overrides(flags: str) -> dict:
     return out
 
 
-def ensure_trained(run_dir: PathLike, *, preset: Optional[str] = None, overrides: Optional[Mapping] = None,
-                   data_root: Optional[PathLike] = None, device: Optional[str] = None,
-                   threads: Optional[int] = None, download: bool = False,
-                   log: Callable[[str], None] = print) -> RunDir:
+def ensure_trained(
+    run_dir: PathLike,
+    *,
+    preset: Optional[str] = None,
+    overrides: Optional[Mapping] = None,
+    data_root: Optional[PathLike] = None,
+    device: Optional[str] = None,
+    threads: Optional[int] = None,
+    download: bool = False,
+    log: Callable[[str], None] = print,
+) -> RunDir:
     """Train ``run_dir`` as ``preset`` + ``overrides`` say unless it has finished; resume an interrupted run.
 
     ``overrides`` maps ``reproduce.train`` settings (their flag names with ``_``: ``defence``, ``sigma``,
@@ -78,8 +87,10 @@ def ensure_trained(run_dir: PathLike, *, preset: Optional[str] = None, overrides
     if rd.started:
         stored = rd.read_config()
         if stored.get("preset") != preset:
-            raise ValueError(f"{rd.path} holds a run of preset {stored.get('preset')!r}, not {preset!r}: "
-                             "use another run directory per preset")
+            raise ValueError(
+                f"{rd.path} holds a run of preset {stored.get('preset')!r}, not {preset!r}: "
+                "use another run directory per preset"
+            )
         cfg = resume_config(stored, cfg, args)
         log(f"[pipeline] resuming {rd.path}")
     else:
@@ -88,9 +99,17 @@ def ensure_trained(run_dir: PathLike, *, preset: Optional[str] = None, overrides
     return rd
 
 
-def ensure_attacked(run_dir: PathLike, attack: str, settings: Sequence[str] = ("train_time",), *,
-                    preset: Optional[str] = None, data_root: Optional[PathLike] = None, device: str = "cpu",
-                    overrides: Optional[Mapping] = None, log: Callable[[str], None] = print) -> dict:
+def ensure_attacked(
+    run_dir: PathLike,
+    attack: str,
+    settings: Sequence[str] = ("train_time",),
+    *,
+    preset: Optional[str] = None,
+    data_root: Optional[PathLike] = None,
+    device: str = "cpu",
+    overrides: Optional[Mapping] = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Run ``attack`` on the finished run ``run_dir`` in each of ``settings`` that has no record yet.
 
     ``settings``: ``"train_time"`` / ``"infer_time"`` (``"train-time"`` spellings too). Returns
@@ -103,6 +122,13 @@ def ensure_attacked(run_dir: PathLike, attack: str, settings: Sequence[str] = ("
     rd = RunDir(run_dir).check_finished()
     for setting in rd.missing_settings(attack, settings):
         log(f"[pipeline] {attack} attack on {rd.path} ({setting_key(setting)})")
-        run_attack(rd.path, attack, setting=setting, preset=preset, data_root=data_root, device=device,
-                   overrides=dict(overrides or {}))
+        run_attack(
+            rd.path,
+            attack,
+            setting=setting,
+            preset=preset,
+            data_root=data_root,
+            device=device,
+            overrides=dict(overrides or {}),
+        )
     return {setting_key(s): rd.attack_entry(attack, s) for s in settings}

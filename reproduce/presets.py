@@ -38,8 +38,8 @@ from typing import Any
 _COMMON: dict[str, Any] = {
     "dataset": "cifar10",
     "arch": "vgg11_bn",
-    "cut": None,                 # None: the per-arch default below
-    "bottleneck": None,          # None: the defence's default (noRELU_C8S1; "none" for no defence)
+    "cut": None,  # None: the per-arch default below
+    "bottleneck": None,  # None: the defence's default (noRELU_C8S1; "none" for no defence)
     "sigmoid": True,
     "defence": "bottleneck",
     "sigma": 0.025,
@@ -68,12 +68,39 @@ _COMMON: dict[str, Any] = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": {**_COMMON, "dataset": "cifar10-sample", "epochs": 2, "batch_size": 8, "eval_batch_size": 16,
-              "train_subset": 32, "test_subset": 16, "pretrain_epochs": 1, "seed": 0},
-    "cpu": {**_COMMON, "epochs": 15, "batch_size": 128, "lr": 0.05, "lr_schedule": "warmup-cosine",
-            "augment": "crop-flip", "train_subset": 10_000, "test_subset": 2_000, "pretrain_epochs": 2},
-    "cpu-full": {**_COMMON, "epochs": 25, "batch_size": 128, "lr": 0.05, "lr_schedule": "warmup-cosine",
-                 "augment": "crop-flip", "train_subset": None, "test_subset": None, "pretrain_epochs": 3},
+    "smoke": {
+        **_COMMON,
+        "dataset": "cifar10-sample",
+        "epochs": 2,
+        "batch_size": 8,
+        "eval_batch_size": 16,
+        "train_subset": 32,
+        "test_subset": 16,
+        "pretrain_epochs": 1,
+        "seed": 0,
+    },
+    "cpu": {
+        **_COMMON,
+        "epochs": 15,
+        "batch_size": 128,
+        "lr": 0.05,
+        "lr_schedule": "warmup-cosine",
+        "augment": "crop-flip",
+        "train_subset": 10_000,
+        "test_subset": 2_000,
+        "pretrain_epochs": 2,
+    },
+    "cpu-full": {
+        **_COMMON,
+        "epochs": 25,
+        "batch_size": 128,
+        "lr": 0.05,
+        "lr_schedule": "warmup-cosine",
+        "augment": "crop-flip",
+        "train_subset": None,
+        "test_subset": None,
+        "pretrain_epochs": 3,
+    },
     "paper": {**_COMMON},
 }
 

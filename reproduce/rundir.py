@@ -135,8 +135,10 @@ class RunDir:
         if not self.started:
             raise FileNotFoundError(f"{self.path} is not a run directory: it has no {self.CONFIG}")
         if not self.finished:
-            raise ValueError(f"run {self.path} has not finished training (no {self.FINAL}); finish it with "
-                             f"`{self.resume_command()}` before attacking it")
+            raise ValueError(
+                f"run {self.path} has not finished training (no {self.FINAL}); finish it with "
+                f"`{self.resume_command()}` before attacking it"
+            )
         return self
 
     def resume_command(self) -> str:
@@ -146,8 +148,7 @@ class RunDir:
     # ------------------------------------------------------------------ reading
     def read_config(self) -> dict:
         if not self.config_path.is_file():
-            raise FileNotFoundError(f"{self.config_path} not found: is {self.path} a run directory of "
-                                    "reproduce.train?")
+            raise FileNotFoundError(f"{self.config_path} not found: is {self.path} a run directory of reproduce.train?")
         return json.loads(self.config_path.read_text())
 
     def metrics(self) -> list[dict]:

@@ -14,16 +14,23 @@ import torch
 from torch import nn
 
 from reproduce.checkpoint import load_checkpoint, reshape_to_state_dict
-from reproduce.rundir import RunDir
 from reproduce.defences import Defence, build_defence, with_noise
 from reproduce.models import SplitModel, build_split_model
+from reproduce.rundir import RunDir
+
 
 def build_model(config: dict, *, baseline: bool = False) -> SplitModel:
     """The split model of ``config`` (``baseline``: without PATROL's extra client layer)."""
-    return build_split_model(config["arch"], config["num_classes"], config["cut"], config["image_size"],
-                             in_channels=config["in_channels"], bottleneck=config["bottleneck"],
-                             sigmoid=config["sigmoid"],
-                             extra_client_layer=config["extra_client_layer"] and not baseline)
+    return build_split_model(
+        config["arch"],
+        config["num_classes"],
+        config["cut"],
+        config["image_size"],
+        in_channels=config["in_channels"],
+        bottleneck=config["bottleneck"],
+        sigmoid=config["sigmoid"],
+        extra_client_layer=config["extra_client_layer"] and not baseline,
+    )
 
 
 def build_run_defence(config: dict) -> Defence:
@@ -39,9 +46,15 @@ def setup_defence(defence: Defence, model: SplitModel, config: dict, device) -> 
     baseline = None
     if config["extra_client_layer"]:
         baseline = sum(p.numel() for p in build_model(config, baseline=True).encoder.parameters())
-    defence.setup(model, image_size=config["image_size"], in_channels=config["in_channels"],
-                  dataset=config["dataset"], device=device, total_epochs=config["epochs"],
-                  baseline_encoder_params=baseline)
+    defence.setup(
+        model,
+        image_size=config["image_size"],
+        in_channels=config["in_channels"],
+        dataset=config["dataset"],
+        device=device,
+        total_epochs=config["epochs"],
+        baseline_encoder_params=baseline,
+    )
 
 
 def load_model_state(model: nn.Module, state: dict) -> None:
@@ -77,8 +90,7 @@ def read_config(run_dir: Union[str, Path]) -> dict:
     return RunDir(run_dir).read_config()
 
 
-def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu",
-             which: str = "final") -> LoadedRun:
+def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu", which: str = "final") -> LoadedRun:
     """Load the model and defence of a training run.
 
     which: "final" (``final.pt``, training finished) or "checkpoint" (``checkpoint.pt``, the last
@@ -96,7 +108,17 @@ def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu"
     defence.load_state_dict(state["defence"])
     model.eval()
     defence.eval()
-    return LoadedRun(config=config, model=model, defence=defence, dataset=config["dataset"],
-                     data_root=config["data_root"], num_classes=config["num_classes"], sigma=config["sigma"],
-                     noise_on=config["noise_on"], run_dir=run_dir, which=which,
-                     metrics=list(state.get("metrics", [])), cem_state=state.get("cem"))
+    return LoadedRun(
+        config=config,
+        model=model,
+        defence=defence,
+        dataset=config["dataset"],
+        data_root=config["data_root"],
+        num_classes=config["num_classes"],
+        sigma=config["sigma"],
+        noise_on=config["noise_on"],
+        run_dir=run_dir,
+        which=which,
+        metrics=list(state.get("metrics", [])),
+        cem_state=state.get("cem"),
+    )

@@ -17,8 +17,8 @@ from typing import Optional
 
 from cem_fast import official_cem_weight
 
-PAPER_MILESTONES = (60, 120, 180)                 # of 240 epochs
-AUTHORS_MILESTONES = (60, 120, 180, 210, 260)     # of 240 epochs (their 120-epoch runs: halved)
+PAPER_MILESTONES = (60, 120, 180)  # of 240 epochs
+AUTHORS_MILESTONES = (60, 120, 180, 210, 260)  # of 240 epochs (their 120-epoch runs: halved)
 GAMMA = 0.2
 LR_SCHEDULES = ("paper", "authors", "cosine", "warmup-cosine")
 CEM_SCHEDULES = ("constant", "official")
@@ -69,7 +69,7 @@ class LRFactor:
         else:
             # The authors step MultiStepLR with the 1-based epoch at its start.
             passed = sum(m <= epoch + 1 for m in scaled_milestones(AUTHORS_MILESTONES, self.epochs))
-        return GAMMA ** passed
+        return GAMMA**passed
 
 
 def cem_weight(schedule: str, lam: float, lr_server: float) -> float:

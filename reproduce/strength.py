@@ -21,11 +21,11 @@ from typing import Optional
 
 from cem_fast import official_cem_weight
 
-PAPER_N = 50_000                       # CIFAR-10 training images, the paper's N
+PAPER_N = 50_000  # CIFAR-10 training images, the paper's N
 VARIANTS = ("paper", "official", "official-trained")
 SCHEDULES = ("constant", "official")
 _N_SCALED = ("paper", "official-trained")
-_TRAINED_BLEND_SCALE = 10.0            # the authors' scaling_lambda in official-trained's blend weight
+_TRAINED_BLEND_SCALE = 10.0  # the authors' scaling_lambda in official-trained's blend weight
 
 
 def _check(lam, variant, n_train, schedule, batch_size) -> None:
@@ -40,8 +40,10 @@ def _check(lam, variant, n_train, schedule, batch_size) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= n_train:
         raise ValueError(f"batch_size must be an int in [1, n_train], got {batch_size!r}")
     if variant == "official-trained" and _TRAINED_BLEND_SCALE * batch_size >= n_train:
-        raise ValueError(f"official-trained at n_train={n_train}, batch_size={batch_size}: the blend weight is "
-                         "capped (10 B >= N), so its strength no longer scales as 1 / N")
+        raise ValueError(
+            f"official-trained at n_train={n_train}, batch_size={batch_size}: the blend weight is "
+            "capped (10 B >= N), so its strength no longer scales as 1 / N"
+        )
 
 
 def n_factor(variant: str, n_train: int, paper_n: int = PAPER_N) -> float:
@@ -49,8 +51,16 @@ def n_factor(variant: str, n_train: int, paper_n: int = PAPER_N) -> float:
     return paper_n / n_train if variant in _N_SCALED else 1.0
 
 
-def paper_units(lam: float, variant: str, n_train: int, lr: Optional[float] = None, *,
-                schedule: str = "constant", batch_size: int = 128, paper_n: int = PAPER_N) -> float:
+def paper_units(
+    lam: float,
+    variant: str,
+    n_train: int,
+    lr: Optional[float] = None,
+    *,
+    schedule: str = "constant",
+    batch_size: int = 128,
+    paper_n: int = PAPER_N,
+) -> float:
     """``lam`` as the weight with the same push at the paper's ``paper_n`` samples and a constant schedule.
 
     ``schedule="official"`` needs ``lr`` (the server LR the weight is read at).
@@ -65,8 +75,9 @@ def paper_units(lam: float, variant: str, n_train: int, lr: Optional[float] = No
     return weight * n_factor(variant, n_train, paper_n)
 
 
-def from_paper_units(units: float, variant: str, n_train: int, *, batch_size: int = 128,
-                     paper_n: int = PAPER_N) -> float:
+def from_paper_units(
+    units: float, variant: str, n_train: int, *, batch_size: int = 128, paper_n: int = PAPER_N
+) -> float:
     """The constant-schedule ``lambda`` to train with at ``n_train`` samples for ``units`` in the paper's units."""
     _check(units, variant, n_train, "constant", batch_size)
     return float(units) / n_factor(variant, n_train, paper_n)
@@ -75,6 +86,11 @@ def from_paper_units(units: float, variant: str, n_train: int, *, batch_size: in
 def config_paper_units(config: dict, n_train: int) -> float:
     """``paper_units`` of a run's settings (``cem_lambda``, ``cem_variant``, ``cem_schedule``, ``lr``,
     ``batch_size``) trained on ``n_train`` images; the official schedule's weight is read at the peak LR."""
-    return paper_units(float(config["cem_lambda"]), config["cem_variant"], n_train, lr=config.get("lr"),
-                       schedule=config.get("cem_schedule", "constant"),
-                       batch_size=int(config.get("batch_size", 128)))
+    return paper_units(
+        float(config["cem_lambda"]),
+        config["cem_variant"],
+        n_train,
+        lr=config.get("lr"),
+        schedule=config.get("cem_schedule", "constant"),
+        batch_size=int(config.get("batch_size", 128)),
+    )

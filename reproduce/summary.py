@@ -7,6 +7,7 @@ variance, and the decoder and GAN attacks' test MSE / SSIM where they exist. Unf
 ``--by-arm`` instead gives one row per arm (the seeds of ``ARM/seed<N>``, reproduce.table's layout): the
 mean, the sample standard deviation and the range over its finished runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,11 @@ from typing import Optional, Sequence
 from reproduce.rundir import RunDir
 from reproduce.table import collect_run
 
-HEADER = ("| run | defence | sigma | CEM lambda (variant) | epochs | test acc (%) | train wall (min) | feature var "
-          "| decoder MSE train / infer | decoder SSIM train / infer | GAN MSE train |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| run | defence | sigma | CEM lambda (variant) | epochs | test acc (%) | train wall (min) | feature var "
+    "| decoder MSE train / infer | decoder SSIM train / infer | GAN MSE train |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def _metric(rd: RunDir, attack: str, setting: str, key: str, fmt: str) -> str:
@@ -49,20 +52,29 @@ def row(run: Path) -> str:
     fvar = f"{last['feature_var']:.4g}" if "feature_var" in last else "—"
     lam = cfg.get("cem_lambda", 0.0)
     cem = f"{lam:g} ({cfg.get('cem_variant')}, {cfg.get('cem_schedule')})" if lam else "0"
-    return (f"| {rd.label}{status} | {cfg.get('defence')} | {cfg.get('sigma')} | {cem} | {done}/{cfg.get('epochs')} "
-            f"| {acc} | {wall} | {fvar} "
-            f"| {_metric(rd, 'decoder', 'train_time', 'mse', '.4f')} / "
-            f"{_metric(rd, 'decoder', 'infer_time', 'mse', '.4f')} "
-            f"| {_metric(rd, 'decoder', 'train_time', 'ssim', '.3f')} / "
-            f"{_metric(rd, 'decoder', 'infer_time', 'ssim', '.3f')} "
-            f"| {_metric(rd, 'gan', 'train_time', 'mse', '.4f')} |")
+    return (
+        f"| {rd.label}{status} | {cfg.get('defence')} | {cfg.get('sigma')} | {cem} | {done}/{cfg.get('epochs')} "
+        f"| {acc} | {wall} | {fvar} "
+        f"| {_metric(rd, 'decoder', 'train_time', 'mse', '.4f')} / "
+        f"{_metric(rd, 'decoder', 'infer_time', 'mse', '.4f')} "
+        f"| {_metric(rd, 'decoder', 'train_time', 'ssim', '.3f')} / "
+        f"{_metric(rd, 'decoder', 'infer_time', 'ssim', '.3f')} "
+        f"| {_metric(rd, 'gan', 'train_time', 'mse', '.4f')} |"
+    )
 
 
-ARM_HEADER = ("| arm | seeds | test acc (%) | decoder MSE train | decoder MSE infer | decoder SSIM train "
-              "| GAN MSE train |\n|---|---|---|---|---|---|---|")
+ARM_HEADER = (
+    "| arm | seeds | test acc (%) | decoder MSE train | decoder MSE infer | decoder SSIM train "
+    "| GAN MSE train |\n|---|---|---|---|---|---|---|"
+)
 # reproduce.table.collect_run's keys, in ARM_HEADER's order, with their formats
-_ARM_VALUES = (("acc", ".2f"), ("dec_train_mse", ".4f"), ("dec_infer_mse", ".4f"), ("dec_ssim", ".3f"),
-               ("gan_train_mse", ".4f"))
+_ARM_VALUES = (
+    ("acc", ".2f"),
+    ("dec_train_mse", ".4f"),
+    ("dec_infer_mse", ".4f"),
+    ("dec_ssim", ".3f"),
+    ("gan_train_mse", ".4f"),
+)
 
 
 def _spread(values: list, fmt: str) -> str:
@@ -72,8 +84,10 @@ def _spread(values: list, fmt: str) -> str:
         return "—"
     if len(values) == 1:
         return f"{values[0]:{fmt}} (1)"
-    return (f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}} "
-            f"[{min(values):{fmt}}, {max(values):{fmt}}] ({len(values)})")
+    return (
+        f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}} "
+        f"[{min(values):{fmt}}, {max(values):{fmt}}] ({len(values)})"
+    )
 
 
 def arm_rows(runs: Sequence[Path]) -> list[str]:
@@ -89,16 +103,20 @@ def arm_rows(runs: Sequence[Path]) -> list[str]:
         seeds = ", ".join(r.name.removeprefix("seed") for r in sorted(done))
         left = [r.name for r in members if r not in done]
         note = f" (unfinished: {', '.join(left)})" if left else ""
-        out.append(f"| {arm}{note} | {seeds or '—'} | "
-                   + " | ".join(_spread([c[key] for c in collected], fmt) for key, fmt in _ARM_VALUES) + " |")
+        out.append(
+            f"| {arm}{note} | {seeds or '—'} | "
+            + " | ".join(_spread([c[key] for c in collected], fmt) for key, fmt in _ARM_VALUES)
+            + " |"
+        )
     return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m reproduce.summary", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run directories")
-    p.add_argument("--by-arm", action="store_true",
-                   help="one row per arm: mean ± sample sd [min, max] (n) over its finished seeds")
+    p.add_argument(
+        "--by-arm", action="store_true", help="one row per arm: mean ± sample sd [min, max] (n) over its finished seeds"
+    )
     p.add_argument("--out", help="also write the table to this file")
     args = p.parse_args(argv)
     try:

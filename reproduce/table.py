@@ -13,6 +13,7 @@ gain of CEM per defence (MSE with CEM / MSE without) and on average. Table 9: pa
 image and latency (a batch of 128) of the encoder and the server, PATROL and the others, with and
 without CEM. Writes ``T.md`` and ``T.csv``. Several ``--seeds``: mean ± std per cell.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,11 +56,21 @@ ATTACK_METRICS = {
 }
 MSE_KEYS = ("dec_train_mse", "dec_infer_mse", "gan_train_mse", "gan_infer_mse")
 HEADERS = {
-    "acc": "Acc. (%)", "dec_train_mse": "Dec. MSE Train", "dec_infer_mse": "Dec. MSE Infer",
-    "gan_train_mse": "GAN MSE Train", "gan_infer_mse": "GAN MSE Infer", "dec_ssim": "Dec. SSIM",
-    "dec_psnr": "Dec. PSNR", "gan_ssim": "GAN SSIM", "gan_psnr": "GAN PSNR",
-    "enc_params_m": "Enc. params (M)", "enc_mmac": "Enc. MMAC", "enc_time_ms": "Enc. time (ms)",
-    "srv_params_m": "Server params (M)", "srv_mmac": "Server MMAC", "srv_time_ms": "Server time (ms)",
+    "acc": "Acc. (%)",
+    "dec_train_mse": "Dec. MSE Train",
+    "dec_infer_mse": "Dec. MSE Infer",
+    "gan_train_mse": "GAN MSE Train",
+    "gan_infer_mse": "GAN MSE Infer",
+    "dec_ssim": "Dec. SSIM",
+    "dec_psnr": "Dec. PSNR",
+    "gan_ssim": "GAN SSIM",
+    "gan_psnr": "GAN PSNR",
+    "enc_params_m": "Enc. params (M)",
+    "enc_mmac": "Enc. MMAC",
+    "enc_time_ms": "Enc. time (ms)",
+    "srv_params_m": "Server params (M)",
+    "srv_mmac": "Server MMAC",
+    "srv_time_ms": "Server time (ms)",
 }
 DECIMALS = {"acc": 2, "ssim": 3, "psnr": 2, "mse": 4, "params_m": 3, "mmac": 2, "time_ms": 2}
 # Table 9: latency repetitions per preset (the paper: 100 batches of 128 images).
@@ -75,14 +86,15 @@ def _decimals(key: str) -> int:
 
 # ----------------------------------------------------------------------------- arms
 
+
 @dataclass(frozen=True)
 class Arm:
     """One trained configuration of a table: a paper row with or without CEM."""
 
-    row: str            # the paper's row label without "+CEM", e.g. "Bottleneck" ("OTHERS" in Table 9)
-    defence: str        # reproduce.defences registry name
+    row: str  # the paper's row label without "+CEM", e.g. "Bottleneck" ("OTHERS" in Table 9)
+    defence: str  # reproduce.defences registry name
     cem: bool
-    dataset: str        # the dataset the paper uses (before resolving to the data found)
+    dataset: str  # the dataset the paper uses (before resolving to the data found)
     arch: str
     sigma: float = 0.025
     cem_lambda: float = 16.0
@@ -103,27 +115,47 @@ class Arm:
         return name + (f"_{self.cem_variant}" if self.cem and self.cem_variant != "paper" else "")
 
     def train_args(self) -> list[str]:
-        args = ["--arch", self.arch, "--defense", self.defence, "--sigma", repr(self.sigma),
-                "--cem-lambda", repr(self.cem_lambda if self.cem else 0.0)]
+        args = [
+            "--arch",
+            self.arch,
+            "--defense",
+            self.defence,
+            "--sigma",
+            repr(self.sigma),
+            "--cem-lambda",
+            repr(self.cem_lambda if self.cem else 0.0),
+        ]
         if self.cem:
             args += ["--cem-variant", self.cem_variant]
         return args
 
 
-def table_arms(number: int, sigma: float = 0.025, cem_lambda: float = 16.0,
-               cem_variant: str = "paper") -> list[Arm]:
+def table_arms(number: int, sigma: float = 0.025, cem_lambda: float = 16.0, cem_variant: str = "paper") -> list[Arm]:
     """The arms of table ``number`` in the paper's row order."""
     spec = paper_numbers.table(number)
     if number == 9:
-        return [Arm(row, EFFICIENCY_ROWS[row], cem, spec["dataset"], spec["arch"], sigma, cem_lambda, cem_variant)
-                for row in spec["rows"] for cem in (False, True)]
+        return [
+            Arm(row, EFFICIENCY_ROWS[row], cem, spec["dataset"], spec["arch"], sigma, cem_lambda, cem_variant)
+            for row in spec["rows"]
+            for cem in (False, True)
+        ]
     arms = []
     for label in spec["rows"]:
         if label in paper_numbers.AVERAGE_ROWS:
             continue
         row = label.removesuffix("+CEM")
-        arms.append(Arm(row, paper_numbers.DEFENCE_OF_ROW[row], label.endswith("+CEM"), spec["dataset"],
-                        spec["arch"], sigma, cem_lambda, cem_variant))
+        arms.append(
+            Arm(
+                row,
+                paper_numbers.DEFENCE_OF_ROW[row],
+                label.endswith("+CEM"),
+                spec["dataset"],
+                spec["arch"],
+                sigma,
+                cem_lambda,
+                cem_variant,
+            )
+        )
     return arms
 
 
@@ -146,14 +178,15 @@ def paper_value(number: int, row: str, column: str) -> Optional[float]:
 
 # ----------------------------------------------------------------------------- data
 
+
 class DatasetMissing(Exception):
     """The table's dataset is not available here."""
 
 
 @dataclass(frozen=True)
 class ResolvedData:
-    name: str                  # the dataset name runs are trained on
-    data_root: Optional[str]   # passed as --data-root (None: train's default)
+    name: str  # the dataset name runs are trained on
+    data_root: Optional[str]  # passed as --data-root (None: train's default)
     note: str
 
 
@@ -170,8 +203,12 @@ def resolve_dataset(name: str, data_root: Optional[str], download: bool = False)
             ds = load_dataset(name, "test", data_root=data_root, download=download)
     except FileNotFoundError as err:
         if name == "cifar10":
-            return ResolvedData("cifar10-sample", None, "cifar10 not found: the shipped offline sample "
-                                "(5,000 + 1,000 real CIFAR-10 images; pass --data-root for the full set)")
+            return ResolvedData(
+                "cifar10-sample",
+                None,
+                "cifar10 not found: the shipped offline sample "
+                "(5,000 + 1,000 real CIFAR-10 images; pass --data-root for the full set)",
+            )
         raise DatasetMissing(str(err)) from None
     used = ds.info.name
     note = f"{used} from {getattr(ds, 'source', '?')}"
@@ -181,6 +218,7 @@ def resolve_dataset(name: str, data_root: Optional[str], download: bool = False)
 
 
 # ----------------------------------------------------------------------------- reading runs
+
 
 def final_accuracy(run_dir: str | Path) -> Optional[float]:
     """Test accuracy (%) of the last finished epoch, if training finished."""
@@ -199,6 +237,7 @@ def collect_run(run_dir: str | Path) -> dict:
 
 # ----------------------------------------------------------------------------- running
 
+
 @dataclass
 class Options:
     preset: str
@@ -207,20 +246,26 @@ class Options:
     data: Optional[ResolvedData]
     device: Optional[str]
     attacks: tuple[str, ...]
-    train_overrides: dict = field(default_factory=dict)   # reproduce.train settings for every arm
+    train_overrides: dict = field(default_factory=dict)  # reproduce.train settings for every arm
     attack_overrides: dict = field(default_factory=dict)  # reproduce.attack.run_attack overrides
     threads: Optional[int] = None
-    arm_options: dict = None   # sigma, cem_lambda, cem_variant of table_arms
+    arm_options: dict = None  # sigma, cem_lambda, cem_variant of table_arms
     log: Callable[[str], None] = print
     _found: Optional[list] = field(default=None, repr=False)  # (RunDir, config) of the runs under runs_root
 
 
 def _matches(cfg: dict, arm: Arm, dataset: str, seed: int, preset: str) -> bool:
     lam = arm.cem_lambda if arm.cem else 0.0
-    return (cfg.get("preset") == preset and cfg.get("dataset") == dataset and cfg.get("arch") == arm.arch
-            and cfg.get("defence") == arm.defence and cfg.get("seed") == seed
-            and float(cfg.get("cem_lambda", -1.0)) == lam and float(cfg.get("sigma", -1.0)) == arm.sigma
-            and (not arm.cem or cfg.get("cem_variant") == arm.cem_variant))
+    return (
+        cfg.get("preset") == preset
+        and cfg.get("dataset") == dataset
+        and cfg.get("arch") == arm.arch
+        and cfg.get("defence") == arm.defence
+        and cfg.get("seed") == seed
+        and float(cfg.get("cem_lambda", -1.0)) == lam
+        and float(cfg.get("sigma", -1.0)) == arm.sigma
+        and (not arm.cem or cfg.get("cem_variant") == arm.cem_variant)
+    )
 
 
 def run_dir_of(arm: Arm, seed: int, opts: Options) -> RunDir:
@@ -238,8 +283,14 @@ def run_dir_of(arm: Arm, seed: int, opts: Options) -> RunDir:
 
 
 def _train_settings(arm: Arm, seed: int, opts: Options) -> dict:
-    settings = {"dataset": opts.data.name, "seed": seed, "arch": arm.arch, "defence": arm.defence,
-                "sigma": arm.sigma, "cem_lambda": arm.cem_lambda if arm.cem else 0.0}
+    settings = {
+        "dataset": opts.data.name,
+        "seed": seed,
+        "arch": arm.arch,
+        "defence": arm.defence,
+        "sigma": arm.sigma,
+        "cem_lambda": arm.cem_lambda if arm.cem else 0.0,
+    }
     if arm.cem:
         settings["cem_variant"] = arm.cem_variant
     return {**settings, **opts.train_overrides}
@@ -248,20 +299,34 @@ def _train_settings(arm: Arm, seed: int, opts: Options) -> dict:
 def ensure_trained(arm: Arm, seed: int, opts: Options) -> Path:
     """Train ``arm`` with ``seed`` unless finished; resume an interrupted run. Returns the run directory."""
     rd = run_dir_of(arm, seed, opts)
-    pipeline.ensure_trained(rd, preset=opts.preset, overrides=_train_settings(arm, seed, opts),
-                            data_root=opts.data.data_root, device=opts.device, threads=opts.threads, log=opts.log)
+    pipeline.ensure_trained(
+        rd,
+        preset=opts.preset,
+        overrides=_train_settings(arm, seed, opts),
+        data_root=opts.data.data_root,
+        device=opts.device,
+        threads=opts.threads,
+        log=opts.log,
+    )
     return rd.path
 
 
 def ensure_attacked(run_dir: Path, attack: str, seed: int, opts: Options) -> None:
     """Run ``attack`` on ``run_dir`` for each setting its record lacks (the attack resumes its own state)."""
-    pipeline.ensure_attacked(run_dir, attack, ATTACK_SETTINGS, preset=opts.preset,
-                             device=opts.device or _default_device(),
-                             overrides={"seed": seed, **opts.attack_overrides}, log=opts.log)
+    pipeline.ensure_attacked(
+        run_dir,
+        attack,
+        ATTACK_SETTINGS,
+        preset=opts.preset,
+        device=opts.device or _default_device(),
+        overrides={"seed": seed, **opts.attack_overrides},
+        log=opts.log,
+    )
 
 
 def _default_device() -> str:
     import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -275,20 +340,25 @@ def missing_runs_text(arms: Sequence[Arm], opts: Options) -> list[str]:
             s = _train_settings(arm, seed, opts)
             if not rd.finished:
                 variant = f" --cem-variant {s['cem_variant']}" if "cem_variant" in s else ""
-                lines.append(f"- {arm.label}, seed {seed} ({rd.status()}): python -m reproduce.train --preset "
-                             f"{opts.preset} --dataset {s['dataset']}{root} --arch {s['arch']} --defence "
-                             f"{s['defence']} --sigma {s['sigma']:g} --cem-lambda {s['cem_lambda']:g}{variant} "
-                             f"--seed {seed} --out {rd.path}" + (" --resume" if rd.started else ""))
+                lines.append(
+                    f"- {arm.label}, seed {seed} ({rd.status()}): python -m reproduce.train --preset "
+                    f"{opts.preset} --dataset {s['dataset']}{root} --arch {s['arch']} --defence "
+                    f"{s['defence']} --sigma {s['sigma']:g} --cem-lambda {s['cem_lambda']:g}{variant} "
+                    f"--seed {seed} --out {rd.path}" + (" --resume" if rd.started else "")
+                )
             for attack in opts.attacks:
                 todo = rd.missing_settings(attack, ATTACK_SETTINGS)
                 if todo:
-                    lines.append(f"- {arm.label}, seed {seed}: python -m reproduce.attack --run {rd.path} "
-                                 f"--attack {attack} --preset {opts.preset} --seed {seed} --setting "
-                                 f"{todo[0] if len(todo) == 1 else 'both'}")
+                    lines.append(
+                        f"- {arm.label}, seed {seed}: python -m reproduce.attack --run {rd.path} "
+                        f"--attack {attack} --preset {opts.preset} --seed {seed} --setting "
+                        f"{todo[0] if len(todo) == 1 else 'both'}"
+                    )
     return lines
 
 
 # ----------------------------------------------------------------------------- cells
+
 
 def summarize(values: Sequence[Optional[float]]) -> dict:
     """``{"mean", "std", "n", "of"}`` of the values present (std 0 for one value, None for none)."""
@@ -346,12 +416,18 @@ def cem_gains(means: dict[tuple[str, bool], dict], rows: Sequence[str], keys: Se
 
 def _paper_gains(number: int) -> dict:
     """The same gains from the paper's printed MSE rows (this table's MSE companion)."""
-    mse_table = number if "dec_train_mse" in paper_numbers.table(number)["columns"] \
+    mse_table = (
+        number
+        if "dec_train_mse" in paper_numbers.table(number)["columns"]
         else paper_numbers.table(number)["companion"]
+    )
     spec = paper_numbers.table(mse_table)
     rows = [r for r in spec["rows"] if "+" not in r and r not in paper_numbers.AVERAGE_ROWS and r != "No_defense"]
-    means = {(r.removesuffix("+CEM"), r.endswith("+CEM")): dict(zip(spec["columns"], v))
-             for r, v in spec["rows"].items() if r not in paper_numbers.AVERAGE_ROWS}
+    means = {
+        (r.removesuffix("+CEM"), r.endswith("+CEM")): dict(zip(spec["columns"], v))
+        for r, v in spec["rows"].items()
+        if r not in paper_numbers.AVERAGE_ROWS
+    }
     return cem_gains(means, rows)
 
 
@@ -361,8 +437,15 @@ def _fmt_ratio(r: Optional[float]) -> str:
 
 # ----------------------------------------------------------------------------- tables 1-8
 
-def _collect_cells(arms: Sequence[Arm], columns: Sequence[str], opts: Options, errors: list[str],
-                   produce: Optional[Callable[[Arm, int], Path]], measure: Callable[[Path], dict]) -> dict:
+
+def _collect_cells(
+    arms: Sequence[Arm],
+    columns: Sequence[str],
+    opts: Options,
+    errors: list[str],
+    produce: Optional[Callable[[Arm, int], Path]],
+    measure: Callable[[Path], dict],
+) -> dict:
     """Every arm's cells: per seed, ``produce(arm, seed)`` (train / attack what is missing; None: nothing) then
     ``measure(run_dir)``; one failing arm is an error line and missing cells, not a lost table."""
     cells: dict[Arm, dict[str, dict]] = {}
@@ -399,8 +482,9 @@ def _wanted(arm: Arm, run_defences: Optional[set[str]]) -> bool:
     return run_defences is None or arm.defence in run_defences
 
 
-def build_result_table(number: int, opts: Options, run: bool, run_defences: Optional[set[str]],
-                       errors: list[str]) -> dict:
+def build_result_table(
+    number: int, opts: Options, run: bool, run_defences: Optional[set[str]], errors: list[str]
+) -> dict:
     """Collect (and with ``run``, first produce) every cell of table ``number`` (1-8)."""
     arms = table_arms(number, **(opts.arm_options or {}))
     columns = table_columns(number)
@@ -430,27 +514,41 @@ def _average_rows(result: dict) -> dict[bool, dict[str, dict]]:
                 status = DATASET_MISSING if result["cells"][arms[0]][key].get("status") else None
                 out[cem][key] = {"mean": None, "std": None, "n": 0, "of": 1, "status": status}
             else:
-                out[cem][key] = {"mean": statistics.fmean(vals[(r, cem)] for r in both), "std": 0.0,
-                                 "n": 1, "of": 1, "count": len(both), "of_rows": len(rows)}
+                out[cem][key] = {
+                    "mean": statistics.fmean(vals[(r, cem)] for r in both),
+                    "std": 0.0,
+                    "n": 1,
+                    "of": 1,
+                    "count": len(both),
+                    "of_rows": len(rows),
+                }
     return out
 
 
 def result_markdown(result: dict, opts: Options, errors: Sequence[str]) -> str:
     number, columns = result["number"], result["columns"]
     spec = paper_numbers.table(number)
-    lines = [f"# Table {number} (reproduction): {spec['dataset']}, {spec['arch']}", "",
-             f"Paper: {spec['caption']}", "",
-             f"- preset: `{opts.preset}`; seeds: {', '.join(map(str, opts.seeds))}; runs: `{opts.runs_root}`",
-             f"- data: {opts.data.note if opts.data else DATASET_MISSING}",
-             "- each metric is followed by the paper's number (\"paper\"); PSNR is the authors' per-batch "
-             "average; SSIM/PSNR are of the train-time attack, scored on held-out test images",
-             "- averages: over the defences (not No_defense) that have both arms in this column", ""]
+    lines = [
+        f"# Table {number} (reproduction): {spec['dataset']}, {spec['arch']}",
+        "",
+        f"Paper: {spec['caption']}",
+        "",
+        f"- preset: `{opts.preset}`; seeds: {', '.join(map(str, opts.seeds))}; runs: `{opts.runs_root}`",
+        f"- data: {opts.data.note if opts.data else DATASET_MISSING}",
+        "- each metric is followed by the paper's number (\"paper\"); PSNR is the authors' per-batch "
+        "average; SSIM/PSNR are of the train-time attack, scored on held-out test images",
+        "- averages: over the defences (not No_defense) that have both arms in this column",
+        "",
+    ]
     header = ["Method"] + [h for k in columns for h in (HEADERS[k], "paper")]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm in result["arms"]:
         cells = result["cells"][arm]
-        row = [arm.label] + [x for k in columns for x in
-                             (format_cell(cells[k], k), format_paper(paper_value(number, arm.paper_row, k), k))]
+        row = [arm.label] + [
+            x
+            for k in columns
+            for x in (format_cell(cells[k], k), format_paper(paper_value(number, arm.paper_row, k), k))
+        ]
         lines.append("| " + " | ".join(row) + " |")
     averages = _average_rows(result)
     for cem, label in ((False, "Average w/o CEM"), (True, "Average w/ CEM")):
@@ -470,19 +568,35 @@ def result_markdown(result: dict, opts: Options, errors: Sequence[str]) -> str:
     header = ["Defence"] + [h for k in MSE_KEYS for h in (HEADERS[k], "paper")]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        lines.append("| " + " | ".join([r] + [x for k in MSE_KEYS for x in
-                                              (_fmt_ratio(ours["per_row"][r][k]), _fmt_ratio(paper["per_row"][r][k]))])
-                     + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [r]
+                + [x for k in MSE_KEYS for x in (_fmt_ratio(ours["per_row"][r][k]), _fmt_ratio(paper["per_row"][r][k]))]
+            )
+            + " |"
+        )
     for name, title in (("mean_ratio", "Mean of the ratios"), ("ratio_of_means", "Ratio of the averages")):
-        lines.append("| " + " | ".join([title] + [x for k in MSE_KEYS for x in
-                                                  (_fmt_ratio(ours[name][k]), _fmt_ratio(paper[name][k]))]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [title] + [x for k in MSE_KEYS for x in (_fmt_ratio(ours[name][k]), _fmt_ratio(paper[name][k]))]
+            )
+            + " |"
+        )
     mse_table = number if number in paper_numbers.STATED_AVERAGE_GAIN else spec["companion"]
     stated = paper_numbers.STATED_AVERAGE_GAIN.get(mse_table)
     if stated:
-        lines += ["", f"The paper's text states an average MSE increase of {100 * stated['train']:.1f}% "
-                  f"(training data) and {100 * stated['infer']:.1f}% (inference data) for this dataset."]
-    notes = [f"- paper, {r} / {HEADERS[c]}: {text}" for (n, r, c), text in paper_numbers.NOTES.items()
-             if n in (number, spec["companion"]) and c in columns]
+        lines += [
+            "",
+            f"The paper's text states an average MSE increase of {100 * stated['train']:.1f}% "
+            f"(training data) and {100 * stated['infer']:.1f}% (inference data) for this dataset.",
+        ]
+    notes = [
+        f"- paper, {r} / {HEADERS[c]}: {text}"
+        for (n, r, c), text in paper_numbers.NOTES.items()
+        if n in (number, spec["companion"]) and c in columns
+    ]
     if notes:
         lines += ["", "Notes on the paper's numbers:", *notes]
     if errors:
@@ -495,8 +609,10 @@ def result_csv_rows(result: dict) -> list[dict]:
     rows = []
     averages = _average_rows(result)
     entries = [(a.label, a.defence, a.cem, a.paper_row, result["cells"][a]) for a in result["arms"]]
-    entries += [("Average w/o CEM", "", False, "Average w/o CEM", averages[False]),
-                ("Average w/ CEM", "", True, "Average w/ CEM", averages[True])]
+    entries += [
+        ("Average w/o CEM", "", False, "Average w/o CEM", averages[False]),
+        ("Average w/ CEM", "", True, "Average w/ CEM", averages[True]),
+    ]
     for label, defence, cem, paper_row, cells in entries:
         row = {"table": number, "method": label, "defence": defence, "cem": int(cem)}
         status = ""
@@ -514,6 +630,7 @@ def result_csv_rows(result: dict) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- table 9
+
 
 def measure_efficiency(run_dir: Path, device: str, reps: int, batch: int = LATENCY_BATCH) -> dict:
     """Parameters (M), MMAC per image and latency (ms per batch) of a trained run's encoder and server."""
@@ -570,20 +687,27 @@ def build_efficiency_table(opts: Options, run: bool, run_defences: Optional[set[
 
 def efficiency_markdown(result: dict, opts: Options, errors: Sequence[str]) -> str:
     columns = result["columns"]
-    lines = ["# Table 9 (reproduction): efficiency of the encoder and the server, VGG11", "",
-             f"- preset: `{opts.preset}`; seeds: {', '.join(map(str, opts.seeds))}; runs: `{opts.runs_root}`",
-             f"- data: {opts.data.note if opts.data else DATASET_MISSING}",
-             f"- MMAC: multiply-accumulates per image (torch.utils.flop_counter FLOPs / 2); time: median of "
-             f"{result['reps']} forward passes of a batch of {LATENCY_BATCH} on `{result['device']}` "
-             "(the paper: one RTX 4090)",
-             "- the paper reports PATROL and OTHERS once (CEM adds nothing at inference); its numbers stand "
-             "beside both our rows", ""]
+    lines = [
+        "# Table 9 (reproduction): efficiency of the encoder and the server, VGG11",
+        "",
+        f"- preset: `{opts.preset}`; seeds: {', '.join(map(str, opts.seeds))}; runs: `{opts.runs_root}`",
+        f"- data: {opts.data.note if opts.data else DATASET_MISSING}",
+        f"- MMAC: multiply-accumulates per image (torch.utils.flop_counter FLOPs / 2); time: median of "
+        f"{result['reps']} forward passes of a batch of {LATENCY_BATCH} on `{result['device']}` "
+        "(the paper: one RTX 4090)",
+        "- the paper reports PATROL and OTHERS once (CEM adds nothing at inference); its numbers stand "
+        "beside both our rows",
+        "",
+    ]
     header = ["Method"] + [h for k in columns for h in (HEADERS[k], "paper")]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm in result["arms"]:
         label = f"{'PATROL' if arm.row == 'PATROL' else 'Others (Bottleneck)'} — {'w/ CEM' if arm.cem else 'w/o CEM'}"
-        row = [label] + [x for k in columns for x in (format_cell(result["cells"][arm][k], k),
-                                                      format_paper(paper_numbers.value(9, arm.row, k), k))]
+        row = [label] + [
+            x
+            for k in columns
+            for x in (format_cell(result["cells"][arm][k], k), format_paper(paper_numbers.value(9, arm.row, k), k))
+        ]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "CEM overhead at inference (w/ CEM − w/o CEM):", ""]
     for row in EFFICIENCY_ROWS:
@@ -618,6 +742,7 @@ def efficiency_csv_rows(result: dict) -> list[dict]:
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def _write_csv(rows: list[dict], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
@@ -633,8 +758,9 @@ def _write_text(text: str, path: Path) -> None:
     tmp.replace(path)
 
 
-def write_table(number: int, opts: Options, out: Path, *, run_missing: bool = False,
-                run_defences: Optional[set[str]] = None) -> tuple[dict, str, list[str]]:
+def write_table(
+    number: int, opts: Options, out: Path, *, run_missing: bool = False, run_defences: Optional[set[str]] = None
+) -> tuple[dict, str, list[str]]:
     """Build table ``number`` from the runs below ``opts.runs_root`` (training and attacking what is missing
     when ``run_missing``), write ``out`` (markdown) and its ``.csv``; returns (result, markdown, errors)."""
     errors: list[str] = []
@@ -652,33 +778,54 @@ def write_table(number: int, opts: Options, out: Path, *, run_missing: bool = Fa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m reproduce.table", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m reproduce.table",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--table", type=int, required=True, choices=TABLES)
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
-                   help=f"training and attack budget (default {DEFAULT_PRESET}, as reproduce.train's)")
-    p.add_argument("--runs-root", default=None,
-                   help="where the arms' runs live: ROOT/<arm>/seed<S>, or any run below ROOT whose config is "
-                        "the arm's (default runs/<preset>)")
+    p.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        choices=PRESETS,
+        help=f"training and attack budget (default {DEFAULT_PRESET}, as reproduce.train's)",
+    )
+    p.add_argument(
+        "--runs-root",
+        default=None,
+        help="where the arms' runs live: ROOT/<arm>/seed<S>, or any run below ROOT whose config is "
+        "the arm's (default runs/<preset>)",
+    )
     p.add_argument("--out", default=None, help="output markdown file (default table<N>_<preset>.md); a .csv beside it")
-    p.add_argument("--run-missing", action="store_true",
-                   help="train and attack the arms that are missing (without it the table lists them and the "
-                        "commands that make them)")
+    p.add_argument(
+        "--run-missing",
+        action="store_true",
+        help="train and attack the arms that are missing (without it the table lists them and the "
+        "commands that make them)",
+    )
     p.add_argument("--no-run", action="store_true", help="only collect the runs that exist (the default)")
     p.add_argument("--data-root", default=None, help="folder with the datasets (default: train's default)")
     p.add_argument("--download", action="store_true", help="let torchvision download a missing CIFAR set")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the preset's)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for training and attacks")
-    p.add_argument("--defences", nargs="+", default=None,
-                   help="run only these defences (registry names or paper labels); the table still lists all")
+    p.add_argument(
+        "--defences",
+        nargs="+",
+        default=None,
+        help="run only these defences (registry names or paper labels); the table still lists all",
+    )
     p.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS), help="attacks to run")
     p.add_argument("--sigma", type=float, default=0.025, help="noise std / CEM sigma (paper: 0.025)")
     p.add_argument("--cem-lambda", type=float, default=16.0, help="CEM weight of the w/ CEM arms (paper: 16)")
     p.add_argument("--cem-variant", default="paper", choices=("paper", "official", "official-trained"))
     p.add_argument("--train-args", default="", help="extra reproduce.train flags for every arm, one string")
-    p.add_argument("--attack-args", default="", help="extra attack settings, one string: --epochs N, --batch-size "
-                   "B, --max-train-images N, --max-test-images N, --noise-aware")
+    p.add_argument(
+        "--attack-args",
+        default="",
+        help="extra attack settings, one string: --epochs N, --batch-size "
+        "B, --max-train-images N, --max-test-images N, --noise-aware",
+    )
     return p
 
 
@@ -705,8 +852,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         in_table = {a.defence for a in arms}
         absent = sorted(run_defences - in_table)
         if absent:
-            parser.error(f"--defences: {', '.join(absent)} is not a defence of table {args.table} "
-                         f"(its defences: {', '.join(sorted(in_table))}); train other arms with reproduce.train")
+            parser.error(
+                f"--defences: {', '.join(absent)} is not a defence of table {args.table} "
+                f"(its defences: {', '.join(sorted(in_table))}); train other arms with reproduce.train"
+            )
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds must not repeat a seed")
     if args.sigma <= 0 or args.cem_lambda <= 0:
@@ -731,17 +880,29 @@ def main(argv: Optional[list[str]] = None) -> int:
         attack_settings = attack_overrides(args.attack_args)
     except (ValueError, SystemExit) as err:
         parser.error(f"--train-args / --attack-args: {err}")
-    opts = Options(preset=args.preset, runs_root=runs_root, seeds=seeds, data=data, device=args.device,
-                   attacks=tuple(args.attacks), train_overrides=train_settings, attack_overrides=attack_settings,
-                   threads=args.threads,
-                   arm_options={"sigma": args.sigma, "cem_lambda": args.cem_lambda, "cem_variant": args.cem_variant},
-                   log=lambda msg: print(msg, file=sys.stderr))
+    opts = Options(
+        preset=args.preset,
+        runs_root=runs_root,
+        seeds=seeds,
+        data=data,
+        device=args.device,
+        attacks=tuple(args.attacks),
+        train_overrides=train_settings,
+        attack_overrides=attack_settings,
+        threads=args.threads,
+        arm_options={"sigma": args.sigma, "cem_lambda": args.cem_lambda, "cem_variant": args.cem_variant},
+        log=lambda msg: print(msg, file=sys.stderr),
+    )
     try:
-        result, text, errors = write_table(args.table, opts, out, run_missing=args.run_missing,
-                                           run_defences=run_defences)
+        result, text, errors = write_table(
+            args.table, opts, out, run_missing=args.run_missing, run_defences=run_defences
+        )
     except KeyboardInterrupt:
-        print("[table] interrupted; rerun the same command to continue (finished runs and attacks are kept, "
-              "the interrupted one resumes)", file=sys.stderr)
+        print(
+            "[table] interrupted; rerun the same command to continue (finished runs and attacks are kept, "
+            "the interrupted one resumes)",
+            file=sys.stderr,
+        )
         return 130
     print(text)
     print(f"wrote {out} and {out.with_suffix('.csv')}", file=sys.stderr)
@@ -749,8 +910,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         arms = [a for a in result["arms"] if run_defences is None or a.defence in run_defences]
         missing = missing_runs_text(arms, opts)
         if missing:
-            print(f"[table] {len(missing)} run(s) or attack(s) missing (their cells read '{MISSING}'); make them "
-                  "with the commands below, or rerun this command with --run-missing:", file=sys.stderr)
+            print(
+                f"[table] {len(missing)} run(s) or attack(s) missing (their cells read '{MISSING}'); make them "
+                "with the commands below, or rerun this command with --run-missing:",
+                file=sys.stderr,
+            )
             print("\n".join(missing), file=sys.stderr)
     return 1 if errors else 0
 

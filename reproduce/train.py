@@ -40,16 +40,26 @@ from reproduce.ddp import Dist, Net
 from reproduce.rundir import RunDir
 from reproduce.runs import build_model, build_run_defence, load_model_state, setup_defence
 from reproduce.schedules import LRFactor, cem_weight
-from reproduce.train_data import load_data, pretrain_loader, train_loader
 from reproduce.train_config import build_parser, check_resume_config, resolve_config, resume_config
-from reproduce.train_loop import (build_cem, check_collapse, collect_features, evaluate,
-                                  repoint_client_optimizer, rng_state, seed_everything, set_rng_state,
-                                  show_progress, train_epoch)
+from reproduce.train_data import load_data, pretrain_loader, train_loader
+from reproduce.train_loop import (
+    build_cem,
+    check_collapse,
+    collect_features,
+    evaluate,
+    repoint_client_optimizer,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    show_progress,
+    train_epoch,
+)
 
 __all__ = ["run", "main", "build_parser", "resolve_config"]
 
 
 # ----------------------------------------------------------------------------- the run
+
 
 def _refit_features(model, train_ds, feats, labels, sampler, cfg, dist_ctx: Dist, device):
     """The clean features and labels the epoch-end refit uses, every rank's, in the 1-process order."""
@@ -72,8 +82,9 @@ def _start_state(rd: RunDir, resume: bool, device, log) -> Optional[dict]:
     """The checkpoint to resume from (None: start fresh); FileExistsError for a fresh start over a run."""
     if not resume:
         if rd.occupied:
-            raise FileExistsError(f"{rd.path} already holds a run: continue it with `{rd.resume_command()}`, "
-                                  "or choose another --out")
+            raise FileExistsError(
+                f"{rd.path} already holds a run: continue it with `{rd.resume_command()}`, or choose another --out"
+            )
         return None
     if rd.checkpoint_path.is_file():
         return load_checkpoint(rd.checkpoint_path, map_location=device)
@@ -83,9 +94,16 @@ def _start_state(rd: RunDir, resume: bool, device, log) -> Optional[dict]:
     return None
 
 
-def run(cfg: dict, out: str | os.PathLike, *, resume: bool = False, stop_after_epoch: Optional[int] = None,
-        on_epoch_end: Optional[Callable[[int, dict], None]] = None, log: Callable[[str], None] = print,
-        download: bool = False) -> list[dict]:
+def run(
+    cfg: dict,
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    stop_after_epoch: Optional[int] = None,
+    on_epoch_end: Optional[Callable[[int, dict], None]] = None,
+    log: Callable[[str], None] = print,
+    download: bool = False,
+) -> list[dict]:
     """Train as ``cfg`` says into run directory ``out``; returns the per-epoch metrics.
 
     ``resume`` continues the run in ``out`` (a finished run is returned as it is); ``stop_after_epoch``
@@ -116,8 +134,10 @@ def run(cfg: dict, out: str | os.PathLike, *, resume: bool = False, stop_after_e
     model = build_model(cfg).to(device, dtype)
     defence = build_run_defence(cfg).to(device, dtype)
     if dist_ctx.enabled and (defence.needs_unit_images or defence.extra_client_layer):
-        raise ValueError(f"--defense {cfg['defence']} (a simulated attacker / pruning) is not supported under "
-                         "torchrun; train it in one process")
+        raise ValueError(
+            f"--defense {cfg['defence']} (a simulated attacker / pruning) is not supported under "
+            "torchrun; train it in one process"
+        )
     setup_defence(defence, model, cfg, device)
     cfg["defence_resolved"] = defence.describe()
     if resume:
@@ -131,6 +151,7 @@ def run(cfg: dict, out: str | os.PathLike, *, resume: bool = False, stop_after_e
 
     def sgd(params):
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+
     opts = {"client": sgd(model.encoder.parameters()), "server": sgd(model.server.parameters())}
     factor = LRFactor(cfg["lr_schedule"], cfg["epochs"], cfg["authors_warmup_bug"])
     scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, factor) for k, o in opts.items()}
@@ -162,8 +183,13 @@ def run(cfg: dict, out: str | os.PathLike, *, resume: bool = False, stop_after_e
             torch.manual_seed(cfg["seed"] + 7919 * dist_ctx.rank)  # per-rank noise / augmentation streams
         pre_loader = pretrain_loader(defence, cfg, plain_ds)
         if pre_loader is not None:
-            logs = defence.pretrain(model.encoder, pre_loader, device=device, progress=show_progress(cfg),
-                                    denormalize=lambda x: denormalize(x, cfg["dataset"]))
+            logs = defence.pretrain(
+                model.encoder,
+                pre_loader,
+                device=device,
+                progress=show_progress(cfg),
+                denormalize=lambda x: denormalize(x, cfg["dataset"]),
+            )
             if logs:
                 log(f"defence pretraining: {logs}")
 
@@ -171,8 +197,10 @@ def run(cfg: dict, out: str | os.PathLike, *, resume: bool = False, stop_after_e
         t0 = time.time()
         if defence.on_epoch_start(epoch, model, opts):
             repoint_client_optimizer(opts["client"], model.encoder)
-            log(f"epoch {epoch}: {cfg['defence']} changed the encoder "
-                f"({sum(p.numel() for p in model.encoder.parameters())} parameters now)")
+            log(
+                f"epoch {epoch}: {cfg['defence']} changed the encoder "
+                f"({sum(p.numel() for p in model.encoder.parameters())} parameters now)"
+            )
         lr_client = opts["client"].param_groups[0]["lr"]
         lr_server = opts["server"].param_groups[0]["lr"]
         lam_eff = cem_weight(cfg["cem_schedule"], cfg["cem_lambda"], lr_server) if cem is not None else 0.0
@@ -186,24 +214,41 @@ def run(cfg: dict, out: str | os.PathLike, *, resume: bool = False, stop_after_e
         row["test_acc"] = evaluate(model, defence, test_loader, device)
         for sch in scheds.values():
             sch.step()
-        row = {"epoch": epoch, **row, "lr": lr_client, "lr_server": lr_server,
-               "lambda_eff": lam_eff, "cem_fitted": bool(cem is not None and cem.fitted),
-               "time_s": time.time() - t0}
+        row = {
+            "epoch": epoch,
+            **row,
+            "lr": lr_client,
+            "lr_server": lr_server,
+            "lambda_eff": lam_eff,
+            "cem_fitted": bool(cem is not None and cem.fitted),
+            "time_s": time.time() - t0,
+        }
         metrics.append(row)
         rng = dist_ctx.gather_objects(rng_state())
         if dist_ctx.main:
             rd.append_metrics(row)
             # What --resume needs, once: the config and the metrics live in their own files.
-            save_atomic({"epoch": epoch, "model": model.state_dict(),
-                         "optimizers": {k: o.state_dict() for k, o in opts.items()},
-                         "schedulers": {k: sch.state_dict() for k, sch in scheds.items()},
-                         "cem": None if cem is None else cem.state_dict(), "defence": defence.state_dict(),
-                         "rng": rng, "loader_generator": gen.get_state(), "metrics": metrics}, rd.checkpoint_path)
+            save_atomic(
+                {
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizers": {k: o.state_dict() for k, o in opts.items()},
+                    "schedulers": {k: sch.state_dict() for k, sch in scheds.items()},
+                    "cem": None if cem is None else cem.state_dict(),
+                    "defence": defence.state_dict(),
+                    "rng": rng,
+                    "loader_generator": gen.get_state(),
+                    "metrics": metrics,
+                },
+                rd.checkpoint_path,
+            )
         dist_ctx.barrier()
         cem_txt = f" cem {row['cem']:.4f} (x{lam_eff:g})" if "cem" in row else ""
-        log(f"epoch {epoch}/{cfg['epochs']}: loss {row['loss']:.4f} ce {row['ce']:.4f}{cem_txt} "
+        log(
+            f"epoch {epoch}/{cfg['epochs']}: loss {row['loss']:.4f} ce {row['ce']:.4f}{cem_txt} "
             f"train acc {row['train_acc']:.3f} test acc {row['test_acc']:.3f} lr {lr_client:.3g} "
-            f"feat var {row['feature_var']:.3g} ({row['time_s']:.1f}s)")
+            f"feat var {row['feature_var']:.3g} ({row['time_s']:.1f}s)"
+        )
         if dist_ctx.main:
             check_collapse(row, cfg)
         if on_epoch_end is not None:
@@ -213,9 +258,17 @@ def run(cfg: dict, out: str | os.PathLike, *, resume: bool = False, stop_after_e
             return metrics
 
     if dist_ctx.main:
-        save_atomic({"model": model.state_dict(), "defence": defence.state_dict(),
-                     "cem": None if cem is None else cem.state_dict(), "metrics": metrics, "config": cfg,
-                     "epoch": cfg["epochs"]}, rd.final_path)
+        save_atomic(
+            {
+                "model": model.state_dict(),
+                "defence": defence.state_dict(),
+                "cem": None if cem is None else cem.state_dict(),
+                "metrics": metrics,
+                "config": cfg,
+                "epoch": cfg["epochs"],
+            },
+            rd.final_path,
+        )
         rd.checkpoint_path.unlink(missing_ok=True)  # a finished run resumes nothing: final.pt is all it needs
     dist_ctx.barrier()
     log(f"done: {rd.final_path}")
@@ -223,6 +276,7 @@ def run(cfg: dict, out: str | os.PathLike, *, resume: bool = False, stop_after_e
 
 
 # ----------------------------------------------------------------------------- CLI
+
 
 def _fail(message: str, code: int) -> int:
     print(f"error: {message}", file=sys.stderr)
@@ -245,8 +299,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.preset is None:
             args.preset = stored.get("preset")
     elif rd.occupied:
-        return _fail(f"{args.out} already holds a run: continue it with `{rd.resume_command()}`, "
-                     "or choose another --out", 2)
+        return _fail(
+            f"{args.out} already holds a run: continue it with `{rd.resume_command()}`, or choose another --out", 2
+        )
     try:
         cfg = resolve_config(args)
         cfg["command"] = " ".join(["python -m reproduce.train", *argv])

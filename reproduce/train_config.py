@@ -33,14 +33,22 @@ _RESUME_MAY_CHANGE = {"device", "workers", "progress", "command", "versions", "t
 _DERIVED = {"train_size", "test_size", "world_size", "defence_resolved"}
 # Defence options settable from the CLI: flag dest -> option name.
 _DEFENCE_FLAGS = {
-    "defence_strength": "strength", "dropout_rate": "rate", "ssim_threshold": "ssim_threshold",
-    "adv_steps": "steps", "pretrain_epochs": "pretrain_epochs", "pretrain_split": "pretrain_split",
-    "adversary_sees": "adversary_sees", "prune_epoch": "prune_epoch", "pruning_ratio": "pruning_ratio",
-    "prune_importance": "importance", "authors_pruning": "authors_pruning",
+    "defence_strength": "strength",
+    "dropout_rate": "rate",
+    "ssim_threshold": "ssim_threshold",
+    "adv_steps": "steps",
+    "pretrain_epochs": "pretrain_epochs",
+    "pretrain_split": "pretrain_split",
+    "adversary_sees": "adversary_sees",
+    "prune_epoch": "prune_epoch",
+    "pruning_ratio": "pruning_ratio",
+    "prune_importance": "importance",
+    "authors_pruning": "authors_pruning",
 }
 
 
 # ----------------------------------------------------------------------------- CLI / config
+
 
 def _positive_int(flag):
     def parse(text):
@@ -51,6 +59,7 @@ def _positive_int(flag):
         if v < 1:
             raise argparse.ArgumentTypeError(f"{flag} must be >= 1, got {v}")
         return v
+
     return parse
 
 
@@ -64,31 +73,54 @@ def _nonneg_float(flag, positive=False):
             bound = "> 0" if positive else ">= 0"
             raise argparse.ArgumentTypeError(f"{flag} must be a finite number {bound}, got {text}")
         return v
+
     return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m reproduce.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m reproduce.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     a = p.add_argument
-    a("--preset", choices=tuple(presets_mod.PRESETS),
-      help=f"base settings (default {DEFAULT_PRESET}; with --resume: the run's)")
+    a(
+        "--preset",
+        choices=tuple(presets_mod.PRESETS),
+        help=f"base settings (default {DEFAULT_PRESET}; with --resume: the run's)",
+    )
     a("--out", required=True, help="run directory (see reproduce.rundir for its files)")
-    a("--resume", action="store_true", help="continue the run in OUT from its last finished epoch (a run stopped "
-      "before its first checkpoint starts over with its stored settings; a finished run is left as it is)")
-    a("--dataset", choices=DATASETS,
-      help="default: the preset's with --data-root, else cifar10-sample (facescrub-6id: the 6-identity stand-in)")
+    a(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT from its last finished epoch (a run stopped "
+        "before its first checkpoint starts over with its stored settings; a finished run is left as it is)",
+    )
+    a(
+        "--dataset",
+        choices=DATASETS,
+        help="default: the preset's with --data-root, else cifar10-sample (facescrub-6id: the 6-identity stand-in)",
+    )
     a("--data-root", help="folder with the datasets (default: none -> the offline cifar10-sample)")
     a("--download", action="store_true", help="let torchvision download a CIFAR set missing from --data-root")
     a("--arch", choices=("vgg11_bn", "resnet20"))
     a("--cut", type=_positive_int("--cut"), help="client layers (default 4 for vgg11_bn, 5 for resnet20)")
     a("--bottleneck", help="bottleneck option, e.g. noRELU_C8S1 or none (default: the defence's)")
-    a("--no-sigmoid", dest="sigmoid", action="store_false", default=None,
-      help="BatchNorm instead of Sigmoid at the cut")
+    a(
+        "--no-sigmoid",
+        dest="sigmoid",
+        action="store_false",
+        default=None,
+        help="BatchNorm instead of Sigmoid at the cut",
+    )
     a("--defense", "--defence", dest="defence", help=" | ".join(DEFENCES))
     a("--sigma", type=_nonneg_float("--sigma"), help="noise std (noise defences) and CEM's Sigma_p (default 0.025)")
-    a("--noise", choices=NOISE_MODES, help="add Gaussian noise of std sigma before the server: auto (default) = "
-                                          "on for noise defences and whenever CEM is on (Algorithm 1 adds it)")
+    a(
+        "--noise",
+        choices=NOISE_MODES,
+        help="add Gaussian noise of std sigma before the server: auto (default) = "
+        "on for noise defences and whenever CEM is on (Algorithm 1 adds it)",
+    )
     a("--cem-lambda", type=_nonneg_float("--cem-lambda"), help="CEM weight; 0 = no CEM at all (default 16)")
     a("--cem-variant", choices=CEM_VARIANTS)
     a("--cem-clusters", type=_positive_int("--cem-clusters"), help="clusters per class (default: the variant's)")
@@ -113,40 +145,70 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int)
     a("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     a("--threads", type=_positive_int("--threads"), help="torch CPU threads (default: torch's)")
-    a("--dtype", choices=DTYPES,
-      help="parameter and activation dtype (default float32; float64 for exactness checks, e.g. several "
-           "processes against one)")
-    a("--no-progress", dest="progress", action="store_false", default=True,
-      help="no progress bars (they are shown only when stderr is a terminal anyway)")
-    a("--stop-after-epoch", type=_positive_int("--stop-after-epoch"),
-      help="debug: stop (as if killed) after this epoch's checkpoint")
+    a(
+        "--dtype",
+        choices=DTYPES,
+        help="parameter and activation dtype (default float32; float64 for exactness checks, e.g. several "
+        "processes against one)",
+    )
+    a(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=True,
+        help="no progress bars (they are shown only when stderr is a terminal anyway)",
+    )
+    a(
+        "--stop-after-epoch",
+        type=_positive_int("--stop-after-epoch"),
+        help="debug: stop (as if killed) after this epoch's checkpoint",
+    )
     g = p.add_argument_group("defence options")
-    g.add_argument("--defence-strength", type=_nonneg_float("--defence-strength", positive=True),
-                   help="NoPeek dCor weight / ResSFL, PATROL SSIM-penalty weight "
-                        "(default 0.3, the authors' run_exp.sh)")
+    g.add_argument(
+        "--defence-strength",
+        type=_nonneg_float("--defence-strength", positive=True),
+        help="NoPeek dCor weight / ResSFL, PATROL SSIM-penalty weight (default 0.3, the authors' run_exp.sh)",
+    )
     g.add_argument("--dropout-rate", type=_nonneg_float("--dropout-rate"), help="default 0.2")
-    g.add_argument("--ssim-threshold", type=_nonneg_float("--ssim-threshold"),
-                   help="default 0.5 (0.6 facescrub/tinyimagenet)")
-    g.add_argument("--adv-steps", type=_positive_int("--adv-steps"),
-                   help="decoder steps per batch (default 1; PATROL 3)")
+    g.add_argument(
+        "--ssim-threshold", type=_nonneg_float("--ssim-threshold"), help="default 0.5 (0.6 facescrub/tinyimagenet)"
+    )
+    g.add_argument(
+        "--adv-steps", type=_positive_int("--adv-steps"), help="decoder steps per batch (default 1; PATROL 3)"
+    )
     g.add_argument("--pretrain-epochs", type=int, help="ResSFL decoder pretraining epochs")
     g.add_argument("--pretrain-split", choices=("train", "test"), help="train (default) or the authors' test 90%%")
-    g.add_argument("--adversary-sees", choices=("perturbed", "clean"),
-                   help="what the simulated attacker sees: clean z (default, the authors') or the noisy z")
+    g.add_argument(
+        "--adversary-sees",
+        choices=("perturbed", "clean"),
+        help="what the simulated attacker sees: clean z (default, the authors') or the noisy z",
+    )
     g.add_argument("--prune-epoch", type=_positive_int("--prune-epoch"), help="PATROL pruning epoch (default 3/4)")
-    g.add_argument("--pruning-ratio", help="'match' (the encoder's size without the extra layer) or a fraction "
-                   "in [0, 1) (default: the authors' pruning)")
+    g.add_argument(
+        "--pruning-ratio",
+        help="'match' (the encoder's size without the extra layer) or a fraction "
+        "in [0, 1) (default: the authors' pruning)",
+    )
     g.add_argument("--prune-importance", choices=("l1", "taylor"))
-    g.add_argument("--authors-pruning", action="store_true", default=None,
-                   help="ratio 0.05, Taylor, skip <=32-ch convs (the default unless --pruning-ratio or "
-                   "--prune-importance is given)")
+    g.add_argument(
+        "--authors-pruning",
+        action="store_true",
+        default=None,
+        help="ratio 0.05, Taylor, skip <=32-ch convs (the default unless --pruning-ratio or "
+        "--prune-importance is given)",
+    )
     return p
 
 
 def _versions() -> dict:
     import torchvision
-    out = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-           "numpy": np.__version__}
+
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+    }
     for mod in ("cem_fast", "torch_pruning", "torchmetrics"):
         try:
             out[mod] = getattr(__import__(mod), "__version__", "?")
@@ -158,10 +220,35 @@ def _versions() -> dict:
 def resolve_config(args: argparse.Namespace) -> dict:
     """Preset + CLI overrides -> the complete, validated settings dict written to config.json."""
     cfg = presets_mod.preset(args.preset or DEFAULT_PRESET)
-    for key in ("arch", "cut", "bottleneck", "sigmoid", "defence", "sigma", "noise", "cem_lambda", "cem_variant",
-                "cem_clusters", "cem_covariance", "cem_backend", "cem_schedule", "cem_refit", "epochs", "batch_size",
-                "eval_batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "authors_warmup_bug",
-                "train_subset", "test_subset", "augment", "workers", "seed"):
+    for key in (
+        "arch",
+        "cut",
+        "bottleneck",
+        "sigmoid",
+        "defence",
+        "sigma",
+        "noise",
+        "cem_lambda",
+        "cem_variant",
+        "cem_clusters",
+        "cem_covariance",
+        "cem_backend",
+        "cem_schedule",
+        "cem_refit",
+        "epochs",
+        "batch_size",
+        "eval_batch_size",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "lr_schedule",
+        "authors_warmup_bug",
+        "train_subset",
+        "test_subset",
+        "augment",
+        "workers",
+        "seed",
+    ):
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value
@@ -241,8 +328,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
 def check_resume_config(old: dict, new: dict) -> None:
     """ValueError naming every setting (outside the ones a resume may change) that differs."""
     old, new = ({"dtype": "float32", **c} for c in (old, new))  # runs from before --dtype existed
-    diff = sorted(k for k in set(old) | set(new)
-                  if k not in _RESUME_MAY_CHANGE and k not in _DERIVED and old.get(k) != new.get(k))
+    diff = sorted(
+        k for k in set(old) | set(new) if k not in _RESUME_MAY_CHANGE and k not in _DERIVED and old.get(k) != new.get(k)
+    )
     if diff:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
         raise ValueError(f"--resume with different settings than the run in its directory ({details})")
@@ -257,6 +345,8 @@ def resume_config(stored: dict, cfg: dict, args: argparse.Namespace) -> dict:
     given = {k for k, v in vars(args).items() if v is not None and k in stored}
     clash = sorted(k for k in given - _RESUME_MAY_CHANGE if stored[k] != cfg[k])
     if clash:
-        raise ValueError("--resume with settings that differ from the stored run: "
-                         + ", ".join(f"{k} {stored[k]!r} (stored) vs {cfg[k]!r}" for k in clash))
+        raise ValueError(
+            "--resume with settings that differ from the stored run: "
+            + ", ".join(f"{k} {stored[k]!r} (stored) vs {cfg[k]!r}" for k in clash)
+        )
     return {**stored, **{k: cfg[k] for k in _RESUME_MAY_CHANGE if k in cfg and (k in given or k not in stored)}}

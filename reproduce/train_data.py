@@ -20,16 +20,25 @@ def _info_of(dataset):
 
 def load_data(cfg: dict, download: bool = False):
     """(augmented train, plain train, test) datasets of ``cfg``, with its class-balanced subsets."""
+
     def load(split, augment):
         return load_dataset(cfg["dataset"], split, data_root=cfg["data_root"], augment=augment, download=download)
+
     train, plain, test = load("train", cfg["augment"]), load("train", False), load("test", False)
     set_augmentation(train, cfg["augment"])  # the preset's kind (True = the authors')
     info = _info_of(train)
     if info.name != cfg["dataset"]:  # e.g. "facescrub" served by the 6-identity stand-in "facescrub-6id"
-        warnings.warn(f"--dataset {cfg['dataset']}: training on {info.name} ({info.num_classes} classes), "
-                      "the data found under --data-root")
-        cfg.update(dataset=info.name, dataset_requested=cfg["dataset"], num_classes=info.num_classes,
-                   image_size=info.image_size, in_channels=info.channels)
+        warnings.warn(
+            f"--dataset {cfg['dataset']}: training on {info.name} ({info.num_classes} classes), "
+            "the data found under --data-root"
+        )
+        cfg.update(
+            dataset=info.name,
+            dataset_requested=cfg["dataset"],
+            num_classes=info.num_classes,
+            image_size=info.image_size,
+            in_channels=info.channels,
+        )
     if cfg["train_subset"] is not None and cfg["train_subset"] < len(train):
         train = subset(train, cfg["train_subset"], seed=cfg["seed"])
         plain = Subset(plain, train.indices)
@@ -45,17 +54,27 @@ def train_loader(train_ds, cfg: dict, dist_ctx: Dist, device, gen: torch.Generat
     per_epoch = n - (n % bs if drop_last else 0)
     pin = device.type == "cuda"
     if not dist_ctx.enabled:
-        loader = DataLoader(train_ds, batch_size=bs, shuffle=True, generator=gen, drop_last=drop_last,
-                            num_workers=cfg["workers"], pin_memory=pin)
+        loader = DataLoader(
+            train_ds,
+            batch_size=bs,
+            shuffle=True,
+            generator=gen,
+            drop_last=drop_last,
+            num_workers=cfg["workers"],
+            pin_memory=pin,
+        )
         return loader, None, per_epoch
     # --batch-size is the global batch: each rank takes its slice of the 1-process loader's batch
     # (same generator, same permutation), so the ranks together train on exactly its batches.
     if bs % dist_ctx.world:
-        raise ValueError(f"--batch-size {bs} (the global batch) must be divisible by the number of "
-                         f"processes ({dist_ctx.world})")
+        raise ValueError(
+            f"--batch-size {bs} (the global batch) must be divisible by the number of processes ({dist_ctx.world})"
+        )
     if 0 < per_epoch % bs < dist_ctx.world:
-        raise ValueError(f"the last batch ({per_epoch % bs} rows) cannot be split over {dist_ctx.world} "
-                         "processes: change --batch-size or --train-subset")
+        raise ValueError(
+            f"the last batch ({per_epoch % bs} rows) cannot be split over {dist_ctx.world} "
+            "processes: change --batch-size or --train-subset"
+        )
     batches = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(train_ds, generator=gen), bs, drop_last)
     sampler = GlobalBatchShard(batches, dist_ctx.rank, dist_ctx.world)
     loader = DataLoader(train_ds, batch_sampler=sampler, generator=gen, num_workers=cfg["workers"], pin_memory=pin)

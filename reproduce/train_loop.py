@@ -56,14 +56,21 @@ class Collapse(UserWarning):
 
 def check_collapse(row: dict, cfg: dict) -> None:
     sigma = cfg["sigma"]
-    floor = 1e-3 * sigma ** 2 if sigma > 0 else 1e-8
+    floor = 1e-3 * sigma**2 if sigma > 0 else 1e-8
     if row["feature_var"] < floor:
-        warnings.warn(f"epoch {row['epoch']}: clean-feature variance {row['feature_var']:.3g} < {floor:.3g} "
-                      f"(1e-3 sigma^2): the encoder output is collapsing to a constant; lower --cem-lambda "
-                      f"or use --cem-schedule official", Collapse, stacklevel=2)
+        warnings.warn(
+            f"epoch {row['epoch']}: clean-feature variance {row['feature_var']:.3g} < {floor:.3g} "
+            f"(1e-3 sigma^2): the encoder output is collapsing to a constant; lower --cem-lambda "
+            f"or use --cem-schedule official",
+            Collapse,
+            stacklevel=2,
+        )
     if row["epoch"] > 2 and row["train_acc"] <= 1.5 / cfg["num_classes"]:
-        warnings.warn(f"epoch {row['epoch']}: training accuracy {row['train_acc']:.3f} is at chance "
-                      f"(1/{cfg['num_classes']})", Collapse, stacklevel=2)
+        warnings.warn(
+            f"epoch {row['epoch']}: training accuracy {row['train_acc']:.3f} is at chance (1/{cfg['num_classes']})",
+            Collapse,
+            stacklevel=2,
+        )
 
 
 def show_progress(cfg: dict) -> bool:
@@ -73,11 +80,13 @@ def show_progress(cfg: dict) -> bool:
 
 def _progress(iterable, cfg, desc):
     from tqdm.auto import tqdm
+
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=not show_progress(cfg))
 
 
-def train_epoch(epoch, model, defence, cem, loader, opts, cfg, device, lam_eff,
-                dist_ctx: Optional[Dist] = None) -> tuple[dict, list, list]:
+def train_epoch(
+    epoch, model, defence, cem, loader, opts, cfg, device, lam_eff, dist_ctx: Optional[Dist] = None
+) -> tuple[dict, list, list]:
     """One epoch of Algorithm 1; returns the epoch's metrics and (for the CEM refit) its features."""
     model.train()
     defence.train()
@@ -88,8 +97,11 @@ def train_epoch(epoch, model, defence, cem, loader, opts, cfg, device, lam_eff,
     correct = torch.zeros((), dtype=torch.long, device=device)
     count = 0
     zsum = zsq = None
-    for x, y in _progress(loader, cfg if dist_ctx is None or dist_ctx.main else {**cfg, "progress": False},
-                          f"epoch {epoch}/{cfg['epochs']}"):
+    for x, y in _progress(
+        loader,
+        cfg if dist_ctx is None or dist_ctx.main else {**cfg, "progress": False},
+        f"epoch {epoch}/{cfg['epochs']}",
+    ):
         x, y = x.to(device, _param_dtype(model), non_blocking=True), y.to(device, non_blocking=True)
         x_unit = denormalize(x, cfg["dataset"]) if defence.needs_unit_images else None
         z = model.encoder(x)
@@ -140,14 +152,20 @@ def train_epoch(epoch, model, defence, cem, loader, opts, cfg, device, lam_eff,
             feats.append(z.detach())
             labels.append(y)
     if dist_ctx is not None and dist_ctx.enabled:
-        packed = dist_ctx.sum_(torch.cat([torch.stack(list(sums.values())),
-                                          torch.stack([correct.double(), torch.tensor(float(count), device=device,
-                                                                                      dtype=torch.float64)]),
-                                          zsum, zsq]))
+        packed = dist_ctx.sum_(
+            torch.cat(
+                [
+                    torch.stack(list(sums.values())),
+                    torch.stack([correct.double(), torch.tensor(float(count), device=device, dtype=torch.float64)]),
+                    zsum,
+                    zsq,
+                ]
+            )
+        )
         k = len(sums)
         sums = dict(zip(sums, packed[:k]))
         correct, count = packed[k], int(packed[k + 1])
-        zsum, zsq = packed[k + 2:k + 2 + zsum.numel()], packed[k + 2 + zsum.numel():]
+        zsum, zsq = packed[k + 2 : k + 2 + zsum.numel()], packed[k + 2 + zsum.numel() :]
     mean = zsum / count
     row = {k: float(v) / count for k, v in sums.items()}
     row["train_acc"] = float(correct) / count
@@ -192,7 +210,16 @@ def build_cem(cfg: dict, dataset_size: int, device, process_group=None):
     if not cfg["cem_enabled"]:
         return None
     from cem_fast import CEMLoss
-    return CEMLoss(cfg["num_classes"], clusters_per_class=cfg["cem_clusters"], sigma=cfg["sigma"],
-                   variant=cfg["cem_variant"], covariance=cfg["cem_covariance"], dataset_size=dataset_size,
-                   backend=cfg["cem_backend"], warmup="zero", seed=cfg["seed"],
-                   process_group=process_group).to(device)
+
+    return CEMLoss(
+        cfg["num_classes"],
+        clusters_per_class=cfg["cem_clusters"],
+        sigma=cfg["sigma"],
+        variant=cfg["cem_variant"],
+        covariance=cfg["cem_covariance"],
+        dataset_size=dataset_size,
+        backend=cfg["cem_backend"],
+        warmup="zero",
+        seed=cfg["seed"],
+        process_group=process_group,
+    ).to(device)

@@ -1,4 +1,5 @@
 """Shared builders for the tests: random cluster states, the reference call, and where the real data is."""
+
 import os
 from pathlib import Path
 
@@ -29,15 +30,21 @@ def random_state(variant, C, m, D, *, covariance="diag", gen=None, dtype=torch.f
         var = torch.rand(C, m, generator=gen, dtype=torch.float64) * 0.05
     else:
         pi, var = None, None
-    cast = (lambda t: None if t is None else t.to(dtype))
+    cast = lambda t: None if t is None else t.to(dtype)
     return cast(cent), cast(pi), cast(var)
 
 
 def run_reference(z, y, cent, pi, var, variant, **kw):
     z64 = z.detach().double().reshape(z.shape[0], -1).requires_grad_(True)
-    loss, new_pi, new_var = reference_loss(z64, y, cent.double(), variant=variant,
-                                           pi=None if pi is None else pi.double(),
-                                           variance=None if var is None else var.double(), **kw)
+    loss, new_pi, new_var = reference_loss(
+        z64,
+        y,
+        cent.double(),
+        variant=variant,
+        pi=None if pi is None else pi.double(),
+        variance=None if var is None else var.double(),
+        **kw,
+    )
     (g,) = torch.autograd.grad(loss, z64) if loss.requires_grad else (torch.zeros_like(z64),)
     return loss.detach(), g, new_pi, new_var
 
@@ -49,5 +56,6 @@ def shared_data_dir() -> Path:
 
 
 SHARED_DATA = shared_data_dir()
-needs_shared_data = pytest.mark.skipif(not (SHARED_DATA / "cifar10_test.npz").exists(),
-                                       reason=f"the real data is not in {SHARED_DATA} (set CEM_FAST_DATA)")
+needs_shared_data = pytest.mark.skipif(
+    not (SHARED_DATA / "cifar10_test.npz").exists(), reason=f"the real data is not in {SHARED_DATA} (set CEM_FAST_DATA)"
+)

@@ -1,4 +1,5 @@
 """CEMLoss's public behaviour: state_dict, refit, warm-up, bad input, theory helpers."""
+
 import math
 
 import pytest
@@ -60,7 +61,7 @@ def test_refit_is_warm_started_and_deterministic():
     b = CEMLoss(3, 2).refit(x, y)
     assert torch.equal(a.centroids, b.centroids)
     first = a.centroids.clone()
-    a.refit(x, y)   # warm start from converged centroids: nothing moves
+    a.refit(x, y)  # warm start from converged centroids: nothing moves
     assert torch.allclose(a.centroids, first)
 
 
@@ -71,7 +72,7 @@ def test_refit_unconditional_and_absent_class():
     loss = cem(x[:10].requires_grad_(), None)
     assert torch.isfinite(loss)
     with pytest.warns(RuntimeWarning, match="no features"):
-        CEMLoss(4, 2).refit(x, y)       # class 3 has no features
+        CEMLoss(4, 2).refit(x, y)  # class 3 has no features
 
 
 def test_collapse_warning():
@@ -91,20 +92,23 @@ def test_warmup():
     assert z.grad is not None and float(z.grad.abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(num_classes=0), ValueError, "num_classes"),
-    (dict(num_classes=2.5), TypeError, "num_classes"),
-    (dict(num_classes=2, sigma=0.0), ValueError, "sigma"),
-    (dict(num_classes=2, sigma=-1), ValueError, "sigma"),
-    (dict(num_classes=2, variant="gmm"), ValueError, "variant"),
-    (dict(num_classes=2, covariance="full", variant="official"), ValueError, "covariance"),
-    (dict(num_classes=2, reduction="mean"), ValueError, "reduction"),
-    (dict(num_classes=2, clusters_per_class=0), ValueError, "clusters_per_class"),
-    (dict(num_classes=2, variant="official", bogus=1), TypeError, "bogus"),
-    (dict(num_classes=2, backend="fast"), ValueError, "backend"),
-    (dict(num_classes=2, warmup="skip"), ValueError, "warmup"),
-    (dict(num_classes=2, variant="official-trained", log_entropy=2), ValueError, "log_entropy"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(num_classes=0), ValueError, "num_classes"),
+        (dict(num_classes=2.5), TypeError, "num_classes"),
+        (dict(num_classes=2, sigma=0.0), ValueError, "sigma"),
+        (dict(num_classes=2, sigma=-1), ValueError, "sigma"),
+        (dict(num_classes=2, variant="gmm"), ValueError, "variant"),
+        (dict(num_classes=2, covariance="full", variant="official"), ValueError, "covariance"),
+        (dict(num_classes=2, reduction="mean"), ValueError, "reduction"),
+        (dict(num_classes=2, clusters_per_class=0), ValueError, "clusters_per_class"),
+        (dict(num_classes=2, variant="official", bogus=1), TypeError, "bogus"),
+        (dict(num_classes=2, backend="fast"), ValueError, "backend"),
+        (dict(num_classes=2, warmup="skip"), ValueError, "warmup"),
+        (dict(num_classes=2, variant="official-trained", log_entropy=2), ValueError, "log_entropy"),
+    ],
+)
 def test_bad_constructor_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         CEMLoss(**kwargs)
@@ -115,18 +119,21 @@ def fitted(variant="paper"):
     return CEMLoss(3, 2, variant=variant, dataset_size=240).refit(x, y)
 
 
-@pytest.mark.parametrize("z,y,exc,match", [
-    (torch.rand(5), torch.zeros(5, dtype=torch.int64), ValueError, "z"),
-    (torch.randint(0, 2, (5, 6)), torch.zeros(5, dtype=torch.int64), TypeError, "z"),
-    ([[0.0] * 6], torch.zeros(1, dtype=torch.int64), TypeError, "z"),
-    (torch.rand(5, 6), torch.zeros(4, dtype=torch.int64), ValueError, "labels"),
-    (torch.rand(5, 6), torch.zeros(5), TypeError, "labels"),
-    (torch.rand(5, 6), torch.full((5,), 3), ValueError, "labels"),
-    (torch.rand(5, 6), torch.full((5,), -1), ValueError, "labels"),
-    (torch.rand(5, 7), torch.zeros(5, dtype=torch.int64), ValueError, "features per sample"),
-    (torch.tensor([[float("nan")] * 6]), torch.zeros(1, dtype=torch.int64), ValueError, "NaN"),
-    (torch.tensor([[float("inf")] * 6]), torch.zeros(1, dtype=torch.int64), ValueError, "NaN or Inf"),
-])
+@pytest.mark.parametrize(
+    "z,y,exc,match",
+    [
+        (torch.rand(5), torch.zeros(5, dtype=torch.int64), ValueError, "z"),
+        (torch.randint(0, 2, (5, 6)), torch.zeros(5, dtype=torch.int64), TypeError, "z"),
+        ([[0.0] * 6], torch.zeros(1, dtype=torch.int64), TypeError, "z"),
+        (torch.rand(5, 6), torch.zeros(4, dtype=torch.int64), ValueError, "labels"),
+        (torch.rand(5, 6), torch.zeros(5), TypeError, "labels"),
+        (torch.rand(5, 6), torch.full((5,), 3), ValueError, "labels"),
+        (torch.rand(5, 6), torch.full((5,), -1), ValueError, "labels"),
+        (torch.rand(5, 7), torch.zeros(5, dtype=torch.int64), ValueError, "features per sample"),
+        (torch.tensor([[float("nan")] * 6]), torch.zeros(1, dtype=torch.int64), ValueError, "NaN"),
+        (torch.tensor([[float("inf")] * 6]), torch.zeros(1, dtype=torch.int64), ValueError, "NaN or Inf"),
+    ],
+)
 def test_bad_forward_arguments(z, y, exc, match):
     with pytest.raises(exc, match=match):
         fitted()(z, y)
@@ -170,14 +177,16 @@ def test_entropy_bound_matches_formula():
     pi = torch.tensor([0.25, 0.75], dtype=torch.float64)
     var = torch.tensor([[0.1, 0.2], [0.3, 0.0]], dtype=torch.float64)
     s = 0.5
-    expect = -(0.25 * (-math.log(0.25) + 0.5 * (math.log(1 + 0.1 / 0.25) + math.log(1 + 0.2 / 0.25)))
-               + 0.75 * (-math.log(0.75) + 0.5 * math.log(1 + 0.3 / 0.25)))
+    expect = -(
+        0.25 * (-math.log(0.25) + 0.5 * (math.log(1 + 0.1 / 0.25) + math.log(1 + 0.2 / 0.25)))
+        + 0.75 * (-math.log(0.75) + 0.5 * math.log(1 + 0.3 / 0.25))
+    )
     assert float(entropy_bound(pi, var, s)) == pytest.approx(expect, rel=1e-12)
     full = torch.diag_embed(var)
     assert float(entropy_bound(pi, full, s)) == pytest.approx(expect, rel=1e-12)
     v = var.clone().requires_grad_(True)
     entropy_bound(pi, v, s).backward()
-    assert v.grad is not None and bool((v.grad < 0).all())   # more variance -> lower bound on H(x|z) decreases
+    assert v.grad is not None and bool((v.grad < 0).all())  # more variance -> lower bound on H(x|z) decreases
     assert torch.isfinite(fitted().entropy_bound())
 
 
@@ -217,7 +226,7 @@ def test_empty_batch_gives_zero_loss_and_keeps_state(variant):
 
 def test_feature_spread_is_the_mean_per_dimension_variance():
     g = torch.Generator().manual_seed(0)
-    z = 5.0 + 0.1 * torch.randn(9000, 2, 3, 5, generator=g)    # more rows than one chunk, an offset
+    z = 5.0 + 0.1 * torch.randn(9000, 2, 3, 5, generator=g)  # more rows than one chunk, an offset
     want = z.double().reshape(9000, -1).var(0, unbiased=False).mean()
     assert cem_fast.feature_spread(z) == pytest.approx(float(want), rel=1e-5)
     assert math.isnan(cem_fast.feature_spread(z[:1]))
@@ -226,11 +235,12 @@ def test_feature_spread_is_the_mean_per_dimension_variance():
 
 def test_variant_registry():
     from cem_fast.variants import get_variant, variant_type
+
     assert cem_fast.VARIANTS == ("paper", "official", "official-trained")
     for name in cem_fast.VARIANTS:
         impl = get_variant(name)
         assert impl.name == name and CEMLoss(2, variant=name).m == impl.default_clusters
-    assert sorted(get_variant(n).code for n in cem_fast.VARIANTS) == [0, 1, 2]   # csrc/cem_cpu_variants.h
+    assert sorted(get_variant(n).code for n in cem_fast.VARIANTS) == [0, 1, 2]  # csrc/cem_cpu_variants.h
     assert get_variant("official-trained", var_threshold=0.5).options["var_threshold"] == 0.5
     with pytest.raises(ValueError, match="variant must be one of"):
         variant_type("gmm")

@@ -1,4 +1,5 @@
 """The attack loop skeleton, the decoder and GAN attacks on tiny stand-ins, and reproduce.attack on a smoke run."""
+
 import json
 import math
 
@@ -58,6 +59,7 @@ def _loop(epochs, **kw):
 
 # ---------------------------------------------------------------- features, splits, noise
 
+
 def test_compute_features_shapes_images_and_eval_mode():
     enc = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.AvgPool2d(2))
     enc.train()
@@ -114,11 +116,13 @@ def test_noise_sigma_of_real_defences():
 
 # ---------------------------------------------------------------- decoder attack
 
+
 def test_decoder_attack_learns_and_reports_finite_metrics(data, tmp_path):
     train, test = data
     attack = DecoderAttack(DecoderConfig(batch_size=8, lr=1e-2, t_max=4, **TINY_DECODER))
-    result = train_attack(attack, train, test, gaussian_perturbation(0.01), _loop(4, num_samples=3),
-                          state_dir=tmp_path, progress=False)
+    result = train_attack(
+        attack, train, test, gaussian_perturbation(0.01), _loop(4, num_samples=3), state_dir=tmp_path, progress=False
+    )
     losses = [h["train_loss"] for h in result.history[1:]]
     assert result.history[0]["epoch"] == 0, "the learning curve starts before training"
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0]
@@ -141,8 +145,9 @@ def test_patience_stops_when_held_out_mse_stops_improving(data):
     # At lr 1e-12 the weights do not move: only BatchNorm's running statistics settle, and the held-out MSE
     # stops improving within a few epochs, so patience 2 ends the run long before the 50-epoch budget.
     attack = DecoderAttack(DecoderConfig(batch_size=48, lr=1e-12, t_max=50, **TINY_DECODER))
-    result = train_attack(attack, train, test, gaussian_perturbation(0.0), LoopConfig(max_epochs=50, patience=2),
-                          progress=False)
+    result = train_attack(
+        attack, train, test, gaussian_perturbation(0.0), LoopConfig(max_epochs=50, patience=2), progress=False
+    )
     assert result.epochs < 50 and result.epochs - result.best_epoch == 2
 
 
@@ -165,8 +170,9 @@ def test_decoder_attack_resume_replays_exactly(data, tmp_path, monkeypatch):
     monkeypatch.setattr(DecoderAttack, "epoch", crash_at_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train_attack(attack, train, test, perturb, loop, state_dir=tmp_path / "b", progress=False)
-    monkeypatch.setattr(DecoderAttack, "epoch", lambda self, s, f, p, e, *a: (calls.append(e),
-                                                                              real_epoch(self, s, f, p, e, *a))[1])
+    monkeypatch.setattr(
+        DecoderAttack, "epoch", lambda self, s, f, p, e, *a: (calls.append(e), real_epoch(self, s, f, p, e, *a))[1]
+    )
     resumed = train_attack(attack, train, test, perturb, loop, state_dir=tmp_path / "b", progress=False)
 
     assert calls == [1, 2, 2, 3], "the resumed run must start at the interrupted epoch"
@@ -193,6 +199,7 @@ def test_decoder_attack_rejects_bad_input(data):
 
 
 # ---------------------------------------------------------------- GAN attack
+
 
 def test_gradient_penalty_zero_for_unit_gradient_critic():
     class Linear(nn.Module):  # D(x) = <w, x> with ||w|| = 1 has gradient norm 1 everywhere
@@ -246,16 +253,29 @@ def test_gan_attack_learns_and_resumes(data, tmp_path, monkeypatch):
 def test_gan_never_ends_worse_than_the_decoder_it_starts_from(data):
     train, test = data
     perturb = gaussian_perturbation(0.01)
-    decoder = train_attack(DecoderAttack(DecoderConfig(batch_size=8, lr=1e-2, t_max=4, **TINY_DECODER)), train,
-                           test, perturb, _loop(4), progress=False)
+    decoder = train_attack(
+        DecoderAttack(DecoderConfig(batch_size=8, lr=1e-2, t_max=4, **TINY_DECODER)),
+        train,
+        test,
+        perturb,
+        _loop(4),
+        progress=False,
+    )
     # A GAN step this large wrecks the generator: the selection must fall back on its starting weights.
-    gan = train_attack(GANAttack(decoder.model, GANConfig(batch_size=8, n_critic=1, lr_generator=1.0)), train, test,
-                       perturb, _loop(2), progress=False)
+    gan = train_attack(
+        GANAttack(decoder.model, GANConfig(batch_size=8, n_critic=1, lr_generator=1.0)),
+        train,
+        test,
+        perturb,
+        _loop(2),
+        progress=False,
+    )
     assert gan.val_metrics["mse"] <= decoder.val_metrics["mse"] + 1e-12
     assert gan.history[0]["val_mse"] == pytest.approx(decoder.val_metrics["mse"], rel=1e-9)
 
 
 # ---------------------------------------------------------------- reproduce.attack on a smoke run
+
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
@@ -265,9 +285,34 @@ def smoke_run(tmp_path_factory):
     threads = torch.get_num_threads()
     out = tmp_path_factory.mktemp("runs") / "noise"
     try:
-        assert train.main(["--preset", "smoke", "--defense", "noise", "--sigma", "0.05", "--cem-lambda", "0",
-                           "--epochs", "1", "--train-subset", "24", "--test-subset", "20", "--batch-size", "8",
-                           "--no-progress", "--threads", "1", "--out", str(out)]) == 0
+        assert (
+            train.main(
+                [
+                    "--preset",
+                    "smoke",
+                    "--defense",
+                    "noise",
+                    "--sigma",
+                    "0.05",
+                    "--cem-lambda",
+                    "0",
+                    "--epochs",
+                    "1",
+                    "--train-subset",
+                    "24",
+                    "--test-subset",
+                    "20",
+                    "--batch-size",
+                    "8",
+                    "--no-progress",
+                    "--threads",
+                    "1",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     return out
@@ -325,8 +370,9 @@ def test_run_attack_whitebox_and_adaptive_return_the_entry_they_write(smoke_run)
     threads = torch.get_num_threads()
     try:
         for name in ("whitebox", "adaptive"):
-            entry = run_attack(smoke_run, name, setting="train-time", preset="smoke",
-                               overrides={"progress": False, "epochs": 1})
+            entry = run_attack(
+                smoke_run, name, setting="train-time", preset="smoke", overrides={"progress": False, "epochs": 1}
+            )
             written = json.loads((smoke_run / f"attack_{name}.json").read_text())
             assert written["settings"]["train_time"] == json.loads(json.dumps(entry))
             assert _finite(entry["metrics"]) and sum(entry["scored_class_counts"]) == entry["n_scored"]

@@ -1,4 +1,5 @@
 """``python -m cem_fast.audit`` on encoders defined in files outside the project, on the shipped CIFAR-10 sample."""
+
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 from cem_fast.audit.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
-ENCODERS = '''
+ENCODERS = """
 from torch import nn
 
 
@@ -21,7 +22,7 @@ def maps():
 
 def flat():
     return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten())
-'''
+"""
 
 
 @pytest.fixture
@@ -42,8 +43,23 @@ def _main(*argv):
 @pytest.mark.parametrize("callable_name,feature_shape", [("maps", [8, 11, 11]), ("flat", [128])])
 def test_cli_audits_an_outside_encoder_on_the_cifar10_sample(encoders, tmp_path, callable_name, feature_shape):
     out = tmp_path / f"out_{callable_name}"
-    assert _main("--encoder", f"{encoders}:{callable_name}", "--data", "cifar10-sample", "--sigma", "0.05",
-                 "--out", out, "--preset", "smoke", "--h-x", "-5000") == 0
+    assert (
+        _main(
+            "--encoder",
+            f"{encoders}:{callable_name}",
+            "--data",
+            "cifar10-sample",
+            "--sigma",
+            "0.05",
+            "--out",
+            out,
+            "--preset",
+            "smoke",
+            "--h-x",
+            "-5000",
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert set(report["attacks"]) == {"decoder", "whitebox", "adaptive"}
     for record in report["attacks"].values():
@@ -66,25 +82,44 @@ def test_cli_errors_are_one_line(encoders, tmp_path, capsys):
     common = ["--sigma", "0.1", "--out", tmp_path / "out"]
     assert "no attribute 'nope'" in _error(capsys, "--encoder", f"{encoders}:nope", "--data", "cifar10-sample", *common)
     assert "cannot import" in _error(capsys, "--encoder", "no_such_module_xyz:f", "--data", "cifar10-sample", *common)
-    assert "no such file or folder" in _error(capsys, "--encoder", f"{encoders}:maps", "--data", tmp_path / "nope",
-                                              *common)
+    assert "no such file or folder" in _error(
+        capsys, "--encoder", f"{encoders}:maps", "--data", tmp_path / "nope", *common
+    )
     torch.save({"weight": torch.zeros(1)}, tmp_path / "w.pt")
-    assert "does not fit" in _error(capsys, "--encoder", f"{encoders}:maps", "--weights", tmp_path / "w.pt",
-                                    "--data", "cifar10-sample", *common)
+    assert "does not fit" in _error(
+        capsys, "--encoder", f"{encoders}:maps", "--weights", tmp_path / "w.pt", "--data", "cifar10-sample", *common
+    )
     np.savez(tmp_path / "raw.npz", x=np.full((20, 3, 8, 8), 200.0, dtype=np.float32), y=np.arange(20) % 2)
-    assert "outside [0, 1]" in _error(capsys, "--encoder", f"{encoders}:maps", "--data", tmp_path / "raw.npz",
-                                      *common)
-    assert "--sigma" in _error(capsys, "--encoder", f"{encoders}:maps", "--data", "cifar10-sample", "--sigma", "-1",
-                               "--out", tmp_path / "out")
-    assert "--attacks" in _error(capsys, "--encoder", f"{encoders}:maps", "--data", "cifar10-sample", *common,
-                                 "--attacks", "decoder,magic")
+    assert "outside [0, 1]" in _error(capsys, "--encoder", f"{encoders}:maps", "--data", tmp_path / "raw.npz", *common)
+    assert "--sigma" in _error(
+        capsys, "--encoder", f"{encoders}:maps", "--data", "cifar10-sample", "--sigma", "-1", "--out", tmp_path / "out"
+    )
+    assert "--attacks" in _error(
+        capsys, "--encoder", f"{encoders}:maps", "--data", "cifar10-sample", *common, "--attacks", "decoder,magic"
+    )
     assert "required" in _error(capsys, "--data", "cifar10-sample")
 
 
 def test_cli_error_has_no_traceback_in_a_fresh_process(encoders, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "cem_fast.audit", "--encoder", f"{encoders}:nope", "--data",
-                           "cifar10-sample", "--sigma", "0", "--out", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cem_fast.audit",
+            "--encoder",
+            f"{encoders}:nope",
+            "--data",
+            "cifar10-sample",
+            "--sigma",
+            "0",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 

@@ -1,5 +1,6 @@
 """cem_fast.audit.audit() on tiny stand-ins: every attack beats the mean image, adaptive >= decoder under
 noise, stratified scoring of class-sorted data, any input form, and the report's files."""
+
 import json
 
 import pytest
@@ -12,11 +13,22 @@ from cem_fast.audit import audit
 SIZE = 16
 CLASSES = 10
 # A small, quick ladder; whitebox starts from the mean image so that it is tested on its own.
-FAST = {"max_train_images": 400, "max_test_images": 100, "decoder_loop.max_epochs": 6, "decoder.t_max": 6,
-        "decoder_loop.patience": None,
-        "adaptive_loop.max_epochs": 3, "adaptive.t_max": 3, "gan_loop.max_epochs": 1,
-        "whitebox.start": "mean", "whitebox.steps": 150, "whitebox.lr": 0.05, "whitebox.n_images": 20,
-        "whitebox.batch_size": 20, "bound_images": 400}
+FAST = {
+    "max_train_images": 400,
+    "max_test_images": 100,
+    "decoder_loop.max_epochs": 6,
+    "decoder.t_max": 6,
+    "decoder_loop.patience": None,
+    "adaptive_loop.max_epochs": 3,
+    "adaptive.t_max": 3,
+    "gan_loop.max_epochs": 1,
+    "whitebox.start": "mean",
+    "whitebox.steps": 150,
+    "whitebox.lr": 0.05,
+    "whitebox.n_images": 20,
+    "whitebox.batch_size": 20,
+    "bound_images": 400,
+}
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +44,9 @@ def _images(n, seed):
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(CLASSES).repeat_interleave(n // CLASSES)
     colour = torch.rand(CLASSES, 3, 1, 1, generator=torch.Generator().manual_seed(99))[labels]
-    detail = nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=SIZE, mode="bilinear",
-                                       align_corners=False)
+    detail = nn.functional.interpolate(
+        torch.rand(n, 3, 4, 4, generator=g), size=SIZE, mode="bilinear", align_corners=False
+    )
     return (0.5 * colour + 0.5 * detail), labels
 
 
@@ -60,8 +73,16 @@ def _mean_image_mse(train_x, scored_x):
 def undefended(data):
     (x, y), (xt, yt) = data
     torch.set_num_threads(1)
-    return audit(_maps_encoder(), (x, y), test_data=(xt, yt), sigma=0.0, preset="smoke", overrides=FAST,
-                 attacks=("decoder", "whitebox", "adaptive", "gan"), progress=False)
+    return audit(
+        _maps_encoder(),
+        (x, y),
+        test_data=(xt, yt),
+        sigma=0.0,
+        preset="smoke",
+        overrides=FAST,
+        attacks=("decoder", "whitebox", "adaptive", "gan"),
+        progress=False,
+    )
 
 
 def test_every_attack_beats_the_mean_image_on_an_undefended_encoder(data, undefended):
@@ -93,8 +114,15 @@ def test_records_carry_class_histograms_curves_and_times(undefended):
 
 def test_class_sorted_data_gets_balanced_scored_histograms(data):
     (x, y), _ = data  # class-sorted: 40 images of class 0, then 40 of class 1, ...
-    report = audit(_maps_encoder(), (x, y), sigma=0.0, preset="smoke", attacks=("decoder", "whitebox"),
-                   overrides={**FAST, "decoder_loop.max_epochs": 1, "whitebox.steps": 2}, progress=False)
+    report = audit(
+        _maps_encoder(),
+        (x, y),
+        sigma=0.0,
+        preset="smoke",
+        attacks=("decoder", "whitebox"),
+        overrides={**FAST, "decoder_loop.max_epochs": 1, "whitebox.steps": 2},
+        progress=False,
+    )
     assert report.setup["scored_class_counts"] == [4] * CLASSES  # 10% of 400, stratified
     assert report.attacks["decoder"]["scored_class_counts"] == [4] * CLASSES
     assert report.attacks["whitebox"]["scored_class_counts"] == [2] * CLASSES
@@ -104,8 +132,16 @@ def test_class_sorted_data_gets_balanced_scored_histograms(data):
 
 def test_adaptive_is_at_least_as_strong_as_decoder_under_noise(data):
     (x, y), (xt, yt) = data
-    report = audit(_maps_encoder(), (x, y), test_data=(xt, yt), sigma=0.2, preset="smoke",
-                   attacks=("decoder", "adaptive"), overrides=FAST, progress=False)
+    report = audit(
+        _maps_encoder(),
+        (x, y),
+        test_data=(xt, yt),
+        sigma=0.2,
+        preset="smoke",
+        attacks=("decoder", "adaptive"),
+        overrides=FAST,
+        progress=False,
+    )
     dec, ada = report.attacks["decoder"], report.attacks["adaptive"]
     assert ada["mse"] <= dec["mse"], (ada["mse"], dec["mse"])
     assert ada["val_metrics"]["mse"] <= dec["val_metrics"]["mse"]
@@ -129,11 +165,19 @@ def test_flat_features_datasets_of_x_loaders_callables_and_a_head(data, tmp_path
     xn, xtn = (x - 0.5) / 0.25, (xt - 0.5) / 0.25
     test_loader = DataLoader(list(zip(xtn, yt, torch.zeros(len(yt)))), batch_size=32)  # yields (x, y, extra)
     head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 4 * 4, CLASSES))
-    report = audit(_flat_encoder(), _OnlyImages(xn), test_data=test_loader, normalization=norm,
-                   sigma=lambda z: z + 0.05 * torch.randn_like(z), head=head, preset="smoke",
-                   attacks=("decoder", "whitebox", "adaptive"),
-                   overrides={**FAST, "decoder_loop.max_epochs": 2, "adaptive_loop.max_epochs": 1,
-                              "whitebox.steps": 5}, h_x=-1000.0, progress=False)
+    report = audit(
+        _flat_encoder(),
+        _OnlyImages(xn),
+        test_data=test_loader,
+        normalization=norm,
+        sigma=lambda z: z + 0.05 * torch.randn_like(z),
+        head=head,
+        preset="smoke",
+        attacks=("decoder", "whitebox", "adaptive"),
+        overrides={**FAST, "decoder_loop.max_epochs": 2, "adaptive_loop.max_epochs": 1, "whitebox.steps": 5},
+        h_x=-1000.0,
+        progress=False,
+    )
     assert report.setup["feature_shape"] == [128] and report.setup["sigma"] == "callable"
     assert 0.0 <= report.accuracy["accuracy"] <= 1.0 and report.accuracy["n"] == 100
     assert report.theory["eq3_bound_nats"] is None, "a callable perturbation has no stated sigma"

@@ -1,4 +1,5 @@
 """The inversion decoder for any feature shape: flat features, maps of any size, non-square images."""
+
 import pytest
 import torch
 from torch import nn
@@ -6,10 +7,17 @@ from torch import nn
 from cem_fast.audit.nets import InversionDecoder, ResDecoder, build_decoder
 
 
-@pytest.mark.parametrize("feature_shape,image_shape", [
-    ((64,), (3, 32, 32)), ((10,), (1, 28, 28)), ((8, 11, 11), (3, 32, 32)), ((4, 7, 5), (3, 24, 20)),
-    ((16, 40, 40), (3, 32, 32)), ((8, 5, 5), (3, 48, 48)),
-])
+@pytest.mark.parametrize(
+    "feature_shape,image_shape",
+    [
+        ((64,), (3, 32, 32)),
+        ((10,), (1, 28, 28)),
+        ((8, 11, 11), (3, 32, 32)),
+        ((4, 7, 5), (3, 24, 20)),
+        ((16, 40, 40), (3, 32, 32)),
+        ((8, 5, 5), (3, 48, 48)),
+    ],
+)
 def test_inversion_decoder_any_shape(feature_shape, image_shape):
     torch.manual_seed(0)
     dec = build_decoder(feature_shape, image_shape, num_blocks=1, width=8)

@@ -4,6 +4,7 @@ They check that each script runs end to end and prints the table rows it promise
 One torch thread keeps them fast on a shared 2-core machine (two threads competing with other processes
 are several times slower).
 """
+
 import math
 import os
 import re
@@ -26,22 +27,32 @@ def restore_threads():
 
 
 def table_rows(text: str) -> list:
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
-            if line.startswith("| ") and not line.startswith("| encoder") and not line.startswith("| device")]
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith("| encoder") and not line.startswith("| device")
+    ]
 
 
 def test_inference_overhead_quick(tmp_path):
     out = tmp_path / "inference.md"
-    text = inference_overhead.main(["--quick", "--threads", "1", "--models", "vgg11-c4-32", "resnet20-c5-64",
-                                    "--out", str(out)])
+    text = inference_overhead.main(
+        ["--quick", "--threads", "1", "--models", "vgg11-c4-32", "resnet20-c5-64", "--out", str(out)]
+    )
     assert out.read_text() == text + "\n"
     rows = table_rows(text)
     for label in ("VGG11-BN cut 4, 32 px", "ResNet-20 cut 5, 64 px"):
         got = {r[1]: r[2:] for r in rows if r[0] == label}
-        assert set(got) == {"parameters", "buffer elements (BN statistics)", "FLOPs per image (conv + matmul)",
-                            "CPU latency, batch 1 (median)", "CPU latency, batch 128 (median)",
-                            "torch.export graph", "exported parameter shapes",
-                            "parameter difference (max abs; relative L2)"}
+        assert set(got) == {
+            "parameters",
+            "buffer elements (BN statistics)",
+            "FLOPs per image (conv + matmul)",
+            "CPU latency, batch 1 (median)",
+            "CPU latency, batch 128 (median)",
+            "torch.export graph",
+            "exported parameter shapes",
+            "parameter difference (max abs; relative L2)",
+        }
         assert got["parameters"][0] == got["parameters"][1] and int(got["parameters"][0].replace(",", "")) > 0
         assert got["FLOPs per image (conv + matmul)"][2] == "1.000"
         for batch in (1, 128):
@@ -73,8 +84,9 @@ def test_train_step_quick(tmp_path):
     for name in ("model_training_GMM.py", "model_training_paral_pruning.py"):
         (repo / name).write_text(FAKE_OFFICIAL)
     out = tmp_path / "step.md"
-    text = train_step.main(["--quick", "--threads", "1", "--batch", "8", "--official-repo", str(repo),
-                            "--out", str(out)])
+    text = train_step.main(
+        ["--quick", "--threads", "1", "--batch", "8", "--official-repo", str(repo), "--out", str(out)]
+    )
     assert out.read_text() == text + "\n"
     rows = table_rows(text)
     labels = [tuple(r[1:4]) for r in rows]
@@ -109,8 +121,9 @@ def test_bench_kernels_quick(tmp_path):
     for name in ("model_training_GMM.py", "model_training_paral_pruning.py"):
         (repo / name).write_text(FAKE_OFFICIAL)
     out = tmp_path / "kernels.csv"
-    text = bench_kernels.main(["--quick", "--threads", "1", "--official-repo", str(repo), "--csv", str(out),
-                               "--refit-runs", "1"])
+    text = bench_kernels.main(
+        ["--quick", "--threads", "1", "--official-repo", str(repo), "--csv", str(out), "--refit-runs", "1"]
+    )
     cpu_backends = [b for b in ("torch", "cpp") if backends.resolve(b, torch.device("cpu")) == b]
     rows = [r for r in table_rows(text) if r[0] in ("loss", "kernel")]
     expected = []
@@ -120,7 +133,7 @@ def test_bench_kernels_quick(tmp_path):
         expected += [("kernel", D, "kernels", b) for b in cpu_backends]
     assert [(r[0], r[2], r[5], r[6]) for r in rows] == expected
     for r in rows:
-        assert all(math.isfinite(float(v)) and float(v) > 0 for v in r[7:12])   # fwd, bwd, fwd+bwd ms, GB/s, min
+        assert all(math.isfinite(float(v)) and float(v) > 0 for v in r[7:12])  # fwd, bwd, fwd+bwd ms, GB/s, min
     refit = [r for r in table_rows(text) if r[0].startswith(("ours CEMLoss.refit", "authors' per-class"))]
     assert len(refit) == 2 and all(float(r[5]) > 0 and float(r[6]) > 0 for r in refit)
     if "cpp" in cpu_backends:
@@ -149,6 +162,7 @@ def test_gpu_checks_parity_on_the_cpu_backends(capsys):
     """bench/gpu_checks.py on the CPU backends: every variant in fp32 and bf16 (loss, gradient, state) and the
     paper's full covariance pass against float64, and the script exits 0."""
     from bench import gpu_checks
+
     torch.set_num_threads(1)
     cpu_backends = [b for b in ("torch", "cpp") if backends.resolve(b, torch.device("cpu")) == b]
     for b in cpu_backends:
@@ -162,6 +176,7 @@ def test_gpu_checks_parity_on_the_cpu_backends(capsys):
 
 def test_gpu_check_summary_is_short_and_lists_every_failure(tmp_path):
     from bench import gpu_check_runner
+
     log = ["# device 2026-01-01, CPU X"] + [f"CHECK triton c{i} PASS ok" for i in range(30)]
     log += [f"CHECK cuda bad{i} FAIL why {i}" for i in range(3)]
     log += ["TIME triton t 3.0 us goal<5us met", "TIME x y 1 us"]
@@ -177,12 +192,20 @@ def test_gpu_check_summary_is_short_and_lists_every_failure(tmp_path):
 
 
 def test_gpu_check_imports_need_no_torch_pruning():
-    code = ("import sys; sys.modules['torch_pruning'] = None\n"
-            "import bench.gpu_checks, bench.harness, bench.bench_kernels, bench.train_step, bench.inference_overhead\n"
-            "import bench.gpu_check_runner, tests.gpu.test_gpu_kernels, tests.gpu.test_gpu_loss\n"
-            "print('ok')")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+    code = (
+        "import sys; sys.modules['torch_pruning'] = None\n"
+        "import bench.gpu_checks, bench.harness, bench.bench_kernels, bench.train_step, bench.inference_overhead\n"
+        "import bench.gpu_check_runner, tests.gpu.test_gpu_kernels, tests.gpu.test_gpu_loss\n"
+        "print('ok')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
@@ -191,10 +214,17 @@ def test_gpu_check_dry_run(tmp_path):
     at most 8 files come back, and the summary (<= 40 lines) is printed last. Generous limits: this machine
     is shared (the script alone keeps a 345 s deadline)."""
     out = tmp_path / "out"
-    env = dict(os.environ, GPU_CHECK_DRY_RUN="1", OUT=str(out), PYTHON=sys.executable, GPU_CHECK_BUDGET="1500",
-               GPU_CHECK_TIMEOUT_SCALE="5")
-    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1800)
+    env = dict(
+        os.environ,
+        GPU_CHECK_DRY_RUN="1",
+        OUT=str(out),
+        PYTHON=sys.executable,
+        GPU_CHECK_BUDGET="1500",
+        GPU_CHECK_TIMEOUT_SCALE="5",
+    )
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(os.listdir(out))
     assert len(files) <= 8 and "summary.txt" in files and "junit.xml" in files, files
@@ -202,9 +232,17 @@ def test_gpu_check_dry_run(tmp_path):
     assert 0 < len(summary) <= 40
     assert proc.stdout.rstrip().endswith("\n".join(summary)), proc.stdout[-3000:]
     steps = {ln.split()[0]: ln.split()[1] for ln in summary if re.match(r"^[a-z-]+ (PASS|FAIL|TIMEOUT|SKIPPED) ", ln)}
-    assert steps == {"cuda-build": "SKIPPED", "device": "PASS", "triton": "PASS", "cuda": "SKIPPED",
-                     "tests-gpu": "SKIPPED", "kernel-grid": "PASS", "train-step": "PASS", "inference": "PASS",
-                     "first-compile": "SKIPPED"}, summary
+    assert steps == {
+        "cuda-build": "SKIPPED",
+        "device": "PASS",
+        "triton": "PASS",
+        "cuda": "SKIPPED",
+        "tests-gpu": "SKIPPED",
+        "kernel-grid": "PASS",
+        "train-step": "PASS",
+        "inference": "PASS",
+        "first-compile": "SKIPPED",
+    }, summary
     assert not [ln for ln in summary if ln.startswith("FAIL ")], summary
     (tri,) = [ln for ln in summary if ln.startswith("PASS triton:")]
     for check in ("kernels", "loss", "nosync", "graph-step(skipped)", "timings", "fullcov", "refit"):

@@ -11,8 +11,27 @@ import torch
 from reproduce import figure, grid, table, train, train_loop
 from reproduce.rundir import RunDir
 
-TINY = ["--preset", "smoke", "--train-subset", "8", "--test-subset", "4", "--batch-size", "4", "--epochs", "2",
-        "--no-progress", "--threads", "1", "--cem-backend", "torch", "--defense", "noise", "--cem-lambda", "0"]
+TINY = [
+    "--preset",
+    "smoke",
+    "--train-subset",
+    "8",
+    "--test-subset",
+    "4",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "2",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--cem-backend",
+    "torch",
+    "--defense",
+    "noise",
+    "--cem-lambda",
+    "0",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +49,7 @@ def test_ctrl_c_ends_with_one_line_naming_the_resume_command_which_works(tmp_pat
         if epoch == 2:
             raise KeyboardInterrupt
         return real(epoch, *a, **k)
+
     monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_2)
     assert train.main([*TINY, "--out", str(out)]) == 130
     err = capsys.readouterr().err
@@ -66,6 +86,7 @@ def test_missing_data_root_is_one_line_and_downloads_nothing(tmp_path, capsys, m
             if download:
                 pytest.fail("a download was attempted")
             super().__init__(*a, download=False, **k)
+
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", NoDownload)
     assert train.main([*TINY, "--dataset", "cifar10", "--data-root", "/nonexistent", "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.strip()
@@ -106,6 +127,7 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
 
         def flush(self):
             pass
+
     monkeypatch.setattr(sys, "stderr", Tty(False))
     assert not train_loop.show_progress({"progress": True})
     monkeypatch.setattr(sys, "stderr", Tty(True))
@@ -153,13 +175,48 @@ def test_the_docs_commands_at_the_smoke_preset(tmp_path, monkeypatch):
     from reproduce import attack
 
     monkeypatch.chdir(tmp_path)
-    common = ["--preset", "smoke", "--defence", "bottleneck", "--sigma", "0.025", "--no-progress", "--threads", "1",
-              "--cem-backend", "torch", "--train-subset", "8", "--test-subset", "4", "--batch-size", "4"]
+    common = [
+        "--preset",
+        "smoke",
+        "--defence",
+        "bottleneck",
+        "--sigma",
+        "0.025",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--cem-backend",
+        "torch",
+        "--train-subset",
+        "8",
+        "--test-subset",
+        "4",
+        "--batch-size",
+        "4",
+    ]
     assert train.main([*common, "--cem-lambda", "0", "--out", "runs/bottleneck"]) == 0
     assert train.main([*common, "--cem-lambda", "16", "--out", "runs/bottleneck_cem"]) == 0
     for run in ("runs/bottleneck", "runs/bottleneck_cem"):
-        assert attack.main(["--run", run, "--attack", "decoder", "--epochs", "1", "--max-train-images", "16",
-                            "--max-test-images", "20", "--no-progress", "--threads", "1"]) == 0
+        assert (
+            attack.main(
+                [
+                    "--run",
+                    run,
+                    "--attack",
+                    "decoder",
+                    "--epochs",
+                    "1",
+                    "--max-train-images",
+                    "16",
+                    "--max-test-images",
+                    "20",
+                    "--no-progress",
+                    "--threads",
+                    "1",
+                ]
+            )
+            == 0
+        )
     assert table.main(["--table", "1", "--preset", "smoke", "--runs-root", "runs/", "--out", "table1.md"]) == 0
     rows = {}
     for line in Path("table1.md").read_text().splitlines():

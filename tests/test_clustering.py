@@ -1,4 +1,5 @@
 """cem_fast.clustering (k-means inside each class) and the statistics CEMLoss.refit builds from it."""
+
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ def features(C, m, D, per_class, seed, dtype=torch.float64, absent=()):
 def brute_force_nearest(x, y, centroids):
     """Flat index of the nearest centroid of each row's class, by explicit squared differences."""
     C, m, _ = centroids.shape
-    d2 = ((x[:, None, :] - centroids[y]) ** 2).sum(-1)                     # [N, m]
+    d2 = ((x[:, None, :] - centroids[y]) ** 2).sum(-1)  # [N, m]
     return y * m + d2.argmin(1)
 
 
@@ -28,9 +29,20 @@ def brute_force_nearest(x, y, centroids):
 @pytest.mark.parametrize("C,m,D", [(1, 3, 5), (4, 3, 7), (7, 2, 33)])
 def test_segmented_and_one_gemm_paths_agree(init, C, m, D):
     x, y = features(C, m, D, per_class=30, seed=C + D)
-    prev = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:C * m]].reshape(C, m, D)
-    runs = [kmeans(x, y, C, m, init=init, centroids=prev if init == "warm" else None,
-                   generator=torch.Generator().manual_seed(5), segmented=s) for s in (True, False)]
+    prev = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[: C * m]].reshape(C, m, D)
+    runs = [
+        kmeans(
+            x,
+            y,
+            C,
+            m,
+            init=init,
+            centroids=prev if init == "warm" else None,
+            generator=torch.Generator().manual_seed(5),
+            segmented=s,
+        )
+        for s in (True, False)
+    ]
     a, b = runs
     assert torch.equal(a.assign, b.assign) and torch.equal(a.counts, b.counts) and a.iterations == b.iterations
     torch.testing.assert_close(a.centroids, b.centroids, rtol=1e-12, atol=1e-12)
@@ -54,11 +66,11 @@ def test_converged_result_is_a_lloyd_fixed_point():
 
 
 def test_absent_class_and_class_smaller_than_m():
-    x, y = features(4, 3, 5, per_class=2, seed=2, absent=(1,))     # sizes 2, 0, 4, 5; m = 3
+    x, y = features(4, 3, 5, per_class=2, seed=2, absent=(1,))  # sizes 2, 0, 4, 5; m = 3
     prev = torch.zeros(4, 3, 5, dtype=x.dtype)
     for segmented in (True, False):
         r = kmeans(x, y, 4, 3, init="warm", centroids=prev + 0.5, segmented=segmented)
-        assert torch.equal(r.centroids[1], prev[1] + 0.5)            # the absent class keeps its centroids
+        assert torch.equal(r.centroids[1], prev[1] + 0.5)  # the absent class keeps its centroids
         assert int(r.counts.view(4, 3)[1].sum()) == 0
         assert torch.isfinite(r.centroids).all() and torch.isfinite(r.sq_dist).all()
     with pytest.warns(RuntimeWarning, match="no features"):
@@ -71,7 +83,7 @@ def test_kmeanspp_never_draws_a_row_twice(segmented):
     # rows get weight exactly 0, whatever the rounding of the GEMM expansion at this offset)
     g = torch.Generator().manual_seed(0)
     C, m, D = 6, 4, 3
-    x = torch.rand(C * m, D, generator=g) * 100 + 1e3                 # large offset: the GEMM expansion rounds
+    x = torch.rand(C * m, D, generator=g) * 100 + 1e3  # large offset: the GEMM expansion rounds
     y = torch.arange(C).repeat_interleave(m)
     for seed in range(5):
         r = kmeans(x, y, C, m, max_iter=0, generator=torch.Generator().manual_seed(seed), segmented=segmented)
@@ -79,8 +91,9 @@ def test_kmeanspp_never_draws_a_row_twice(segmented):
             assert torch.equal(r.centroids[c].sort(0).values, x[y == c].sort(0).values)
 
 
-@pytest.mark.parametrize("variant,covariance", [("paper", "diag"), ("paper", "full"), ("official", "diag"),
-                                                ("official-trained", "diag")])
+@pytest.mark.parametrize(
+    "variant,covariance", [("paper", "diag"), ("paper", "full"), ("official", "diag"), ("official-trained", "diag")]
+)
 def test_refit_statistics_match_a_direct_computation(variant, covariance):
     C, m, D = 4, 3, 6
     x, y = features(C, m, D, per_class=25, seed=7, absent=(2,))
@@ -95,7 +108,7 @@ def test_refit_statistics_match_a_direct_computation(variant, covariance):
     if variant == "paper":
         torch.testing.assert_close(cem.pi.double(), (counts / len(x)).view(C, m))
         if covariance == "diag":
-            var = torch.zeros(C * m, D, dtype=x.dtype).index_add_(0, assign, diff ** 2) / counts.clamp_min(1)[:, None]
+            var = torch.zeros(C * m, D, dtype=x.dtype).index_add_(0, assign, diff**2) / counts.clamp_min(1)[:, None]
         else:
             var = torch.stack([diff[assign == k].t() @ diff[assign == k] for k in range(C * m)])
             var = var / counts.clamp_min(1)[:, None, None]
@@ -103,7 +116,7 @@ def test_refit_statistics_match_a_direct_computation(variant, covariance):
     else:
         torch.testing.assert_close(cem.pi.double(), counts.view(C, m) / class_n.clamp_min(1))
     if variant == "official-trained":
-        var = torch.zeros(C * m, dtype=x.dtype).index_add_(0, assign, (diff ** 2).mean(1)) / counts.clamp_min(1)
+        var = torch.zeros(C * m, dtype=x.dtype).index_add_(0, assign, (diff**2).mean(1)) / counts.clamp_min(1)
         torch.testing.assert_close(cem.variance.double().reshape(-1), var, rtol=1e-6, atol=1e-9)
 
 
@@ -115,7 +128,7 @@ def test_repeated_centroids_tie_to_the_lowest_index(segmented):
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         x = torch.rand(3, 512, generator=g, dtype=torch.float64)
-        y = torch.tensor([0, 1, 1])                                       # class 0: one row, class 1: two, m = 3
+        y = torch.tensor([0, 1, 1])  # class 0: one row, class 1: two, m = 3
         r = kmeans(x, y, 2, 3, generator=torch.Generator().manual_seed(0), segmented=segmented)
         assert torch.equal(r.centroids[0], x[0].expand(3, -1))
         assert int(r.assign[0]) == 0 and r.counts.tolist()[:3] == [1.0, 0.0, 0.0]
@@ -124,11 +137,12 @@ def test_repeated_centroids_tie_to_the_lowest_index(segmented):
 def test_torch_backend_assign_ties_repeated_centroids_to_the_lowest_index():
     from cem_fast.backends.torch_backend import assign
     from cem_fast.reference import reference_assign
+
     g = torch.Generator().manual_seed(1)
     for _ in range(20):
         z = torch.rand(1, 512, generator=g, dtype=torch.float64)
         other = torch.rand(1, 512, generator=g, dtype=torch.float64)
-        cent = torch.cat([z.expand(3, -1), other, z + 1e-3, z])                 # [6, D]: class 0 = 3 copies of z
+        cent = torch.cat([z.expand(3, -1), other, z + 1e-3, z])  # [6, D]: class 0 = 3 copies of z
         for labels, cc in ((torch.tensor([0]), True), (torch.tensor([1]), True), (torch.tensor([0]), False)):
             expected = [c * 3 + j for c, j in reference_assign(z, labels, cent.view(2, 3, -1), cc)]
             assert assign(z, labels, cent, 3, cc).tolist() == expected

@@ -1,5 +1,6 @@
 """The C++/OpenMP backend (csrc/cem_cpu.cpp) against the torch backend and a float64 computation,
 its determinism and input checks, the extension loader, and ``python -m cem_fast.build``."""
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,16 @@ def tolerance(dtype):
 
 # B, D, classes, m: tails of the 64-byte lanes (37, 513, 1), B = 0 and 1, K = 1, m = 1,
 # many more clusters than rows (empty clusters, absent classes).
-SHAPES = [(50, 37, 4, 3), (40, 513, 3, 2), (0, 8, 3, 2), (1, 5, 2, 3), (20, 16, 1, 1), (30, 64, 5, 1),
-          (3, 32, 10, 3), (10, 1, 2, 2)]
+SHAPES = [
+    (50, 37, 4, 3),
+    (40, 513, 3, 2),
+    (0, 8, 3, 2),
+    (1, 5, 2, 3),
+    (20, 16, 1, 1),
+    (30, 64, 5, 1),
+    (3, 32, 10, 3),
+    (10, 1, 2, 2),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -81,8 +90,9 @@ def test_matches_torch_and_float64(ext, shape, class_conditional, dtype):
     assert dz.dtype == dtype and dz.shape == z.shape
     assert torch.equal(dz, torch_backend.scatter_grad(z, a, centroids, coef))
     want = (coef.double()[a] * (z.double() - centroids.double()[a])).to(dtype)
-    torch.testing.assert_close(dz, want, **(tolerance(dtype) if dtype in (torch.float32, torch.float64)
-                                            else dict(rtol=1e-2, atol=1e-2)))
+    torch.testing.assert_close(
+        dz, want, **(tolerance(dtype) if dtype in (torch.float32, torch.float64) else dict(rtol=1e-2, atol=1e-2))
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -100,8 +110,9 @@ def test_parallel_path_matches_torch(ext, class_conditional, dtype):
         torch.set_num_threads(threads)
     want = torch_backend.assign_stats(z, labels, centroids, m, class_conditional)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
-    torch.testing.assert_close(got[2].double(), float64_stats(z, labels, centroids, m, class_conditional)[2],
-                               **tolerance(dtype))
+    torch.testing.assert_close(
+        got[2].double(), float64_stats(z, labels, centroids, m, class_conditional)[2], **tolerance(dtype)
+    )
     assert torch.equal(dz, torch_backend.scatter_grad(z, got[0], centroids, coef))
 
 
@@ -123,22 +134,22 @@ def test_per_cluster_coefficient(ext):
 def test_ties_go_to_the_lowest_index(ext):
     D, m = 19, 3
     centroids = torch.randn(2 * m, D)
-    centroids[1] = centroids[0]          # class 0: clusters 0 and 1 identical
-    centroids[5] = centroids[4]          # class 1: clusters 4 and 5 identical
+    centroids[1] = centroids[0]  # class 0: clusters 0 and 1 identical
+    centroids[5] = centroids[4]  # class 1: clusters 4 and 5 identical
     z = torch.cat([centroids[0:1] + 0.01, centroids[4:5] - 0.01, centroids[0:1]])
     labels = torch.tensor([0, 1, 0])
     a, *_ = ext.assign_stats(z, labels, centroids, m, True)
     assert a.tolist() == [0, 4, 0]
     a_all, *_ = ext.assign_stats(z, labels, centroids, m, False)
     assert a_all.tolist() == [0, 4, 0]
-    dup = torch.zeros(4, D)              # all distances equal: the first cluster
+    dup = torch.zeros(4, D)  # all distances equal: the first cluster
     assert ext.assign_stats(torch.randn(5, D), labels[:0], dup, 1, False)[0].tolist() == [0] * 5
 
 
 def test_nan_row_follows_torch_argmin(ext):
     z, labels, centroids, _ = make_inputs(6, 10, 2, 3, torch.float32)
     z[2, 3] = float("nan")
-    centroids[4, 1] = float("nan")       # one NaN centroid: torch's argmin picks the first NaN
+    centroids[4, 1] = float("nan")  # one NaN centroid: torch's argmin picks the first NaN
     for cc in (True, False):
         a = ext.assign_stats(z, labels, centroids, 3, cc)[0]
         assert torch.equal(a, torch_backend.assign(z, labels, centroids, 3, cc))
@@ -190,6 +201,7 @@ def test_set_cpu_tier_rejects_unknown(ext):
 
 # --------------------------------------------------------------------------- the variants' math in C++
 
+
 def _random_stats(K, D, dtype, gen, empty=(1, 4)):
     counts = torch.randint(0, 6, (K,), generator=gen).to(dtype)
     counts[list(empty)] = 0  # empty clusters; with m=2, clusters 4 and 5 of class 2 leave it absent when 5 is too
@@ -200,11 +212,18 @@ def _random_stats(K, D, dtype, gen, empty=(1, 4)):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("class_conditional", [True, False])
 @pytest.mark.parametrize("variant", ["official", "official-trained", "paper"])
-@pytest.mark.parametrize("options", [dict(log_entropy=1, bug=False, mean_dim=True),
-                                     dict(log_entropy=0, bug=True, mean_dim=False),
-                                     dict(log_entropy=1, bug=True, mean_dim=True)], ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(log_entropy=1, bug=False, mean_dim=True),
+        dict(log_entropy=0, bug=True, mean_dim=False),
+        dict(log_entropy=1, bug=True, mean_dim=True),
+    ],
+    ids=str,
+)
 def test_variant_math_matches_python(ext, variant, class_conditional, dtype, options):
     from cem_fast.variants import LossParams, get_variant, variant_type
+
     gen = torch.Generator().manual_seed(zlib.crc32(str((variant, class_conditional, str(dtype), options)).encode()))
     C, m, D, N, sigma, thr = 4, 2, 37, 40.0, 0.1, 0.5
     K = C * m
@@ -213,8 +232,14 @@ def test_variant_math_matches_python(ext, variant, class_conditional, dtype, opt
     variance = torch.rand(*((C, m) if variant == "official-trained" else (C, m, D)), generator=gen, dtype=dtype) * 0.02
     given = dict(var_threshold=thr, log_entropy=options["log_entropy"], replicate_index_bug=options["bug"])
     impl = get_variant(variant, **{k: v for k, v in given.items() if k in variant_type(variant).defaults})
-    params = LossParams(num_classes=C, m=m, sigma=sigma, class_conditional=class_conditional, dataset_size=N,
-                        reduction="mean_dim" if options["mean_dim"] else "sum")
+    params = LossParams(
+        num_classes=C,
+        m=m,
+        sigma=sigma,
+        class_conditional=class_conditional,
+        dataset_size=N,
+        reduction="mean_dim" if options["mean_dim"] else "sum",
+    )
     got = ext.variant_math(counts, sqdev, pi, variance, *impl.kernel_args(params))
     # The python math in float64 (the C++ math runs in double whatever the dtype).
     c64, s64, p64, v64 = (t.double() for t in (counts, sqdev, pi, variance))
@@ -277,8 +302,12 @@ def _bad_variant_math_calls():
         ("variant_math", (counts.int(), sqdev.int(), pi, var, 1, *opts), TypeError, "sqdev must be float32"),
         ("variant_math", (counts, sqdev, pi[:1], var, 1, *opts), ValueError, "pi must hold K = 4"),
         ("variant_math", (counts, sqdev, pi, var, 2, *opts), ValueError, "variance must hold 12"),
-        ("variant_math", (counts, sqdev, pi, var, 1, *opts[:4], 0.0, *opts[5:]), ValueError,
-         "dataset_size must be > 0"),
+        (
+            "variant_math",
+            (counts, sqdev, pi, var, 1, *opts[:4], 0.0, *opts[5:]),
+            ValueError,
+            "dataset_size must be > 0",
+        ),
     ]
 
 
@@ -297,8 +326,9 @@ def test_backend_module_contract():
     z, labels, centroids, coef = make_inputs(9, 7, 3, 2, torch.float32)
     out = cpp_backend.assign_stats(z, labels, centroids, 2, True)
     assert all(torch.equal(x, y) for x, y in zip(out, torch_backend.assign_stats(z, labels, centroids, 2, True)))
-    assert torch.equal(cpp_backend.scatter_grad(z, out[0], centroids, coef),
-                       torch_backend.scatter_grad(z, out[0], centroids, coef))
+    assert torch.equal(
+        cpp_backend.scatter_grad(z, out[0], centroids, coef), torch_backend.scatter_grad(z, out[0], centroids, coef)
+    )
     # the incoming gradient and a factor, and a [K, 1] coefficient broadcast by the backend
     g = torch.tensor(0.75)
     for c in (coef, coef[:, :1]):
@@ -313,15 +343,18 @@ def test_every_backend_has_the_whole_contract(name):
     import inspect
 
     from cem_fast import backends
+
     module = backends.get(name)
-    want = {"is_available": ["device_type"],
-            "assign_stats": ["z", "labels", "centroids", "m", "class_conditional"],
-            "scatter_grad": ["z", "assign", "centroids", "coef", "grad_out", "factor"],
-            "cluster_second_moments": ["z", "assign", "centroids"],
-            "matrix_grad": ["z", "assign", "centroids", "coef", "scale"]}
+    want = {
+        "is_available": ["device_type"],
+        "assign_stats": ["z", "labels", "centroids", "m", "class_conditional"],
+        "scatter_grad": ["z", "assign", "centroids", "coef", "grad_out", "factor"],
+        "cluster_second_moments": ["z", "assign", "centroids"],
+        "matrix_grad": ["z", "assign", "centroids", "coef", "scale"],
+    }
     for fn, params in want.items():
         got = list(inspect.signature(getattr(module, fn)).parameters)
-        assert got[:len(params)] == params, (name, fn, got)
+        assert got[: len(params)] == params, (name, fn, got)
     if hasattr(module, "forward_diag"):
         assert isinstance(module.FUSED_VARIANT_CODES, frozenset)
         assert "update_state" in inspect.signature(module.forward_diag).parameters
@@ -352,11 +385,11 @@ def test_find_cuda_home_respects_a_valid_cuda_home(tmp_path, monkeypatch):
 
 
 def test_find_cuda_home_skips_an_invalid_cuda_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("CUDA_HOME", str(tmp_path))      # no nvcc, no libcudart: not a toolkit
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))  # no nvcc, no libcudart: not a toolkit
     monkeypatch.delenv("CUDA_PATH", raising=False)
     try:
         home = extension.find_cuda_home()
-    except RuntimeError as exc:                          # a machine without any toolkit
+    except RuntimeError as exc:  # a machine without any toolkit
         assert "no CUDA toolkit found" in str(exc)
     else:
         assert home != str(tmp_path)
@@ -367,8 +400,14 @@ def test_find_cuda_home_skips_an_invalid_cuda_home(tmp_path, monkeypatch):
 
 
 def _run_build(*flags):
-    proc = subprocess.run([sys.executable, "-m", "cem_fast.build", *flags], cwd=REPO, capture_output=True,
-                          text=True, timeout=1200, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "cem_fast.build", *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc.stdout
 

@@ -5,12 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SHARED_DATA, needs_shared_data
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from reproduce.data import DATASETS, SAMPLE_PATH, dataset_info, denormalize, load_dataset, subset
-
-from helpers import SHARED_DATA, needs_shared_data
 
 SHARED = SHARED_DATA
 needs_shared = needs_shared_data
@@ -116,10 +115,10 @@ def test_dataloader_batches(sample):
 def _head_of_jpeg_npz(src: Path, dst: Path, n: int) -> None:
     """Copy the first n images of one of the shared *_jpeg.npz files (same keys) to dst."""
     with np.load(src) as d:
-        off = d["offsets"][:n + 1]
+        off = d["offsets"][: n + 1]
         arrays = {k: d[k] for k in d.files if k not in ("jpeg_bytes", "offsets")}
         arrays = {k: (v[:n] if len(v) == len(d["offsets"]) - 1 else v) for k, v in arrays.items()}
-        np.savez(dst, jpeg_bytes=d["jpeg_bytes"][:off[-1]], offsets=off, **arrays)
+        np.savez(dst, jpeg_bytes=d["jpeg_bytes"][: off[-1]], offsets=off, **arrays)
 
 
 @needs_shared
@@ -194,8 +193,15 @@ def test_imagefolder_layouts(tmp_path):
     assert len(face) == 2 and face[0][0].shape == (3, 48, 48) and face.info.num_classes == 530
 
 
-@pytest.mark.parametrize("name,hint", [("cifar10", "download=True"), ("cifar100", "download=True"),
-                                       ("facescrub", "prepare_facescrub"), ("tinyimagenet", "prepare_tinyimagenet")])
+@pytest.mark.parametrize(
+    "name,hint",
+    [
+        ("cifar10", "download=True"),
+        ("cifar100", "download=True"),
+        ("facescrub", "prepare_facescrub"),
+        ("tinyimagenet", "prepare_tinyimagenet"),
+    ],
+)
 def test_missing_dataset_says_how_to_get_it(tmp_path, name, hint):
     with pytest.raises(FileNotFoundError, match=hint) as err:
         load_dataset(name, "train", data_root=tmp_path, download=False)
@@ -249,8 +255,14 @@ def _class_sorted_test_npz(path: Path, known: int = 20, per_class: int = 10) -> 
         rows = np.flatnonzero(y == c)
         within[rows] = np.arange(len(rows))
     canonical = np.concatenate([np.arange(known), np.full(len(rest), -1)])
-    np.savez(path, x=x, y=y, canonical_index=canonical, within_class_index=within,
-             class_names=np.array([f"c{i}" for i in range(10)]))
+    np.savez(
+        path,
+        x=x,
+        y=y,
+        canonical_index=canonical,
+        within_class_index=within,
+        class_names=np.array([f"c{i}" for i in range(10)]),
+    )
     return y
 
 
@@ -261,7 +273,7 @@ def test_loader_restores_canonical_order_and_interleaves_a_class_sorted_tail(tmp
     assert torch.equal(rows[:20], torch.arange(20))  # the known canonical rows first, in order
     assert sorted(rows.tolist()) == list(range(len(y)))  # a permutation: nothing lost or repeated
     assert torch.equal(test.targets, torch.from_numpy(y)[rows])  # labels travel with their images
-    tail = torch.bincount(test.targets[-len(test) // 10:], minlength=10)  # the last 10 %: the inference-time
+    tail = torch.bincount(test.targets[-len(test) // 10 :], minlength=10)  # the last 10 %: the inference-time
     assert tail.max() - tail.min() <= 1  # attack's scored images; in file order they would all be class 9
     assert torch.equal(torch.bincount(test.targets[-10:], minlength=10), torch.ones(10, dtype=torch.long))
     for c in range(10):  # the order inside each class is kept

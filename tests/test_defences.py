@@ -7,9 +7,20 @@ import torch
 from torch import nn
 
 from reproduce.checkpoint import load_checkpoint, reshape_to_state_dict, save_atomic, write_json_atomic
-from reproduce.defences import (DEFENCES, AdversarialReconstruction, Combined, FeatureDropout, GaussianNoise,
-                                NoPeek, Patrol, build_defence, default_bottleneck, distance_correlation,
-                                prune_channels, with_noise)
+from reproduce.defences import (
+    DEFENCES,
+    AdversarialReconstruction,
+    Combined,
+    FeatureDropout,
+    GaussianNoise,
+    NoPeek,
+    Patrol,
+    build_defence,
+    default_bottleneck,
+    distance_correlation,
+    prune_channels,
+    with_noise,
+)
 from reproduce.defences.patrol import count_params
 from reproduce.models import build_split_model
 
@@ -21,9 +32,18 @@ class TinySplit(nn.Module):
         super().__init__()
         layers = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()] if extra else []
         c = 8 if extra else 3
-        layers += [nn.Conv2d(c, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(), nn.MaxPool2d(2),
-                   nn.Conv2d(48, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-                   nn.Conv2d(64, 4, 3, padding=1), nn.Sigmoid()]
+        layers += [
+            nn.Conv2d(c, 48, 3, padding=1),
+            nn.BatchNorm2d(48),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(48, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 4, 3, padding=1),
+            nn.Sigmoid(),
+        ]
         self.encoder = nn.Sequential(*layers)
         self.server = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
         self.smashed_shape = (4, 4, 4)
@@ -44,6 +64,7 @@ def _batch(b=6, seed=0):
 
 
 # ------------------------------------------------------------------ noise / dropout
+
 
 def test_noise_has_std_sigma_in_train_and_eval_and_passes_gradient():
     d = GaussianNoise(sigma=0.1)
@@ -73,6 +94,7 @@ def test_dropout_zeroes_rate_without_rescaling_also_in_eval():
 
 # ------------------------------------------------------------------ NoPeek
 
+
 def test_distance_correlation_range_and_dependence():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(32, 3, 8, 8, generator=g)
@@ -101,6 +123,7 @@ def test_nopeek_regularizer_is_differentiable_and_descent_lowers_it():
 
 # ------------------------------------------------------------------ ResSFL
 
+
 def _ressfl(**kw):
     model = TinySplit()
     d = AdversarialReconstruction(pretrain_epochs=1, decoder_blocks=1, decoder_width=16, **kw)
@@ -127,6 +150,7 @@ def test_ressfl_penalty_zero_below_threshold_positive_above_and_reaches_only_enc
 
 def default_ssim_threshold_of(name):
     from reproduce.defences import default_ssim_threshold
+
     return default_ssim_threshold(name)
 
 
@@ -157,6 +181,7 @@ def test_ressfl_pretrain_lowers_mse_and_runs_once():
     def mse():  # decoder in train mode (batch statistics), as during pretraining
         with torch.no_grad():
             return float(nn.functional.mse_loss(d.decoder.train()(model.encoder.eval()(x)), x))
+
     before = mse()
     logs = d.pretrain(model.encoder, loader, denormalize=lambda t: t, device="cpu")
     assert mse() < 0.8 * before and logs["pretrain_mse"] < before
@@ -200,6 +225,7 @@ def test_train_cli_builds_the_authors_defaults():
     def built(*argv):  # lambda 0: no CEM, so no noise is put in front of the defence
         argv = ["--out", "unused", "--cem-lambda", "0", *argv]
         return build_run_defence(resolve_config(build_parser().parse_args(argv)))
+
     assert built("--defense", "nopeek").strength == 0.3
     assert built("--defense", "nopeek", "--defence-strength", "0.5").strength == 0.5
     arl = built("--defense", "noise_arl").parts[1]
@@ -216,15 +242,18 @@ def test_bottleneck_with_cem_is_a_named_noise_arm():
     cfg = resolve_config(build_parser().parse_args(["--out", "unused", "--defense", "bottleneck"]))
     d = build_run_defence(cfg)  # the cpu preset's lambda 16: CEM on, so Algorithm 1's noise is added
     assert cfg["noise_on"] and d.adds_noise and d.describe()["name"] == "noise+bottleneck"
-    control = resolve_config(build_parser().parse_args(["--out", "unused", "--defense", "bottleneck", "--noise", "on",
-                                                        "--cem-lambda", "0"]))
+    control = resolve_config(
+        build_parser().parse_args(["--out", "unused", "--defense", "bottleneck", "--noise", "on", "--cem-lambda", "0"])
+    )
     assert build_run_defence(control).describe() == d.describe()  # the same arm without CEM
-    plain = resolve_config(build_parser().parse_args(["--out", "unused", "--defense", "bottleneck",
-                                                      "--cem-lambda", "0"]))
+    plain = resolve_config(
+        build_parser().parse_args(["--out", "unused", "--defense", "bottleneck", "--cem-lambda", "0"])
+    )
     assert not plain["noise_on"] and build_run_defence(plain).describe()["name"] == "bottleneck"
 
 
 # ------------------------------------------------------------------ PATROL
+
 
 def test_patrol_pruning_matches_baseline_size_and_keeps_output_shape():
     base, model = TinySplit(), TinySplit(extra=True)
@@ -276,6 +305,7 @@ def test_prune_channels_on_the_real_models():
 
 # ------------------------------------------------------------------ registry
 
+
 def test_registry_builds_every_defence_and_rejects_bad_input():
     for name in DEFENCES:
         d = build_defence(name)
@@ -298,6 +328,7 @@ def test_registry_builds_every_defence_and_rejects_bad_input():
 
 # ------------------------------------------------------------------ checkpoint files
 
+
 def test_atomic_save_replaces_and_leaves_no_temp(tmp_path):
     path = tmp_path / "c.pt"
     save_atomic({"a": torch.arange(3)}, path)
@@ -309,6 +340,7 @@ def test_atomic_save_replaces_and_leaves_no_temp(tmp_path):
     class Boom:
         def __reduce__(self):
             raise RuntimeError("boom")
+
     with pytest.raises(RuntimeError, match="boom"):
         save_atomic({"bad": Boom()}, path)
     assert torch.equal(load_checkpoint(path)["a"], torch.arange(5))  # old file intact

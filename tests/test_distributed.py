@@ -1,4 +1,5 @@
 """Data-parallel CEMLoss: 2 gloo processes == 1 process on the concatenated batch."""
+
 import os
 import tempfile
 
@@ -27,7 +28,7 @@ def _run(variant, z, y, feats, flabels, group=None):
     cem.refit(feats, flabels)
     zz = z.clone().requires_grad_(True)
     losses = []
-    for _ in range(2):                      # two steps: the paper variant's streamed state must agree too
+    for _ in range(2):  # two steps: the paper variant's streamed state must agree too
         zz.grad = None
         loss = cem(zz, y)
         loss.backward()
@@ -38,7 +39,7 @@ def _run(variant, z, y, feats, flabels, group=None):
 def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     feats, flabels, z, y = _data()
-    sl = slice(0, 13) if rank == 0 else slice(13, 20)          # uneven shards
+    sl = slice(0, 13) if rank == 0 else slice(13, 20)  # uneven shards
     fsl = slice(0, 50) if rank == 0 else slice(50, 90)
     results = {}
     for variant in VARIANTS:

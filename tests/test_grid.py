@@ -16,8 +16,9 @@ def _restore_threads():
 
 def test_smoke_grid_runs_then_reruns_as_a_no_op(tmp_path, monkeypatch, capsys):
     root, out = tmp_path / "runs", tmp_path / "out"
-    planned = grid.run_grid("smoke", runs_root=root, out_dir=out, device="cpu", threads=1, dry_run=True,
-                            log=lambda m: None)
+    planned = grid.run_grid(
+        "smoke", runs_root=root, out_dir=out, device="cpu", threads=1, dry_run=True, log=lambda m: None
+    )
     assert len(planned) == 3 and not root.exists()  # a dry run writes nothing
     done = grid.run_grid("smoke", runs_root=root, out_dir=out, device="cpu", threads=1, log=lambda m: None)
     assert done == planned
@@ -53,10 +54,25 @@ def test_ctrl_c_in_a_grid_or_table_says_how_to_continue(tmp_path, monkeypatch, c
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(pipeline, "ensure_trained", interrupted)
     assert grid.main(["smoke", "--runs-root", str(tmp_path / "runs")]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and "python -m reproduce.grid smoke" in err
-    assert table.main(["--table", "1", "--preset", "smoke", "--runs-root", str(tmp_path / "runs"), "--run-missing",
-                       "--out", str(tmp_path / "t.md")]) == 130
+    assert (
+        table.main(
+            [
+                "--table",
+                "1",
+                "--preset",
+                "smoke",
+                "--runs-root",
+                str(tmp_path / "runs"),
+                "--run-missing",
+                "--out",
+                str(tmp_path / "t.md"),
+            ]
+        )
+        == 130
+    )
     assert "rerun the same command" in capsys.readouterr().err

@@ -4,6 +4,7 @@ On the CPU nothing synchronises, so ``bench.sync_counter.SyncCounter`` counts th
 a GPU. The counted run uses the GPU's defaults (``segmented=False, segment_sums="matmul"``) on CPU tensors;
 ``tests/gpu`` repeats the count with ``torch.cuda.set_sync_debug_mode`` on a GPU.
 """
+
 import pytest
 import torch
 
@@ -20,10 +21,11 @@ def spread_features(n=3000, C=3, D=4, seed=0):
 
 
 def syncs(x, y, C, m, max_iter, init="kmeans++", **kw):
-    prev = x[:C * m].reshape(C, m, -1) if init == "warm" else None
+    prev = x[: C * m].reshape(C, m, -1) if init == "warm" else None
     with SyncCounter() as counter:
-        r = kmeans(x, y, C, m, init=init, centroids=prev, max_iter=max_iter,
-                   generator=torch.Generator().manual_seed(3), **kw)
+        r = kmeans(
+            x, y, C, m, init=init, centroids=prev, max_iter=max_iter, generator=torch.Generator().manual_seed(3), **kw
+        )
     return counter.seen, r
 
 
@@ -37,8 +39,14 @@ def test_the_counter_sees_the_syncs_it_claims_to():
         torch.bincount(a)
         a[a > 2]
     scalar = "aten._local_scalar_dense.default"
-    assert counter.seen == ["aten.equal.default", scalar, scalar, "Tensor.tolist", "aten.bincount.default",
-                            "aten.index.Tensor"]
+    assert counter.seen == [
+        "aten.equal.default",
+        scalar,
+        scalar,
+        "Tensor.tolist",
+        "aten.bincount.default",
+        "aten.index.Tensor",
+    ]
 
 
 @pytest.mark.parametrize("init", ["kmeans++", "random", "warm"])
@@ -47,12 +55,12 @@ def test_at_most_one_sync_per_lloyd_iteration(init):
     x, y = spread_features(C=C)
     base, r0 = syncs(x, y, C, m, 0, init, **GPU_DEFAULTS)
     assert r0.iterations == 0
-    assert len(base) <= 2, base                      # before the loop: the absent-class check only (and kmeans++)
+    assert len(base) <= 2, base  # before the loop: the absent-class check only (and kmeans++)
     for k in (1, 4, 8):
         seen, r = syncs(x, y, C, m, k, init, **GPU_DEFAULTS)
         assert r.iterations == k, "the data must not converge within the iterations counted"
-        loop = seen[len(base):]
-        assert seen[:len(base)] == base
+        loop = seen[len(base) :]
+        assert seen[: len(base)] == base
         assert len(loop) <= k, loop
         assert set(loop) <= {"aten.equal.default"}, loop
 
@@ -79,9 +87,9 @@ def test_repeated_refits_are_identical(kw, init):
 
 def test_matmul_and_index_add_sums_agree():
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(20_000, 9, generator=g, dtype=torch.float64)            # more rows than one GEMM chunk
+    x = torch.randn(20_000, 9, generator=g, dtype=torch.float64)  # more rows than one GEMM chunk
     assign = torch.randint(0, 13, (20_000,), generator=g)
-    assign[assign == 5] = 4                                                 # an empty cluster
+    assign[assign == 5] = 4  # an empty cluster
     s_mm, n_mm = cluster_sums(x, assign, 13, "matmul")
     s_ia, n_ia = cluster_sums(x, assign, 13, "index_add")
     assert torch.equal(n_mm, n_ia) and torch.equal(n_mm, torch.bincount(assign, minlength=13).double())

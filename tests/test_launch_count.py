@@ -1,4 +1,5 @@
 """bench/launch_count.py: its counter, and at most four kernels per forward+backward on the fused triton path."""
+
 from __future__ import annotations
 
 import json
@@ -20,12 +21,12 @@ from launch_count import LaunchCounter  # noqa: E402
 def test_counter_counts_a_known_op_sequence():
     x = torch.randn(4, 3)
     with LaunchCounter() as c:
-        y = x + 1                     # a kernel
-        y.view(3, 4)                  # a view: none
-        torch.empty(5)                # the allocator: none
-        s = y.sum()                   # a kernel
-        torch.zeros(3)                # a fill kernel
-        s.item()                      # a host sync, not a kernel
+        y = x + 1  # a kernel
+        y.view(3, 4)  # a view: none
+        torch.empty(5)  # the allocator: none
+        s = y.sum()  # a kernel
+        torch.zeros(3)  # a fill kernel
+        s.item()  # a host sync, not a kernel
     assert c.total == 3, c.describe()
     assert c.aten["add"] == 1 and c.aten["sum"] == 1 and sum(c.syncs.values()) == 1, c.describe()
     assert not c.triton
@@ -52,11 +53,12 @@ print("RESULT " + json.dumps(out))
 @pytest.fixture(scope="module")
 def counts():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def test_counter_counts_triton_launches(counts):

@@ -1,4 +1,5 @@
 """CEMLoss (fast path) against the float64 reference: loss, gradient and state, across variants and edge cases."""
+
 import math
 import os
 
@@ -18,8 +19,9 @@ BACKENDS = os.environ.get("CEM_TEST_BACKENDS", "torch,cpp").split(",")
 
 def make_loss(variant, C, m, D, gen, *, dtype=torch.float64, covariance="diag", backend="torch", **kw):
     cent, pi, var = random_state(variant, C, m, D, covariance=covariance, gen=gen, dtype=dtype)
-    cem = CEMLoss(C, m, variant=variant, covariance=covariance, backend=backend,
-                  dataset_size=kw.pop("dataset_size", 500), **kw)
+    cem = CEMLoss(
+        C, m, variant=variant, covariance=covariance, backend=backend, dataset_size=kw.pop("dataset_size", 500), **kw
+    )
     cem.set_clusters(cent, pi, var)
     return cem, cent, pi, var
 
@@ -31,9 +33,20 @@ def check_against_reference(cem, z, y, variant, dtype, **ref_kw):
     loss = cem(zz, y)
     loss.backward()
     ref_loss, ref_grad, ref_pi, ref_var = run_reference(
-        z, y, cem.centroids, pi0 if variant != "official" else None, var0 if variant != "official" else None,
-        variant, sigma=cem.sigma, dataset_size=cem.dataset_size, covariance=cem.covariance,
-        reduction=cem.reduction, class_conditional=cem.class_conditional, **cem.variant_impl.options, **ref_kw)
+        z,
+        y,
+        cem.centroids,
+        pi0 if variant != "official" else None,
+        var0 if variant != "official" else None,
+        variant,
+        sigma=cem.sigma,
+        dataset_size=cem.dataset_size,
+        covariance=cem.covariance,
+        reduction=cem.reduction,
+        class_conditional=cem.class_conditional,
+        **cem.variant_impl.options,
+        **ref_kw,
+    )
     tol = TOL[dtype]
     loss = loss.detach()
     assert abs(float(loss) - float(ref_loss)) <= tol * max(abs(float(ref_loss)), 1e-12), (float(loss), float(ref_loss))
@@ -54,9 +67,17 @@ def check_against_reference(cem, z, y, variant, dtype, **ref_kw):
 @pytest.mark.parametrize("class_conditional", [True, False])
 def test_matches_reference(rng, backend, variant, dtype, class_conditional):
     assert resolve(backend, "cpu") == backend, f"backend {backend!r} is not available here"
-    C, m, D, B = 5, 3, 37, 41          # non-power-of-2 D, several clusters per class
-    cem, *_ = make_loss(variant, C, m, D, rng, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                        class_conditional=class_conditional, backend=backend)
+    C, m, D, B = 5, 3, 37, 41  # non-power-of-2 D, several clusters per class
+    cem, *_ = make_loss(
+        variant,
+        C,
+        m,
+        D,
+        rng,
+        dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+        class_conditional=class_conditional,
+        backend=backend,
+    )
     z = torch.rand(B, D, generator=rng, dtype=torch.float64).to(dtype)
     y = torch.randint(0, C, (B,), generator=rng)
     check_against_reference(cem, z, y, variant, dtype)
@@ -82,17 +103,17 @@ def test_edge_cases(rng, backend, variant, case):
         y = torch.tensor([2])
     elif case == "empty_cluster":
         far = cem.centroids.clone()
-        far[:, 2] += 100.0                 # nobody is ever assigned to cluster 2 of any class
+        far[:, 2] += 100.0  # nobody is ever assigned to cluster 2 of any class
         cem.set_clusters(far, cem.pi, cem.variance)
         z = torch.rand(30, D, generator=rng, dtype=torch.float64)
         y = torch.randint(0, C, (30,), generator=rng)
     elif case == "absent_class":
         z = torch.rand(20, D, generator=rng, dtype=torch.float64)
-        y = torch.randint(0, 2, (20,), generator=rng)      # classes 2 and 3 absent
+        y = torch.randint(0, 2, (20,), generator=rng)  # classes 2 and 3 absent
     elif case == "all_in_one_cluster":
         z = cem.centroids[1, 0].expand(12, D) + 1e-3 * torch.rand(12, D, generator=rng, dtype=torch.float64)
         y = torch.full((12,), 1)
-    else:                                                  # every sample alone in its cluster
+    else:  # every sample alone in its cluster
         z = cem.centroids[:, 0].clone() + 1e-3
         y = torch.arange(C)
     check_against_reference(cem, z, y, variant, torch.float64)
@@ -103,10 +124,20 @@ def test_edge_cases(rng, backend, variant, case):
 @pytest.mark.parametrize("bug", [False, True])
 def test_official_trained_options(rng, backend, log_entropy, bug):
     C, m, D = 6, 5, 16
-    cem, *_ = make_loss("official-trained", C, m, D, rng, log_entropy=log_entropy, replicate_index_bug=bug,
-                        var_threshold=0.5, dataset_size=60, backend=backend)  # a small N: the blend weight's cap
+    cem, *_ = make_loss(
+        "official-trained",
+        C,
+        m,
+        D,
+        rng,
+        log_entropy=log_entropy,
+        replicate_index_bug=bug,
+        var_threshold=0.5,
+        dataset_size=60,
+        backend=backend,
+    )  # a small N: the blend weight's cap
     z = torch.rand(25, D, generator=rng, dtype=torch.float64)
-    y = torch.randint(1, C, (25,), generator=rng)           # class 0 absent: the bug then shifts rows
+    y = torch.randint(1, C, (25,), generator=rng)  # class 0 absent: the bug then shifts rows
     check_against_reference(cem, z, y, "official-trained", torch.float64)
 
 
@@ -131,8 +162,16 @@ def test_index_bug_changes_the_loss_when_classes_are_uneven():
 @pytest.mark.parametrize("D", [6, 37])
 def test_paper_full_covariance(rng, backend, dtype, D):
     C, m = 3, 2
-    cem, *_ = make_loss("paper", C, m, D, rng, covariance="full", backend=backend,
-                        dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    cem, *_ = make_loss(
+        "paper",
+        C,
+        m,
+        D,
+        rng,
+        covariance="full",
+        backend=backend,
+        dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+    )
     z = torch.rand(17, D, generator=rng, dtype=torch.float64).to(dtype)
     y = torch.randint(0, C, (17,), generator=rng)
     check_against_reference(cem, z, y, "paper", dtype)
@@ -142,7 +181,7 @@ def test_paper_streaming_updates_step_by_step(rng):
     """Three batches through CEMLoss against a hand-written loop of Eq. 5-7 carrying pi and Sigma."""
     C, m, D, N = 3, 2, 5, 200
     cem, cent, pi, var = make_loss("paper", C, m, D, rng, dataset_size=N)
-    s2 = cem.sigma ** 2
+    s2 = cem.sigma**2
     pi_h, var_h = pi.clone(), var.clone()
     for _ in range(3):
         z = torch.rand(16, D, generator=rng, dtype=torch.float64)
@@ -155,14 +194,15 @@ def test_paper_streaming_updates_step_by_step(rng):
             for j in range(m):
                 members = (y == c) & (a == j)
                 n = int(members.sum())
-                pi_h[c, j] = (pi_h[c, j] * (N - 16) + n) / N                     # Eq. 5
+                pi_h[c, j] = (pi_h[c, j] * (N - 16) + n) / N  # Eq. 5
                 if n:
                     dsig = ((z[members] - cent[c, j]) ** 2).mean(0)
-                    alpha = min(n / (float(pi_h[c, j]) * N), 1.0)                # Eq. 6
+                    alpha = min(n / (float(pi_h[c, j]) * N), 1.0)  # Eq. 6
                     var_h[c, j] = (1 - alpha) * var_h[c, j] + alpha * dsig
                 p = float(pi_h[c, j])
-                expect += p * (-math.log(p) + 0.5 * torch.log(var_h[c, j] + s2).sum().item()
-                               - 0.5 * D * math.log(s2))                         # Eq. 7
+                expect += p * (
+                    -math.log(p) + 0.5 * torch.log(var_h[c, j] + s2).sum().item() - 0.5 * D * math.log(s2)
+                )  # Eq. 7
         assert float(loss) == pytest.approx(expect / D, rel=1e-10)
         assert torch.allclose(cem.pi, pi_h, rtol=1e-12, atol=0)
         assert torch.allclose(cem.variance, var_h, rtol=1e-12, atol=0)

@@ -1,4 +1,5 @@
 """Reconstruction metrics against hand-computed values."""
+
 import math
 
 import pytest
@@ -29,8 +30,9 @@ def test_constant_offset_mse_and_psnr_exact():
     x = torch.full((2, 3, 16, 16), 0.25)
     y = x + torch.tensor([0.1, 0.2]).view(2, 1, 1, 1)
     assert torch.allclose(mse_per_image(y, x), torch.tensor([0.01, 0.04], dtype=torch.float64), atol=1e-7)
-    assert torch.allclose(psnr_per_image(y, x), torch.tensor([20.0, -10 * math.log10(0.04)], dtype=torch.float64),
-                          atol=1e-4)
+    assert torch.allclose(
+        psnr_per_image(y, x), torch.tensor([20.0, -10 * math.log10(0.04)], dtype=torch.float64), atol=1e-4
+    )
     assert psnr_from_mse(0.001).item() == pytest.approx(30.0)
 
 

@@ -126,7 +126,9 @@ def test_resnet_init_he_normal_on_client_and_server_bottleneck():
             assert m.weight.std().item() == pytest.approx(expected, rel=0.15)
     blocks = [m for m in model.server.features.layers.modules() if isinstance(m, nn.Conv2d)]
     fan_in_bound = [1.0 / math.sqrt(m.in_channels * 9) for m in blocks]
-    assert all(m.weight.abs().max() <= b + 1e-6 for m, b in zip(blocks, fan_in_bound))  # default (kaiming-uniform a=sqrt5)
+    assert all(
+        m.weight.abs().max() <= b + 1e-6 for m, b in zip(blocks, fan_in_bound)
+    )  # default (kaiming-uniform a=sqrt5)
 
 
 def test_resnet_structure():
@@ -166,22 +168,26 @@ def test_non_sigmoid_variant_puts_batchnorm_at_the_cut():
     assert (z < 0).any()  # not squashed into (0,1)
 
 
-@pytest.mark.parametrize("option,expected", [
-    ("noRELU_C8S1", (8, 3, 1, False)),
-    ("norelu_C8S1", (8, 3, 1, False)),
-    ("noReLUC4", (4, 3, 1, False)),
-    ("C8S2", (8, 3, 2, True)),
-    ("K5C16S1", (16, 5, 1, True)),
-    ("noRELU_K7C2S4", (2, 7, 4, False)),
-    ("C12", (12, 3, 1, True)),
-])
+@pytest.mark.parametrize(
+    "option,expected",
+    [
+        ("noRELU_C8S1", (8, 3, 1, False)),
+        ("norelu_C8S1", (8, 3, 1, False)),
+        ("noReLUC4", (4, 3, 1, False)),
+        ("C8S2", (8, 3, 2, True)),
+        ("K5C16S1", (16, 5, 1, True)),
+        ("noRELU_K7C2S4", (2, 7, 4, False)),
+        ("C12", (12, 3, 1, True)),
+    ],
+)
 def test_bottleneck_grammar(option, expected):
     spec = parse_bottleneck(option)
     assert (spec.channels, spec.kernel, spec.stride, spec.relu) == expected
 
 
-@pytest.mark.parametrize("option", ["", "C", "X8", "C8S3", "K4C8", "C0", "noRELU_C8S1x", "relu_C8", "c8s1",
-                                    "C8S1 ", "noRELU__C8", "S1C8"])
+@pytest.mark.parametrize(
+    "option", ["", "C", "X8", "C8S3", "K4C8", "C0", "noRELU_C8S1x", "relu_C8", "c8s1", "C8S1 ", "noRELU__C8", "S1C8"]
+)
 def test_bottleneck_grammar_rejects_bad_strings(option):
     with pytest.raises(ValueError, match="bottleneck"):
         parse_bottleneck(option)
@@ -199,12 +205,15 @@ def test_bottleneck_none_keeps_cut_channels():
     assert vgg(x).shape == res(x).shape == (2, 10)
 
 
-@pytest.mark.parametrize("arch,cut,option,shape", [
-    ("vgg11_bn", 4, "C8S2", (8, 4, 4)),
-    ("vgg11_bn", 4, "noRELU_C16S4", (16, 2, 2)),
-    ("vgg11_bn", 1, "K5C8S1", (8, 32, 32)),
-    ("resnet20", 5, "C8S2", (8, 4, 4)),
-])
+@pytest.mark.parametrize(
+    "arch,cut,option,shape",
+    [
+        ("vgg11_bn", 4, "C8S2", (8, 4, 4)),
+        ("vgg11_bn", 4, "noRELU_C16S4", (16, 2, 2)),
+        ("vgg11_bn", 1, "K5C8S1", (8, 32, 32)),
+        ("resnet20", 5, "C8S2", (8, 4, 4)),
+    ],
+)
 def test_bottleneck_stride_and_kernel(arch, cut, option, shape):
     model = build_split_model(arch, 10, cut, 32, bottleneck=option).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -220,16 +229,19 @@ def test_bottleneck_stride_must_divide_cut_size():
         build_split_model("vgg11_bn", 10, 7, 48, bottleneck="C8S4")  # 6x6 at the cut
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(arch="vgg16"), ValueError, "arch"),
-    (dict(cut=0), ValueError, "cut"),
-    (dict(cut=14), ValueError, "cut"),
-    (dict(arch="resnet20", cut=11), ValueError, "cut"),
-    (dict(image_size=16), ValueError, "image_size"),
-    (dict(image_size=32.0), TypeError, "image_size"),
-    (dict(num_classes=0), ValueError, "num_classes"),
-    (dict(cut=1, extra_client_layer=True), ValueError, "extra_client_layer"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(arch="vgg16"), ValueError, "arch"),
+        (dict(cut=0), ValueError, "cut"),
+        (dict(cut=14), ValueError, "cut"),
+        (dict(arch="resnet20", cut=11), ValueError, "cut"),
+        (dict(image_size=16), ValueError, "image_size"),
+        (dict(image_size=32.0), TypeError, "image_size"),
+        (dict(num_classes=0), ValueError, "num_classes"),
+        (dict(cut=1, extra_client_layer=True), ValueError, "extra_client_layer"),
+    ],
+)
 def test_factory_rejects_bad_arguments(kwargs, exc, match):
     args = dict(arch="vgg11_bn", num_classes=10, cut=4, image_size=32)
     args.update(kwargs)
@@ -237,9 +249,18 @@ def test_factory_rejects_bad_arguments(kwargs, exc, match):
         build_split_model(**args)
 
 
-@pytest.mark.parametrize("in_ch,in_size,out_size,out_ch", [
-    (8, 8, 32, 3), (8, 16, 32, 3), (8, 32, 32, 3), (8, 12, 48, 3), (8, 16, 64, 3), (4, 4, 64, 1), (16, 3, 48, 3),
-])
+@pytest.mark.parametrize(
+    "in_ch,in_size,out_size,out_ch",
+    [
+        (8, 8, 32, 3),
+        (8, 16, 32, 3),
+        (8, 32, 32, 3),
+        (8, 12, 48, 3),
+        (8, 16, 64, 3),
+        (4, 4, 64, 1),
+        (16, 3, 48, 3),
+    ],
+)
 def test_decoder_output_shape(in_ch, in_size, out_size, out_ch):
     torch.manual_seed(0)
     dec = ResDecoder(in_ch, in_size, out_size, out_channels=out_ch, num_blocks=2, width=16)
@@ -257,7 +278,9 @@ def test_decoder_default_is_res_norm_n8_c64():
     convt = [m for m in dec.modules() if isinstance(m, nn.ConvTranspose2d)]
     assert len(convt) == 2 and all(
         (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.output_padding)
-        == (64, 64, (3, 3), (2, 2), (1, 1), (1, 1)) for m in convt)
+        == (64, 64, (3, 3), (2, 2), (1, 1), (1, 1))
+        for m in convt
+    )
     assert len([m for m in ResDecoder(8, 8, 32, num_blocks=4).net if type(m).__name__ == "ResBlock"]) == 6
 
 

@@ -5,24 +5,27 @@ no network, so it cannot fetch one; the always-on parity tests are ``test_loss.p
 ``cem_fast.reference``). Float64 inputs; loss and gradient with respect to ``z`` must agree to 1e-6.
 The loader's own tests (fake checkouts in a temporary directory) always run.
 """
+
 import os
 import warnings
 
 import pytest
 import torch
 
-from bench.official import GMM_FILE, PP_FILE, PARITY_SPECS, OfficialRepoError, load_official, parity
+from bench.official import GMM_FILE, PARITY_SPECS, PP_FILE, OfficialRepoError, load_official, parity
 from cem_fast import backends
 
 REPO = os.environ.get("CEM_OFFICIAL_REPO")
 needs_repo = pytest.mark.skipif(
-    not REPO, reason="CEM_OFFICIAL_REPO is not set: point it at a checkout of github.com/xiasong0501/CEM "
-                     "to compare against the authors' compute_class_means")
+    not REPO,
+    reason="CEM_OFFICIAL_REPO is not set: point it at a checkout of github.com/xiasong0501/CEM "
+    "to compare against the authors' compute_class_means",
+)
 TOL = 1e-6
 
 
 def _cpu_backends():
-    if not REPO:   # the parity tests skip anyway; do not build the C++ extension at collection for nothing
+    if not REPO:  # the parity tests skip anyway; do not build the C++ extension at collection for nothing
         return ["torch"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -31,7 +34,7 @@ def _cpu_backends():
 
 @pytest.fixture(scope="module")
 def official():
-    return load_official(REPO)   # a path that is not a checkout fails here (OfficialRepoError), it does not skip
+    return load_official(REPO)  # a path that is not a checkout fails here (OfficialRepoError), it does not skip
 
 
 @needs_repo
@@ -41,7 +44,7 @@ def test_matches_authors(official, spec, backend):
     r = parity(official, spec, backend=backend)
     assert r["loss_rel_err"] < TOL, r
     assert r["grad_rel_err"] < TOL, r
-    if spec.tight:   # the case exists to have the hinge both on and off
+    if spec.tight:  # the case exists to have the hinge both on and off
         assert 0.0 < r["zero_grad_rows"] < 1.0, r
 
 
@@ -83,10 +86,10 @@ def test_loader_runs_only_the_method(tmp_path):
     official = load_official(_fake_repo(tmp_path))
     z = torch.ones(4, 2, 1, 1)
     labels = torch.tensor([0, 1, 1, 3])
-    assert float(official.gmm_loss(z, labels, [], sigma=0.5)) == 8 * 0.5 + 3   # .cuda() ran as the identity
-    assert torch.Tensor.cuda is not None and torch.Tensor.cuda.__name__ == "cuda"   # the patch was undone
+    assert float(official.gmm_loss(z, labels, [], sigma=0.5)) == 8 * 0.5 + 3  # .cuda() ran as the identity
+    assert torch.Tensor.cuda is not None and torch.Tensor.cuda.__name__ == "cuda"  # the patch was undone
     pp = official.pp_loss(z, labels, [], [], [], num_classes=10, batches_per_epoch=7, batch_size=16, log_entropy=0)
-    assert float(pp) == 7 * 16 + 10 + 0   # the last definition in the class wins, as in Python
+    assert float(pp) == 7 * 16 + 10 + 0  # the last definition in the class wins, as in Python
 
 
 def test_loader_rejects_non_checkouts(tmp_path):

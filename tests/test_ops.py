@@ -1,4 +1,5 @@
 """The torch.library ops: opcheck (schema, fake tensor, autograd registration) and torch.compile."""
+
 import pytest
 import torch
 
@@ -82,6 +83,7 @@ def test_coef_matrix_by_triangular_solves_matches_cholesky_inverse(rng, dtype):
 
 def test_kernels_is_the_backend_module_in_eager_mode():
     from cem_fast import backends
+
     for name in ("torch", "cpp"):
         assert ops.kernels(name) is backends.get(name)
 
@@ -132,6 +134,7 @@ def test_training_step_under_torch_compile(variant, covariance):
 def fresh_dispatch(monkeypatch):
     """Empty the backend choice caches for one test, and again after it (monkeypatch undoes the patches)."""
     from cem_fast import backends
+
     backends._RESOLVED.clear()
     backends._PROBED.clear()
     yield backends
@@ -166,28 +169,54 @@ def test_a_backend_that_cannot_run_on_the_device_warns(fresh_dispatch, monkeypat
     with pytest.warns(RuntimeWarning, match="'cuda' cannot run on cpu tensors"):
         assert backends.resolve("cuda", "cpu") == "torch"
     monkeypatch.setenv(backends.ENV_VAR, "torch")
-    assert backends.resolve("cpp", "cpu") == "torch"          # the environment variable wins
+    assert backends.resolve("cpp", "cpu") == "torch"  # the environment variable wins
 
 
 class _InPlaceBackend:
     """The torch backend plus a fused forward that writes the new state into pi and variance."""
+
     FUSED_VARIANT_CODES = frozenset({2})
 
     def __init__(self):
         from cem_fast.backends import torch_backend
+
         self._torch = torch_backend
         self.calls = 0
 
     def __getattr__(self, name):
         return getattr(self._torch, name)
 
-    def forward_diag(self, z, labels, centroids, pi, variance, code, m, class_conditional, sigma, num_classes,
-                     dataset_size, threshold, log_entropy, bug, mean_dim, update_state=False):
+    def forward_diag(
+        self,
+        z,
+        labels,
+        centroids,
+        pi,
+        variance,
+        code,
+        m,
+        class_conditional,
+        sigma,
+        num_classes,
+        dataset_size,
+        threshold,
+        log_entropy,
+        bug,
+        mean_dim,
+        update_state=False,
+    ):
         from cem_fast.variants import LossParams, get_variant
+
         self.calls += 1
         assign, counts, sqdev = self._torch.assign_stats(z, labels, centroids, m, class_conditional)
-        p = LossParams(num_classes=num_classes, m=m, sigma=sigma, class_conditional=class_conditional,
-                       dataset_size=dataset_size, reduction="mean_dim" if mean_dim else "sum")
+        p = LossParams(
+            num_classes=num_classes,
+            m=m,
+            sigma=sigma,
+            class_conditional=class_conditional,
+            dataset_size=dataset_size,
+            reduction="mean_dim" if mean_dim else "sum",
+        )
         loss, coef, new_pi, new_var = get_variant("paper").math(counts, sqdev, pi, variance, p)
         if update_state:
             pi.copy_(new_pi)
@@ -199,6 +228,7 @@ class _InPlaceBackend:
 def test_a_fused_forward_that_updates_the_state_in_place(fresh_dispatch, monkeypatch, rng):
     """ops uses a backend's forward_diag; with update_state the state it writes in place is the module's."""
     from helpers import random_state
+
     backends = fresh_dispatch
     fake = _InPlaceBackend()
     monkeypatch.setitem(backends._LOADED, "fake", fake)
@@ -216,9 +246,9 @@ def test_a_fused_forward_that_updates_the_state_in_place(fresh_dispatch, monkeyp
         state = cem.pi
         loss = cem(zz, y)
         loss.backward()
-        assert cem.pi is state                      # the buffer object is kept either way
+        assert cem.pi is state  # the buffer object is kept either way
         results[name] = (loss.detach(), zz.grad, cem.pi.clone(), cem.variance.clone())
     assert fake.calls == 1
     for got, want in zip(results["fake"], results["torch"]):
         assert torch.equal(got, want)
-    assert not torch.equal(results["torch"][2], pi)   # the state did change
+    assert not torch.equal(results["torch"][2], pi)  # the state did change

@@ -6,8 +6,16 @@ import torch
 from reproduce import attack, pipeline, train
 from reproduce.rundir import RunDir
 
-TINY = {"train_subset": 8, "test_subset": 4, "batch_size": 4, "epochs": 2, "cem_backend": "torch",
-        "defence": "noise", "cem_lambda": 0.0, "threads": 1}
+TINY = {
+    "train_subset": 8,
+    "test_subset": 4,
+    "batch_size": 4,
+    "epochs": 2,
+    "cem_backend": "torch",
+    "defence": "noise",
+    "cem_lambda": 0.0,
+    "threads": 1,
+}
 TINY_ATTACK = {"epochs": 1, "max_train_images": 16, "max_test_images": 20}
 
 
@@ -27,8 +35,9 @@ def test_ensure_trained_then_attacked_and_both_are_idempotent(tmp_path, monkeypa
     assert rd.finished and [r["epoch"] for r in rd.metrics()] == [1, 2]
     cfg = rd.read_config()
     assert cfg["preset"] == "smoke" and cfg["train_subset"] == 8 and cfg["defence"] == "noise"
-    entries = pipeline.ensure_attacked(rd, "decoder", ("train_time", "infer-time"), preset="smoke",
-                                       overrides=TINY_ATTACK, log=_quiet)
+    entries = pipeline.ensure_attacked(
+        rd, "decoder", ("train_time", "infer-time"), preset="smoke", overrides=TINY_ATTACK, log=_quiet
+    )
     assert set(entries) == {"train_time", "infer_time"}
     assert all(e["epochs"] == 1 and "mse" in e["metrics"] for e in entries.values())
 

@@ -68,6 +68,7 @@ def test_named_augmentations():
     assert build_augmentation("none", "cifar10", 32) is None
 
     from reproduce.data import load_dataset
+
     ds = load_dataset("cifar10-sample", "train", augment=True)
     set_augmentation(torch.utils.data.Subset(ds, range(10)), "crop-flip")
     assert [type(t).__name__ for t in ds.transform.augment.transforms] == names
@@ -79,7 +80,7 @@ def test_named_augmentations():
 
 
 def _window(img, dy, dx, flip):
-    w = img[:, dy:dy + 8, dx:dx + 8]
+    w = img[:, dy : dy + 8, dx : dx + 8]
     return w.flip(2) if flip else w
 
 
@@ -91,8 +92,13 @@ def test_crop_flip_batch_gives_shifted_and_flipped_windows():
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     flips = 0
     for img, res in zip(padded, out):
-        windows = {(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)
-                   if torch.equal(_window(img, dy, dx, f), res)}
+        windows = {
+            (dy, dx, f)
+            for dy in range(5)
+            for dx in range(5)
+            for f in (False, True)
+            if torch.equal(_window(img, dy, dx, f), res)
+        }
         assert windows, "every output is a crop (optionally flipped) of the padded image"
         flips += all(f for *_, f in windows)
     assert 0 < flips < 32

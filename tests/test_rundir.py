@@ -30,8 +30,9 @@ def test_status_follows_the_files(tmp_path):
 def test_attack_records(tmp_path):
     rd = RunDir(tmp_path)
     assert not rd.attacked("decoder") and rd.attack_record("decoder") == {}
-    rd.attack_record_path("decoder").write_text(json.dumps(
-        {"settings": {"train_time": {"metrics": {"mse": 0.01}}, "infer_time": {"epochs": 3}}}))
+    rd.attack_record_path("decoder").write_text(
+        json.dumps({"settings": {"train_time": {"metrics": {"mse": 0.01}}, "infer_time": {"epochs": 3}}})
+    )
     assert rd.attacked("decoder", "train_time") and rd.attacked("decoder", "train-time")
     assert not rd.attacked("decoder", "infer_time")  # started, no metrics yet
     assert rd.missing_settings("decoder", ("train_time", "infer_time")) == ["infer_time"]

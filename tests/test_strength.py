@@ -24,8 +24,13 @@ def test_official_schedule_reports_the_lr_tied_weight():
 
 
 def test_bad_input_names_the_argument():
-    for kwargs, name in (({"lam": -1}, "lam"), ({"variant": "x"}, "variant"), ({"n_train": 0}, "n_train"),
-                         ({"schedule": "cosine"}, "schedule"), ({"batch_size": 0}, "batch_size")):
+    for kwargs, name in (
+        ({"lam": -1}, "lam"),
+        ({"variant": "x"}, "variant"),
+        ({"n_train": 0}, "n_train"),
+        ({"schedule": "cosine"}, "schedule"),
+        ({"batch_size": 0}, "batch_size"),
+    ):
         args = {"lam": 16, "variant": "paper", "n_train": 10_000, **kwargs}
         with pytest.raises(ValueError, match=name):
             paper_units(**args)
@@ -42,8 +47,9 @@ def test_paper_variant_gradient_per_sample_is_inverse_in_n():
     y = torch.arange(64) % 4
     grads = []
     for n in (10_000, 50_000):
-        cem = CEMLoss(num_classes=4, clusters_per_class=1, sigma=0.025, variant="paper", dataset_size=n,
-                      backend="torch")
+        cem = CEMLoss(
+            num_classes=4, clusters_per_class=1, sigma=0.025, variant="paper", dataset_size=n, backend="torch"
+        )
         cem.refit(z, y)
         zz = z.clone().requires_grad_(True)
         cem(zz, y).backward()
@@ -57,6 +63,9 @@ def test_config_paper_units_reads_a_run_config():
 
     cfg = train.resolve_config(train.build_parser().parse_args(["--out", "x", "--preset", "cpu"]))
     assert config_paper_units(cfg, cfg["train_subset"]) == pytest.approx(80)  # lambda 16 at 10,000 images
-    cfg = train.resolve_config(train.build_parser().parse_args(
-        ["--out", "x", "--preset", "cpu-full", "--cem-variant", "official-trained", "--cem-schedule", "official"]))
+    cfg = train.resolve_config(
+        train.build_parser().parse_args(
+            ["--out", "x", "--preset", "cpu-full", "--cem-variant", "official-trained", "--cem-schedule", "official"]
+        )
+    )
     assert config_paper_units(cfg, 50_000) == pytest.approx(0.32)

@@ -1,4 +1,5 @@
 """reproduce.table (Tables 1-9), reproduce.paper_numbers and the Figure 3/4 helpers (reproduce.figures_curves)."""
+
 import csv
 import json
 import math
@@ -13,13 +14,23 @@ from reproduce.figures_curves import expand_runs, figure4, figure4_series, run_p
 
 # The paper's text is not part of the repository: point CEM_FAST_PAPER_TEXT at it to check the transcription.
 PAPER_TEXT = os.environ.get("CEM_FAST_PAPER_TEXT")
-ROW_LABELS_T1 = [f"{r} — w/o CEM" for r in paper_numbers.DEFENCE_OF_ROW] + \
-    [f"{r} — w/ CEM" for r in paper_numbers.DEFENCE_OF_ROW if r != "No_defense"]
-TINY = ["--attacks", "decoder", "--train-args", "--epochs 1",
-        "--attack-args", "--epochs 1 --max-train-images 16 --max-test-images 20", "--device", "cpu"]
+ROW_LABELS_T1 = [f"{r} — w/o CEM" for r in paper_numbers.DEFENCE_OF_ROW] + [
+    f"{r} — w/ CEM" for r in paper_numbers.DEFENCE_OF_ROW if r != "No_defense"
+]
+TINY = [
+    "--attacks",
+    "decoder",
+    "--train-args",
+    "--epochs 1",
+    "--attack-args",
+    "--epochs 1 --max-train-images 16 --max-test-images 20",
+    "--device",
+    "cpu",
+]
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def _md_rows(text: str) -> dict:
     """First-column label -> cells of every markdown table row."""
@@ -35,15 +46,25 @@ def _fake_run(root: Path, arm: table.Arm, dataset: str, seed: int, acc: float, m
     """A hand-made finished run with known numbers (no model: enough for --no-run and figure 4)."""
     run = root / arm.name(dataset) / f"seed{seed}"
     run.mkdir(parents=True)
-    cfg = {"preset": "smoke", "defence": arm.defence, "cem_lambda": arm.cem_lambda if arm.cem else 0.0,
-           "cem_enabled": arm.cem, "cem_variant": "paper", "sigma": arm.sigma if sigma is None else sigma,
-           "cut": 4, "in_channels": 3, "image_size": 32}
+    cfg = {
+        "preset": "smoke",
+        "defence": arm.defence,
+        "cem_lambda": arm.cem_lambda if arm.cem else 0.0,
+        "cem_enabled": arm.cem,
+        "cem_variant": "paper",
+        "sigma": arm.sigma if sigma is None else sigma,
+        "cut": 4,
+        "in_channels": 3,
+        "image_size": 32,
+    }
     (run / "config.json").write_text(json.dumps(cfg))
-    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc": 0.1}) + "\n"
-                                       + json.dumps({"epoch": 2, "test_acc": acc}) + "\n")
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 1, "test_acc": 0.1}) + "\n" + json.dumps({"epoch": 2, "test_acc": acc}) + "\n"
+    )
     (run / "final.pt").write_bytes(b"")
-    settings = {s: {"metrics": {"mse": m, "ssim": 0.5, "psnr": 20.0, "psnr_per_batch_authors": 19.0}}
-                for s, m in mses.items()}
+    settings = {
+        s: {"metrics": {"mse": m, "ssim": 0.5, "psnr": 20.0, "psnr_per_batch_authors": 19.0}} for s, m in mses.items()
+    }
     (run / "attack_decoder.json").write_text(json.dumps({"attack": "decoder", "settings": settings}))
     return run
 
@@ -53,6 +74,7 @@ def _arm(row, cem):
 
 
 # ----------------------------------------------------------------------------- paper numbers
+
 
 def test_paper_tables_are_complete_and_their_averages_agree():
     for n in range(1, 9):
@@ -67,8 +89,9 @@ def test_paper_tables_are_complete_and_their_averages_agree():
             for j, col in enumerate(spec["columns"]):
                 if paper_numbers.note(n, avg, col):
                     continue
-                vals = [v[j] for r, v in rows.items() if r in defences and r != "No_defense"
-                        and r.endswith("+CEM") == cem]
+                vals = [
+                    v[j] for r, v in rows.items() if r in defences and r != "No_defense" and r.endswith("+CEM") == cem
+                ]
                 assert len(vals) == 7
                 unit = 1e-4 if col.endswith("mse") else 1e-3 if col.endswith("ssim") else 1e-2
                 assert abs(sum(vals) / 7 - rows[avg][j]) <= 1.01 * unit, (n, avg, col)
@@ -101,13 +124,29 @@ def test_paper_numbers_match_the_paper_text():
 
 # ----------------------------------------------------------------------------- tables 1-8
 
+
 @pytest.fixture(scope="module")
 def smoke_table1(tmp_path_factory):
     """Table 1 at the smoke preset, run for two defences (No_defense; Bottleneck w/o and w/ CEM)."""
     root = tmp_path_factory.mktemp("runs")
     out = root.parent / "t1_first.md"
-    code = table.main(["--table", "1", "--preset", "smoke", "--runs-root", str(root), "--out", str(out),
-                       "--defences", "no_defense", "bottleneck", "--run-missing", *TINY])
+    code = table.main(
+        [
+            "--table",
+            "1",
+            "--preset",
+            "smoke",
+            "--runs-root",
+            str(root),
+            "--out",
+            str(out),
+            "--defences",
+            "no_defense",
+            "bottleneck",
+            "--run-missing",
+            *TINY,
+        ]
+    )
     assert code == 0
     dataset = table.resolve_dataset("cifar10", None).name
     return root, dataset
@@ -124,14 +163,17 @@ def _mse(run, setting="train_time"):
 
 def test_table1_smoke_has_the_full_layout(smoke_table1, tmp_path):
     root, _ = smoke_table1
-    runs = {(r, c): _real(smoke_table1, r, c) for r, c in (("No_defense", False), ("Bottleneck", False),
-                                                          ("Bottleneck", True))}
+    runs = {
+        (r, c): _real(smoke_table1, r, c)
+        for r, c in (("No_defense", False), ("Bottleneck", False), ("Bottleneck", True))
+    }
     for run in runs.values():
         assert (run / "final.pt").is_file() and (run / "attack_decoder.json").is_file()
     out = tmp_path / "t1.md"
     # --no-run: collect only; the other five defences stay a skeleton.
-    assert table.main(["--table", "1", "--preset", "smoke", "--runs-root", str(root), "--out", str(out),
-                       "--no-run"]) == 0
+    assert (
+        table.main(["--table", "1", "--preset", "smoke", "--runs-root", str(root), "--out", str(out), "--no-run"]) == 0
+    )
     rows = _md_rows(out.read_text())
     header = rows["Method"]
     assert header == [h for k in table.table_columns(1) for h in (table.HEADERS[k], "paper")]
@@ -155,8 +197,8 @@ def test_table1_smoke_has_the_full_layout(smoke_table1, tmp_path):
     with open(out.with_suffix(".csv")) as f:
         records = list(csv.DictReader(f))
     assert [r["method"] for r in records] == ROW_LABELS_T1[:1] + [
-        lab for r in list(paper_numbers.DEFENCE_OF_ROW)[1:] for lab in (f"{r} — w/o CEM", f"{r} — w/ CEM")] + \
-        ["Average w/o CEM", "Average w/ CEM"]
+        lab for r in list(paper_numbers.DEFENCE_OF_ROW)[1:] for lab in (f"{r} — w/o CEM", f"{r} — w/ CEM")
+    ] + ["Average w/o CEM", "Average w/ CEM"]
     assert float(records[0]["dec_train_mse"]) == pytest.approx(_mse(nd_run))
     assert float(records[0]["dec_train_mse_paper"]) == 0.0013
     assert records[3]["dec_train_mse"] == "" and float(records[3]["dec_train_mse_paper"]) == 0.0074
@@ -183,8 +225,15 @@ def test_cem_gain_arithmetic_with_seeds(tmp_path):
     assert rows["Mean of the ratios"][0] == "1.38× (+37.5%)"
     assert rows["Ratio of the averages"][0] == "1.33× (+33.3%)"  # (0.015 + 0.025) / (0.010 + 0.020)
     assert rows["Average w/o CEM"][2] == "0.0150 (2 of 7)" and rows["Average w/ CEM"][2] == "0.0200 (2 of 7)"
-    gains = table.cem_gains({("A", False): {"dec_train_mse": 2.0}, ("A", True): {"dec_train_mse": 3.0},
-                             ("B", False): {"dec_train_mse": 1.0}}, ["A", "B"], ["dec_train_mse"])
+    gains = table.cem_gains(
+        {
+            ("A", False): {"dec_train_mse": 2.0},
+            ("A", True): {"dec_train_mse": 3.0},
+            ("B", False): {"dec_train_mse": 1.0},
+        },
+        ["A", "B"],
+        ["dec_train_mse"],
+    )
     assert gains["per_row"]["B"]["dec_train_mse"] is None and gains["count"]["dec_train_mse"] == 1
     assert gains["ratio_of_means"]["dec_train_mse"] == pytest.approx(1.5)
     # one of two seeds missing is marked
@@ -196,8 +245,10 @@ def test_missing_dataset_gives_a_clear_table(tmp_path):
     out = tmp_path / "t8.md"
     empty = tmp_path / "no_data"
     empty.mkdir()
-    assert table.main(["--table", "8", "--runs-root", str(tmp_path / "r"), "--out", str(out),
-                       "--data-root", str(empty)]) == 0
+    assert (
+        table.main(["--table", "8", "--runs-root", str(tmp_path / "r"), "--out", str(out), "--data-root", str(empty)])
+        == 0
+    )
     rows = _md_rows(out.read_text())
     assert rows["Bottleneck — w/o CEM"][0] == table.DATASET_MISSING
     assert rows["Bottleneck — w/o CEM"][1] == "68.43"
@@ -225,6 +276,7 @@ def test_a_defence_outside_the_table_is_refused(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- table 9
 
+
 def test_efficiency_of_a_real_run_and_table9_layout(smoke_table1, tmp_path):
     root, _ = smoke_table1
     eff = table.measure_efficiency(_real(smoke_table1, "No_defense", False), "cpu", reps=1, batch=4)
@@ -233,8 +285,9 @@ def test_efficiency_of_a_real_run_and_table9_layout(smoke_table1, tmp_path):
     assert convs <= eff["enc_mmac"] <= convs * 1.05
     assert eff["srv_params_m"] > 9 and eff["enc_time_ms"] > 0
     out = tmp_path / "t9.md"
-    assert table.main(["--table", "9", "--preset", "smoke", "--runs-root", str(root), "--out", str(out),
-                       "--no-run"]) == 0
+    assert (
+        table.main(["--table", "9", "--preset", "smoke", "--runs-root", str(root), "--out", str(out), "--no-run"]) == 0
+    )
     text = out.read_text()
     rows = _md_rows(text)
     assert rows["PATROL — w/ CEM"][1] == "0.083" and rows["Others (Bottleneck) — w/o CEM"][3] == "21.90"
@@ -245,6 +298,7 @@ def test_efficiency_of_a_real_run_and_table9_layout(smoke_table1, tmp_path):
 
 
 # ----------------------------------------------------------------------------- figures 3 and 4
+
 
 def test_tightest_h_x_touches_the_lowest_point():
     from cem_fast import mse_lower_bound
@@ -268,21 +322,22 @@ def test_figure4_from_hand_made_runs(tmp_path):
         arm_cem = table.Arm("Noise_ARL", "noise_arl", True, "cifar10", "vgg11_bn", sigma=sigma)
         _fake_run(root, arm_cem, "x", 0, acc_b, {"train_time": mse_b})
     arm = table.Arm("Noise_ARL", "noise_arl", False, "cifar10", "vgg11_bn", sigma=0.01)
-    _fake_run(root, arm, "x", 1, 0.7, {"train_time": 0.02})          # a second seed of one arm
+    _fake_run(root, arm, "x", 1, 0.7, {"train_time": 0.02})  # a second seed of one arm
     assert len(expand_runs([root])) == 5
     points = [run_point(r) for r in expand_runs([root])]
     series = figure4_series(points)
     assert sorted(len(v) for v in series.values()) == [2, 2]
-    seeds = next(v for k, v in series.items() if not k[1])[0]          # w/o CEM at sigma 0.01: seeds 0 and 1
+    seeds = next(v for k, v in series.items() if not k[1])[0]  # w/o CEM at sigma 0.01: seeds 0 and 1
     assert seeds["n"] == 2 and seeds["mse"] == pytest.approx(0.015)
-    assert seeds["mse_sd"] == pytest.approx(0.005 * 2 ** 0.5)
-    assert seeds["acc"] == pytest.approx(80.0) and seeds["acc_sd"] == pytest.approx(10 * 2 ** 0.5)
+    assert seeds["mse_sd"] == pytest.approx(0.005 * 2**0.5)
+    assert seeds["acc"] == pytest.approx(80.0) and seeds["acc_sd"] == pytest.approx(10 * 2**0.5)
     out = figure4([root], tmp_path / "f4.png")
     image = matplotlib.image.imread(out)
     assert image.ndim == 3 and image.shape[0] > 200
     with pytest.raises(ValueError, match="none of the runs"):
         figure4([root], tmp_path / "x.png", setting="infer_time")
     from reproduce.figure import build_parser
+
     assert "{3,4,5}" in build_parser().format_help()  # one parser, every figure
 
 
@@ -292,8 +347,7 @@ def test_figure3_from_a_smoke_run(smoke_table1, tmp_path):
     from reproduce.figure import main
     from reproduce.figures_curves import entropy_bound_of_run
 
-    runs = [_real(smoke_table1, r, c) for r, c in (("No_defense", False), ("Bottleneck", False),
-                                                   ("Bottleneck", True))]
+    runs = [_real(smoke_table1, r, c) for r, c in (("No_defense", False), ("Bottleneck", False), ("Bottleneck", True))]
     bound, source = entropy_bound_of_run(runs[1], max_images=64)
     assert source == "refit" and math.isfinite(bound)  # lambda 0: no CEM state saved
     bound_cem, source = entropy_bound_of_run(runs[2])
@@ -329,18 +383,30 @@ def test_runs_are_resumed_skipped_or_restarted(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "run", fake_run)
     monkeypatch.setattr(attack, "run_attack", fake_attack)
     root, ds = tmp_path / "runs", "cifar10-sample"
-    opts = table.Options(preset="smoke", runs_root=root, seeds=[0], data=table.ResolvedData(ds, None, ""),
-                         device="cpu", attacks=("decoder",), train_overrides={"epochs": 1}, threads=None,
-                         log=lambda m: None)
+    opts = table.Options(
+        preset="smoke",
+        runs_root=root,
+        seeds=[0],
+        data=table.ResolvedData(ds, None, ""),
+        device="cpu",
+        attacks=("decoder",),
+        train_overrides={"epochs": 1},
+        threads=None,
+        log=lambda m: None,
+    )
     fresh, killed, partial, done = (_arm(r, False) for r in ("DistCorr", "Dropout", "PATROL", "ResSFL"))
-    for arm, files in ((killed, ["config.json"]), (partial, ["config.json", "checkpoint.pt"]),
-                       (done, ["config.json", "final.pt"])):
+    for arm, files in (
+        (killed, ["config.json"]),
+        (partial, ["config.json", "checkpoint.pt"]),
+        (done, ["config.json", "final.pt"]),
+    ):
         run = root / arm.name(ds) / "seed0"
         run.mkdir(parents=True)
         for name in files:
             (run / name).write_text(json.dumps({"preset": "smoke"}))
     (root / done.name(ds) / "seed0" / "attack_decoder.json").write_text(
-        json.dumps({"settings": {"train_time": {"metrics": {"mse": 0.1}}}}))
+        json.dumps({"settings": {"train_time": {"metrics": {"mse": 0.1}}}})
+    )
 
     for arm in (fresh, killed, partial, done):
         calls.clear()
@@ -372,8 +438,16 @@ def test_table_finds_runs_made_by_train_out_and_trains_nothing_by_default(tmp_pa
     arm = _arm("Bottleneck", True)
     run = root / "my_bottleneck_cem"
     run.mkdir(parents=True)
-    cfg = {"preset": "cpu", "dataset": "cifar10-sample", "arch": arm.arch, "defence": arm.defence, "seed": 125,
-           "cem_lambda": arm.cem_lambda, "sigma": arm.sigma, "cem_variant": "paper"}
+    cfg = {
+        "preset": "cpu",
+        "dataset": "cifar10-sample",
+        "arch": arm.arch,
+        "defence": arm.defence,
+        "seed": 125,
+        "cem_lambda": arm.cem_lambda,
+        "sigma": arm.sigma,
+        "cem_variant": "paper",
+    }
     (run / "config.json").write_text(json.dumps(cfg))
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc": 0.4321}) + "\n")
     (run / "final.pt").write_bytes(b"")

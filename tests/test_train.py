@@ -13,8 +13,21 @@ from reproduce.runs import load_run
 from reproduce.schedules import LRFactor, cem_weight
 
 # Tiny runs: 8 training images in 2 batches, 4 test images, 2 epochs, 1 decoder pretraining epoch.
-TINY = ["--preset", "smoke", "--train-subset", "8", "--test-subset", "4", "--batch-size", "4",
-        "--no-progress", "--threads", "1", "--cem-backend", "torch"]
+TINY = [
+    "--preset",
+    "smoke",
+    "--train-subset",
+    "8",
+    "--test-subset",
+    "4",
+    "--batch-size",
+    "4",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--cem-backend",
+    "torch",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +52,19 @@ def _metrics(out):
 def test_smoke_run_every_defence_with_and_without_cem(tmp_path, defence, arch):
     for lam, epochs in (("0", 1), ("16", 2)):  # CEM needs epoch 2: no clusters before the first refit
         extra = ["--pruning-ratio", "0.1", "--prune-epoch", "1"] if defence == "patrol" else []
-        out = _run(tmp_path, "--defense", defence, "--arch", arch, "--cem-lambda", lam, "--epochs", str(epochs),
-                   *extra, name=f"l{lam}")
+        out = _run(
+            tmp_path,
+            "--defense",
+            defence,
+            "--arch",
+            arch,
+            "--cem-lambda",
+            lam,
+            "--epochs",
+            str(epochs),
+            *extra,
+            name=f"l{lam}",
+        )
         cfg = json.loads((out / "config.json").read_text())
         rows = _metrics(out)
         assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
@@ -122,12 +146,28 @@ def test_resume_of_a_run_from_before_dtype_existed(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config.pop("dtype") == "float32"
     (out / "config.json").write_text(json.dumps(config))
-    assert train.main([*TINY, "--out", str(out), "--defense", "noise", "--cem-lambda", "0", "--epochs", "2",
-                       "--resume"]) == 0
+    assert (
+        train.main([*TINY, "--out", str(out), "--defense", "noise", "--cem-lambda", "0", "--epochs", "2", "--resume"])
+        == 0
+    )
     assert [r["epoch"] for r in _metrics(out)] == [1, 2]
     with pytest.raises(SystemExit):  # a float64 resume of a float32 run is a different run
-        train.main([*TINY, "--out", str(out), "--defense", "noise", "--cem-lambda", "0", "--epochs", "2",
-                    "--dtype", "float64", "--resume"])
+        train.main(
+            [
+                *TINY,
+                "--out",
+                str(out),
+                "--defense",
+                "noise",
+                "--cem-lambda",
+                "0",
+                "--epochs",
+                "2",
+                "--dtype",
+                "float64",
+                "--resume",
+            ]
+        )
 
 
 def test_lambda_zero_builds_no_cem(tmp_path, monkeypatch):
@@ -137,6 +177,7 @@ def test_lambda_zero_builds_no_cem(tmp_path, monkeypatch):
         def __init__(self, *a, **k):
             built.append(1)
             super().__init__(*a, **k)
+
     monkeypatch.setattr(cem_fast, "CEMLoss", Spy)
     _run(tmp_path, "--defense", "bottleneck", "--cem-lambda", "0", "--epochs", "1", name="off")
     assert built == []
@@ -145,8 +186,22 @@ def test_lambda_zero_builds_no_cem(tmp_path, monkeypatch):
 
 
 def test_official_schedule_and_config_record(tmp_path):
-    out = _run(tmp_path, "--defense", "noise", "--cem-lambda", "16", "--cem-schedule", "official",
-               "--lr-schedule", "authors", "--authors-warmup-bug", "--cem-refit", "extra-pass", "--seed", "3")
+    out = _run(
+        tmp_path,
+        "--defense",
+        "noise",
+        "--cem-lambda",
+        "16",
+        "--cem-schedule",
+        "official",
+        "--lr-schedule",
+        "authors",
+        "--authors-warmup-bug",
+        "--cem-refit",
+        "extra-pass",
+        "--seed",
+        "3",
+    )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["cem_schedule"] == "official" and cfg["cem_refit"] == "extra-pass" and cfg["seed"] == 3
     assert cfg["preset"] == "smoke" and cfg["data_root"] is None and "torch" in cfg["versions"]
@@ -159,6 +214,7 @@ def test_official_schedule_and_config_record(tmp_path):
 def test_presets_resolve():
     def cfg(*argv):
         return train.resolve_config(train.build_parser().parse_args(["--out", "x", *argv]))
+
     c = cfg("--preset", "paper", "--arch", "resnet20", "--data-root", "/tmp")
     assert (c["epochs"], c["cut"], c["dataset"], c["batch_size"], c["lr"]) == (120, 5, "cifar10", 128, 0.05)
     assert c["train_subset"] is None and c["lr_schedule"] == "paper" and c["cem_schedule"] == "constant"
@@ -173,24 +229,27 @@ def test_lr_factors():
     paper = LRFactor("paper", 240)
     assert [paper(e) for e in (0, 59, 60, 120, 180, 239)] == pytest.approx([1, 1, 0.2, 0.04, 0.008, 0.008])
     authors = LRFactor("authors", 240, warmup_bug=True)
-    assert [authors(e) for e in (0, 1, 58, 59, 209)] == pytest.approx([0, 1, 1, 0.2, 0.2 ** 4])
+    assert [authors(e) for e in (0, 1, 58, 59, 209)] == pytest.approx([0, 1, 1, 0.2, 0.2**4])
     assert LRFactor("cosine", 10)(0) == 1 and LRFactor("cosine", 10)(5) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="lr_schedule"):
         LRFactor("step", 10)
 
 
-@pytest.mark.parametrize("argv,flag", [
-    (["--cem-lambda", "-1"], "--cem-lambda"),
-    (["--epochs", "0"], "--epochs"),
-    (["--defense", "magic"], "defence"),
-    (["--sigma", "0", "--cem-lambda", "16"], "--sigma"),
-    (["--dropout-rate", "0.3", "--defense", "noise"], "--dropout-rate"),
-    (["--bottleneck", "C8X"], "bottleneck"),
-    (["--defense", "patrol", "--pruning-ratio", "abc"], "--pruning-ratio"),
-    (["--defense", "patrol", "--pruning-ratio", "1.5"], "pruning_ratio"),
-    (["--cem-backend", "gpu"], "--cem-backend"),
-    (["--arch", "vgg11_bn", "--cut", "40"], "cut"),
-])
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--cem-lambda", "-1"], "--cem-lambda"),
+        (["--epochs", "0"], "--epochs"),
+        (["--defense", "magic"], "defence"),
+        (["--sigma", "0", "--cem-lambda", "16"], "--sigma"),
+        (["--dropout-rate", "0.3", "--defense", "noise"], "--dropout-rate"),
+        (["--bottleneck", "C8X"], "bottleneck"),
+        (["--defense", "patrol", "--pruning-ratio", "abc"], "--pruning-ratio"),
+        (["--defense", "patrol", "--pruning-ratio", "1.5"], "pruning_ratio"),
+        (["--cem-backend", "gpu"], "--cem-backend"),
+        (["--arch", "vgg11_bn", "--cut", "40"], "cut"),
+    ],
+)
 def test_bad_cli_values_name_the_flag(tmp_path, capsys, argv, flag):
     with pytest.raises((SystemExit, ValueError)) as info:
         train.main([*TINY, "--out", str(tmp_path / "bad"), *argv])

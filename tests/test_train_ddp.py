@@ -18,9 +18,34 @@ ROOT = Path(__file__).resolve().parents[1]
 # and this small-batch BN network amplifies that to ~1e-2 in some gradients by the third step (measured:
 # a 1e-6 relative weight perturbation of a float64 run does the same), so only float64 can show that the
 # 2-process step is the 1-process step. Measured agreement in float64: ~1e-11 relative.
-ARGS = ["--preset", "smoke", "--arch", "resnet20", "--no-augment", "--noise", "off", "--train-subset", "19",
-        "--test-subset", "8", "--batch-size", "8", "--epochs", "2", "--cem-lambda", "16", "--cem-backend", "torch",
-        "--threads", "1", "--no-progress", "--device", "cpu", "--dtype", "float64"]
+ARGS = [
+    "--preset",
+    "smoke",
+    "--arch",
+    "resnet20",
+    "--no-augment",
+    "--noise",
+    "off",
+    "--train-subset",
+    "19",
+    "--test-subset",
+    "8",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "2",
+    "--cem-lambda",
+    "16",
+    "--cem-backend",
+    "torch",
+    "--threads",
+    "1",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float64",
+]
 RTOL, ATOL = 1e-7, 1e-10
 
 
@@ -31,8 +56,23 @@ def _free_port() -> int:
 
 
 def _torchrun(out, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "reproduce.train", *ARGS, "--out", str(out), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "reproduce.train",
+        *ARGS,
+        "--out",
+        str(out),
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -67,15 +107,14 @@ def test_global_batch_must_split_over_the_processes(tmp_path):
 
 def test_global_batch_shard_covers_the_one_process_batches():
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
     data = list(range(19))
-    one = [b.tolist() for b in DataLoader(data, batch_size=8, shuffle=True,
-                                          generator=torch.Generator().manual_seed(3))]
+    one = [b.tolist() for b in DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3))]
     shards = []
     for rank in range(2):
         gen = torch.Generator().manual_seed(3)
         sampler = ddp.GlobalBatchShard(BatchSampler(RandomSampler(data, generator=gen), 8, False), rank, 2)
-        shards.append(([b.tolist() for b in DataLoader(data, batch_sampler=sampler, generator=gen)],
-                       sampler.positions))
+        shards.append(([b.tolist() for b in DataLoader(data, batch_sampler=sampler, generator=gen)], sampler.positions))
     assert [a + b for a, b in zip(shards[0][0], shards[1][0])] == one
     flat = [i for b in one for i in b]
     for batches, positions in shards:

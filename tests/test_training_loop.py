@@ -21,8 +21,9 @@ def _sample(split: str, n: int):
 
     d = np.load(SAMPLE_PATH)
     data, off = d["train_jpeg_bytes" if split == "train" else "test_png_bytes"], d[f"{split}_offsets"]
-    x = np.stack([np.asarray(PIL.open(io.BytesIO(data[off[i] : off[i + 1]].tobytes())).convert("RGB"))
-                  for i in range(n)])
+    x = np.stack(
+        [np.asarray(PIL.open(io.BytesIO(data[off[i] : off[i + 1]].tobytes())).convert("RGB")) for i in range(n)]
+    )
     return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(d[f"{split}_y"][:n])
 
 
@@ -33,10 +34,17 @@ def sample():
 
 def _models(seed=0):
     torch.manual_seed(seed)
-    enc = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-                        nn.Conv2d(16, 8, 3, padding=1), nn.Sigmoid())
-    head = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-                         nn.Linear(512, 10))
+    enc = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 8, 3, padding=1),
+        nn.Sigmoid(),
+    )
+    head = nn.Sequential(
+        nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(512, 10)
+    )
     return enc, head
 
 
@@ -80,8 +88,10 @@ def test_two_call_loop_matches_the_explicit_refit_loop(sample):
         warnings.simplefilter("ignore", RuntimeWarning)  # the small-N strength warning
         enc_a, head_a, cem_a = _train(x, y, 3, 4.0, two_call=False)
         enc_b, head_b, cem_b = _train(x, y, 3, 4.0, two_call=True)
-    for a, b in zip([*enc_a.state_dict().values(), *head_a.state_dict().values()],
-                    [*enc_b.state_dict().values(), *head_b.state_dict().values()]):
+    for a, b in zip(
+        [*enc_a.state_dict().values(), *head_a.state_dict().values()],
+        [*enc_b.state_dict().values(), *head_b.state_dict().values()],
+    ):
         assert torch.equal(a, b)
     for name in ("centroids", "pi", "variance", "fitted_size"):
         assert torch.equal(getattr(cem_a, name), getattr(cem_b, name)), name
@@ -103,7 +113,7 @@ def test_collapse_is_announced_before_accuracy_reaches_chance(sample):
     seen, accuracy = [], []
 
     def on_refit(epoch, enc, head, cem):
-        for w in caught[len(seen):]:
+        for w in caught[len(seen) :]:
             seen.append((str(w.message), _accuracy(enc, head, xt, yt)))
 
     def on_step(epoch, enc, head, cem):
@@ -238,7 +248,14 @@ def test_lightning_callback_refits_at_epoch_end(sample):
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:256], y[:256]), batch_size=64)
     module = Module()
-    trainer = pl.Trainer(max_epochs=2, callbacks=[CEMRefit()], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[CEMRefit()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(module, loader)
     assert module.cem.refits == 2 and float(module.cem.fitted_size) == 256

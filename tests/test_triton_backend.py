@@ -7,6 +7,7 @@ the real ``cem_fast.backends.triton_backend`` module (used by the rest of the su
 tests) is never touched, and no other test sees the variable. While this module's tests run, a
 fixture sets it again (the launchers and ``is_available`` read it at call time).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -50,7 +51,7 @@ def _interpreter(monkeypatch):
 
 @pytest.fixture
 def gen(rng):
-    return rng   # seeded from the test's node id; gen.initial_seed() names the inputs of a failure
+    return rng  # seeded from the test's node id; gen.initial_seed() names the inputs of a failure
 
 
 def make_inputs(gen, B, D, C, m, dtype, spread=1.0):
@@ -123,8 +124,7 @@ def test_atomics_path_matches(gen, dtype):
         check_against_references(z, labels, centroids, 2, cc, gen.initial_seed(), use_atomics=True)
 
 
-@pytest.mark.parametrize("B,D,C,m", [(1, 8, 3, 2), (5, 513, 2, 3), (40, 37, 5, 1), (33, 1, 2, 4),
-                                     (70, 20, 2, 20)])
+@pytest.mark.parametrize("B,D,C,m", [(1, 8, 3, 2), (5, 513, 2, 3), (40, 37, 5, 1), (33, 1, 2, 4), (70, 20, 2, 20)])
 @pytest.mark.parametrize("cc", [True, False])
 def test_edge_shapes(gen, B, D, C, m, cc):
     # D = 513 crosses several D tiles with a ragged tail; m = 20 and K = 40 span several candidate blocks
@@ -135,11 +135,11 @@ def test_edge_shapes(gen, B, D, C, m, cc):
 def test_empty_clusters_and_absent_classes(gen):
     C, m, D = 5, 3, 24
     z, _, centroids = make_inputs(gen, 30, D, C, m, torch.float32)
-    labels = torch.where(torch.rand(30, generator=gen) < 0.5, 1, 3)       # classes 0, 2, 4 absent
-    centroids[3 * m + 1] += 100.0                                          # a cluster nobody is near
+    labels = torch.where(torch.rand(30, generator=gen) < 0.5, 1, 3)  # classes 0, 2, 4 absent
+    centroids[3 * m + 1] += 100.0  # a cluster nobody is near
     a, counts, sqdev = check_against_references(z, labels, centroids, m, True, gen.initial_seed())
     for c in (0, 2, 4):
-        assert torch.all(counts[c * m:(c + 1) * m] == 0) and torch.all(sqdev[c * m:(c + 1) * m] == 0)
+        assert torch.all(counts[c * m : (c + 1) * m] == 0) and torch.all(sqdev[c * m : (c + 1) * m] == 0)
     assert counts[3 * m + 1] == 0 and torch.all(sqdev[3 * m + 1] == 0)
     assert counts.sum() == 30
 
@@ -187,7 +187,7 @@ def test_ties_across_candidate_blocks(gen, cc):
 
 def test_non_contiguous_z_and_int32_labels(gen):
     z, labels, centroids = make_inputs(gen, 24, 19, 3, 2, torch.float32)
-    zt = z.t().contiguous().t()                                           # column-major view
+    zt = z.t().contiguous().t()  # column-major view
     assert not zt.is_contiguous()
     a1 = tb.assign_stats(zt, labels.int(), centroids, 2, True)
     a2 = tb.assign_stats(z, labels, centroids, 2, True)
@@ -203,7 +203,7 @@ def test_out_of_range_labels_are_excluded(gen):
     dz = tb.scatter_grad(z, a, centroids, torch.ones_like(centroids))
     assert torch.all(dz[4] == 0) and torch.all(dz[7] == 0) and torch.any(dz[0] != 0)
     K, D = centroids.shape
-    mg = tb.matrix_grad(z, a, centroids, torch.ones(K, D, D))      # dz is not zero-filled: the kernel writes them
+    mg = tb.matrix_grad(z, a, centroids, torch.ones(K, D, D))  # dz is not zero-filled: the kernel writes them
     assert torch.all(mg[4] == 0) and torch.all(mg[7] == 0) and torch.any(mg[0] != 0)
 
 
@@ -234,12 +234,18 @@ def test_scatter_grad_matches_references(gen, dtype, coef_cols):
     if dtype == torch.bfloat16:
         # the interpreter rounds float32 -> bfloat16 toward zero (a GPU rounds to nearest even):
         # allow one bfloat16 ulp here; the GPU tests ask for bitwise equality
-        torch.testing.assert_close(dz.double(), exact, rtol=2 ** -7, atol=1e-6)
+        torch.testing.assert_close(dz.double(), exact, rtol=2**-7, atol=1e-6)
     else:
         assert torch.equal(dz, expected), f"seed {gen.initial_seed()}: differs from the torch backend"
-        torch.testing.assert_close(dz.double(), exact, **(tol(torch.float64) if dtype == torch.float64 else
-                                                          dict(rtol=1e-3 if dtype == torch.float16 else 1e-6,
-                                                               atol=1e-5)))
+        torch.testing.assert_close(
+            dz.double(),
+            exact,
+            **(
+                tol(torch.float64)
+                if dtype == torch.float64
+                else dict(rtol=1e-3 if dtype == torch.float16 else 1e-6, atol=1e-5)
+            ),
+        )
 
 
 def test_scatter_grad_ragged_tiles(gen):
@@ -256,7 +262,7 @@ def test_scatter_grad_ragged_tiles(gen):
 def test_second_moments_and_grad(gen, dtype):
     B, D, K = 40, 37, 5
     z, _, centroids = make_inputs(gen, B, D, 5, 1, dtype)
-    assign = torch.randint(0, K - 1, (B,), generator=gen)                  # cluster K-1 stays empty
+    assign = torch.randint(0, K - 1, (B,), generator=gen)  # cluster K-1 stays empty
     moments = tb.cluster_second_moments(z, assign, centroids, K)
     diff = z.double() - centroids.double()[assign]
     expected = torch.zeros(K, D, D, dtype=torch.float64).index_add_(0, assign, diff[:, :, None] * diff[:, None, :])
@@ -266,7 +272,7 @@ def test_second_moments_and_grad(gen, dtype):
     assert torch.equal(moments, moments.transpose(1, 2)) and torch.all(moments[K - 1] == 0)
 
     g = torch.randn(K, D, D, generator=gen, dtype=torch.float64)
-    g = (g + g.transpose(1, 2)).to(acc)                                   # a symmetric upstream gradient
+    g = (g + g.transpose(1, 2)).to(acc)  # a symmetric upstream gradient
     zg = z.double().requires_grad_(True)
     d = zg - centroids.double()[assign]
     m64 = torch.zeros(K, D, D, dtype=torch.float64).index_add(0, assign, d[:, :, None] * d[:, None, :])
@@ -274,19 +280,21 @@ def test_second_moments_and_grad(gen, dtype):
     dz = tb.second_moments_grad(z, assign, centroids, g)
     assert dz.dtype == dtype
     if dtype == torch.bfloat16:
-        torch.testing.assert_close(dz.double(), zg.grad, rtol=2 ** -7, atol=1e-3)
+        torch.testing.assert_close(dz.double(), zg.grad, rtol=2**-7, atol=1e-3)
     else:
-        torch.testing.assert_close(dz.double(), zg.grad, **(tol(acc) if acc == torch.float64 else
-                                                            dict(rtol=1e-4, atol=1e-4)))
+        torch.testing.assert_close(
+            dz.double(), zg.grad, **(tol(acc) if acc == torch.float64 else dict(rtol=1e-4, atol=1e-4))
+        )
     # matrix_grad with a non-symmetric coefficient: dz_i = coef[a_i] @ (z_i - mu)
     coef = torch.randn(K, D, D, generator=gen).to(acc)
     expected_mg = torch.einsum("bij,bj->bi", coef.double()[assign], diff)
     out = tb.matrix_grad(z, assign, centroids, coef)
     if dtype == torch.bfloat16:
-        torch.testing.assert_close(out.double(), expected_mg, rtol=2 ** -7, atol=1e-3)
+        torch.testing.assert_close(out.double(), expected_mg, rtol=2**-7, atol=1e-3)
     else:
-        torch.testing.assert_close(out.double(), expected_mg, **(tol(acc) if acc == torch.float64 else
-                                                                 dict(rtol=1e-4, atol=1e-4)))
+        torch.testing.assert_close(
+            out.double(), expected_mg, **(tol(acc) if acc == torch.float64 else dict(rtol=1e-4, atol=1e-4))
+        )
 
 
 # --------------------------------------------------------------------------- availability and bad input
@@ -340,8 +348,22 @@ def test_bad_inputs():
 
 # --------------------------------------------------------------------------- compiles for the GPU
 
-_I32 = ("B", "D", "K", "M", "num_classes", "stride_zb", "stride_zd", "stride_cb", "stride_cd", "stride_kb",
-        "stride_kd", "P", "rows_per_prog", "n_parts")
+_I32 = (
+    "B",
+    "D",
+    "K",
+    "M",
+    "num_classes",
+    "stride_zb",
+    "stride_zd",
+    "stride_cb",
+    "stride_cd",
+    "stride_kb",
+    "stride_kd",
+    "P",
+    "rows_per_prog",
+    "n_parts",
+)
 _F32 = ("c_hi", "c_lo", "n_hi", "n_lo", "scale_hi", "scale_lo", "factor", "t_hi", "t_lo")
 
 
@@ -350,6 +372,7 @@ def _compile_sm90(fn, ptr_types, constexprs, options=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -361,18 +384,26 @@ def _compile_sm90(fn, ptr_types, constexprs, options=None):
         else:
             assert name in _I32, name
             signature[name] = "i32"
-    kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                            options=options or {"num_warps": 4})
+    kernel = triton.compile(
+        ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options or {"num_warps": 4}
+    )
     assert ".entry" in kernel.asm["ptx"]
     # spills are made by ptxas (register allocation), never visible in the PTX: ask ptxas
-    import subprocess, tempfile
+    import subprocess
+    import tempfile
+
     from triton import knobs
+
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
             f.write(kernel.asm["ptx"])
-        info = subprocess.run([knobs.nvidia.ptxas.path, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull],
-                              capture_output=True, text=True, check=True).stderr
+        info = subprocess.run(
+            [knobs.nvidia.ptxas.path, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     assert " 0 bytes spill stores" in info, f"{fn.__name__} {constexprs}: register spills\n{info}"
 
 
@@ -387,42 +418,75 @@ def test_kernels_compile_for_sm90(zt, acc, monkeypatch):
     except ImportError as exc:
         pytest.skip(f"this triton has no ahead-of-time compile API ({exc})")
     from cem_fast.backends import triton_backend as real
+
     if real.kernels_interpreted():
         pytest.skip("TRITON_INTERPRET was set when the backend was imported in this process")
     z, a, i = f"*{zt}", f"*{acc}", "*i64"
-    common = dict(z_ptr=z, cent_ptr=a, perm_ptr="*i32", starts_ptr="*i32", sqdev_ptr=a, counts_ptr=a, labels_ptr=i,
-                  assign_ptr=i, coef_ptr=a, dz_ptr=z, out_ptr=a, pcount_ptr="*i32", psq_ptr=a,
-                  pi_ptr=a, var_ptr=a, var_out_ptr=a, pi_out_ptr=a, lossp_ptr=a, loss_ptr=a, pi_src_ptr=a,
-                  pi_dst_ptr=a, gout_ptr=a)
+    common = dict(
+        z_ptr=z,
+        cent_ptr=a,
+        perm_ptr="*i32",
+        starts_ptr="*i32",
+        sqdev_ptr=a,
+        counts_ptr=a,
+        labels_ptr=i,
+        assign_ptr=i,
+        coef_ptr=a,
+        dz_ptr=z,
+        out_ptr=a,
+        pcount_ptr="*i32",
+        psq_ptr=a,
+        pi_ptr=a,
+        var_ptr=a,
+        var_out_ptr=a,
+        pi_out_ptr=a,
+        lossp_ptr=a,
+        loss_ptr=a,
+        pi_src_ptr=a,
+        pi_dst_ptr=a,
+        gout_ptr=a,
+    )
     f64 = acc == "fp64"
     acc_dtype = torch.float64 if f64 else torch.float32
-    configs = {(cc, real._assign_blocks(cand, 2048, cc, acc_dtype))              # what the launchers pick
-               for cc, cand in itertools.product((True, False), (1, 2, 3, 5, 10, 30))}
+    configs = {
+        (cc, real._assign_blocks(cand, 2048, cc, acc_dtype))  # what the launchers pick
+        for cc, cand in itertools.product((True, False), (1, 2, 3, 5, 10, 30))
+    }
     st = real._stats_blocks(30, 2048, acc_dtype)
     for cc, (bb, bk, bd) in sorted(configs):
-        _compile_sm90(real._assign_partial_kernel, common,
-                      dict(CLASS_COND=cc, BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, **st))
-    atomic = {(cc, real._atomic_blocks(cand, 2048, cc, acc_dtype))
-              for cc, cand in itertools.product((True, False), (1, 2, 3, 5, 10, 30))}
+        _compile_sm90(
+            real._assign_partial_kernel, common, dict(CLASS_COND=cc, BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd, **st)
+        )
+    atomic = {
+        (cc, real._atomic_blocks(cand, 2048, cc, acc_dtype))
+        for cc, cand in itertools.product((True, False), (1, 2, 3, 5, 10, 30))
+    }
     for cc, (bb, bk, bd) in sorted(atomic):
         _compile_sm90(real._assign_atomic_kernel, common, dict(CLASS_COND=cc, BLOCK_B=bb, BLOCK_K=bk, BLOCK_D=bd))
     for epi, cc, m in itertools.product((0, 1, 2, 3), (True, False), (1, 3, 20)):
-        _compile_sm90(real._reduce_epilogue_kernel, common,
-                      dict(EPILOGUE=epi, CLASS_COND=cc, **real._reduce_blocks(2048, m, acc_dtype)),
-                      real.REDUCE_OPTIONS)
-    tiles = ((8, 4), (32, 16), (64, 32), (256, 8))                                # up to _TRAINED_TILE
+        _compile_sm90(
+            real._reduce_epilogue_kernel,
+            common,
+            dict(EPILOGUE=epi, CLASS_COND=cc, **real._reduce_blocks(2048, m, acc_dtype)),
+            real.REDUCE_OPTIONS,
+        )
+    tiles = ((8, 4), (32, 16), (64, 32), (256, 8))  # up to _TRAINED_TILE
     for (kp, cp), cc, bug, log in itertools.product(tiles, (True, False), (False, True), (False, True)):
-        _compile_sm90(real._trained_finish_kernel, common, dict(CLASS_COND=cc, INDEX_BUG=bug, LOG_ENTROPY=log,
-                                                                K_PAD=kp, C_PAD=cp, BLOCK_P=8))
+        _compile_sm90(
+            real._trained_finish_kernel,
+            common,
+            dict(CLASS_COND=cc, INDEX_BUG=bug, LOG_ENTROPY=log, K_PAD=kp, C_PAD=cp, BLOCK_P=8),
+        )
     for copy in (False, True):
         _compile_sm90(real._finish_kernel, common, dict(COPY_PI=copy, BLOCK=1024))
     for has_gout in (False, True):
         _compile_sm90(real._scatter_grad_kernel, common, dict(HAS_GOUT=has_gout, BLOCK_B=16, BLOCK_D=128))
     for K in (1, 3, 30, 100, 256):
-        _compile_sm90(real._segments_kernel, dict(assign_ptr=i, perm_ptr="*i32", starts_ptr="*i32"),
-                      real._segment_blocks(K))
+        _compile_sm90(
+            real._segments_kernel, dict(assign_ptr=i, perm_ptr="*i32", starts_ptr="*i32"), real._segment_blocks(K)
+        )
     if zt != "bf16":
-        moments, grad = real._full_cov_blocks(2048, acc_dtype)                     # what the launchers pick
+        moments, grad = real._full_cov_blocks(2048, acc_dtype)  # what the launchers pick
         _compile_sm90(real._second_moments_kernel, common, moments)
         _compile_sm90(real._matrix_grad_kernel, common, grad)
 
@@ -431,10 +495,15 @@ def test_batch_size_is_not_specialised(monkeypatch):
     """A ragged last batch must not recompile (fatal inside a CUDA graph capture): B is never specialised."""
     monkeypatch.delenv("TRITON_INTERPRET")
     from cem_fast.backends import triton_backend as real
+
     if real.kernels_interpreted():
         pytest.skip("TRITON_INTERPRET was set when the backend was imported in this process")
-    for fn, names in ((real._assign_partial_kernel, ("B", "rows_per_prog")), (real._assign_atomic_kernel, ("B",)),
-                      (real._scatter_grad_kernel, ("B",)), (real._reduce_epilogue_kernel, ("P",))):
+    for fn, names in (
+        (real._assign_partial_kernel, ("B", "rows_per_prog")),
+        (real._assign_atomic_kernel, ("B",)),
+        (real._scatter_grad_kernel, ("B",)),
+        (real._reduce_epilogue_kernel, ("P",)),
+    ):
         skipped = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
         assert set(names) <= skipped, (fn.__name__, skipped)
 
@@ -454,7 +523,7 @@ def test_scatter_grad_non_contiguous_assign(gen):
     z, _, centroids = make_inputs(gen, 12, 7, 2, 2, torch.float32)
     K = centroids.shape[0]
     pairs = torch.randint(0, K, (12, 2), generator=gen)
-    a = pairs[:, 1]                                                       # stride 2
+    a = pairs[:, 1]  # stride 2
     assert not a.is_contiguous()
     coef = torch.randn(K, 7, generator=gen)
     assert torch.equal(tb.scatter_grad(z, a, centroids, coef), ref.scatter_grad(z, a, centroids, coef))
@@ -470,22 +539,52 @@ FUSED_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 CODES = {"official": 0, "official-trained": 1, "paper": 2}
 
 
-def fused_step(z, labels, cent, pi, var, variant, *, cc=True, sigma=0.1, N=300.0, mean_dim=True, update_state=False,
-               log_entropy=True, bug=False):
+def fused_step(
+    z,
+    labels,
+    cent,
+    pi,
+    var,
+    variant,
+    *,
+    cc=True,
+    sigma=0.1,
+    N=300.0,
+    mean_dim=True,
+    update_state=False,
+    log_entropy=True,
+    bug=False,
+):
     """forward_diag + scatter_grad (upstream gradient 1, factor 2) as CEMLoss runs them."""
     C, m, D = cent.shape
     acc = tb.accumulation_dtype(z.dtype)
     centroids = cent.reshape(C * m, D).to(acc)
     threshold = trained_threshold(sigma, 0.125) if variant == "official-trained" else 0.0
     loss, coef, new_pi, new_var, assign = tb.forward_diag(
-        z, labels, centroids, pi, var, CODES[variant], m, cc, sigma, C, N, threshold, log_entropy, bug, mean_dim,
-        update_state=update_state)
+        z,
+        labels,
+        centroids,
+        pi,
+        var,
+        CODES[variant],
+        m,
+        cc,
+        sigma,
+        C,
+        N,
+        threshold,
+        log_entropy,
+        bug,
+        mean_dim,
+        update_state=update_state,
+    )
     dz = tb.scatter_grad(z, assign, centroids, coef, torch.ones((), dtype=acc), 2.0)
     return loss, dz, new_pi, new_var, assign, coef
 
 
-def check_fused(z, labels, cent, pi, var, variant, cc=True, sigma=0.1, N=300.0, mean_dim=True, log_entropy=True,
-                bug=False):
+def check_fused(
+    z, labels, cent, pi, var, variant, cc=True, sigma=0.1, N=300.0, mean_dim=True, log_entropy=True, bug=False
+):
     dtype = z.dtype
     acc = tb.accumulation_dtype(dtype)
     # the reference gets the same (rounded) state: only the computation is compared
@@ -493,12 +592,33 @@ def check_fused(z, labels, cent, pi, var, variant, cc=True, sigma=0.1, N=300.0, 
     p0 = None if variant == "official" else pi.clone()
     v0 = var.clone() if variant != "official" else torch.zeros(*cent.shape[:2], 0, dtype=acc)
     loss, dz, new_pi, new_var, assign, _ = fused_step(
-        z, labels, cent, p0 if p0 is not None else torch.zeros(cent.shape[:2], dtype=acc), v0, variant, cc=cc,
-        sigma=sigma, N=N, mean_dim=mean_dim, log_entropy=log_entropy, bug=bug)
+        z,
+        labels,
+        cent,
+        p0 if p0 is not None else torch.zeros(cent.shape[:2], dtype=acc),
+        v0,
+        variant,
+        cc=cc,
+        sigma=sigma,
+        N=N,
+        mean_dim=mean_dim,
+        log_entropy=log_entropy,
+        bug=bug,
+    )
     ref_loss, ref_grad, ref_pi, ref_var = run_reference(
-        z, labels, cent, pi, var if variant != "official" else None, variant, sigma=sigma, dataset_size=N,
-        reduction="mean_dim" if mean_dim else "sum", class_conditional=cc, log_entropy=int(log_entropy),
-        replicate_index_bug=bug)
+        z,
+        labels,
+        cent,
+        pi,
+        var if variant != "official" else None,
+        variant,
+        sigma=sigma,
+        dataset_size=N,
+        reduction="mean_dim" if mean_dim else "sum",
+        class_conditional=cc,
+        log_entropy=int(log_entropy),
+        replicate_index_bug=bug,
+    )
     tol = FUSED_TOL[dtype]
     assert loss.dtype == acc and loss.shape == ()
     assert abs(float(loss) - float(ref_loss)) <= tol * max(abs(float(ref_loss)), 1e-12), (float(loss), float(ref_loss))
@@ -517,7 +637,7 @@ def check_fused(z, labels, cent, pi, var, variant, cc=True, sigma=0.1, N=300.0, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("cc", [True, False])
 def test_forward_diag_matches_float64_reference(gen, variant, dtype, cc):
-    C, m, D, B = 4, 3, 37, 41                 # non-power-of-2 D
+    C, m, D, B = 4, 3, 37, 41  # non-power-of-2 D
     cent, pi, var = random_state("paper", C, m, D, gen=gen)
     z = torch.rand(B, D, generator=gen, dtype=torch.float64).to(dtype)
     labels = torch.randint(0, C, (B,), generator=gen)
@@ -529,18 +649,18 @@ def test_forward_diag_matches_float64_reference(gen, variant, dtype, cc):
 def test_forward_diag_edge_cases(gen, variant, case):
     C, m, D, B = 3, 2, 20, 30
     if case == "wide":
-        D, B = 130, 70                         # several D blocks and several assignment programs
+        D, B = 130, 70  # several D blocks and several assignment programs
     cent, pi, var = random_state("paper", C, m, D, gen=gen)
     z = torch.rand(B, D, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, C, (B,), generator=gen)
     if case == "one_sample":
         z, labels = z[:1], labels[:1]
     elif case == "empty_cluster":
-        cent[1, 1] += 50.0                     # nobody is near cluster 3
+        cent[1, 1] += 50.0  # nobody is near cluster 3
     elif case == "absent_class":
         labels = torch.where(labels == 2, 0, labels)
     elif case == "ties":
-        cent[0, 1] = cent[0, 0]                # an exact tie: the lower index wins
+        cent[0, 1] = cent[0, 0]  # an exact tie: the lower index wins
         z[:] = cent[0, 0] + 1e-3 * torch.rand(B, D, generator=gen, dtype=torch.float64)
         labels[:] = 0
     assign = check_fused(z.float(), labels, cent, pi, var, variant)
@@ -550,15 +670,16 @@ def test_forward_diag_edge_cases(gen, variant, case):
         assert torch.all(assign == 0)
 
 
-@pytest.mark.parametrize("cc,log_entropy,bug", [(True, True, False), (True, False, False), (True, True, True),
-                                                 (False, True, False)])
+@pytest.mark.parametrize(
+    "cc,log_entropy,bug", [(True, True, False), (True, False, False), (True, True, True), (False, True, False)]
+)
 def test_forward_diag_official_trained(gen, cc, log_entropy, bug):
     C, m, D, B = 4, 2, 21, 40
     cent, pi, var = random_state("official-trained", C, m, D, gen=gen)
     z = torch.rand(B, D, generator=gen, dtype=torch.float64).float()
     labels = torch.randint(0, C, (B,), generator=gen)
     if bug:
-        labels = torch.where(labels == 1, 3, labels)      # uneven classes, one absent: the bug reads other rows
+        labels = torch.where(labels == 1, 3, labels)  # uneven classes, one absent: the bug reads other rows
     assert 1 in tb.FUSED_VARIANT_CODES
     # N small enough that the blend weight reaches its cap for some clusters
     check_fused(z, labels, cent, pi, var, "official-trained", cc=cc, N=60.0, log_entropy=log_entropy, bug=bug)
@@ -587,7 +708,7 @@ def test_forward_diag_updates_the_state_in_place_and_is_deterministic(gen):
     inplace = fused_step(z, labels, cent, pi2, var2, "paper", update_state=True)
     assert inplace[2] is pi2 and inplace[3] is var2
     for a, b in zip(out, inplace):
-        assert torch.equal(a, b)              # bit for bit: fixed-order sums, no atomics
+        assert torch.equal(a, b)  # bit for bit: fixed-order sums, no atomics
     assert not torch.equal(pi2, pi) and not torch.equal(var2, var)
 
 
@@ -626,6 +747,7 @@ def real_tb(monkeypatch):
     """The compiled backend (not the interpreted copy)."""
     monkeypatch.delenv("TRITON_INTERPRET")
     from cem_fast.backends import triton_backend as real
+
     if real.kernels_interpreted():
         pytest.skip("TRITON_INTERPRET was set when the backend was imported in this process")
     return real
@@ -651,14 +773,35 @@ def test_gpu_fused_step_matches_float64_and_never_syncs(real_tb, gen, variant, d
     torch.cuda.set_sync_debug_mode("error")
     try:
         loss, coef, new_pi, new_var, assign = real_tb.forward_diag(
-            z, labels, cent.reshape(C * m, D), *state, code, m, True, 0.1, C, 20000.0, 0.0, True, False, True,
-            update_state=True)
+            z,
+            labels,
+            cent.reshape(C * m, D),
+            *state,
+            code,
+            m,
+            True,
+            0.1,
+            C,
+            20000.0,
+            0.0,
+            True,
+            False,
+            True,
+            update_state=True,
+        )
         dz = real_tb.scatter_grad(z, assign, cent.reshape(C * m, D), coef, torch.ones((), device="cuda"), 2.0)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     ref_loss, ref_grad, ref_pi, ref_var = run_reference(
-        z.cpu(), labels.cpu(), cent.cpu(), pi.cpu(), var.cpu() if variant == "paper" else None, variant, sigma=0.1,
-        dataset_size=20000.0)
+        z.cpu(),
+        labels.cpu(),
+        cent.cpu(),
+        pi.cpu(),
+        var.cpu() if variant == "paper" else None,
+        variant,
+        sigma=0.1,
+        dataset_size=20000.0,
+    )
     tol = FUSED_TOL[dtype]
     assert abs(float(loss) - float(ref_loss)) <= tol * abs(float(ref_loss))
     assert rel_err(dz.cpu(), ref_grad) <= tol
@@ -674,12 +817,13 @@ def test_gpu_fused_step_replays_in_a_cuda_graph_and_ragged_batches_do_not_recomp
     g = torch.ones((), device="cuda")
 
     def step(pi_, var_):
-        loss, coef, _, _, assign = real_tb.forward_diag(z, labels, flat, pi_, var_, 2, m, True, 0.1, C, 20000.0, 0.0,
-                                                        True, False, True, update_state=True)
+        loss, coef, _, _, assign = real_tb.forward_diag(
+            z, labels, flat, pi_, var_, 2, m, True, 0.1, C, 20000.0, 0.0, True, False, True, update_state=True
+        )
         return loss, real_tb.scatter_grad(z, assign, flat, coef, g, 2.0)
 
     eager_pi, eager_var = pi.clone(), var.clone()
-    eager = step(eager_pi, eager_var)                    # also compiles every kernel before the capture
+    eager = step(eager_pi, eager_var)  # also compiles every kernel before the capture
     graph_pi, graph_var = pi.clone(), var.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -692,6 +836,6 @@ def test_gpu_fused_step_replays_in_a_cuda_graph_and_ragged_batches_do_not_recomp
         assert torch.equal(a, b)
     kernels = (real_tb._assign_partial_kernel, real_tb._reduce_epilogue_kernel, real_tb._scatter_grad_kernel)
     before = [sum(len(c[0]) for c in k.device_caches.values()) for k in kernels]
-    z, labels = z[:100], labels[:100]                    # a ragged last batch: same kernels, no recompilation
+    z, labels = z[:100], labels[:100]  # a ragged last batch: same kernels, no recompilation
     step(pi.clone(), var.clone())
     assert [sum(len(c[0]) for c in k.device_caches.values()) for k in kernels] == before

@@ -5,6 +5,7 @@
 reconstructions.png). ``python -m cem_fast.audit --help`` is the same from the command line. Needs the
 ``audit`` extra (torchmetrics, matplotlib, tqdm, pillow), imported only where used.
 """
+
 from .adaptive import AdaptiveAttack, AdaptiveConfig
 from .data import FeatureSet, Normalization, compute_features, gaussian_perturbation, stratified_split
 from .decoder import DecoderAttack, DecoderConfig
@@ -16,8 +17,29 @@ from .report import AuditReport
 from .whitebox import WhiteboxConfig, run_whitebox
 
 __all__ = [
-    "ATTACKS", "DEFAULT_ATTACKS", "PRESETS", "AdaptiveAttack", "AdaptiveConfig", "AttackResult", "AuditPreset",
-    "AuditReport", "DecoderAttack", "DecoderConfig", "FeatureSet", "GANAttack", "GANConfig", "LoopConfig",
-    "Normalization", "TrainedAttack", "WhiteboxConfig", "audit", "compute_features", "gaussian_perturbation",
-    "prepare_data", "run_ladder", "run_whitebox", "stratified_split", "train_attack",
+    "ATTACKS",
+    "DEFAULT_ATTACKS",
+    "PRESETS",
+    "AdaptiveAttack",
+    "AdaptiveConfig",
+    "AttackResult",
+    "AuditPreset",
+    "AuditReport",
+    "DecoderAttack",
+    "DecoderConfig",
+    "FeatureSet",
+    "GANAttack",
+    "GANConfig",
+    "LoopConfig",
+    "Normalization",
+    "TrainedAttack",
+    "WhiteboxConfig",
+    "audit",
+    "compute_features",
+    "gaussian_perturbation",
+    "prepare_data",
+    "run_ladder",
+    "run_whitebox",
+    "stratified_split",
+    "train_attack",
 ]

@@ -3,6 +3,7 @@
 Writes DIR/report.json, DIR/report.md and DIR/reconstructions.png. Every bad input ends the run with
 one line on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,8 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help=f"comma list of {', '.join(ATTACKS)}")
     parser.add_argument("--head", help="MODULE:CALLABLE returning the server head on z (reports task accuracy)")
     parser.add_argument("--head-weights", help="a state_dict file for the head")
-    parser.add_argument("--mean", help="the encoder's input normalisation, e.g. 0.5,0.5,0.5 (default: CIFAR-10's "
-                                       "for cifar10-sample, none for files)")
+    parser.add_argument(
+        "--mean",
+        help="the encoder's input normalisation, e.g. 0.5,0.5,0.5 (default: CIFAR-10's "
+        "for cifar10-sample, none for files)",
+    )
     parser.add_argument("--std", help="as --mean")
     parser.add_argument("--h-x", type=float, default=None, help="H(x) in nats for Theorem 1's floor")
     parser.add_argument("--seed", type=int, default=0)
@@ -135,18 +139,33 @@ def run(argv=None) -> int:
     else:
         norm = CIFAR10_NORMALIZATION if args.data == "cifar10-sample" else None
     # load_named gives [0, 1] images; the encoder sees them normalised, as audit() expects its data.
-    prepared = {split: (x if norm is None else norm.normalize(x), y) for split, (x, y) in
-                ((s, data[s]) for s in ("train", "test") if s in data)}
+    prepared = {
+        split: (x if norm is None else norm.normalize(x), y)
+        for split, (x, y) in ((s, data[s]) for s in ("train", "test") if s in data)
+    }
     started = time.perf_counter()
-    report = audit(encoder, prepared["train"], test_data=prepared.get("test"), sigma=args.sigma, normalization=norm,
-                   head=head, attacks=attacks, preset=args.preset, h_x=args.h_x, seed=args.seed, device=args.device,
-                   progress=False if args.no_progress else None,
-                   log=lambda msg: print(f"[audit] {msg}", file=sys.stderr))
+    report = audit(
+        encoder,
+        prepared["train"],
+        test_data=prepared.get("test"),
+        sigma=args.sigma,
+        normalization=norm,
+        head=head,
+        attacks=attacks,
+        preset=args.preset,
+        h_x=args.h_x,
+        seed=args.seed,
+        device=args.device,
+        progress=False if args.no_progress else None,
+        log=lambda msg: print(f"[audit] {msg}", file=sys.stderr),
+    )
     paths = report.write(args.out)
     w = report.worst
-    print(f"worst case: MSE {w['mse']:.4f} ({w['mse_attack']}), SSIM {w['ssim']:.3f} ({w['ssim_attack']}); "
-          f"wrote {paths['json']}, {paths['markdown'].name}, {paths['figure'].name} in "
-          f"{time.perf_counter() - started:.0f} s")
+    print(
+        f"worst case: MSE {w['mse']:.4f} ({w['mse_attack']}), SSIM {w['ssim']:.3f} ({w['ssim_attack']}); "
+        f"wrote {paths['json']}, {paths['markdown'].name}, {paths['figure'].name} in "
+        f"{time.perf_counter() - started:.0f} s"
+    )
     return 0
 
 

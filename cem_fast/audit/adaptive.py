@@ -12,6 +12,7 @@ Threat model (stronger than ``decoder``):
 * it starts from the ``decoder`` attack's selected weights with ``g = 0`` (exactly that decoder), and
   that starting point is a candidate of the held-out selection, so on held-out data it is never worse.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,14 @@ from .decoder import DecoderConfig, train_decoder_epoch
 from .loop import AttackState, TrainedAttack
 from .nets import build_decoder
 
-__all__ = ["AdaptiveConfig", "AdaptiveAttack", "ClusterDenoiser", "AdaptiveInverter", "fit_cluster_prior",
-           "noise_variance"]
+__all__ = [
+    "AdaptiveConfig",
+    "AdaptiveAttack",
+    "ClusterDenoiser",
+    "AdaptiveInverter",
+    "fit_cluster_prior",
+    "noise_variance",
+]
 
 
 @dataclass(frozen=True)
@@ -80,13 +87,21 @@ class AdaptiveInverter(nn.Module):
         return self.decoder(moved.view_as(z))
 
 
-def fit_cluster_prior(features: torch.Tensor, labels: torch.Tensor, num_classes: int, clusters_per_class: int,
-                      sigma: float, seed: int = 0):
+def fit_cluster_prior(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, clusters_per_class: int, sigma: float, seed: int = 0
+):
     """CEM's per-class k-means state fitted on clean ``features`` (a ``cem_fast.CEMLoss``, variant paper, diag)."""
     from cem_fast import CEMLoss
 
-    cem = CEMLoss(num_classes, clusters_per_class=clusters_per_class, sigma=max(float(sigma), 1e-6),
-                  variant="paper", covariance="diag", backend="torch", seed=seed)
+    cem = CEMLoss(
+        num_classes,
+        clusters_per_class=clusters_per_class,
+        sigma=max(float(sigma), 1e-6),
+        variant="paper",
+        covariance="diag",
+        backend="torch",
+        seed=seed,
+    )
     return cem.refit(features.flatten(1).float(), labels)
 
 
@@ -107,8 +122,15 @@ class AdaptiveAttack(TrainedAttack):
     name = "adaptive"
     seed_offset = 700_000
 
-    def __init__(self, config: AdaptiveConfig = AdaptiveConfig(), *, num_classes: int, noise_var: float,
-                 init: Optional[nn.Module] = None, init_info: Optional[dict] = None):
+    def __init__(
+        self,
+        config: AdaptiveConfig = AdaptiveConfig(),
+        *,
+        num_classes: int,
+        noise_var: float,
+        init: Optional[nn.Module] = None,
+        init_info: Optional[dict] = None,
+    ):
         if not isinstance(config, AdaptiveConfig):
             raise TypeError(f"config must be an AdaptiveConfig, got {type(config).__name__}")
         if init is not None and not isinstance(init, nn.Module):
@@ -125,11 +147,13 @@ class AdaptiveAttack(TrainedAttack):
 
     def setup(self, fit: FeatureSet, device: torch.device) -> AttackState:
         c = self.config
-        cem = fit_cluster_prior(fit.features.cpu(), fit.labels.cpu(), self.num_classes, c.clusters_per_class,
-                                self.noise_var ** 0.5)
+        cem = fit_cluster_prior(
+            fit.features.cpu(), fit.labels.cpu(), self.num_classes, c.clusters_per_class, self.noise_var**0.5
+        )
         d = cem.centroids.shape[-1]
-        denoiser = ClusterDenoiser(cem.centroids.reshape(-1, d), cem.pi.reshape(-1), cem.variance.reshape(-1, d),
-                                   self.noise_var)
+        denoiser = ClusterDenoiser(
+            cem.centroids.reshape(-1, d), cem.pi.reshape(-1), cem.variance.reshape(-1, d), self.noise_var
+        )
         if self.init is not None:
             decoder = copy.deepcopy(self.init)
         else:
@@ -140,7 +164,15 @@ class AdaptiveAttack(TrainedAttack):
         return AttackState(inverter=model, optimizers={"adaptive": optimizer}, schedulers={"adaptive": scheduler})
 
     def epoch(self, state, fit, perturb, epoch, device, progress) -> dict:
-        loss = train_decoder_epoch(state.inverter, state.optimizers["adaptive"], fit, perturb,
-                                   self.config.batch_size, device, f"adaptive epoch {epoch}", progress,
-                                   draws=self.config.draws)
+        loss = train_decoder_epoch(
+            state.inverter,
+            state.optimizers["adaptive"],
+            fit,
+            perturb,
+            self.config.batch_size,
+            device,
+            f"adaptive epoch {epoch}",
+            progress,
+            draws=self.config.draws,
+        )
         return {"train_loss": loss, "gate": state.inverter.gate.item()}

@@ -3,6 +3,7 @@
 Images are kept in [0, 1] (de-normalised); the encoder sees them normalised with the stated mean/std.
 Every split here is seeded and stratified by class, so no result depends on the order of a data file.
 """
+
 from __future__ import annotations
 
 import sys
@@ -86,8 +87,10 @@ def to_unit_range(x: torch.Tensor, normalization: Optional[Normalization]) -> to
     low, high = x01.min().item(), x01.max().item()
     if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
         how = "no normalization was given" if normalization is None else f"normalization {normalization}"
-        raise ValueError(f"images are outside [0, 1] after de-normalisation (min {low:.3g}, max {high:.3g}; {how}): "
-                         f"pass the mean/std your data was normalised with")
+        raise ValueError(
+            f"images are outside [0, 1] after de-normalisation (min {low:.3g}, max {high:.3g}; {how}): "
+            f"pass the mean/std your data was normalised with"
+        )
     return x01.clamp_(0.0, 1.0)
 
 
@@ -105,11 +108,14 @@ class FeatureSet:
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(getattr(self, name)).__name__}")
         n = self.features.shape[0]
         if self.images.shape[0] != n or self.labels.shape != (n,):
-            raise ValueError(f"features ({n} rows), images ({self.images.shape[0]}) and labels "
-                             f"({tuple(self.labels.shape)}) must have the same number of rows")
+            raise ValueError(
+                f"features ({n} rows), images ({self.images.shape[0]}) and labels "
+                f"({tuple(self.labels.shape)}) must have the same number of rows"
+            )
         if self.images.dim() != 4 or not self.images.is_floating_point():
-            raise ValueError(f"images must be float [N, c, h, w] in [0, 1], got {self.images.dtype} "
-                             f"{list(self.images.shape)}")
+            raise ValueError(
+                f"images must be float [N, c, h, w] in [0, 1], got {self.images.dtype} {list(self.images.shape)}"
+            )
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -151,8 +157,9 @@ def as_tensors(data) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         data = DataLoader(data, batch_size=256, shuffle=False, num_workers=0)
     if not isinstance(data, (DataLoader, torch.utils.data.IterableDataset)):
-        raise TypeError(f"data must be a tensor, an (x, y) pair of tensors, a Dataset or a DataLoader, "
-                        f"got {type(data).__name__}")
+        raise TypeError(
+            f"data must be a tensor, an (x, y) pair of tensors, a Dataset or a DataLoader, got {type(data).__name__}"
+        )
     xs, ys = [], []
     for batch in data:
         if isinstance(batch, torch.Tensor):
@@ -184,10 +191,17 @@ def check_labels(y: Optional[torch.Tensor], n: int) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def compute_features(encoder: nn.Module, images01: torch.Tensor, labels: torch.Tensor,
-                     normalization: Optional[Normalization] = None, *, batch_size: int = 256,
-                     device: str | torch.device = "cpu", progress: Optional[bool] = False,
-                     desc: str = "encoder features") -> FeatureSet:
+def compute_features(
+    encoder: nn.Module,
+    images01: torch.Tensor,
+    labels: torch.Tensor,
+    normalization: Optional[Normalization] = None,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: Optional[bool] = False,
+    desc: str = "encoder features",
+) -> FeatureSet:
     """Run the frozen ``encoder`` (eval mode) once over ``images01`` (in [0, 1], normalised on the way in)."""
     if not isinstance(encoder, nn.Module):
         raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
@@ -200,15 +214,17 @@ def compute_features(encoder: nn.Module, images01: torch.Tensor, labels: torch.T
     features = []
     try:
         for start in progress_bar(range(0, len(images01), batch_size), desc, progress, leave=False):
-            x = images01[start:start + batch_size].to(device)
+            x = images01[start : start + batch_size].to(device)
             try:
                 z = encoder(x if normalization is None else normalization.normalize(x))
             except RuntimeError as err:  # e.g. a channel or size mismatch: the data does not fit this encoder
                 first = str(err).splitlines()[0] if str(err) else type(err).__name__
                 raise ValueError(f"the encoder failed on images of shape {list(x.shape)}: {first}") from err
             if not isinstance(z, torch.Tensor) or z.dim() not in (2, 4):
-                raise ValueError(f"the encoder must return [N, D] or [N, C, H, W] features, got "
-                                 f"{getattr(z, 'shape', type(z).__name__)}")
+                raise ValueError(
+                    f"the encoder must return [N, D] or [N, C, H, W] features, got "
+                    f"{getattr(z, 'shape', type(z).__name__)}"
+                )
             features.append(z.float().cpu())
     finally:
         encoder.train(was_training)

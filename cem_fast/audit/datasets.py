@@ -2,6 +2,7 @@
 
 Every loader returns images in [0, 1]; decoding (PIL) is imported only here, from the ``audit`` extra.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -35,8 +36,10 @@ def _decode(buf: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
     from PIL import Image  # the `audit` extra
 
     raw = buf.tobytes()
-    images = [np.asarray(Image.open(io.BytesIO(raw[offsets[i]:offsets[i + 1]])).convert("RGB"))
-              for i in range(len(offsets) - 1)]
+    images = [
+        np.asarray(Image.open(io.BytesIO(raw[offsets[i] : offsets[i + 1]])).convert("RGB"))
+        for i in range(len(offsets) - 1)
+    ]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
@@ -55,8 +58,10 @@ def _load_npz(path: Path) -> dict:
     with np.load(path) as d:
         keys = set(d.files)
         if {"train_offsets", "test_offsets"} <= keys:  # the shipped sample's layout
-            return {"train": (_decode(d["train_jpeg_bytes"], d["train_offsets"]), torch.from_numpy(d["train_y"])),
-                    "test": (_decode(d["test_png_bytes"], d["test_offsets"]), torch.from_numpy(d["test_y"]))}
+            return {
+                "train": (_decode(d["train_jpeg_bytes"], d["train_offsets"]), torch.from_numpy(d["train_y"])),
+                "test": (_decode(d["test_png_bytes"], d["test_offsets"]), torch.from_numpy(d["test_y"])),
+            }
         out = {}
         for split in ("train", "test"):
             for xk, yk in ((f"{split}_x", f"{split}_y"), (f"x_{split}", f"y_{split}")):
@@ -69,8 +74,10 @@ def _load_npz(path: Path) -> dict:
             if not out and bk in keys and "offsets" in keys:
                 out["train"] = (_decode(d[bk], d["offsets"]), torch.from_numpy(d["y"]) if "y" in keys else None)
         if not out:
-            raise ValueError(f"{path} holds none of the arrays x/y, images/labels, train_x/test_x, "
-                             f"jpeg_bytes/offsets: {sorted(keys)}")
+            raise ValueError(
+                f"{path} holds none of the arrays x/y, images/labels, train_x/test_x, "
+                f"jpeg_bytes/offsets: {sorted(keys)}"
+            )
         if "canonical_index" in keys and set(out) == {"train"}:  # files stored out of order: restore it
             order = torch.from_numpy(np.argsort(d["canonical_index"], kind="stable"))
             x, y = out["train"]

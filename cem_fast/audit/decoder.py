@@ -5,6 +5,7 @@ access to the client, or the client's training data at train time) and the defen
 trains a ResDecoder (8 residual blocks, 64 channels by default) with MSE on [0, 1] images until the MSE
 on a held-out part of its own data stops improving (``LoopConfig.patience``, ``max_epochs``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,8 +46,9 @@ class DecoderConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
 
 
-def train_decoder_epoch(model, optimizer, fit: FeatureSet, perturb, batch_size: int, device, desc: str,
-                        progress, draws: int = 1) -> float:
+def train_decoder_epoch(
+    model, optimizer, fit: FeatureSet, perturb, batch_size: int, device, desc: str, progress, draws: int = 1
+) -> float:
     """One epoch of MSE training of ``model`` on ``perturb(z) -> x``; ``draws`` fresh noise draws per image."""
     from .data import progress_bar
 
@@ -84,8 +86,16 @@ class DecoderAttack(TrainedAttack):
         return AttackState(inverter=model, optimizers={"decoder": optimizer}, schedulers={"decoder": scheduler})
 
     def epoch(self, state, fit, perturb, epoch, device, progress) -> dict:
-        loss = train_decoder_epoch(state.inverter, state.optimizers["decoder"], fit, perturb,
-                                   self.config.batch_size, device, f"decoder epoch {epoch}", progress)
+        loss = train_decoder_epoch(
+            state.inverter,
+            state.optimizers["decoder"],
+            fit,
+            perturb,
+            self.config.batch_size,
+            device,
+            f"decoder epoch {epoch}",
+            progress,
+        )
         return {"train_loss": loss}
 
 

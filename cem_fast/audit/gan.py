@@ -5,6 +5,7 @@ images. Critic loss ``-(mean D(x) - mean D(G(z~))) + 10 GP``; generator loss ``-
 one generator step per ``n_critic`` critic steps. The starting weights are a candidate of the held-out
 selection, so the GAN never ends worse (on held-out data) than the decoder it starts from.
 """
+
 from __future__ import annotations
 
 import copy
@@ -87,10 +88,15 @@ class GANAttack(TrainedAttack):
         opt_g = torch.optim.Adam(generator.parameters(), lr=c.lr_generator, betas=tuple(c.betas))
         opt_d = torch.optim.Adam(critic.parameters(), lr=c.lr_critic, betas=tuple(c.betas))
         return AttackState(
-            inverter=generator, modules={"critic": critic}, optimizers={"generator": opt_g, "critic": opt_d},
-            schedulers={"generator": torch.optim.lr_scheduler.CosineAnnealingLR(opt_g, T_max=c.t_max),
-                        "critic": torch.optim.lr_scheduler.CosineAnnealingLR(opt_d, T_max=c.t_max)},
-            counters={"step": 0})
+            inverter=generator,
+            modules={"critic": critic},
+            optimizers={"generator": opt_g, "critic": opt_d},
+            schedulers={
+                "generator": torch.optim.lr_scheduler.CosineAnnealingLR(opt_g, T_max=c.t_max),
+                "critic": torch.optim.lr_scheduler.CosineAnnealingLR(opt_d, T_max=c.t_max),
+            },
+            counters={"step": 0},
+        )
 
     def epoch(self, state, fit, perturb, epoch, device, progress) -> dict:
         c = self.config
@@ -125,14 +131,20 @@ class GANAttack(TrainedAttack):
                 sums["generator_loss"] += g_loss.item()
                 sums["generator_mse"] += mse.item()
                 n_generator_steps += 1
-        return {"critic_loss": sums["critic_loss"] / n_critic_steps, "gp": sums["gp"] / n_critic_steps,
-                "generator_steps": n_generator_steps,
-                "generator_loss": sums["generator_loss"] / n_generator_steps if n_generator_steps else None,
-                "generator_mse": sums["generator_mse"] / n_generator_steps if n_generator_steps else None}
+        return {
+            "critic_loss": sums["critic_loss"] / n_critic_steps,
+            "gp": sums["gp"] / n_critic_steps,
+            "generator_steps": n_generator_steps,
+            "generator_loss": sums["generator_loss"] / n_generator_steps if n_generator_steps else None,
+            "generator_mse": sums["generator_mse"] / n_generator_steps if n_generator_steps else None,
+        }
 
     def extra(self, state: AttackState) -> dict:
         step = state.counters["step"]
         if step < self.config.n_critic:
-            warnings.warn(f"GAN attack made {step} critic steps and no generator step "
-                          f"(n_critic={self.config.n_critic}); use more epochs or a smaller batch size", stacklevel=3)
+            warnings.warn(
+                f"GAN attack made {step} critic steps and no generator step "
+                f"(n_critic={self.config.n_critic}); use more epochs or a smaller batch size",
+                stacklevel=3,
+            )
         return {"generator_steps_total": step // self.config.n_critic, "critic_steps_total": step}

@@ -5,6 +5,7 @@ rest: a seeded, class-stratified held-out part of the attacker's data picks the 
 and a max-epoch budget), every epoch is checkpointed atomically (a rerun resumes and replays exactly),
 the learning curve is kept, and the selected weights are scored once on the test data.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,19 @@ from torch import nn
 from .data import FeatureSet, Perturbation, progress_bar, stratified_split
 from .metrics import ReconstructionMeter
 
-__all__ = ["LoopConfig", "TrainedAttack", "AttackState", "AttackResult", "train_attack", "seeded",
-           "evaluate_reconstruction", "reconstruct", "eval_seed", "save_atomic", "load_resumable"]
+__all__ = [
+    "LoopConfig",
+    "TrainedAttack",
+    "AttackState",
+    "AttackResult",
+    "train_attack",
+    "seeded",
+    "evaluate_reconstruction",
+    "reconstruct",
+    "eval_seed",
+    "save_atomic",
+    "load_resumable",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
@@ -68,17 +80,28 @@ def load_resumable(path: Path, fmt: str, protocol: dict) -> Optional[dict]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != fmt:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} is not a {fmt} checkpoint (found {found!r}); delete {path.parent} "
-                         f"(or pass --fresh) to start over")
+        raise ValueError(
+            f"{path} is not a {fmt} checkpoint (found {found!r}); delete {path.parent} (or pass --fresh) to start over"
+        )
     if state["protocol"] != protocol:
-        raise ValueError(f"{path} was written with a different attack protocol; delete {path.parent} "
-                         f"(or pass --fresh) to restart.\n saved: {state['protocol']}\n now:   {protocol}")
+        raise ValueError(
+            f"{path} was written with a different attack protocol; delete {path.parent} "
+            f"(or pass --fresh) to restart.\n saved: {state['protocol']}\n now:   {protocol}"
+        )
     return state
 
 
 @torch.no_grad()
-def reconstruct(model: nn.Module, data: FeatureSet, perturb: Perturbation, *, batch_size: int,
-                device: str | torch.device, noise_seed: int, limit: Optional[int] = None) -> torch.Tensor:
+def reconstruct(
+    model: nn.Module,
+    data: FeatureSet,
+    perturb: Perturbation,
+    *,
+    batch_size: int,
+    device: str | torch.device,
+    noise_seed: int,
+    limit: Optional[int] = None,
+) -> torch.Tensor:
     """Reconstructions in [0, 1] (on the CPU) of the first ``limit`` items of ``data`` (eval mode)."""
     n = len(data) if limit is None else min(limit, len(data))
     was_training = model.training
@@ -87,7 +110,7 @@ def reconstruct(model: nn.Module, data: FeatureSet, perturb: Perturbation, *, ba
     try:
         with seeded(noise_seed, device):
             for start in range(0, n, batch_size):
-                z = data.features[start:min(start + batch_size, n)].to(device)
+                z = data.features[start : min(start + batch_size, n)].to(device)
                 out.append(model(perturb(z)).float().cpu())
     finally:
         model.train(was_training)
@@ -95,8 +118,15 @@ def reconstruct(model: nn.Module, data: FeatureSet, perturb: Perturbation, *, ba
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model: nn.Module, data: FeatureSet, perturb: Perturbation, *, batch_size: int,
-                            device: str | torch.device, noise_seed: int) -> dict:
+def evaluate_reconstruction(
+    model: nn.Module,
+    data: FeatureSet,
+    perturb: Perturbation,
+    *,
+    batch_size: int,
+    device: str | torch.device,
+    noise_seed: int,
+) -> dict:
     """MSE / PSNR / SSIM of ``model(perturb(z))`` against the images, per image, under a fixed noise seed."""
     if len(data) == 0:
         raise ValueError("cannot evaluate on an empty FeatureSet")
@@ -157,16 +187,17 @@ class AttackState:
     counters: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        return {"inverter": self.inverter.state_dict(),
-                **{f"module.{k}": m.state_dict() for k, m in self.modules.items()},
-                **{f"optimizer.{k}": o.state_dict() for k, o in self.optimizers.items()},
-                **{f"scheduler.{k}": s.state_dict() for k, s in self.schedulers.items()},
-                "counters": dict(self.counters)}
+        return {
+            "inverter": self.inverter.state_dict(),
+            **{f"module.{k}": m.state_dict() for k, m in self.modules.items()},
+            **{f"optimizer.{k}": o.state_dict() for k, o in self.optimizers.items()},
+            **{f"scheduler.{k}": s.state_dict() for k, s in self.schedulers.items()},
+            "counters": dict(self.counters),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.inverter.load_state_dict(state["inverter"])
-        for prefix, group in (("module", self.modules), ("optimizer", self.optimizers),
-                              ("scheduler", self.schedulers)):
+        for prefix, group in (("module", self.modules), ("optimizer", self.optimizers), ("scheduler", self.schedulers)):
             for k, obj in group.items():
                 obj.load_state_dict(state[f"{prefix}.{k}"])
         self.counters.update(state["counters"])
@@ -193,8 +224,15 @@ class TrainedAttack:
     def setup(self, fit: FeatureSet, device: torch.device) -> AttackState:
         raise NotImplementedError
 
-    def epoch(self, state: AttackState, fit: FeatureSet, perturb: Perturbation, epoch: int,
-              device: torch.device, progress: Optional[bool]) -> dict:
+    def epoch(
+        self,
+        state: AttackState,
+        fit: FeatureSet,
+        perturb: Perturbation,
+        epoch: int,
+        device: torch.device,
+        progress: Optional[bool],
+    ) -> dict:
         """Train one epoch (the global RNG is already seeded for it); return its statistics."""
         raise NotImplementedError
 
@@ -224,22 +262,36 @@ class AttackResult:
     extra: dict = field(default_factory=dict)
 
     def record(self) -> dict:
-        return {"mse": self.test_metrics["mse"], "psnr": self.test_metrics["psnr"],
-                "ssim": self.test_metrics["ssim"], "n_scored": self.test_metrics["n_images"],
-                "metrics": self.test_metrics, "val_metrics": self.val_metrics, "best_epoch": self.best_epoch,
-                "epochs": self.epochs, "max_epochs": self.max_epochs, "sizes": self.sizes,
-                "train_class_counts": self.train_class_counts, "scored_class_counts": self.scored_class_counts,
-                "wall_time_s": self.wall_time_s, "learning_curve": self.history, "config": self.config,
-                **self.extra}
+        return {
+            "mse": self.test_metrics["mse"],
+            "psnr": self.test_metrics["psnr"],
+            "ssim": self.test_metrics["ssim"],
+            "n_scored": self.test_metrics["n_images"],
+            "metrics": self.test_metrics,
+            "val_metrics": self.val_metrics,
+            "best_epoch": self.best_epoch,
+            "epochs": self.epochs,
+            "max_epochs": self.max_epochs,
+            "sizes": self.sizes,
+            "train_class_counts": self.train_class_counts,
+            "scored_class_counts": self.scored_class_counts,
+            "wall_time_s": self.wall_time_s,
+            "learning_curve": self.history,
+            "config": self.config,
+            **self.extra,
+        }
 
 
-def _split(train: FeatureSet, test: FeatureSet, val_fraction: float, seed: int,
-           device: torch.device) -> tuple[FeatureSet, FeatureSet]:
+def _split(
+    train: FeatureSet, test: FeatureSet, val_fraction: float, seed: int, device: torch.device
+) -> tuple[FeatureSet, FeatureSet]:
     if not isinstance(train, FeatureSet) or not isinstance(test, FeatureSet):
         raise TypeError("train and test must be FeatureSets")
     if train.feature_shape != test.feature_shape or train.image_shape != test.image_shape:
-        raise ValueError(f"train and test have different feature or image shapes: {train.feature_shape} / "
-                         f"{train.image_shape} vs {test.feature_shape} / {test.image_shape}")
+        raise ValueError(
+            f"train and test have different feature or image shapes: {train.feature_shape} / "
+            f"{train.image_shape} vs {test.feature_shape} / {test.image_shape}"
+        )
     if len(test) == 0:
         raise ValueError("the test data is empty")
     fit_idx, val_idx = stratified_split(train.labels, val_fraction, seed)
@@ -249,10 +301,18 @@ def _split(train: FeatureSet, test: FeatureSet, val_fraction: float, seed: int,
     return fit, val
 
 
-def train_attack(attack: TrainedAttack, train: FeatureSet, test: FeatureSet, perturb: Perturbation,
-                 loop: LoopConfig = LoopConfig(), *, num_classes: Optional[int] = None,
-                 device: str | torch.device = "cpu", state_dir: str | os.PathLike | None = None,
-                 progress: Optional[bool] = None) -> AttackResult:
+def train_attack(
+    attack: TrainedAttack,
+    train: FeatureSet,
+    test: FeatureSet,
+    perturb: Perturbation,
+    loop: LoopConfig = LoopConfig(),
+    *,
+    num_classes: Optional[int] = None,
+    device: str | torch.device = "cpu",
+    state_dir: str | os.PathLike | None = None,
+    progress: Optional[bool] = None,
+) -> AttackResult:
     """Train ``attack`` on ``train`` (a held-out part picks the epoch) and score it once on ``test``.
 
     With ``state_dir`` every epoch is checkpointed there and a rerun resumes (bit-identical on one
@@ -266,8 +326,15 @@ def train_attack(attack: TrainedAttack, train: FeatureSet, test: FeatureSet, per
     device = torch.device(device)
     fit, val = _split(train, test, loop.val_fraction, loop.seed, device)
     n_classes = num_classes or int(max(train.labels.max().item(), test.labels.max().item())) + 1
-    protocol = {"attack": attack.protocol(), "loop": asdict(loop), "n_fit": len(fit), "n_val": len(val),
-                "n_test": len(test), "feature_shape": list(fit.feature_shape), "image_shape": list(fit.image_shape)}
+    protocol = {
+        "attack": attack.protocol(),
+        "loop": asdict(loop),
+        "n_fit": len(fit),
+        "n_val": len(val),
+        "n_test": len(test),
+        "feature_shape": list(fit.feature_shape),
+        "image_shape": list(fit.image_shape),
+    }
     fmt = f"cem_fast.audit.{attack.name}/v2"
     with seeded(loop.seed, device):
         state = attack.setup(fit, device)
@@ -292,8 +359,10 @@ def train_attack(attack: TrainedAttack, train: FeatureSet, test: FeatureSet, per
     finished = loop.patience is not None and since_best >= loop.patience
     bar = progress_bar(epochs, f"{attack.name} attack", progress) if not finished else []
     for epoch in bar:
-        lrs = {f"lr_{name}" if len(state.optimizers) > 1 else "lr": o.param_groups[0]["lr"]
-               for name, o in state.optimizers.items()}
+        lrs = {
+            f"lr_{name}" if len(state.optimizers) > 1 else "lr": o.param_groups[0]["lr"]
+            for name, o in state.optimizers.items()
+        }
         with seeded(int(loop.seed) * 1_000_003 + attack.seed_offset + epoch, device):
             stats = attack.epoch(state, fit, perturb, epoch, device, progress)
         with warnings.catch_warnings():
@@ -310,10 +379,21 @@ def train_attack(attack: TrainedAttack, train: FeatureSet, test: FeatureSet, per
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(val_mse=f"{val_mse:.4f}", best=best_epoch)
         if ckpt_path is not None:
-            save_atomic({"format": fmt, "protocol": protocol, "epoch": epoch, "state": state.state_dict(),
-                         "history": history, "best_epoch": best_epoch, "best_val_mse": best_val,
-                         "best_state": best_state, "since_best": since_best,
-                         "wall_time_s": prior_wall + time.perf_counter() - started}, ckpt_path)
+            save_atomic(
+                {
+                    "format": fmt,
+                    "protocol": protocol,
+                    "epoch": epoch,
+                    "state": state.state_dict(),
+                    "history": history,
+                    "best_epoch": best_epoch,
+                    "best_val_mse": best_val,
+                    "best_state": best_state,
+                    "since_best": since_best,
+                    "wall_time_s": prior_wall + time.perf_counter() - started,
+                },
+                ckpt_path,
+            )
         if loop.patience is not None and since_best >= loop.patience:
             break
     if best_state is None:
@@ -323,19 +403,32 @@ def train_attack(attack: TrainedAttack, train: FeatureSet, test: FeatureSet, per
     best.load_state_dict(best_state)
     best.eval()
     if state_dir is not None:
-        save_atomic({"format": fmt + "/best", "state_dict": best_state, "best_epoch": best_epoch,
-                     "protocol": protocol}, Path(state_dir) / BEST_NAME)
+        save_atomic(
+            {"format": fmt + "/best", "state_dict": best_state, "best_epoch": best_epoch, "protocol": protocol},
+            Path(state_dir) / BEST_NAME,
+        )
     test_metrics = evaluate_reconstruction(best, test, perturb, **eval_kwargs)
-    samples = {"original": test.images[:loop.num_samples].cpu(),
-               "reconstruction": reconstruct(best, test, perturb, limit=loop.num_samples, **eval_kwargs)}
+    samples = {
+        "original": test.images[: loop.num_samples].cpu(),
+        "reconstruction": reconstruct(best, test, perturb, limit=loop.num_samples, **eval_kwargs),
+    }
     return AttackResult(
-        name=attack.name, model=best, test_metrics=test_metrics,
-        val_metrics=evaluate_reconstruction(best, val, perturb, **eval_kwargs), best_epoch=best_epoch,
-        epochs=history[-1]["epoch"], max_epochs=loop.max_epochs, history=history, samples=samples,
+        name=attack.name,
+        model=best,
+        test_metrics=test_metrics,
+        val_metrics=evaluate_reconstruction(best, val, perturb, **eval_kwargs),
+        best_epoch=best_epoch,
+        epochs=history[-1]["epoch"],
+        max_epochs=loop.max_epochs,
+        history=history,
+        samples=samples,
         sizes={"fit": len(fit), "val": len(val), "test": len(test)},
-        train_class_counts=fit.class_counts(n_classes), scored_class_counts=test.class_counts(n_classes),
+        train_class_counts=fit.class_counts(n_classes),
+        scored_class_counts=test.class_counts(n_classes),
         wall_time_s=prior_wall + time.perf_counter() - started,
-        config={**attack.protocol(), **asdict(loop)}, extra=attack.extra(state))
+        config={**attack.protocol(), **asdict(loop)},
+        extra=attack.extra(state),
+    )
 
 
 def _copy_state(model: nn.Module) -> dict:

@@ -5,6 +5,7 @@ PER IMAGE and then averaged over images. The authors' code instead averages
 ``10 log10(1 / MSE_batch)`` over batches; that number is kept separately as
 ``psnr_per_batch_authors`` so tables can be compared with the paper.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,9 +32,7 @@ def _check_pair(reconstruction: torch.Tensor, target: torch.Tensor) -> None:
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor in [0, 1], got {value.dtype}")
     if reconstruction.shape != target.shape:
-        raise ValueError(
-            f"reconstruction shape {tuple(reconstruction.shape)} != target shape {tuple(target.shape)}"
-        )
+        raise ValueError(f"reconstruction shape {tuple(reconstruction.shape)} != target shape {tuple(target.shape)}")
 
 
 def mse_per_image(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

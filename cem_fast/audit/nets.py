@@ -4,6 +4,7 @@
 attack, used as is so that its numbers stay comparable); ``InversionDecoder`` adds a linear stem for flat
 ``[N, D]`` features and a final resize for any other map size. ``build_decoder`` picks between them.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -20,9 +21,11 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.BatchNorm2d(in_channels), nn.ReLU(),
+            nn.BatchNorm2d(in_channels),
+            nn.ReLU(),
             nn.Conv2d(in_channels, out_channels, 3, padding=1),
-            nn.BatchNorm2d(out_channels), nn.ReLU(),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         if in_channels == out_channels:
@@ -42,14 +45,18 @@ def _check_ints(**values) -> None:
             raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
-def _decoder_layers(in_channels: int, width: int, num_blocks: int, n_up: int, out_channels: int,
-                    resize_to: tuple | None) -> list[nn.Module]:
+def _decoder_layers(
+    in_channels: int, width: int, num_blocks: int, n_up: int, out_channels: int, resize_to: tuple | None
+) -> list[nn.Module]:
     layers: list[nn.Module] = [ResBlock(in_channels, width), nn.ReLU()]
     for _ in range(num_blocks):
         layers += [ResBlock(width, width), nn.ReLU()]
     for _ in range(n_up):
-        layers += [nn.ConvTranspose2d(width, width, 3, stride=2, padding=1, output_padding=1),
-                   nn.BatchNorm2d(width), nn.ReLU()]
+        layers += [
+            nn.ConvTranspose2d(width, width, 3, stride=2, padding=1, output_padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        ]
     if resize_to is not None:
         layers.append(nn.Upsample(size=resize_to, mode="bilinear", align_corners=False))
     layers += [ResBlock(width, out_channels), nn.Sigmoid()]
@@ -65,23 +72,34 @@ class ResDecoder(nn.Module):
     input width to image/4) this works for any ``out_size / in_size`` that is a power of two >= 1.
     """
 
-    def __init__(self, in_channels: int, in_size: int, out_size: int, out_channels: int = 3,
-                 num_blocks: int = 8, width: int = 64):
+    def __init__(
+        self, in_channels: int, in_size: int, out_size: int, out_channels: int = 3, num_blocks: int = 8, width: int = 64
+    ):
         super().__init__()
-        _check_ints(in_channels=(in_channels, 1), in_size=(in_size, 1), out_size=(out_size, 1),
-                    out_channels=(out_channels, 1), num_blocks=(num_blocks, 0), width=(width, 1))
+        _check_ints(
+            in_channels=(in_channels, 1),
+            in_size=(in_size, 1),
+            out_size=(out_size, 1),
+            out_channels=(out_channels, 1),
+            num_blocks=(num_blocks, 0),
+            width=(width, 1),
+        )
         ratio, rem = divmod(out_size, in_size)
         if rem or ratio & (ratio - 1):
-            raise ValueError(f"out_size/in_size must be a power of two >= 1, got out_size={out_size}, "
-                             f"in_size={in_size}")
+            raise ValueError(
+                f"out_size/in_size must be a power of two >= 1, got out_size={out_size}, in_size={in_size}"
+            )
         self.in_channels, self.in_size, self.out_size = in_channels, in_size, out_size
-        self.net = nn.Sequential(*_decoder_layers(in_channels, width, num_blocks, ratio.bit_length() - 1,
-                                                  out_channels, None))
+        self.net = nn.Sequential(
+            *_decoder_layers(in_channels, width, num_blocks, ratio.bit_length() - 1, out_channels, None)
+        )
 
     def forward(self, z):
         if z.dim() != 4 or z.shape[1] != self.in_channels or z.shape[-2:] != (self.in_size, self.in_size):
-            raise ValueError(f"ResDecoder expects z of shape [B, {self.in_channels}, {self.in_size}, "
-                             f"{self.in_size}], got {list(z.shape)}")
+            raise ValueError(
+                f"ResDecoder expects z of shape [B, {self.in_channels}, {self.in_size}, "
+                f"{self.in_size}], got {list(z.shape)}"
+            )
         return self.net(z)
 
 
@@ -105,8 +123,9 @@ class InversionDecoder(nn.Module):
         out_c, out_h, out_w = image_shape
         if len(feature_shape) == 1:
             side = max(1, min(out_h, out_w) // 4)
-            self.stem = nn.Sequential(nn.Linear(feature_shape[0], width * side * side),
-                                      nn.Unflatten(1, (width, side, side)))
+            self.stem = nn.Sequential(
+                nn.Linear(feature_shape[0], width * side * side), nn.Unflatten(1, (width, side, side))
+            )
             in_c, in_h, in_w = width, side, side
         else:
             self.stem = nn.Identity()
@@ -115,13 +134,16 @@ class InversionDecoder(nn.Module):
         while in_h << (n_up + 1) <= out_h and in_w << (n_up + 1) <= out_w:
             n_up += 1
         exact = (in_h << n_up, in_w << n_up) == (out_h, out_w)
-        self.net = nn.Sequential(*_decoder_layers(in_c, width, num_blocks, n_up, out_c,
-                                                  None if exact else (out_h, out_w)))
+        self.net = nn.Sequential(
+            *_decoder_layers(in_c, width, num_blocks, n_up, out_c, None if exact else (out_h, out_w))
+        )
 
     def forward(self, z):
         if tuple(z.shape[1:]) != self.feature_shape:
-            raise ValueError(f"InversionDecoder expects z of shape [B, {', '.join(map(str, self.feature_shape))}], "
-                             f"got {list(z.shape)}")
+            raise ValueError(
+                f"InversionDecoder expects z of shape [B, {', '.join(map(str, self.feature_shape))}], "
+                f"got {list(z.shape)}"
+            )
         return self.net(self.stem(z))
 
 
@@ -155,14 +177,21 @@ class WGANCritic(nn.Module):
         self.in_channels, self.image_size = in_channels, image_size
         final = _halved(_halved(_halved(image_size)))
         self.net = nn.Sequential(
-            nn.Conv2d(in_channels, 64, 5, stride=2, padding=2), nn.LeakyReLU(0.2),
-            nn.Conv2d(64, 128, 5, stride=2, padding=2), nn.InstanceNorm2d(128, affine=True), nn.LeakyReLU(0.2),
-            nn.Conv2d(128, 256, 5, stride=2, padding=2), nn.InstanceNorm2d(256, affine=True), nn.LeakyReLU(0.2),
+            nn.Conv2d(in_channels, 64, 5, stride=2, padding=2),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(64, 128, 5, stride=2, padding=2),
+            nn.InstanceNorm2d(128, affine=True),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(128, 256, 5, stride=2, padding=2),
+            nn.InstanceNorm2d(256, affine=True),
+            nn.LeakyReLU(0.2),
             nn.Conv2d(256, 1, final),
         )
 
     def forward(self, x):
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"WGANCritic expects x of shape [B, {self.in_channels}, {self.image_size}, "
-                             f"{self.image_size}], got {list(x.shape)}")
+            raise ValueError(
+                f"WGANCritic expects x of shape [B, {self.in_channels}, {self.image_size}, "
+                f"{self.image_size}], got {list(x.shape)}"
+            )
         return self.net(x).flatten()

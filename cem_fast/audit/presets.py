@@ -1,4 +1,5 @@
 """Audit budgets: ``smoke`` (a minute, checks the plumbing) and ``standard`` (the numbers to report)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,20 +54,31 @@ class AuditPreset:
 _SMOKE_DECODER = dict(batch_size=16, num_blocks=1, width=16)
 PRESETS = {
     "smoke": AuditPreset(
-        name="smoke", max_train_images=500, max_test_images=100,
-        decoder=DecoderConfig(lr=1e-2, t_max=5, **_SMOKE_DECODER), decoder_loop=LoopConfig(max_epochs=5, patience=3),
+        name="smoke",
+        max_train_images=500,
+        max_test_images=100,
+        decoder=DecoderConfig(lr=1e-2, t_max=5, **_SMOKE_DECODER),
+        decoder_loop=LoopConfig(max_epochs=5, patience=3),
         adaptive=AdaptiveConfig(lr=2e-3, draws=2, t_max=2, **_SMOKE_DECODER),
         adaptive_loop=LoopConfig(max_epochs=2, patience=2),
-        gan=GANConfig(batch_size=16, n_critic=2, t_max=2), gan_loop=LoopConfig(max_epochs=1, patience=1),
+        gan=GANConfig(batch_size=16, n_critic=2, t_max=2),
+        gan_loop=LoopConfig(max_epochs=1, patience=1),
         whitebox=WhiteboxConfig(steps=30, lr=0.03, n_images=16, batch_size=16),
-        bound_images=500),
+        bound_images=500,
+    ),
     "standard": AuditPreset(
-        name="standard", max_train_images=10_000, max_test_images=1000,
-        decoder=DecoderConfig(batch_size=128, t_max=15), decoder_loop=LoopConfig(max_epochs=15, patience=3),
-        adaptive=AdaptiveConfig(batch_size=128, draws=2, t_max=4), adaptive_loop=LoopConfig(max_epochs=4, patience=2),
-        gan=GANConfig(t_max=10), gan_loop=LoopConfig(max_epochs=5, patience=2),
+        name="standard",
+        max_train_images=10_000,
+        max_test_images=1000,
+        decoder=DecoderConfig(batch_size=128, t_max=15),
+        decoder_loop=LoopConfig(max_epochs=15, patience=3),
+        adaptive=AdaptiveConfig(batch_size=128, draws=2, t_max=4),
+        adaptive_loop=LoopConfig(max_epochs=4, patience=2),
+        gan=GANConfig(t_max=10),
+        gan_loop=LoopConfig(max_epochs=5, patience=2),
         whitebox=WhiteboxConfig(steps=200, n_images=128, batch_size=64),
-        bound_images=5000),
+        bound_images=5000,
+    ),
 }
 
 

@@ -6,6 +6,7 @@ and knows the noise level ``sigma``. For each image it minimises
 steps (no selection on the ground truth), starting from the mean image of its own data or from the
 decoder attack's reconstruction. It runs on a fixed, seeded, class-stratified subset of the test images.
 """
+
 from __future__ import annotations
 
 import time
@@ -75,16 +76,32 @@ def _invert_batch(encoder, z_obs, x0, truth, normalization, scale, config, progr
         with torch.no_grad():
             x.clamp_(0.0, 1.0)
             if step % every == 0 or step == config.steps:
-                curve.append({"step": step, "objective": objective.mean().item(),
-                              "mse": (x - truth).pow(2).flatten(1).mean(1).mean().item()})
+                curve.append(
+                    {
+                        "step": step,
+                        "objective": objective.mean().item(),
+                        "mse": (x - truth).pow(2).flatten(1).mean(1).mean().item(),
+                    }
+                )
     return x.detach(), curve
 
 
-def run_whitebox(encoder: nn.Module, test: FeatureSet, perturb: Perturbation, config: WhiteboxConfig = WhiteboxConfig(),
-                 *, sigma: Optional[float], normalization: Optional[Normalization], mean_image: torch.Tensor,
-                 start_model: Optional[nn.Module] = None, num_classes: Optional[int] = None, seed: int = 0,
-                 device: str | torch.device = "cpu", progress: Optional[bool] = None,
-                 num_samples: int = 16) -> AttackResult:
+def run_whitebox(
+    encoder: nn.Module,
+    test: FeatureSet,
+    perturb: Perturbation,
+    config: WhiteboxConfig = WhiteboxConfig(),
+    *,
+    sigma: Optional[float],
+    normalization: Optional[Normalization],
+    mean_image: torch.Tensor,
+    start_model: Optional[nn.Module] = None,
+    num_classes: Optional[int] = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: Optional[bool] = None,
+    num_samples: int = 16,
+) -> AttackResult:
     """Invert the perturbed features of a stratified subset of ``test`` through ``encoder`` (see the module)."""
     if not isinstance(config, WhiteboxConfig):
         raise TypeError(f"config must be a WhiteboxConfig, got {type(config).__name__}")
@@ -100,7 +117,7 @@ def run_whitebox(encoder: nn.Module, test: FeatureSet, perturb: Perturbation, co
         was_training = start_model.training
         start_model.eval()
         with torch.no_grad():
-            x0 = torch.cat([start_model(z_obs[i:i + 256]).float() for i in range(0, len(z_obs), 256)])
+            x0 = torch.cat([start_model(z_obs[i : i + 256]).float() for i in range(0, len(z_obs), 256)])
         start_model.train(was_training)
     else:
         x0 = mean_image.to(device).float().expand(len(scored), *scored.image_shape).contiguous()
@@ -112,8 +129,17 @@ def run_whitebox(encoder: nn.Module, test: FeatureSet, perturb: Perturbation, co
         for start in range(0, len(scored), config.batch_size):
             stop = min(start + config.batch_size, len(scored))
             truth = scored.images[start:stop].to(device)
-            x, curve = _invert_batch(encoder, z_obs[start:stop], x0[start:stop], truth, normalization, scale, config,
-                                     progress, f"whitebox images {start}-{stop}")
+            x, curve = _invert_batch(
+                encoder,
+                z_obs[start:stop],
+                x0[start:stop],
+                truth,
+                normalization,
+                scale,
+                config,
+                progress,
+                f"whitebox images {start}-{stop}",
+            )
             meter.update(x, truth)
             recon.append(x.cpu())
             curves.append(curve)
@@ -122,17 +148,34 @@ def run_whitebox(encoder: nn.Module, test: FeatureSet, perturb: Perturbation, co
         for p, g in zip(encoder.parameters(), grads):
             p.requires_grad_(g)
     sizes = [min(config.batch_size, len(scored) - s) for s in range(0, len(scored), config.batch_size)]
-    curve = [{"step": points[0]["step"],
-              **{k: sum(c[i][k] * n for c, n in zip(curves, sizes)) / len(scored) for k in ("objective", "mse")}}
-             for i, points in enumerate(zip(*curves))]
+    curve = [
+        {
+            "step": points[0]["step"],
+            **{k: sum(c[i][k] * n for c, n in zip(curves, sizes)) / len(scored) for k in ("objective", "mse")},
+        }
+        for i, points in enumerate(zip(*curves))
+    ]
     k = num_classes or int(test.labels.max().item()) + 1
     reconstruction = torch.cat(recon)
     return AttackResult(
-        name="whitebox", model=None, test_metrics=meter.compute(), val_metrics={}, best_epoch=config.steps,
-        epochs=config.steps, max_epochs=config.steps, history=curve,
+        name="whitebox",
+        model=None,
+        test_metrics=meter.compute(),
+        val_metrics={},
+        best_epoch=config.steps,
+        epochs=config.steps,
+        max_epochs=config.steps,
+        history=curve,
         samples={"original": scored.images[:num_samples].cpu(), "reconstruction": reconstruction[:num_samples]},
-        sizes={"test": len(scored)}, train_class_counts=[], scored_class_counts=class_counts(scored.labels, k),
+        sizes={"test": len(scored)},
+        train_class_counts=[],
+        scored_class_counts=class_counts(scored.labels, k),
         wall_time_s=time.perf_counter() - started,
-        config={**asdict(config), "sigma_used": scale, "started_from": "decoder" if use_decoder else "mean",
-                "seed": seed},
-        extra={"scored_indices": chosen.tolist()})
+        config={
+            **asdict(config),
+            "sigma_used": scale,
+            "started_from": "decoder" if use_decoder else "mean",
+            "seed": seed,
+        },
+        extra={"scored_indices": chosen.tolist()},
+    )

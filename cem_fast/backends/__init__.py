@@ -31,6 +31,7 @@ Optional, used by ``ops`` when present:
 * ``CHECKS_LABELS = True``: ``assign_stats`` raises ``ValueError`` for a label outside ``[0, K / m)``, so the
   caller need not check the range first.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -73,13 +74,16 @@ def _resolve(name: str, forced: Optional[str], device_type: str) -> str:
     for cand in candidates:
         if cand == "torch" or _available(cand, device_type):
             return cand
-    if name != "auto" and _PROBED[(name, device_type)][1] is None:   # a load failure has warned already
-        warnings.warn(f"cem_fast: backend {name!r} cannot run on {device_type} tensors; using 'torch'",
-                      RuntimeWarning, stacklevel=3)
+    if name != "auto" and _PROBED[(name, device_type)][1] is None:  # a load failure has warned already
+        warnings.warn(
+            f"cem_fast: backend {name!r} cannot run on {device_type} tensors; using 'torch'",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return "torch"
 
 
-_PROBED: dict = {}   # (name, device type) -> (runs there, the build or load failure or None)
+_PROBED: dict = {}  # (name, device type) -> (runs there, the build or load failure or None)
 
 
 def _available(name: str, device_type: str) -> bool:
@@ -95,8 +99,11 @@ def _available(name: str, device_type: str) -> bool:
         except Exception as exc:  # a missing compiler, a compile error, no triton...
             error = f"{type(exc).__name__}: {exc}"
         if error is not None:
-            warnings.warn(f"cem_fast: backend {name!r} is unavailable ({error}); falling back to 'torch'",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"cem_fast: backend {name!r} is unavailable ({error}); falling back to 'torch'",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         _PROBED[key] = (ok, error)
     return _PROBED[key][0]
 

@@ -5,6 +5,7 @@ Same contract as ``torch_backend`` (deterministic, independent of the thread cou
 plus the fused forward (assignment, statistics and the variant math in one call: thirty ATen calls on
 tiny tensors cost more than the kernels at B = 128) and the label-range check inside ``assign_stats``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,8 +17,8 @@ from .. import full_covariance
 from .extension import load_cpp_extension
 from .torch_backend import scaled_coef
 
-FUSED_VARIANT_CODES = frozenset({0, 1, 2})   # official, official-trained, paper (csrc/cem_cpu_variants.h)
-CHECKS_LABELS = True                         # assign_stats raises ValueError for a label out of range
+FUSED_VARIANT_CODES = frozenset({0, 1, 2})  # official, official-trained, paper (csrc/cem_cpu_variants.h)
+CHECKS_LABELS = True  # assign_stats raises ValueError for a label out of range
 
 
 @functools.cache
@@ -39,13 +40,18 @@ def load_error(device_type: str) -> Optional[str]:
     return _build_error() if device_type == "cpu" else None
 
 
-def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int,
-                 class_conditional: bool):
+def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int, class_conditional: bool):
     return load_cpp_extension().assign_stats(z, labels, centroids, int(m), bool(class_conditional))
 
 
-def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, coef: torch.Tensor,
-                 grad_out: Optional[torch.Tensor] = None, factor: float = 1.0) -> torch.Tensor:
+def scatter_grad(
+    z: torch.Tensor,
+    assign: torch.Tensor,
+    centroids: torch.Tensor,
+    coef: torch.Tensor,
+    grad_out: Optional[torch.Tensor] = None,
+    factor: float = 1.0,
+) -> torch.Tensor:
     return load_cpp_extension().scatter_grad(z, assign, centroids, scaled_coef(coef, grad_out, factor))
 
 
@@ -54,20 +60,75 @@ matrix_grad = full_covariance.matrix_grad
 factored_matrix_grad = full_covariance.segmented_full_grad
 
 
-def variant_math(counts, sqdev, pi, variance, variant_code: int, m: int, class_conditional: bool, sigma: float,
-                 num_classes: int, dataset_size: float, trained_threshold: float, log_entropy: bool,
-                 replicate_index_bug: bool, mean_dim: bool):
+def variant_math(
+    counts,
+    sqdev,
+    pi,
+    variance,
+    variant_code: int,
+    m: int,
+    class_conditional: bool,
+    sigma: float,
+    num_classes: int,
+    dataset_size: float,
+    trained_threshold: float,
+    log_entropy: bool,
+    replicate_index_bug: bool,
+    mean_dim: bool,
+):
     """A variant's math (diagonal covariance) in C++: ``(loss, coef, pi_new, variance_new)``."""
-    return load_cpp_extension().variant_math(counts, sqdev, pi, variance, variant_code, m, class_conditional, sigma,
-                                             num_classes, dataset_size, trained_threshold, log_entropy,
-                                             replicate_index_bug, mean_dim)
+    return load_cpp_extension().variant_math(
+        counts,
+        sqdev,
+        pi,
+        variance,
+        variant_code,
+        m,
+        class_conditional,
+        sigma,
+        num_classes,
+        dataset_size,
+        trained_threshold,
+        log_entropy,
+        replicate_index_bug,
+        mean_dim,
+    )
 
 
-def forward_diag(z, labels, centroids, pi, variance, variant_code: int, m: int, class_conditional: bool,
-                 sigma: float, num_classes: int, dataset_size: float, trained_threshold: float, log_entropy: bool,
-                 replicate_index_bug: bool, mean_dim: bool, update_state: bool = False):
+def forward_diag(
+    z,
+    labels,
+    centroids,
+    pi,
+    variance,
+    variant_code: int,
+    m: int,
+    class_conditional: bool,
+    sigma: float,
+    num_classes: int,
+    dataset_size: float,
+    trained_threshold: float,
+    log_entropy: bool,
+    replicate_index_bug: bool,
+    mean_dim: bool,
+    update_state: bool = False,
+):
     """``assign_stats`` then ``variant_math`` in one call: ``(loss, coef, pi_new, variance_new, assign)``.
     The new state is always returned as new tensors (``update_state`` is accepted and not needed)."""
-    return load_cpp_extension().forward_diag(z, labels, centroids, pi, variance, variant_code, m, class_conditional,
-                                             sigma, num_classes, dataset_size, trained_threshold, log_entropy,
-                                             replicate_index_bug, mean_dim)
+    return load_cpp_extension().forward_diag(
+        z,
+        labels,
+        centroids,
+        pi,
+        variance,
+        variant_code,
+        m,
+        class_conditional,
+        sigma,
+        num_classes,
+        dataset_size,
+        trained_threshold,
+        log_entropy,
+        replicate_index_bug,
+        mean_dim,
+    )

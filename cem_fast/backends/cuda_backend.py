@@ -2,6 +2,7 @@
 
 Same contract as ``torch_backend``; full covariance runs the batched PyTorch forms (no host sync).
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,13 +39,18 @@ def load_error(device_type: str) -> Optional[str]:
     return _build_error() if device_type == "cuda" and torch.cuda.is_available() else None
 
 
-def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int,
-                 class_conditional: bool):
+def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int, class_conditional: bool):
     return load_cuda_extension().assign_stats(z, labels, centroids, int(m), bool(class_conditional))
 
 
-def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, coef: torch.Tensor,
-                 grad_out: Optional[torch.Tensor] = None, factor: float = 1.0) -> torch.Tensor:
+def scatter_grad(
+    z: torch.Tensor,
+    assign: torch.Tensor,
+    centroids: torch.Tensor,
+    coef: torch.Tensor,
+    grad_out: Optional[torch.Tensor] = None,
+    factor: float = 1.0,
+) -> torch.Tensor:
     """The kernel reads a ``[K, 1]`` coefficient with a zero column stride: no expansion needed."""
     return load_cuda_extension().scatter_grad(z, assign, centroids, scaled_coef(coef, grad_out, factor))
 

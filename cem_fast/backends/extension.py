@@ -8,6 +8,7 @@ compiling once with ``torch.utils.cpp_extension.load`` into a cache folder:
 Both raise on failure (the compiler's output is in the message); the backends turn that into a warning.
 ``aot_extensions()`` gives ``setup.py`` the same sources and flags.
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,8 +56,10 @@ def _valid_cuda_home(path: str | os.PathLike | None) -> bool:
     if not path:
         return False
     p = Path(path)
-    has_cudart = any((p / sub / "libcudart.so").exists() for sub in ("lib64", "lib", "targets/x86_64-linux/lib",
-                                                                     "targets/sbsa-linux/lib"))
+    has_cudart = any(
+        (p / sub / "libcudart.so").exists()
+        for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib")
+    )
     return has_cudart and (p / "bin" / "nvcc").exists()
 
 
@@ -77,8 +80,10 @@ def find_cuda_home() -> str:
     for cand in candidates:
         if _valid_cuda_home(cand):
             return str(Path(cand).resolve())
-    raise RuntimeError("cem_fast: no CUDA toolkit found (need bin/nvcc and lib64/libcudart.so); "
-                       f"looked at {[c for c in candidates if c]}; set CUDA_HOME")
+    raise RuntimeError(
+        "cem_fast: no CUDA toolkit found (need bin/nvcc and lib64/libcudart.so); "
+        f"looked at {[c for c in candidates if c]}; set CUDA_HOME"
+    )
 
 
 def _version_key(path: str) -> tuple:
@@ -148,9 +153,15 @@ def load_cpp_extension():
 
 def build_cpp_extension(src: Path):
     """Compile (or reuse from the cache folder when unchanged) and import the CPU sources of the folder ``src``."""
-    return _cpp_extension().load(name=CPU_NAME, sources=[str(src / s) for s in CPU_SOURCES],
-                                 extra_include_paths=[str(src)], extra_cflags=CXX_FLAGS, extra_ldflags=LD_FLAGS,
-                                 build_directory=str(cache_dir(CPU_NAME)), verbose=False)
+    return _cpp_extension().load(
+        name=CPU_NAME,
+        sources=[str(src / s) for s in CPU_SOURCES],
+        extra_include_paths=[str(src)],
+        extra_cflags=CXX_FLAGS,
+        extra_ldflags=LD_FLAGS,
+        build_directory=str(cache_dir(CPU_NAME)),
+        verbose=False,
+    )
 
 
 def cuda_sources(src: Path | None = None) -> list[str]:
@@ -181,10 +192,16 @@ def build_cuda_extension(src: Path, name: str = CUDA_NAME):
     headers = _cuda_header_flags(home)
     # The cache folder names the arch list: a build for one GPU generation is not reused for another.
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "native").replace(" ", "_").replace(";", "_").replace("+", "p")
-    return cpp_extension.load(name=name, sources=cuda_sources(src), extra_include_paths=[str(src)],
-                              extra_cflags=CXX_FLAGS + headers, extra_cuda_cflags=NVCC_FLAGS + headers,
-                              extra_ldflags=LD_FLAGS, build_directory=str(cache_dir(f"{name}-{arch}")),
-                              verbose=False)
+    return cpp_extension.load(
+        name=name,
+        sources=cuda_sources(src),
+        extra_include_paths=[str(src)],
+        extra_cflags=CXX_FLAGS + headers,
+        extra_cuda_cflags=NVCC_FLAGS + headers,
+        extra_ldflags=LD_FLAGS,
+        build_directory=str(cache_dir(f"{name}-{arch}")),
+        verbose=False,
+    )
 
 
 def aot_extensions(with_cuda: bool | None = None) -> list:
@@ -193,9 +210,15 @@ def aot_extensions(with_cuda: bool | None = None) -> list:
     cpp_extension = _cpp_extension()
     src = csrc_dir()
     rel = os.path.relpath(src, Path.cwd())  # setuptools wants source paths relative to setup.py
-    exts = [cpp_extension.CppExtension(
-        "cem_fast._cem_cpu", [os.path.join(rel, s) for s in CPU_SOURCES], include_dirs=[str(src)],
-        extra_compile_args=CXX_FLAGS, extra_link_args=LD_FLAGS)]
+    exts = [
+        cpp_extension.CppExtension(
+            "cem_fast._cem_cpu",
+            [os.path.join(rel, s) for s in CPU_SOURCES],
+            include_dirs=[str(src)],
+            extra_compile_args=CXX_FLAGS,
+            extra_link_args=LD_FLAGS,
+        )
+    ]
     if with_cuda is None:
         try:
             with_cuda = bool(torch.version.cuda) and bool(cuda_sources()) and bool(find_cuda_home())
@@ -205,8 +228,13 @@ def aot_extensions(with_cuda: bool | None = None) -> list:
         home = _configure_cuda_env()[0]
         headers = _cuda_header_flags(home)
         sources = [os.path.join(rel, os.path.basename(s)) for s in cuda_sources()]
-        exts.append(cpp_extension.CUDAExtension(
-            "cem_fast._cem_cuda", sources, include_dirs=[str(src)],
-            extra_compile_args={"cxx": CXX_FLAGS + headers, "nvcc": NVCC_FLAGS + headers},
-            extra_link_args=LD_FLAGS))
+        exts.append(
+            cpp_extension.CUDAExtension(
+                "cem_fast._cem_cuda",
+                sources,
+                include_dirs=[str(src)],
+                extra_compile_args={"cxx": CXX_FLAGS + headers, "nvcc": NVCC_FLAGS + headers},
+                extra_link_args=LD_FLAGS,
+            )
+        )
     return exts

@@ -6,6 +6,7 @@ accumulation dtype (float64 for float64 input, else float32), ``K = num_classes 
 cluster's members of ``(z - mu)^2``) in the accumulation dtype. ``dz[i] = coef[a_i] * (z_i - mu[a_i])``
 in ``z``'s dtype. No host synchronisation, except the grouped full-covariance forms on the CPU.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -28,8 +29,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def assign(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int,
-           class_conditional: bool) -> torch.Tensor:
+def assign(
+    z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int, class_conditional: bool
+) -> torch.Tensor:
     """Nearest centroid by the elementwise sum of squared differences, ties to the lowest index.
 
     A GEMM (``|mu|^2 - 2 z.mu``) shortlists each row's two best candidates; their distances are then
@@ -43,15 +45,18 @@ def assign(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: in
     zc = z if z.dtype == centroids.dtype else z.to(centroids.dtype)
     # A repeated centroid (a class with fewer rows than clusters) never enters the shortlist: with three
     # copies the GEMM's per-column rounding could otherwise drop the lowest index from it.
-    c_sq = (centroids * centroids).sum(1).masked_fill(repeated_centroids(centroids, m if class_conditional else K),
-                                                      float("inf"))
+    c_sq = (
+        (centroids * centroids)
+        .sum(1)
+        .masked_fill(repeated_centroids(centroids, m if class_conditional else K), float("inf"))
+    )
     rows = max(1, _CHUNK_ELEMS // max(1, K))
     out = []
     for s in range(0, B, rows):
-        zs = zc[s:s + rows]
-        d2 = torch.addmm(c_sq[None, :], zs, centroids.t(), alpha=-2.0)                 # [b, K]
+        zs = zc[s : s + rows]
+        d2 = torch.addmm(c_sq[None, :], zs, centroids.t(), alpha=-2.0)  # [b, K]
         if class_conditional:
-            cand = labels[s:s + rows, None] * m + torch.arange(m, device=z.device)[None]
+            cand = labels[s : s + rows, None] * m + torch.arange(m, device=z.device)[None]
             d2 = d2.gather(1, cand)
         else:
             cand = torch.arange(K, device=z.device).expand(zs.shape[0], K)
@@ -59,7 +64,7 @@ def assign(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: in
         if cand.shape[1] > 2:
             cand = cand.gather(1, d2.topk(2, dim=1, largest=False).indices).sort(dim=1).values
         mu = centroids.index_select(0, cand.reshape(-1)).view(cand.shape[0], cand.shape[1], D)
-        exact = (zs[:, None, :] - mu).pow(2).sum(-1)                                  # [b, <=2]
+        exact = (zs[:, None, :] - mu).pow(2).sum(-1)  # [b, <=2]
         best = cand.gather(1, exact.argmin(1, keepdim=True)).squeeze(1)
         # A NaN distance: torch's argmin picks the first NaN candidate, which topk may leave out.
         first_nan = full.gather(1, d2.argmin(1, keepdim=True)).squeeze(1)
@@ -67,8 +72,7 @@ def assign(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: in
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
-def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int,
-                 class_conditional: bool):
+def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int, class_conditional: bool):
     K, D = centroids.shape
     a = assign(z, labels, centroids, m, class_conditional)
     diff = z.to(centroids.dtype) - centroids.index_select(0, a)
@@ -84,8 +88,14 @@ def scaled_coef(coef: torch.Tensor, grad_out: Optional[torch.Tensor], factor: fl
     return coef if factor == 1.0 else coef * factor
 
 
-def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, coef: torch.Tensor,
-                 grad_out: Optional[torch.Tensor] = None, factor: float = 1.0) -> torch.Tensor:
+def scatter_grad(
+    z: torch.Tensor,
+    assign: torch.Tensor,
+    centroids: torch.Tensor,
+    coef: torch.Tensor,
+    grad_out: Optional[torch.Tensor] = None,
+    factor: float = 1.0,
+) -> torch.Tensor:
     coef = scaled_coef(coef, grad_out, factor)
     diff = z.to(centroids.dtype) - centroids.index_select(0, assign)
     return (coef.index_select(0, assign) * diff).to(z.dtype)
@@ -102,8 +112,9 @@ def cluster_second_moments(z: torch.Tensor, assign: torch.Tensor, centroids: tor
 matrix_grad = full_covariance.matrix_grad
 
 
-def factored_matrix_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, chol: torch.Tensor,
-                         factor: torch.Tensor) -> torch.Tensor:
+def factored_matrix_grad(
+    z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, chol: torch.Tensor, factor: torch.Tensor
+) -> torch.Tensor:
     """One Cholesky solve per cluster on the CPU, else the explicit coefficient and the batched product."""
     if z.device.type == "cpu":
         return full_covariance.segmented_full_grad(z, assign, centroids, chol, factor)

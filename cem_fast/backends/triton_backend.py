@@ -33,6 +33,7 @@ The batch size is never specialised (``do_not_specialize``): a ragged last batch
 Rows whose label is outside ``[0, K/m)`` (class-conditional only) cannot be rejected without a host
 sync; they get ``assign = -1``, count in no cluster and receive a zero gradient. Callers validate labels.
 """
+
 from __future__ import annotations
 
 import functools
@@ -70,12 +71,27 @@ if triton is not None:
     # without TRITON_INTERPRET, which would make an interpreted copy of these kernels unusable in a
     # process that has already imported triton (e.g. a test suite that also runs GPU tests).
     _sum_combine = tl.standard._sum_combine
-    _argmin_combine = tl.standard._argmin_combine_tie_break_left    # ties -> lowest index
+    _argmin_combine = tl.standard._argmin_combine_tie_break_left  # ties -> lowest index
 
     @triton.jit
-    def _argmin_rows(z_rows, row_ok, labels_ptr, rows, cent_ptr, D, K, M, num_classes, stride_zd, stride_cb,
-                     stride_cd, CLASS_COND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+    def _argmin_rows(
+        z_rows,
+        row_ok,
+        labels_ptr,
+        rows,
+        cent_ptr,
+        D,
+        K,
+        M,
+        num_classes,
+        stride_zd,
+        stride_cb,
+        stride_cd,
+        CLASS_COND: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         """``(assign, valid)`` of a block of rows: the nearest candidate, ties to the lowest index."""
         acc_dtype = cent_ptr.dtype.element_ty
         if CLASS_COND:
@@ -96,16 +112,23 @@ if triton is not None:
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + tl.arange(0, BLOCK_D)
                 d_ok = d < D
-                zt = tl.load(z_rows + d[None, :] * stride_zd, mask=row_ok[:, None] & d_ok[None, :],
-                             other=0.0).to(acc_dtype)
+                zt = tl.load(z_rows + d[None, :] * stride_zd, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(
+                    acc_dtype
+                )
                 if CLASS_COND:
                     cidx = base[:, None] + j[None, :]
                     c_ok = valid[:, None] & j_ok[None, :]
-                    mu = tl.load(cent_ptr + cidx[:, :, None] * stride_cb + d[None, None, :] * stride_cd,
-                                 mask=c_ok[:, :, None] & d_ok[None, None, :], other=0.0)
+                    mu = tl.load(
+                        cent_ptr + cidx[:, :, None] * stride_cb + d[None, None, :] * stride_cd,
+                        mask=c_ok[:, :, None] & d_ok[None, None, :],
+                        other=0.0,
+                    )
                 else:
-                    mu = tl.load(cent_ptr + j.to(tl.int64)[:, None] * stride_cb + d[None, :] * stride_cd,
-                                 mask=j_ok[:, None] & d_ok[None, :], other=0.0)[None, :, :]
+                    mu = tl.load(
+                        cent_ptr + j.to(tl.int64)[:, None] * stride_cb + d[None, :] * stride_cd,
+                        mask=j_ok[:, None] & d_ok[None, :],
+                        other=0.0,
+                    )[None, :, :]
                 diff = zt[:, None, :] - mu
                 dist += tl.reduce(diff * diff, 2, _sum_combine)
             dist = tl.where(j_ok[None, :], dist, float("inf"))
@@ -117,12 +140,31 @@ if triton is not None:
         return base + best_j, valid
 
     @triton.jit(do_not_specialize=["B", "rows_per_prog"])
-    def _assign_partial_kernel(z_ptr, labels_ptr, cent_ptr, assign_ptr, pcount_ptr, psq_ptr,
-                               B, D, K, M, num_classes, rows_per_prog,
-                               stride_zb, stride_zd, stride_cb, stride_cd,
-                               CLASS_COND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-                               BLOCK_D: tl.constexpr, BLOCK_BS: tl.constexpr, BLOCK_KS: tl.constexpr,
-                               BLOCK_DS: tl.constexpr):
+    def _assign_partial_kernel(
+        z_ptr,
+        labels_ptr,
+        cent_ptr,
+        assign_ptr,
+        pcount_ptr,
+        psq_ptr,
+        B,
+        D,
+        K,
+        M,
+        num_classes,
+        rows_per_prog,
+        stride_zb,
+        stride_zd,
+        stride_cb,
+        stride_cd,
+        CLASS_COND: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_BS: tl.constexpr,
+        BLOCK_KS: tl.constexpr,
+        BLOCK_DS: tl.constexpr,
+    ):
         # Kernel 1 of the forward. Program p owns rows [p * rows_per_prog, ...): phase 1 assigns them
         # (written to assign), phase 2 re-reads them and writes this program's partial statistics of
         # *every* cluster (zeros included: nothing is zero-filled beforehand):
@@ -136,8 +178,24 @@ if triton is not None:
             rows = r0 + tl.arange(0, BLOCK_B)
             row_ok = rows < row_end
             z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_zb
-            a, valid = _argmin_rows(z_rows, row_ok, labels_ptr, rows, cent_ptr, D, K, M, num_classes,
-                                    stride_zd, stride_cb, stride_cd, CLASS_COND, BLOCK_B, BLOCK_K, BLOCK_D)
+            a, valid = _argmin_rows(
+                z_rows,
+                row_ok,
+                labels_ptr,
+                rows,
+                cent_ptr,
+                D,
+                K,
+                M,
+                num_classes,
+                stride_zd,
+                stride_cb,
+                stride_cd,
+                CLASS_COND,
+                BLOCK_B,
+                BLOCK_K,
+                BLOCK_D,
+            )
             tl.store(assign_ptr + rows, tl.where(valid, a, -1), mask=row_ok)
         # phase 2 reads what other threads of this program wrote: a CTA barrier makes the writes visible
         tl.debug_barrier()
@@ -159,30 +217,66 @@ if triton is not None:
                     rows = r0 + tl.arange(0, BLOCK_BS)
                     r_ok = rows < row_end
                     a = tl.load(assign_ptr + rows, mask=r_ok, other=-1)
-                    in_blk = (a >= k0) & (a < k0 + BLOCK_KS)     # rows of this block of clusters
+                    in_blk = (a >= k0) & (a < k0 + BLOCK_KS)  # rows of this block of clusters
                     msk = in_blk[:, None] & d_ok[None, :]
-                    zt = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_zb + d[None, :] * stride_zd,
-                                 mask=msk, other=0.0)
-                    mu = tl.load(cent_ptr + tl.where(in_blk, a, 0)[:, None] * stride_cb + d[None, :] * stride_cd,
-                                 mask=msk, other=0.0)
+                    zt = tl.load(
+                        z_ptr + rows.to(tl.int64)[:, None] * stride_zb + d[None, :] * stride_zd, mask=msk, other=0.0
+                    )
+                    mu = tl.load(
+                        cent_ptr + tl.where(in_blk, a, 0)[:, None] * stride_cb + d[None, :] * stride_cd,
+                        mask=msk,
+                        other=0.0,
+                    )
                     diff = tl.where(msk, zt.to(acc_dtype) - mu, 0.0)
-                    hit = (a[:, None] == kk[None, :]).to(acc_dtype)          # [rows, clusters] one-hot
+                    hit = (a[:, None] == kk[None, :]).to(acc_dtype)  # [rows, clusters] one-hot
                     acc += tl.dot(tl.trans(hit), diff * diff, input_precision="ieee")
                 tl.store(psq_ptr + (pbase + kk)[:, None] * D + d[None, :], acc, mask=k_ok[:, None] & d_ok[None, :])
 
     @triton.jit(do_not_specialize=["B"])
-    def _assign_atomic_kernel(z_ptr, labels_ptr, cent_ptr, assign_ptr, sqdev_ptr, counts_ptr,
-                              B, D, K, M, num_classes,
-                              stride_zb, stride_zd, stride_cb, stride_cd,
-                              BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                              CLASS_COND: tl.constexpr):
+    def _assign_atomic_kernel(
+        z_ptr,
+        labels_ptr,
+        cent_ptr,
+        assign_ptr,
+        sqdev_ptr,
+        counts_ptr,
+        B,
+        D,
+        K,
+        M,
+        num_classes,
+        stride_zb,
+        stride_zd,
+        stride_cb,
+        stride_cd,
+        BLOCK_B: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        CLASS_COND: tl.constexpr,
+    ):
         # use_atomics=True: one pass, statistics added straight into zero-filled sqdev / counts
         acc_dtype = cent_ptr.dtype.element_ty
         rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         row_ok = rows < B
         z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_zb
-        a, valid = _argmin_rows(z_rows, row_ok, labels_ptr, rows, cent_ptr, D, K, M, num_classes,
-                                stride_zd, stride_cb, stride_cd, CLASS_COND, BLOCK_B, BLOCK_K, BLOCK_D)
+        a, valid = _argmin_rows(
+            z_rows,
+            row_ok,
+            labels_ptr,
+            rows,
+            cent_ptr,
+            D,
+            K,
+            M,
+            num_classes,
+            stride_zd,
+            stride_cb,
+            stride_cd,
+            CLASS_COND,
+            BLOCK_B,
+            BLOCK_K,
+            BLOCK_D,
+        )
         tl.store(assign_ptr + rows, tl.where(valid, a, -1), mask=row_ok)
         a_safe = tl.where(valid, a, 0)
         for d0 in range(0, D, BLOCK_D):
@@ -207,10 +301,32 @@ if triton is not None:
         return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
 
     @triton.jit(do_not_specialize=["P"])
-    def _reduce_epilogue_kernel(pcount_ptr, psq_ptr, pi_ptr, var_ptr, var_out_ptr, pi_out_ptr, coef_ptr,
-                                lossp_ptr, P, K, D, M, c_hi, c_lo, n_hi, n_lo, scale_hi, scale_lo,
-                                EPILOGUE: tl.constexpr, CLASS_COND: tl.constexpr, M_PAD: tl.constexpr,
-                                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _reduce_epilogue_kernel(
+        pcount_ptr,
+        psq_ptr,
+        pi_ptr,
+        var_ptr,
+        var_out_ptr,
+        pi_out_ptr,
+        coef_ptr,
+        lossp_ptr,
+        P,
+        K,
+        D,
+        M,
+        c_hi,
+        c_lo,
+        n_hi,
+        n_lo,
+        scale_hi,
+        scale_lo,
+        EPILOGUE: tl.constexpr,
+        CLASS_COND: tl.constexpr,
+        M_PAD: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         # Kernel 2 of the forward: program (k, D block) sums the P programs' partials in a fixed order,
         # then (EPILOGUE) 0: writes the raw statistics sqdev -> var_out, counts -> pi_out;
         # 1 (official): coef and the loss partial; 2 (paper, diag): the new variance (var_out may be
@@ -224,11 +340,14 @@ if triton is not None:
         j = tl.arange(0, M_PAD)
         j_ok = j < M
         pp = tl.arange(0, BLOCK_P)
-        own = tl.full([M_PAD], 0, tl.int32)                       # counts of the clusters of k's class
+        own = tl.full([M_PAD], 0, tl.int32)  # counts of the clusters of k's class
         for p0 in range(0, P, BLOCK_P):
             p = p0 + pp
-            t = tl.load(pcount_ptr + p.to(tl.int64)[:, None] * K + (cls * M + j)[None, :],
-                        mask=(p < P)[:, None] & j_ok[None, :], other=0)
+            t = tl.load(
+                pcount_ptr + p.to(tl.int64)[:, None] * K + (cls * M + j)[None, :],
+                mask=(p < P)[:, None] & j_ok[None, :],
+                other=0,
+            )
             own += tl.reduce(t, 0, _sum_combine)
         n_k = tl.reduce(tl.where(j == k - cls * M, own, 0), 0, _sum_combine).to(acc_dtype)
         n_cls = tl.reduce(own, 0, _sum_combine).to(acc_dtype)
@@ -237,15 +356,18 @@ if triton is not None:
         sq = tl.full([BLOCK_D], 0, acc_dtype)
         for p0 in range(0, P, BLOCK_P):
             p = p0 + pp
-            t = tl.load(psq_ptr + (p.to(tl.int64)[:, None] * K + k) * D + d[None, :],
-                        mask=(p < P)[:, None] & d_ok[None, :], other=0.0)
+            t = tl.load(
+                psq_ptr + (p.to(tl.int64)[:, None] * K + k) * D + d[None, :],
+                mask=(p < P)[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             sq += tl.reduce(t, 0, _sum_combine)
         kd = k.to(tl.int64) * D + d
         if EPILOGUE == 0:
             tl.store(var_out_ptr + kd, sq, mask=d_ok)
             if pd == 0:
                 tl.store(pi_out_ptr + k, n_k)
-        elif EPILOGUE == 3:     # official-trained: the block's share of each cluster's sum of sqdev
+        elif EPILOGUE == 3:  # official-trained: the block's share of each cluster's sum of sqdev
             tl.store(lossp_ptr + k * tl.num_programs(1) + pd, tl.reduce(sq, 0, _sum_combine))
         else:
             # batch size and classes present, from every cluster's count (2-D tiles: program x class)
@@ -278,8 +400,9 @@ if triton is not None:
                 weight = tl.where(n_k > 0, n_k / tl.maximum(group, 1.0), 0.0)
                 arg = sq / n_safe + c_const
                 logs = tl.where(d_ok, tl.log(arg), 0.0)
-                tl.store(lossp_ptr + k * tl.num_programs(1) + pd,
-                         weight * tl.reduce(logs, 0, _sum_combine) / (num_p * D))
+                tl.store(
+                    lossp_ptr + k * tl.num_programs(1) + pd, weight * tl.reduce(logs, 0, _sum_combine) / (num_p * D)
+                )
                 tl.store(coef_ptr + kd, (weight / (num_p * D * n_safe)) / arg, mask=d_ok)
             else:
                 N = _split_float(n_hi, n_lo, acc_dtype)
@@ -299,8 +422,9 @@ if triton is not None:
                 tl.store(coef_ptr + kd, (scale * 0.5 * pi_new * alpha / n_safe) / (v_new + c_const), mask=d_ok)
 
     @triton.jit
-    def _finish_kernel(lossp_ptr, loss_ptr, pi_src_ptr, pi_dst_ptr, n_parts, K,
-                       COPY_PI: tl.constexpr, BLOCK: tl.constexpr):
+    def _finish_kernel(
+        lossp_ptr, loss_ptr, pi_src_ptr, pi_dst_ptr, n_parts, K, COPY_PI: tl.constexpr, BLOCK: tl.constexpr
+    ):
         # Kernel 3 of the forward (one program): the loss as a fixed-order sum of kernel 2's partials,
         # and (COPY_PI) the new pi copied into the state in place.
         acc = tl.full([BLOCK], 0, lossp_ptr.dtype.element_ty)
@@ -314,10 +438,29 @@ if triton is not None:
                 tl.store(pi_dst_ptr + kk, tl.load(pi_src_ptr + kk, mask=kk < K), mask=kk < K)
 
     @triton.jit(do_not_specialize=["P"])
-    def _trained_finish_kernel(lossp_ptr, pcount_ptr, pi_ptr, var_ptr, coef_ptr, loss_ptr, n_parts, P, K, M, D,
-                               t_hi, t_lo, n_hi, n_lo, CLASS_COND: tl.constexpr, INDEX_BUG: tl.constexpr,
-                               LOG_ENTROPY: tl.constexpr, K_PAD: tl.constexpr, C_PAD: tl.constexpr,
-                               BLOCK_P: tl.constexpr):
+    def _trained_finish_kernel(
+        lossp_ptr,
+        pcount_ptr,
+        pi_ptr,
+        var_ptr,
+        coef_ptr,
+        loss_ptr,
+        n_parts,
+        P,
+        K,
+        M,
+        D,
+        t_hi,
+        t_lo,
+        n_hi,
+        n_lo,
+        CLASS_COND: tl.constexpr,
+        INDEX_BUG: tl.constexpr,
+        LOG_ENTROPY: tl.constexpr,
+        K_PAD: tl.constexpr,
+        C_PAD: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
         # Kernel 3 of official-trained (one program; cem_fast.variants.official_trained with a scalar
         # variance per cluster): per-cluster sums of kernel 2's partials, then loss and coef [K, 1].
         # t = the hinge threshold, n = dataset_size / num_classes.
@@ -337,18 +480,18 @@ if triton is not None:
         n = cnt.to(acc_dtype)
         C = K // M
         cc = tl.arange(0, C_PAD)
-        member = ((kk // M)[None, :] == cc[:, None]) & k_ok[None, :]            # [class, cluster]
+        member = ((kk // M)[None, :] == cc[:, None]) & k_ok[None, :]  # [class, cluster]
         class_n = tl.reduce(tl.where(member, n[None, :], 0.0), 1, _sum_combine)
         if CLASS_COND:
             num_p = tl.maximum(tl.reduce(((class_n > 0) & (cc < C)).to(acc_dtype), 0, _sum_combine), 1.0)
         else:
             num_p = tl.full([], 1.0, acc_dtype)
         idx = kk
-        if INDEX_BUG:   # variants.index_bug_rows: class c reads the row of the class of sorted sample rank(c)
+        if INDEX_BUG:  # variants.index_bug_rows: class c reads the row of the class of sorted sample rank(c)
             rank = tl.associative_scan(((class_n > 0) & (cc < C)).to(tl.int32), 0, _sum_combine) - 1
             ends = tl.associative_scan(class_n, 0, _sum_combine)
             r = tl.maximum(rank, 0).to(acc_dtype)
-            below = (ends[None, :] <= r[:, None]) & (cc < C)[None, :]            # searchsorted(right=True)
+            below = (ends[None, :] <= r[:, None]) & (cc < C)[None, :]  # searchsorted(right=True)
             src = tl.minimum(tl.reduce(below.to(tl.int32), 1, _sum_combine), C - 1)
             src_k = tl.reduce(tl.where(member, src[:, None], 0), 0, _sum_combine)
             idx = src_k * M + kk % M
@@ -357,25 +500,42 @@ if triton is not None:
         present = (n > 0) & k_ok
         n_safe = tl.maximum(n, 1.0)
         s = rs / (n_safe * D)
-        lam = 10.0 * n / (p_k * _split_float(n_hi, n_lo, acc_dtype))           # TRAINED_LAMBDA_SCALE
-        lam = tl.where(lam >= 1, 0.99, lam)                                      # TRAINED_LAMBDA_CAP
+        lam = 10.0 * n / (p_k * _split_float(n_hi, n_lo, acc_dtype))  # TRAINED_LAMBDA_SCALE
+        lam = tl.where(lam >= 1, 0.99, lam)  # TRAINED_LAMBDA_CAP
         lam = tl.where(present, lam, 0.0)
         v = lam * s + (1 - lam) * v_k
         if LOG_ENTROPY:
-            arg = tl.log(v + 0.01) - _split_float(t_hi, t_lo, acc_dtype)        # TRAINED_GAMMA
+            arg = tl.log(v + 0.01) - _split_float(t_hi, t_lo, acc_dtype)  # TRAINED_GAMMA
             term = p_k * tl.maximum(arg, 0.0)
             dterm = tl.where(arg > 0, p_k / (v + 0.01), 0.0)
         else:
-            term = p_k * (v + 0.001)                                             # TRAINED_LINEAR_EPS
+            term = p_k * (v + 0.001)  # TRAINED_LINEAR_EPS
             dterm = p_k
         tl.store(loss_ptr, tl.reduce(tl.where(present, term, 0.0), 0, _sum_combine) / num_p)
         tl.store(coef_ptr + kk, tl.where(present, dterm * lam / (n_safe * D), 0.0) / num_p, mask=k_ok)
 
     @triton.jit(do_not_specialize=["B"])
-    def _scatter_grad_kernel(z_ptr, assign_ptr, cent_ptr, coef_ptr, gout_ptr, dz_ptr, factor,
-                             B, D, K,
-                             stride_zb, stride_zd, stride_cb, stride_cd, stride_kb, stride_kd,
-                             HAS_GOUT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _scatter_grad_kernel(
+        z_ptr,
+        assign_ptr,
+        cent_ptr,
+        coef_ptr,
+        gout_ptr,
+        dz_ptr,
+        factor,
+        B,
+        D,
+        K,
+        stride_zb,
+        stride_zd,
+        stride_cb,
+        stride_cd,
+        stride_kb,
+        stride_kd,
+        HAS_GOUT: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         # dz = factor * grad_out * coef[a] * (z - mu[a]) (the backward: kernel 4)
         acc_dtype = cent_ptr.dtype.element_ty
         rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -393,10 +553,13 @@ if triton is not None:
             # the same rounding as coef * (grad_out * factor) computed in PyTorch first
             c = c * (tl.load(gout_ptr).to(acc_dtype) * factor)
         else:
-            c = c * factor      # exact for the default 1.0
+            c = c * factor  # exact for the default 1.0
         g = c * (zt.to(acc_dtype) - mu)
-        tl.store(dz_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], g.to(dz_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(
+            dz_ptr + rows.to(tl.int64)[:, None] * D + d[None, :],
+            g.to(dz_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
 
     @triton.jit(do_not_specialize=["B"])
     def _segments_kernel(assign_ptr, perm_ptr, starts_ptr, B, K, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
@@ -409,7 +572,7 @@ if triton is not None:
             a = tl.load(assign_ptr + rows, mask=rows < B, other=-2)
             cnt += tl.reduce((a[:, None] == kk[None, :]).to(tl.int32), 0, _sum_combine)
         n_invalid = B - tl.reduce(cnt, 0, _sum_combine)
-        run = tl.associative_scan(cnt, 0, _sum_combine) - cnt + n_invalid      # each segment's start
+        run = tl.associative_scan(cnt, 0, _sum_combine) - cnt + n_invalid  # each segment's start
         tl.store(starts_ptr + kk, run, mask=kk < K)
         tl.store(starts_ptr + K, B)
         inv_run = tl.full([], 0, tl.int32)
@@ -418,7 +581,7 @@ if triton is not None:
             row_ok = rows < B
             a = tl.load(assign_ptr + rows, mask=row_ok, other=-2)
             hit = (a[:, None] == kk[None, :]).to(tl.int32)
-            rank = tl.associative_scan(hit, 0, _sum_combine) - hit             # earlier rows of the cluster
+            rank = tl.associative_scan(hit, 0, _sum_combine) - hit  # earlier rows of the cluster
             pos = tl.reduce(hit * (run[None, :] + rank), 1, _sum_combine)
             bad = (row_ok & ((a < 0) | (a >= K))).to(tl.int32)
             pos = tl.where(bad > 0, inv_run + tl.associative_scan(bad, 0, _sum_combine) - bad, pos)
@@ -427,9 +590,21 @@ if triton is not None:
             inv_run += tl.reduce(bad, 0, _sum_combine)
 
     @triton.jit
-    def _second_moments_kernel(z_ptr, cent_ptr, perm_ptr, starts_ptr, out_ptr,
-                               D, stride_zb, stride_zd, stride_cb, stride_cd,
-                               BLOCK_R: tl.constexpr, BLOCK_DD: tl.constexpr, USE_DOT: tl.constexpr):
+    def _second_moments_kernel(
+        z_ptr,
+        cent_ptr,
+        perm_ptr,
+        starts_ptr,
+        out_ptr,
+        D,
+        stride_zb,
+        stride_zd,
+        stride_cb,
+        stride_cd,
+        BLOCK_R: tl.constexpr,
+        BLOCK_DD: tl.constexpr,
+        USE_DOT: tl.constexpr,
+    ):
         # program (k, bi, bj) with bi <= bj computes the block sum_r x_r[di] x_r[dj]^T of cluster k
         # and mirrors it: only the upper block triangle is computed.
         acc_dtype = cent_ptr.dtype.element_ty
@@ -459,18 +634,34 @@ if triton is not None:
                 else:
                     acc += tl.reduce(xi[:, :, None] * xj[:, None, :], 0, _sum_combine)
             if bi == bj:
-                acc = 0.5 * (acc + tl.trans(acc))   # exactly symmetric diagonal blocks
+                acc = 0.5 * (acc + tl.trans(acc))  # exactly symmetric diagonal blocks
             base = out_ptr + k.to(tl.int64) * D * D
             tl.store(base + di[:, None] * D + dj[None, :], acc, mask=(di < D)[:, None] & (dj < D)[None, :])
             if bi < bj:
-                tl.store(base + dj[:, None] * D + di[None, :], tl.trans(acc),
-                         mask=(dj < D)[:, None] & (di < D)[None, :])
+                tl.store(
+                    base + dj[:, None] * D + di[None, :], tl.trans(acc), mask=(dj < D)[:, None] & (di < D)[None, :]
+                )
 
     @triton.jit
-    def _matrix_grad_kernel(z_ptr, cent_ptr, coef_ptr, perm_ptr, starts_ptr, dz_ptr, scale_hi, scale_lo,
-                            D, stride_zb, stride_zd, stride_cb, stride_cd,
-                            BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr,
-                            USE_DOT: tl.constexpr):
+    def _matrix_grad_kernel(
+        z_ptr,
+        cent_ptr,
+        coef_ptr,
+        perm_ptr,
+        starts_ptr,
+        dz_ptr,
+        scale_hi,
+        scale_lo,
+        D,
+        stride_zb,
+        stride_zd,
+        stride_cb,
+        stride_cd,
+        BLOCK_R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_KD: tl.constexpr,
+        USE_DOT: tl.constexpr,
+    ):
         # program (k, n-block): for the rows of cluster k, dz[:, n] = scale * X @ coef[k][n, :]^T
         # (a grouped GEMM over the cluster-sorted rows; X = z - mu[k]). The last k (= K) writes the zero
         # gradient of the rows outside every cluster (perm[:starts[0]]), so dz needs no zero-fill.
@@ -483,8 +674,11 @@ if triton is not None:
                 r = r0 + tl.arange(0, BLOCK_R)
                 r_ok = r < tl.load(starts_ptr)
                 row = tl.load(perm_ptr + r, mask=r_ok, other=0).to(tl.int64)
-                tl.store(dz_ptr + row[:, None] * D + n[None, :],
-                         tl.full([BLOCK_R, BLOCK_N], 0, dz_ptr.dtype.element_ty), mask=r_ok[:, None] & n_ok[None, :])
+                tl.store(
+                    dz_ptr + row[:, None] * D + n[None, :],
+                    tl.full([BLOCK_R, BLOCK_N], 0, dz_ptr.dtype.element_ty),
+                    mask=r_ok[:, None] & n_ok[None, :],
+                )
         else:
             start = tl.load(starts_ptr + k)
             end = tl.load(starts_ptr + k + 1)
@@ -503,15 +697,17 @@ if triton is not None:
                     mu = tl.load(cent_ptr + k.to(tl.int64) * stride_cb + dk * stride_cd, mask=dk_ok, other=0.0)
                     x = tl.where(mx, x.to(acc_dtype) - mu[None, :], 0.0)
                     # gT[dk, n] = coef[k, n, dk]
-                    gT = tl.load(g_base + n[None, :] * D + dk[:, None], mask=dk_ok[:, None] & n_ok[None, :],
-                                 other=0.0)
+                    gT = tl.load(g_base + n[None, :] * D + dk[:, None], mask=dk_ok[:, None] & n_ok[None, :], other=0.0)
                     if USE_DOT:
                         acc += tl.dot(x, gT, input_precision="ieee")
                     else:
                         acc += tl.reduce(x[:, :, None] * gT[None, :, :], 1, _sum_combine)
                 acc = acc * scale
-                tl.store(dz_ptr + row[:, None] * D + n[None, :], acc.to(dz_ptr.dtype.element_ty),
-                         mask=r_ok[:, None] & n_ok[None, :])
+                tl.store(
+                    dz_ptr + row[:, None] * D + n[None, :],
+                    acc.to(dz_ptr.dtype.element_ty),
+                    mask=r_ok[:, None] & n_ok[None, :],
+                )
 
 
 # =========================================================================== availability
@@ -526,6 +722,7 @@ def kernels_interpreted() -> bool:
     if triton is None:
         return False
     from triton.runtime.interpreter import InterpretedFunction
+
     return isinstance(_assign_partial_kernel, InterpretedFunction)
 
 
@@ -538,7 +735,7 @@ def is_available(device=None) -> bool:
         return False
     if _interpret_requested() and kernels_interpreted():
         return True
-    if kernels_interpreted():   # built for the interpreter, which has since been switched off
+    if kernels_interpreted():  # built for the interpreter, which has since been switched off
         return False
     if device is not None and torch.device(device).type != "cuda":
         return False
@@ -569,8 +766,10 @@ def _check_z(z) -> None:
     if triton is None:
         raise RuntimeError("the Triton backend needs the 'triton' package")
     if z.device.type != "cuda" and not (_interpret_requested() and kernels_interpreted()):
-        raise ValueError(f"z must be a CUDA tensor for the Triton backend (got {z.device}); "
-                         f"CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+        raise ValueError(
+            f"z must be a CUDA tensor for the Triton backend (got {z.device}); "
+            f"CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
+        )
 
 
 def _check_centroids(centroids, z: torch.Tensor) -> None:
@@ -594,7 +793,7 @@ def _check_assign(assign, z: torch.Tensor) -> None:
         raise ValueError(f"assign has {assign.shape[0]} entries but z has {z.shape[0]} rows")
 
 
-_SEGMENT_TILE = 4096   # elements of the [rows, clusters] one-hot tile of _segments_kernel
+_SEGMENT_TILE = 4096  # elements of the [rows, clusters] one-hot tile of _segments_kernel
 
 
 def _segments(assign: torch.Tensor, K: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -605,10 +804,9 @@ def _segments(assign: torch.Tensor, K: int) -> Tuple[torch.Tensor, torch.Tensor]
     """
     B = assign.shape[0]
     k_pad = _next_pow2(K)
-    if k_pad > _SEGMENT_TILE // 16:        # too many clusters for one program's tile: sort (int32 keys)
+    if k_pad > _SEGMENT_TILE // 16:  # too many clusters for one program's tile: sort (int32 keys)
         keys, perm = torch.sort(assign.to(torch.int32), stable=True)
-        starts = torch.searchsorted(keys, torch.arange(K + 1, device=assign.device, dtype=torch.int32),
-                                    out_int32=True)
+        starts = torch.searchsorted(keys, torch.arange(K + 1, device=assign.device, dtype=torch.int32), out_int32=True)
         return perm, starts
     perm = torch.empty(B, dtype=torch.int32, device=assign.device)
     starts = torch.empty(K + 1, dtype=torch.int32, device=assign.device)
@@ -627,12 +825,14 @@ def _segment_blocks(K: int) -> dict:
 
 def _on_z_device(fn):
     """Triton launches on the *current* CUDA device and its current stream, not on the tensors' device."""
+
     @functools.wraps(fn)
     def launcher(z, *args, **kwargs):
         if isinstance(z, torch.Tensor) and z.device.type == "cuda":
             with torch.cuda.device(z.device):
                 return fn(z, *args, **kwargs)
         return fn(z, *args, **kwargs)
+
     return launcher
 
 
@@ -640,9 +840,9 @@ def _assign_blocks(cand: int, D: int, class_conditional: bool, acc: torch.dtype)
     """``(BLOCK_B, BLOCK_K, BLOCK_D)`` of the assignment: a ``[B, K, D]`` distance tile held in registers."""
     block_k = min(_next_pow2(cand), 16)
     block_b = 16 if (block_k <= 2 or not class_conditional) else 8
-    budget = 4096 if acc == torch.float32 else 2048      # elements of the [B, K, D] tile (registers)
+    budget = 4096 if acc == torch.float32 else 2048  # elements of the [B, K, D] tile (registers)
     if class_conditional and block_k < 16:
-        budget //= 2      # the per-row gather also holds a 64-bit address per element (ptxas -v: no spills)
+        budget //= 2  # the per-row gather also holds a 64-bit address per element (ptxas -v: no spills)
     block_d = max(16, min(128 if acc == torch.float32 else 64, budget // (block_b * block_k)))
     return block_b, block_k, min(block_d, max(16, _next_pow2(D)))
 
@@ -663,7 +863,7 @@ def _stats_blocks(K: int, D: int, acc: torch.dtype) -> dict:
     return dict(BLOCK_BS=16, BLOCK_KS=32, BLOCK_DS=16)
 
 
-_PARTIAL_BUDGET = 1 << 22   # elements of the per-program partials [P, K, D] (16 MiB in fp32)
+_PARTIAL_BUDGET = 1 << 22  # elements of the per-program partials [P, K, D] (16 MiB in fp32)
 _MAX_PROGRAMS = 256
 
 
@@ -709,15 +909,35 @@ def _partials(z, labels, centroids, m: int, class_conditional: bool):
     # unconditional: the kernel never reads labels; any int64 pointer will do
     lab = labels.contiguous() if class_conditional else assign
     _assign_partial_kernel[(P,)](
-        z, lab, centroids, assign, pcount, psq, B, D, K, m, K // m, rows,
-        z.stride(0), z.stride(1), centroids.stride(0), centroids.stride(1),
-        CLASS_COND=class_conditional, BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d, **stats, num_warps=4)
+        z,
+        lab,
+        centroids,
+        assign,
+        pcount,
+        psq,
+        B,
+        D,
+        K,
+        m,
+        K // m,
+        rows,
+        z.stride(0),
+        z.stride(1),
+        centroids.stride(0),
+        centroids.stride(1),
+        CLASS_COND=class_conditional,
+        BLOCK_B=block_b,
+        BLOCK_K=block_k,
+        BLOCK_D=block_d,
+        **stats,
+        num_warps=4,
+    )
     return assign, pcount, psq
 
 
 def _split(x: float) -> Tuple[float, float]:
     """``x = hi + lo`` with ``hi`` an fp32 value: Triton passes Python floats as fp32."""
-    hi = struct.unpack("f", struct.pack("f", x))[0]     # host arithmetic: no tensor, no device op
+    hi = struct.unpack("f", struct.pack("f", x))[0]  # host arithmetic: no tensor, no device op
     return hi, float(x - hi)
 
 
@@ -728,26 +948,60 @@ REDUCE_OPTIONS = dict(num_warps=4, maxnreg=64)
 
 def _reduce_blocks(D: int, m: int, acc: torch.dtype) -> dict:
     m_pad = _next_pow2(m)
-    return dict(M_PAD=m_pad, BLOCK_P=8, BLOCK_C=32,
-                BLOCK_D=min(256 if acc == torch.float32 else 128, max(16, _next_pow2(D))))
+    return dict(
+        M_PAD=m_pad, BLOCK_P=8, BLOCK_C=32, BLOCK_D=min(256 if acc == torch.float32 else 128, max(16, _next_pow2(D)))
+    )
 
 
-def _reduce(pcount, psq, epilogue: int, class_conditional: bool, m: int, pi=None, var=None, var_out=None,
-            pi_out=None, coef=None, lossp=None, const: float = 0.0, dataset_size: float = 1.0, scale: float = 1.0):
+def _reduce(
+    pcount,
+    psq,
+    epilogue: int,
+    class_conditional: bool,
+    m: int,
+    pi=None,
+    var=None,
+    var_out=None,
+    pi_out=None,
+    coef=None,
+    lossp=None,
+    const: float = 0.0,
+    dataset_size: float = 1.0,
+    scale: float = 1.0,
+):
     """Kernel 2 over a grid (K, D blocks); unused pointers get a placeholder (``psq``)."""
     P, K, D = psq.shape
     blocks = _reduce_blocks(D, m, psq.dtype)
     grid = (K, triton.cdiv(D, blocks["BLOCK_D"]))
     pick = [psq if t is None else t for t in (pi, var, var_out, pi_out, coef, lossp)]
-    _reduce_epilogue_kernel[grid](pcount, psq, *pick, P, K, D, m, *_split(const), *_split(dataset_size),
-                                  *_split(scale), EPILOGUE=epilogue, CLASS_COND=class_conditional, **blocks,
-                                  **REDUCE_OPTIONS)
+    _reduce_epilogue_kernel[grid](
+        pcount,
+        psq,
+        *pick,
+        P,
+        K,
+        D,
+        m,
+        *_split(const),
+        *_split(dataset_size),
+        *_split(scale),
+        EPILOGUE=epilogue,
+        CLASS_COND=class_conditional,
+        **blocks,
+        **REDUCE_OPTIONS,
+    )
     return grid
 
 
 @_on_z_device
-def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, m: int,
-                 class_conditional: bool, use_atomics: bool = False):
+def assign_stats(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    centroids: torch.Tensor,
+    m: int,
+    class_conditional: bool,
+    use_atomics: bool = False,
+):
     """Nearest centroid per row and the per-cluster counts and squared deviations.
 
     Returns ``assign [B]`` int64 (cluster ``c * m + j``; ties to the lowest index), ``counts [K]``
@@ -769,9 +1023,27 @@ def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
             return assign, counts, sqdev
         block_b, block_k, block_d = _atomic_blocks(m if class_conditional else K, D, class_conditional, acc)
         _assign_atomic_kernel[(triton.cdiv(B, block_b),)](
-            z, labels.contiguous() if class_conditional else assign, centroids, assign, sqdev, counts,
-            B, D, K, m, K // m, z.stride(0), z.stride(1), centroids.stride(0), centroids.stride(1),
-            BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d, CLASS_COND=class_conditional, num_warps=4)
+            z,
+            labels.contiguous() if class_conditional else assign,
+            centroids,
+            assign,
+            sqdev,
+            counts,
+            B,
+            D,
+            K,
+            m,
+            K // m,
+            z.stride(0),
+            z.stride(1),
+            centroids.stride(0),
+            centroids.stride(1),
+            BLOCK_B=block_b,
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
+            CLASS_COND=class_conditional,
+            num_warps=4,
+        )
         return assign, counts, sqdev
     assign, pcount, psq = _partials(z, labels, centroids, m, class_conditional)
     counts = torch.empty(K, dtype=acc, device=z.device)
@@ -780,15 +1052,30 @@ def assign_stats(z: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
     return assign, counts, sqdev
 
 
-FUSED_VARIANT_CODES = frozenset({0, 1, 2})   # forward_diag is three kernels for these (1: up to 2048 K x C)
-_OFFICIAL_EPS = 1e-6                       # cem_fast.variants.OFFICIAL_EPS
-_TRAINED_TILE = 2048                       # official-trained's [classes, clusters] tile (8192 spills)
+FUSED_VARIANT_CODES = frozenset({0, 1, 2})  # forward_diag is three kernels for these (1: up to 2048 K x C)
+_OFFICIAL_EPS = 1e-6  # cem_fast.variants.OFFICIAL_EPS
+_TRAINED_TILE = 2048  # official-trained's [classes, clusters] tile (8192 spills)
 
 
 @_on_z_device
-def forward_diag(z, labels, centroids, pi, variance, variant_code: int, m: int, class_conditional: bool,
-                 sigma: float, num_classes: int, dataset_size: float, trained_threshold: float, log_entropy: bool,
-                 replicate_index_bug: bool, mean_dim: bool, update_state: bool = False):
+def forward_diag(
+    z,
+    labels,
+    centroids,
+    pi,
+    variance,
+    variant_code: int,
+    m: int,
+    class_conditional: bool,
+    sigma: float,
+    num_classes: int,
+    dataset_size: float,
+    trained_threshold: float,
+    log_entropy: bool,
+    replicate_index_bug: bool,
+    mean_dim: bool,
+    update_state: bool = False,
+):
     """Statistics and the variant's math (diagonal covariance): ``(loss, coef, pi_new, variance_new, assign)``.
 
     The signature of ``cpp_backend.forward_diag`` plus ``update_state``: when True the new state is written
@@ -807,12 +1094,25 @@ def forward_diag(z, labels, centroids, pi, variance, variant_code: int, m: int, 
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if variant_code == 1 and _next_pow2(K) * _next_pow2(K // m) > _TRAINED_TILE:
-        return _official_trained_unfused(z, labels, centroids, pi, variance, m, class_conditional, num_classes,
-                                         dataset_size, trained_threshold, log_entropy, replicate_index_bug)
+        return _official_trained_unfused(
+            z,
+            labels,
+            centroids,
+            pi,
+            variance,
+            m,
+            class_conditional,
+            num_classes,
+            dataset_size,
+            trained_threshold,
+            log_entropy,
+            replicate_index_bug,
+        )
     if variant_code == 2:
         if pi.numel() != K or variance.numel() != K * D:
-            raise ValueError(f"pi must hold K={K} and variance K*D={K * D} values, got {pi.numel()} and "
-                             f"{variance.numel()}")
+            raise ValueError(
+                f"pi must hold K={K} and variance K*D={K * D} values, got {pi.numel()} and {variance.numel()}"
+            )
         if pi.dtype != acc or variance.dtype != acc:
             raise TypeError(f"pi and variance must be {acc}, got {pi.dtype} and {variance.dtype}")
         _check_device("pi", pi, z.device)
@@ -829,10 +1129,27 @@ def forward_diag(z, labels, centroids, pi, variance, variant_code: int, m: int, 
         _reduce(pcount, psq, 3, class_conditional, m, lossp=lossp)
         coef = torch.empty(K, 1, dtype=acc, device=z.device)
         _trained_finish_kernel[(1,)](
-            lossp, pcount, pi.contiguous(), variance.contiguous(), coef, loss, K * nd, psq.shape[0], K, m, D,
-            *_split(float(trained_threshold)), *_split(float(dataset_size) / num_classes),
-            CLASS_COND=class_conditional, INDEX_BUG=bool(replicate_index_bug), LOG_ENTROPY=bool(log_entropy),
-            K_PAD=_next_pow2(K), C_PAD=_next_pow2(K // m), BLOCK_P=8, num_warps=4)
+            lossp,
+            pcount,
+            pi.contiguous(),
+            variance.contiguous(),
+            coef,
+            loss,
+            K * nd,
+            psq.shape[0],
+            K,
+            m,
+            D,
+            *_split(float(trained_threshold)),
+            *_split(float(dataset_size) / num_classes),
+            CLASS_COND=class_conditional,
+            INDEX_BUG=bool(replicate_index_bug),
+            LOG_ENTROPY=bool(log_entropy),
+            K_PAD=_next_pow2(K),
+            C_PAD=_next_pow2(K // m),
+            BLOCK_P=8,
+            num_warps=4,
+        )
         return loss, coef, pi, variance, assign
     if variant_code == 0:
         _reduce(pcount, psq, 1, class_conditional, m, coef=coef, lossp=lossp, const=s2 + _OFFICIAL_EPS)
@@ -842,24 +1159,51 @@ def forward_diag(z, labels, centroids, pi, variance, variant_code: int, m: int, 
     pi_c, var_c = pi.contiguous(), variance.contiguous()
     var_out = var_c if in_place else torch.empty_like(var_c)
     pi_new = torch.empty(K, dtype=acc, device=z.device)
-    _reduce(pcount, psq, 2, class_conditional, m, pi=pi_c, var=var_c, var_out=var_out, pi_out=pi_new, coef=coef,
-            lossp=lossp, const=s2, dataset_size=float(dataset_size), scale=1.0 / D if mean_dim else 1.0)
+    _reduce(
+        pcount,
+        psq,
+        2,
+        class_conditional,
+        m,
+        pi=pi_c,
+        var=var_c,
+        var_out=var_out,
+        pi_out=pi_new,
+        coef=coef,
+        lossp=lossp,
+        const=s2,
+        dataset_size=float(dataset_size),
+        scale=1.0 / D if mean_dim else 1.0,
+    )
     _finish_kernel[(1,)](lossp, loss, pi_new, pi_c, K * nd, K, COPY_PI=in_place, BLOCK=1024)
     if in_place:
         return loss, coef, pi, variance, assign
     pi_out, var_out = pi_new.view(pi.shape), var_out.view(variance.shape)
-    if update_state:   # a non-contiguous state: written back with a copy
+    if update_state:  # a non-contiguous state: written back with a copy
         pi.copy_(pi_out)
         variance.copy_(var_out)
         return loss, coef, pi, variance, assign
     return loss, coef, pi_out, var_out, assign
 
 
-def _official_trained_unfused(z, labels, centroids, pi, variance, m, class_conditional, num_classes, dataset_size,
-                              threshold, log_entropy, replicate_index_bug):
+def _official_trained_unfused(
+    z,
+    labels,
+    centroids,
+    pi,
+    variance,
+    m,
+    class_conditional,
+    num_classes,
+    dataset_size,
+    threshold,
+    log_entropy,
+    replicate_index_bug,
+):
     """official-trained past ``_TRAINED_TILE``: ``assign_stats`` then ``cem_fast.variants.official_trained``'s math in
     PyTorch, with the hinge constant ``threshold`` given (as ``cpp_backend.forward_diag`` takes it)."""
     from cem_fast import variants as v
+
     assign, counts, sqdev = assign_stats(z, labels, centroids, m, class_conditional)
     D = sqdev.shape[1]
     p, var = pi.reshape(-1), variance.reshape(-1)
@@ -896,8 +1240,14 @@ def _check_coef_kd(coef, z: torch.Tensor, centroids: torch.Tensor) -> None:
 
 
 @_on_z_device
-def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, coef: torch.Tensor,
-                 grad_out: Optional[torch.Tensor] = None, factor: float = 1.0) -> torch.Tensor:
+def scatter_grad(
+    z: torch.Tensor,
+    assign: torch.Tensor,
+    centroids: torch.Tensor,
+    coef: torch.Tensor,
+    grad_out: Optional[torch.Tensor] = None,
+    factor: float = 1.0,
+) -> torch.Tensor:
     """``dz[i] = factor * grad_out * coef[a_i] * (z_i - mu[a_i])`` in ``z``'s dtype, one kernel.
 
     ``coef`` is ``[K, D]`` or ``[K, 1]`` (broadcast in the kernel); ``grad_out`` an optional 0-dim tensor
@@ -919,17 +1269,35 @@ def scatter_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
     block_d = min(128, max(16, _next_pow2(D)))
     block_b = max(1, 2048 // block_d)
     stride_kd = 0 if coef.shape[1] == 1 else coef.stride(1)
-    assign = assign.contiguous()      # the kernel reads assign[i] at assign_ptr + i
+    assign = assign.contiguous()  # the kernel reads assign[i] at assign_ptr + i
     _scatter_grad_kernel[(triton.cdiv(B, block_b), triton.cdiv(D, block_d))](
-        z, assign, centroids, coef, coef if grad_out is None else grad_out, dz, float(factor), B, D, K,
-        z.stride(0), z.stride(1), centroids.stride(0), centroids.stride(1), coef.stride(0), stride_kd,
-        HAS_GOUT=grad_out is not None, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4)
+        z,
+        assign,
+        centroids,
+        coef,
+        coef if grad_out is None else grad_out,
+        dz,
+        float(factor),
+        B,
+        D,
+        K,
+        z.stride(0),
+        z.stride(1),
+        centroids.stride(0),
+        centroids.stride(1),
+        coef.stride(0),
+        stride_kd,
+        HAS_GOUT=grad_out is not None,
+        BLOCK_B=block_b,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
     return dz
 
 
 # --------------------------------------------------------------------------- full covariance
 
-_DD_BLOCK = 32     # D tile of the second-moment blocks (tl.dot needs >= 16)
+_DD_BLOCK = 32  # D tile of the second-moment blocks (tl.dot needs >= 16)
 _ROW_BLOCK = 16
 
 
@@ -944,8 +1312,9 @@ def _full_cov_blocks(D: int, acc: torch.dtype) -> tuple[dict, dict]:
 
 
 @_on_z_device
-def cluster_second_moments(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
-                           K: Optional[int] = None) -> torch.Tensor:
+def cluster_second_moments(
+    z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, K: Optional[int] = None
+) -> torch.Tensor:
     """``[K, D, D]``: per cluster the sum over members of ``(z_i - mu)(z_i - mu)^T`` (accumulation dtype).
 
     A grouped matmul over the rows sorted by cluster; exactly symmetric. Rows with ``assign = -1``
@@ -961,18 +1330,30 @@ def cluster_second_moments(z: torch.Tensor, assign: torch.Tensor, centroids: tor
     B, D = z.shape
     if B == 0:
         return torch.zeros(K, D, D, dtype=centroids.dtype, device=z.device)
-    out = torch.empty(K, D, D, dtype=centroids.dtype, device=z.device)   # the kernel writes every block
+    out = torch.empty(K, D, D, dtype=centroids.dtype, device=z.device)  # the kernel writes every block
     perm, starts = _segments(assign, K)
     nb = triton.cdiv(D, _DD_BLOCK)
     _second_moments_kernel[(K, nb, nb)](
-        z, centroids, perm, starts, out, D, z.stride(0), z.stride(1),
-        centroids.stride(0), centroids.stride(1), **_full_cov_blocks(D, centroids.dtype)[0], num_warps=4)
+        z,
+        centroids,
+        perm,
+        starts,
+        out,
+        D,
+        z.stride(0),
+        z.stride(1),
+        centroids.stride(0),
+        centroids.stride(1),
+        **_full_cov_blocks(D, centroids.dtype)[0],
+        num_warps=4,
+    )
     return out
 
 
 @_on_z_device
-def matrix_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, coef: torch.Tensor,
-                scale: float = 1.0) -> torch.Tensor:
+def matrix_grad(
+    z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, coef: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
     """``dz[i] = scale * coef[a_i] @ (z_i - mu[a_i])`` in ``z``'s dtype, ``coef [K, D, D]``.
 
     Rows with ``assign = -1`` get a zero gradient.
@@ -989,19 +1370,33 @@ def matrix_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, 
         raise ValueError(f"coef must be [K, D, D] = [{K}, {D}, {D}], got {tuple(coef.shape)}")
     coef = coef.contiguous()
     B = z.shape[0]
-    dz = torch.empty(B, D, dtype=z.dtype, device=z.device)   # every row is written (zeros outside clusters)
+    dz = torch.empty(B, D, dtype=z.dtype, device=z.device)  # every row is written (zeros outside clusters)
     if B == 0:
         return dz
     perm, starts = _segments(assign, K)
     blocks = _full_cov_blocks(D, centroids.dtype)[1]
     _matrix_grad_kernel[(K + 1, triton.cdiv(D, blocks["BLOCK_N"]))](
-        z, centroids, coef, perm, starts, dz, *_split(float(scale)), D,
-        z.stride(0), z.stride(1), centroids.stride(0), centroids.stride(1), **blocks, num_warps=4)
+        z,
+        centroids,
+        coef,
+        perm,
+        starts,
+        dz,
+        *_split(float(scale)),
+        D,
+        z.stride(0),
+        z.stride(1),
+        centroids.stride(0),
+        centroids.stride(1),
+        **blocks,
+        num_warps=4,
+    )
     return dz
 
 
-def second_moments_grad(z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor,
-                        grad_moments: torch.Tensor) -> torch.Tensor:
+def second_moments_grad(
+    z: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor, grad_moments: torch.Tensor
+) -> torch.Tensor:
     """Backward of ``cluster_second_moments`` for a symmetric upstream gradient ``G [K, D, D]``:
     ``dz[i] = 2 * G[a_i] @ (z_i - mu[a_i])``."""
     return matrix_grad(z, assign, centroids, grad_moments, scale=2.0)

@@ -7,6 +7,7 @@ batch) and ``sqdev [K, D]`` (sum over members of ``(z - mu)^2``), or for full co
 respect to that statistic, from which the backward pass writes ``dL/dz_i = 2 * coef[a_i] * (z_i - mu[a_i])``.
 The state is ``pi [C, m]`` and ``variance`` (shape per variant, ``Variant.variance_shape``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ class LossParams:
     The variant math reads the first seven; ``backend`` (a resolved backend name), ``process_group`` and
     ``update_state`` (the state will replace the module's: a backend may write it in place) are for ``ops``.
     """
+
     num_classes: int
     m: int
     sigma: float
@@ -40,21 +42,22 @@ class Variant:
     and implement ``state_from_kmeans`` and ``math``; ``get_variant(name, **options)`` builds one."""
 
     name: str = ""
-    code: int = -1                      # the variant's number in csrc/cem_cpu_variants.h
-    default_clusters: int = 1           # clusters per class when CEMLoss is given none
-    kmeans_iters: int = 50              # Lloyd iterations of a refit at most, by default
-    warm_start: bool = True             # later refits start from the last centroids (else a fresh start each time)
-    fresh_init: str = "kmeans++"        # the k-means start of a fresh refit
-    streams_state: bool = False         # pi and variance change at every training step (Eq. 5-6)
+    code: int = -1  # the variant's number in csrc/cem_cpu_variants.h
+    default_clusters: int = 1  # clusters per class when CEMLoss is given none
+    kmeans_iters: int = 50  # Lloyd iterations of a refit at most, by default
+    warm_start: bool = True  # later refits start from the last centroids (else a fresh start each time)
+    fresh_init: str = "kmeans++"  # the k-means start of a fresh refit
+    streams_state: bool = False  # pi and variance change at every training step (Eq. 5-6)
     covariances: tuple = ("diag",)
     reductions: tuple = ("mean_dim",)
-    defaults: dict = {}                 # the variant's own options and their defaults
+    defaults: dict = {}  # the variant's own options and their defaults
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.defaults))
         if unknown:
-            raise TypeError(f"unexpected option(s) {unknown} for variant={self.name!r}; "
-                            f"allowed: {sorted(self.defaults)}")
+            raise TypeError(
+                f"unexpected option(s) {unknown} for variant={self.name!r}; allowed: {sorted(self.defaults)}"
+            )
         self.options = self.check_options({**self.defaults, **options})
 
     def check_options(self, options: dict) -> dict:
@@ -64,11 +67,15 @@ class Variant:
     def check_config(self, covariance: str, reduction: str, class_conditional: bool) -> None:
         """Reject a combination of CEMLoss settings that this variant does not define."""
         if covariance not in self.covariances:
-            raise ValueError(f"covariance={covariance!r} is not defined for variant={self.name!r}, which has "
-                             f"covariance in {self.covariances}")
+            raise ValueError(
+                f"covariance={covariance!r} is not defined for variant={self.name!r}, which has "
+                f"covariance in {self.covariances}"
+            )
         if reduction not in self.reductions:
-            raise ValueError(f"reduction={reduction!r} is not defined for variant={self.name!r}, which has "
-                             f"reduction in {self.reductions} (its loss is a per-dimension mean by construction)")
+            raise ValueError(
+                f"reduction={reduction!r} is not defined for variant={self.name!r}, which has "
+                f"reduction in {self.reductions} (its loss is a per-dimension mean by construction)"
+            )
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -88,8 +95,9 @@ class Variant:
         """The ``init`` of ``clustering.kmeans`` for a refit (``fitted``: centroids exist already)."""
         return "warm" if fitted and self.warm_start else self.fresh_init
 
-    def state_from_kmeans(self, x: torch.Tensor, result, num_classes: int, m: int,
-                          covariance: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def state_from_kmeans(
+        self, x: torch.Tensor, result, num_classes: int, m: int, covariance: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(pi [C, m], variance)`` after a refit on features ``x [N, D]`` with k-means ``result``."""
         raise NotImplementedError
 
@@ -102,8 +110,7 @@ class Variant:
 
     # ------------------------------------------------------------------ math
 
-    def math(self, counts: torch.Tensor, stat: torch.Tensor, pi: torch.Tensor, variance: torch.Tensor,
-             p: LossParams):
+    def math(self, counts: torch.Tensor, stat: torch.Tensor, pi: torch.Tensor, variance: torch.Tensor, p: LossParams):
         """``(loss, coef, new_pi, new_variance)`` from the batch statistics; the state keeps its shapes.
 
         Tensor math with no host synchronisation; it runs under ``torch.no_grad`` (or inside the autograd
@@ -118,13 +125,23 @@ class Variant:
 
     def kernel_args(self, p: LossParams) -> tuple:
         """The arguments after the state of the C++ ``variant_math`` / a backend's ``forward_diag``."""
-        return (self.code, p.m, p.class_conditional, p.sigma, p.num_classes, p.dataset_size,
-                *self.kernel_options(p.sigma), p.reduction == "mean_dim")
+        return (
+            self.code,
+            p.m,
+            p.class_conditional,
+            p.sigma,
+            p.num_classes,
+            p.dataset_size,
+            *self.kernel_options(p.sigma),
+            p.reduction == "mean_dim",
+        )
 
     def entropy_bound(self, pi: torch.Tensor, variance: torch.Tensor, sigma: float, D: int) -> torch.Tensor:
         """Eq. 3's bound on H(x | z_noisy) up to H(x), from the state."""
-        raise ValueError(f"variant={self.name!r} keeps no covariance state between batches; entropy_bound needs "
-                         f"variant='paper' or 'official-trained'")
+        raise ValueError(
+            f"variant={self.name!r} keeps no covariance state between batches; entropy_bound needs "
+            f"variant='paper' or 'official-trained'"
+        )
 
 
 # --------------------------------------------------------------------------- shared math

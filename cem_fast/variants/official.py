@@ -5,13 +5,14 @@ Per batch, each cluster's diagonal variance is measured from its members alone a
 the batch. Nothing is carried between batches: ``pi`` holds the refit's within-class shares (unused by the
 loss) and ``variance`` is empty. Each refit starts k-means from random members, as the authors' code does.
 """
+
 from __future__ import annotations
 
 import torch
 
 from .base import Variant, group_counts, num_present, register
 
-OFFICIAL_EPS = 1e-6          # added inside the log by the authors' model_training_GMM.py
+OFFICIAL_EPS = 1e-6  # added inside the log by the authors' model_training_GMM.py
 
 
 @register

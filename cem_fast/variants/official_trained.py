@@ -8,6 +8,7 @@ clusters and divided by the number of classes present. ``pi`` holds within-class
 updated between refits. ``replicate_index_bug=True`` reproduces a row-index slip of the authors' loop (see
 ``index_bug_rows``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,10 +17,10 @@ from .. import checks
 from ..theory import entropy_bound
 from .base import Variant, num_present, register
 
-TRAINED_GAMMA = 0.01         # added inside both logs by model_training_paral_pruning.py
-TRAINED_LINEAR_EPS = 0.001   # log_entropy=0 offset
+TRAINED_GAMMA = 0.01  # added inside both logs by model_training_paral_pruning.py
+TRAINED_LINEAR_EPS = 0.001  # log_entropy=0 offset
 TRAINED_LAMBDA_SCALE = 10.0  # the authors' scaling_lambda
-TRAINED_LAMBDA_CAP = 0.99    # value used when the blend weight reaches 1
+TRAINED_LAMBDA_CAP = 0.99  # value used when the blend weight reaches 1
 
 _THRESHOLDS: dict = {}
 
@@ -28,7 +29,7 @@ def trained_threshold(sigma: float, var_threshold: float) -> float:
     """The hinge constant ``log(var_threshold * sigma^2 + 0.01)``, built in float32 as the authors do."""
     key = (sigma, var_threshold)
     if key not in _THRESHOLDS:  # cached: it is read on every loss evaluation
-        _THRESHOLDS[key] = float(torch.log(var_threshold * torch.tensor(sigma ** 2) + TRAINED_GAMMA))
+        _THRESHOLDS[key] = float(torch.log(var_threshold * torch.tensor(sigma**2) + TRAINED_GAMMA))
     return _THRESHOLDS[key]
 
 
@@ -53,9 +54,11 @@ class OfficialTrained(Variant):
     defaults = {"var_threshold": 0.125, "log_entropy": 1, "replicate_index_bug": False}
 
     def check_options(self, options):
-        return {"var_threshold": checks.positive_float("var_threshold", options["var_threshold"]),
-                "log_entropy": checks.choice("log_entropy", options["log_entropy"], (0, 1)),
-                "replicate_index_bug": bool(options["replicate_index_bug"])}
+        return {
+            "var_threshold": checks.positive_float("var_threshold", options["var_threshold"]),
+            "log_entropy": checks.choice("log_entropy", options["log_entropy"], (0, 1)),
+            "replicate_index_bug": bool(options["replicate_index_bug"]),
+        }
 
     def check_config(self, covariance, reduction, class_conditional):
         super().check_config(covariance, reduction, class_conditional)
@@ -68,8 +71,9 @@ class OfficialTrained(Variant):
     def state_from_kmeans(self, x, result, num_classes, m, covariance):
         counts, D = result.counts, x.shape[1]
         pi = counts.view(num_classes, m) / counts.view(num_classes, m).sum(1, keepdim=True).clamp_min(1)
-        sq = torch.zeros(num_classes * m, dtype=x.dtype, device=x.device).index_add_(0, result.assign,
-                                                                                    result.sq_dist / D)
+        sq = torch.zeros(num_classes * m, dtype=x.dtype, device=x.device).index_add_(
+            0, result.assign, result.sq_dist / D
+        )
         return pi, (sq / counts.clamp_min(1)).reshape(num_classes, m)
 
     def kernel_options(self, sigma):

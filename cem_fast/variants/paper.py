@@ -6,6 +6,7 @@ and the loss is Eq. 7, ``sum_k pi_k (-log pi_k + 1/2 logdet(Sigma_k + sigma^2 I)
 divided by ``D`` under ``reduction="mean_dim"``. ``pi`` holds mixture weights over all clusters (summing to 1).
 The first refit starts k-means with k-means++, later ones warm-start from the last centroids.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,7 +37,7 @@ def paper_diag(counts, sqdev, pi, variance, *, sigma, dataset_size, reduction):
     n_safe = counts.clamp_min(1.0)
     blend = alpha[:, None]
     var_new = torch.where((counts > 0)[:, None], (1 - blend) * variance + blend * (sqdev / n_safe[:, None]), variance)
-    half_logdet = 0.5 * torch.log1p(var_new / s2).sum(1)        # 1/2 logdet(S + s2 I) - D/2 log s2
+    half_logdet = 0.5 * torch.log1p(var_new / s2).sum(1)  # 1/2 logdet(S + s2 I) - D/2 log s2
     scale = 1.0 / D if reduction == "mean_dim" else 1.0
     loss = scale * (_neg_pi_log_pi(pi_new) + pi_new * half_logdet).sum()
     coef = (scale * 0.5 * pi_new * alpha / n_safe)[:, None] / (var_new + s2)
@@ -60,7 +61,7 @@ def paper_full(counts, moments, pi, covariance, *, sigma, dataset_size, reductio
     # Each op here is a pass over K D^2 elements, as costly as the factorisation on the CPU: keep them few.
     cov_new = torch.lerp(covariance, moments / n_safe[:, None, None], alpha[:, None, None])
     a = cov_new / s2
-    a.diagonal(dim1=-2, dim2=-1).add_(1.0)                        # I + S/s2: always positive definite
+    a.diagonal(dim1=-2, dim2=-1).add_(1.0)  # I + S/s2: always positive definite
     chol, _ = torch.linalg.cholesky_ex(a)
     # the log-det of I + S/s2, not of S + s2 I: the latter less D log s2 cancels catastrophically in fp32
     half_logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
@@ -74,7 +75,7 @@ def paper_full(counts, moments, pi, covariance, *, sigma, dataset_size, reductio
 @register
 class Paper(Variant):
     name = "paper"
-    code = 2                    # diagonal covariance only in the C++ kernels
+    code = 2  # diagonal covariance only in the C++ kernels
     default_clusters = 3
     streams_state = True
     covariances = ("diag", "full")
@@ -101,18 +102,27 @@ class Paper(Variant):
     def dataset_size(self, configured, fitted_size, batch):
         N = super().dataset_size(configured, fitted_size, batch)
         if batch > N:
-            raise ValueError(f"the batch ({batch} samples) is larger than the samples per epoch ({N:g}) that the "
-                             f"streamed update assumes (CEMLoss's dataset_size, else the last refit's "
-                             f"epoch_size or number of features): pass refit(..., epoch_size=...) or "
-                             f"CEMLoss(dataset_size=...)")
+            raise ValueError(
+                f"the batch ({batch} samples) is larger than the samples per epoch ({N:g}) that the "
+                f"streamed update assumes (CEMLoss's dataset_size, else the last refit's "
+                f"epoch_size or number of features): pass refit(..., epoch_size=...) or "
+                f"CEMLoss(dataset_size=...)"
+            )
         return N
 
     def math(self, counts, stat, pi, variance, p):
         """Eq. 5-7; returns the streamed state, which CEMLoss keeps in training mode."""
         K = counts.shape[0]
         fn = paper_full if p.covariance == "full" else paper_diag
-        loss, coef, new_pi, new_var = fn(counts, stat, pi.reshape(K), variance.reshape(K, *variance.shape[2:]),
-                                         sigma=p.sigma, dataset_size=p.dataset_size, reduction=p.reduction)
+        loss, coef, new_pi, new_var = fn(
+            counts,
+            stat,
+            pi.reshape(K),
+            variance.reshape(K, *variance.shape[2:]),
+            sigma=p.sigma,
+            dataset_size=p.dataset_size,
+            reduction=p.reduction,
+        )
         return loss, coef, new_pi.view_as(pi), new_var.view_as(variance)
 
     def entropy_bound(self, pi, variance, sigma, D):

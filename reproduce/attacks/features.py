@@ -2,6 +2,7 @@
 
 The attacks themselves live in :mod:`cem_fast.audit`; this module only knows the project's defences.
 """
+
 from __future__ import annotations
 
 from typing import Optional

@@ -4,6 +4,7 @@
 ``RUN/attack_<name>_samples.pt``: a few test originals (uint8) and their reconstructions per setting;
 ``RUN/attack_<name>/<setting>/``: the attack's resumable state (checkpoint.pt, best.pt).
 """
+
 from __future__ import annotations
 
 import json

@@ -61,8 +61,9 @@ def set_augmentation(dataset, kind) -> None:
     transform.augment = build_augmentation(kind, base.info.name, base.info.image_size)
 
 
-def crop_flip_batch(images: torch.Tensor, padding: int = 4, generator: Optional[torch.Generator] = None
-                    ) -> torch.Tensor:
+def crop_flip_batch(
+    images: torch.Tensor, padding: int = 4, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Random crop (zero padding ``padding``) and horizontal flip of each image of a ``[B,C,H,W]`` batch."""
     if images.dim() != 4:
         raise ValueError(f"images must be [B,C,H,W], got shape {tuple(images.shape)}")
@@ -74,5 +75,5 @@ def crop_flip_batch(images: torch.Tensor, padding: int = 4, generator: Optional[
     dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).tolist()
     flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)
     # one slice per image (views, one copy in stack): faster on the CPU than a 4-D gather
-    out = torch.stack([padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(dy, dx))])
+    out = torch.stack([padded[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(zip(dy, dx))])
     return torch.where(flip[:, None, None, None], out.flip(3), out)

@@ -113,8 +113,15 @@ class _ToNormalizedFloat:
 class ImageTensorDataset(Dataset):
     """Images held as one uint8 ``[N,C,H,W]`` tensor plus int64 labels (``targets``)."""
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, info: DatasetInfo, augment: bool,
-                 classes: list[str], source: str):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        info: DatasetInfo,
+        augment: bool,
+        classes: list[str],
+        source: str,
+    ):
         if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(targets):
             raise ValueError("images must be uint8 [N,C,H,W] with one target per image")
         self.images, self.targets = images, targets.long()
@@ -154,8 +161,12 @@ def _read_rgb(path: str) -> torch.Tensor:
 
 def _decode_images(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Decode concatenated JPEG/PNG files (``buf[offsets[i]:offsets[i+1]]``) to uint8 ``[N,H,W,3]``."""
-    return np.stack([np.asarray(Image.open(io.BytesIO(buf[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
-                     for i in range(len(offsets) - 1)])
+    return np.stack(
+        [
+            np.asarray(Image.open(io.BytesIO(buf[offsets[i] : offsets[i + 1]].tobytes())).convert("RGB"))
+            for i in range(len(offsets) - 1)
+        ]
+    )
 
 
 def _to_nchw(x: np.ndarray) -> torch.Tensor:
@@ -192,8 +203,9 @@ def _load_npz_split(path: str, mtime: float, split: str) -> tuple[torch.Tensor, 
     return _to_nchw(x), torch.from_numpy(np.asarray(y, dtype=np.int64)), classes
 
 
-def canonical_order(canonical_index: np.ndarray, y: np.ndarray,
-                    within_class_index: Optional[np.ndarray] = None) -> np.ndarray:
+def canonical_order(
+    canonical_index: np.ndarray, y: np.ndarray, within_class_index: Optional[np.ndarray] = None
+) -> np.ndarray:
     """Row order that restores a file's canonical order (a permutation of ``range(len(y))``).
 
     Rows with a known position (``canonical_index >= 0``) come first, sorted by it. Rows whose position
@@ -238,16 +250,18 @@ def _torchvision_cifar(name: str, root: Path, split: str, download: bool):
         try:
             ds = cls(str(root), train=split == "train", download=False)
         except RuntimeError as err:
-            raise _missing(name, root, "pass download=True to fetch it with torchvision (needs network), "
-                           f"or {place}") from err
+            raise _missing(
+                name, root, f"pass download=True to fetch it with torchvision (needs network), or {place}"
+            ) from err
     else:
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # a black-holed network must not hang forever
         try:
             ds = cls(str(root), train=split == "train", download=True)
         except (OSError, RuntimeError) as err:
-            raise _missing(name, root, f"the torchvision download failed ({err}); retry with network, "
-                           f"or {place}") from err
+            raise _missing(
+                name, root, f"the torchvision download failed ({err}); retry with network, or {place}"
+            ) from err
         finally:
             socket.setdefaulttimeout(previous)
     return _to_nchw(ds.data), torch.tensor(ds.targets, dtype=torch.long), tuple(ds.classes), f"torchvision:{root}"
@@ -267,8 +281,9 @@ def _facescrub_standin(path: Path, split: str):
     return small.round_().clamp_(0, 255).to(torch.uint8), targets[keep], classes
 
 
-def load_dataset(name: str, split: str, data_root: str | os.PathLike | None = None, augment: bool = False,
-                 download: bool = False) -> Dataset:
+def load_dataset(
+    name: str, split: str, data_root: str | os.PathLike | None = None, augment: bool = False, download: bool = False
+) -> Dataset:
     """Load ``split`` ("train"/"test") of dataset ``name`` (see the module docstring for sources).
 
     Returns a Dataset of ``(normalised float32 [C,H,W] image, int label)`` with ``.targets``
@@ -283,8 +298,11 @@ def load_dataset(name: str, split: str, data_root: str | os.PathLike | None = No
 
     if name == "cifar10-sample":
         if not SAMPLE_PATH.exists():
-            raise _missing(name, SAMPLE_PATH.parent, "regenerate it with "
-                           "`python -m reproduce.data.make_sample --data-root <folder with cifar10 npz files>`")
+            raise _missing(
+                name,
+                SAMPLE_PATH.parent,
+                "regenerate it with `python -m reproduce.data.make_sample --data-root <folder with cifar10 npz files>`",
+            )
         images, targets, classes = _npz(SAMPLE_PATH, split)
         return ImageTensorDataset(images, targets, info, augment, list(classes), str(SAMPLE_PATH))
 
@@ -304,14 +322,22 @@ def load_dataset(name: str, split: str, data_root: str | os.PathLike | None = No
         npz = root / "facescrub_6id_64px.npz"
         if npz.exists():
             if name == "facescrub":
-                warnings.warn(f"FaceScrub not found under {root}/facescrub/48x48; using the 6-identity stand-in "
-                              f"{npz.name} (ds.info.num_classes == 6, not 530)", stacklevel=2)
+                warnings.warn(
+                    f"FaceScrub not found under {root}/facescrub/48x48; using the 6-identity stand-in "
+                    f"{npz.name} (ds.info.num_classes == 6, not 530)",
+                    stacklevel=2,
+                )
             images, targets, classes = _facescrub_standin(npz, split)
-            return ImageTensorDataset(images, targets, dataset_info("facescrub-6id"), augment, list(classes),
-                                      f"{npz} (6-identity stand-in)")
-        raise _missing(name, root, "run the authors' prepare_facescrub.py so that "
-                       f"{root}/facescrub/48x48/{{train,validate}}/<person>/*.jpg exist, or put the "
-                       "6-identity stand-in facescrub_6id_64px.npz there (no automatic download)")
+            return ImageTensorDataset(
+                images, targets, dataset_info("facescrub-6id"), augment, list(classes), f"{npz} (6-identity stand-in)"
+            )
+        raise _missing(
+            name,
+            root,
+            "run the authors' prepare_facescrub.py so that "
+            f"{root}/facescrub/48x48/{{train,validate}}/<person>/*.jpg exist, or put the "
+            "6-identity stand-in facescrub_6id_64px.npz there (no automatic download)",
+        )
 
     # tinyimagenet
     folder = root / "tiny-imagenet-200" / ("train" if split == "train" else "val/images")
@@ -321,9 +347,13 @@ def load_dataset(name: str, split: str, data_root: str | os.PathLike | None = No
     if npz.exists():
         images, targets, classes = _npz(npz, split)
         return ImageTensorDataset(images, targets, info, augment, list(classes), str(npz))
-    raise _missing(name, root, "download http://cs231n.stanford.edu/tiny-imagenet-200.zip and lay it out "
-                   f"as the authors' prepare_tinyimagenet.py does ({root}/tiny-imagenet-200/train/<wnid>/..., "
-                   "val/images/<wnid>/...), or put tinyimagenet_{train50pc,val}_jpeg.npz there")
+    raise _missing(
+        name,
+        root,
+        "download http://cs231n.stanford.edu/tiny-imagenet-200.zip and lay it out "
+        f"as the authors' prepare_tinyimagenet.py does ({root}/tiny-imagenet-200/train/<wnid>/..., "
+        "val/images/<wnid>/...), or put tinyimagenet_{train50pc,val}_jpeg.npz there",
+    )
 
 
 def denormalize(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -369,6 +399,5 @@ def subset(dataset: Dataset, n: int, seed: int = 0) -> Subset:
             take = min(share + (i < extra), len(pools[c]) - quota[c])
             quota[c] += take
             remaining -= take
-    chosen = torch.cat([pools[c][:quota[c]] for c in sorted(pools)])
+    chosen = torch.cat([pools[c][: quota[c]] for c in sorted(pools)])
     return Subset(dataset, sorted(chosen.tolist()))
-

@@ -38,7 +38,7 @@ def make_sample(data_root: Path, out: Path = SAMPLE_PATH, per_class: int = 500, 
         y, off, buf = train["y"], train["offsets"], train["jpeg_bytes"]
         canonical, class_names = train["canonical_index"], train["class_names"]
         picked = np.sort(np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(len(class_names))]))
-        train_bytes, train_offsets = _concat([buf[off[i]:off[i + 1]] for i in picked])
+        train_bytes, train_offsets = _concat([buf[off[i] : off[i + 1]] for i in picked])
         train_y, train_canonical = y[picked], canonical[picked]
     with np.load(data_root / "cifar10_test.npz") as test:
         x, y_test, canonical_test = test["x"], test["y"], test["canonical_index"]  # each read decompresses
@@ -51,10 +51,15 @@ def make_sample(data_root: Path, out: Path = SAMPLE_PATH, per_class: int = 500, 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.npz")
     np.savez_compressed(
-        tmp, class_names=class_names,
-        train_jpeg_bytes=train_bytes, train_offsets=train_offsets, train_y=train_y,
+        tmp,
+        class_names=class_names,
+        train_jpeg_bytes=train_bytes,
+        train_offsets=train_offsets,
+        train_y=train_y,
         train_canonical_index=train_canonical,
-        test_png_bytes=test_bytes, test_offsets=test_offsets, test_y=test_y,
+        test_png_bytes=test_bytes,
+        test_offsets=test_offsets,
+        test_y=test_y,
         test_canonical_index=np.arange(num_test, dtype=np.int64),
     )
     os.replace(tmp, out)

@@ -35,11 +35,13 @@ from .patrol import Patrol, prune_channels
 
 class NoDefence(Defence):
     """Plain split training: no perturbation, no extra loss; no bottleneck by default."""
+
     name = "none"
 
 
 class BottleneckOnly(Defence):
     """The bottleneck defence lives in the model (8-channel conv + Sigmoid at the cut)."""
+
     name = "bottleneck"
 
 
@@ -98,8 +100,9 @@ def build_defence(name: str, **options) -> Defence:
     classes = _PARTS[key]
     unknown = set(options) - defence_options(key)
     if unknown:
-        raise TypeError(f"defence {key!r} does not take option(s) {sorted(unknown)}; "
-                        f"it takes {sorted(defence_options(key))}")
+        raise TypeError(
+            f"defence {key!r} does not take option(s) {sorted(unknown)}; it takes {sorted(defence_options(key))}"
+        )
     parts = [cls(**{k: v for k, v in options.items() if k in _accepted(cls)}) for cls in classes]
     if len(parts) == 1:
         return parts[0]
@@ -124,8 +127,23 @@ def with_noise(defence: Defence, sigma: float) -> Defence:
 
 
 __all__ = [
-    "Defence", "build_defence", "with_noise", "canonical_name", "default_bottleneck", "DEFENCES",
-    "defence_options", "GaussianNoise", "NoPeek", "FeatureDropout", "AdversarialReconstruction",
-    "Patrol", "Combined", "NoDefence", "BottleneckOnly", "distance_correlation", "ssim",
-    "default_ssim_threshold", "prune_channels",
+    "Defence",
+    "build_defence",
+    "with_noise",
+    "canonical_name",
+    "default_bottleneck",
+    "DEFENCES",
+    "defence_options",
+    "GaussianNoise",
+    "NoPeek",
+    "FeatureDropout",
+    "AdversarialReconstruction",
+    "Patrol",
+    "Combined",
+    "NoDefence",
+    "BottleneckOnly",
+    "distance_correlation",
+    "ssim",
+    "default_ssim_threshold",
+    "prune_channels",
 ]

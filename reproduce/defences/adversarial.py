@@ -52,8 +52,7 @@ AUTHORS_STRENGTH = 0.3  # run_exp.sh: AT_regularization_strength=0.3 (their alph
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean SSIM of two image batches in [0, 1] (11x11 Gaussian window, sigma 1.5); differentiable."""
-    return structural_similarity_index_measure(a, b, gaussian_kernel=True, sigma=1.5, kernel_size=11,
-                                               data_range=1.0)
+    return structural_similarity_index_measure(a, b, gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=1.0)
 
 
 def default_ssim_threshold(dataset: str) -> float:
@@ -67,14 +66,23 @@ class AdversarialReconstruction(Defence):
     name = "ressfl"
     needs_unit_images = True
 
-    def __init__(self, strength: float = AUTHORS_STRENGTH, ssim_threshold: Optional[float] = None, steps: int = 1,
-                 decoder_blocks: int = 4, decoder_width: int = 64, lr: float = 1e-3,
-                 pretrain_epochs: int = 30, pretrain_split: str = "train",
-                 adversary_sees: str = "clean"):
+    def __init__(
+        self,
+        strength: float = AUTHORS_STRENGTH,
+        ssim_threshold: Optional[float] = None,
+        steps: int = 1,
+        decoder_blocks: int = 4,
+        decoder_width: int = 64,
+        lr: float = 1e-3,
+        pretrain_epochs: int = 30,
+        pretrain_split: str = "train",
+        adversary_sees: str = "clean",
+    ):
         super().__init__()
         self.strength = check_positive(strength, "strength")
-        self.ssim_threshold = None if ssim_threshold is None else check_positive(
-            ssim_threshold, "ssim_threshold", allow_zero=True)
+        self.ssim_threshold = (
+            None if ssim_threshold is None else check_positive(ssim_threshold, "ssim_threshold", allow_zero=True)
+        )
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         if isinstance(pretrain_epochs, bool) or not isinstance(pretrain_epochs, int) or pretrain_epochs < 0:
@@ -98,8 +106,17 @@ class AdversarialReconstruction(Defence):
         self.feature_transform: Callable[[torch.Tensor], torch.Tensor] = lambda z: z
 
     # -- setup -----------------------------------------------------------------------------
-    def setup(self, model, *, image_size, in_channels=3, dataset="", device="cpu",
-              total_epochs=1, baseline_encoder_params=None):
+    def setup(
+        self,
+        model,
+        *,
+        image_size,
+        in_channels=3,
+        dataset="",
+        device="cpu",
+        total_epochs=1,
+        baseline_encoder_params=None,
+    ):
         from reproduce.models import ResDecoder  # H1's decoder (Sigmoid output)
 
         c, h, w = model.smashed_shape
@@ -108,8 +125,9 @@ class AdversarialReconstruction(Defence):
         if self.ssim_threshold is None:
             self.ssim_threshold = default_ssim_threshold(dataset)
         self.total_epochs = int(total_epochs)
-        self.decoder = ResDecoder(c, h, image_size, out_channels=in_channels,
-                                  num_blocks=self.decoder_blocks, width=self.decoder_width).to(device)
+        self.decoder = ResDecoder(
+            c, h, image_size, out_channels=in_channels, num_blocks=self.decoder_blocks, width=self.decoder_width
+        ).to(device)
         self.optimizer = torch.optim.Adam(self.decoder.parameters(), lr=self.lr)
 
     def _require_setup(self):
@@ -153,8 +171,7 @@ class AdversarialReconstruction(Defence):
             return self.strength * score
         return self.strength * F.relu(score - self.ssim_threshold)
 
-    def pretrain(self, encoder: nn.Module, loader: Iterable, *, denormalize, device,
-                 progress: bool = False) -> dict:
+    def pretrain(self, encoder: nn.Module, loader: Iterable, *, denormalize, device, progress: bool = False) -> dict:
         """MSE pretraining of the decoder on a frozen encoder (eval mode)."""
         self._require_setup()
         if self.pretrained or self.pretrain_epochs == 0:
@@ -191,13 +208,16 @@ class AdversarialReconstruction(Defence):
             scale = self.total_epochs / 240.0
             passed = sum(1 for m in _AUTHORS_DECODER_MILESTONES if epoch - 1 >= math.ceil(m * scale))
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr * 0.2 ** passed
+                group["lr"] = self.lr * 0.2**passed
         return False
 
     # -- state (optimizer and flags travel with state_dict) ----------------------------------
     def get_extra_state(self):
-        return {"pretrained": self.pretrained, "ssim_threshold": self.ssim_threshold,
-                "optimizer": None if self.optimizer is None else self.optimizer.state_dict()}
+        return {
+            "pretrained": self.pretrained,
+            "ssim_threshold": self.ssim_threshold,
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+        }
 
     def set_extra_state(self, state):
         self.pretrained = bool(state["pretrained"])
@@ -206,8 +226,15 @@ class AdversarialReconstruction(Defence):
             self.optimizer.load_state_dict(state["optimizer"])
 
     def describe(self) -> dict:
-        return {"name": self.name, "strength": self.strength, "ssim_threshold": self.ssim_threshold,
-                "steps": self.steps, "decoder_blocks": self.decoder_blocks,
-                "decoder_width": self.decoder_width, "lr": self.lr,
-                "pretrain_epochs": self.pretrain_epochs, "pretrain_split": self.pretrain_split,
-                "adversary_sees": self.adversary_sees}
+        return {
+            "name": self.name,
+            "strength": self.strength,
+            "ssim_threshold": self.ssim_threshold,
+            "steps": self.steps,
+            "decoder_blocks": self.decoder_blocks,
+            "decoder_width": self.decoder_width,
+            "lr": self.lr,
+            "pretrain_epochs": self.pretrain_epochs,
+            "pretrain_split": self.pretrain_split,
+            "adversary_sees": self.adversary_sees,
+        }

@@ -38,17 +38,26 @@ class Defence(nn.Module):
     adds_noise = False
     active_in_eval = True
 
-    def setup(self, model: nn.Module, *, image_size: int, in_channels: int = 3,
-              dataset: str = "", device: torch.device | str = "cpu",
-              total_epochs: int = 1, baseline_encoder_params: Optional[int] = None) -> None:
+    def setup(
+        self,
+        model: nn.Module,
+        *,
+        image_size: int,
+        in_channels: int = 3,
+        dataset: str = "",
+        device: torch.device | str = "cpu",
+        total_epochs: int = 1,
+        baseline_encoder_params: Optional[int] = None,
+    ) -> None:
         """Size defence-owned modules to ``model`` (smashed shape, image size). Default: nothing."""
 
     def perturb(self, z: torch.Tensor) -> torch.Tensor:
         """Return what the server sees. Default: ``z`` unchanged."""
         return z
 
-    def regularizer(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, *,
-                    x_unit: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    def regularizer(
+        self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, *, x_unit: Optional[torch.Tensor] = None
+    ) -> Optional[torch.Tensor]:
         """Extra encoder loss on the clean features ``z`` (with grad), or None."""
         return None
 
@@ -56,13 +65,11 @@ class Defence(nn.Module):
         """Train defence-owned adversaries on detached features; returns logged scalars."""
         return {}
 
-    def pretrain(self, encoder: nn.Module, loader: Iterable, *, denormalize, device,
-                 progress: bool = False) -> dict:
+    def pretrain(self, encoder: nn.Module, loader: Iterable, *, denormalize, device, progress: bool = False) -> dict:
         """Train defence-owned adversaries before the main training. Default: nothing."""
         return {}
 
-    def on_epoch_start(self, epoch: int, model: nn.Module,
-                       optimizers: dict[str, torch.optim.Optimizer]) -> bool:
+    def on_epoch_start(self, epoch: int, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> bool:
         """Hook at the start of ``epoch`` (1-based). Returns True if the encoder's parameters
         were replaced (the trainer then re-points the client optimizer)."""
         return False

@@ -35,6 +35,7 @@ class Combined(Defence):
             for part in list(self.parts)[:stop]:
                 z = part.perturb(z)
             return z
+
         return apply
 
     def setup(self, model, **kwargs):

@@ -30,5 +30,4 @@ class FeatureDropout(Defence):
         return z * keep
 
     def describe(self) -> dict:
-        return {"name": self.name, "rate": self.rate, "active_in_eval": self.active_in_eval,
-                "rescale": False}
+        return {"name": self.name, "rate": self.rate, "active_in_eval": self.active_in_eval, "rescale": False}

@@ -52,8 +52,9 @@ class NoPeek(Defence):
         super().__init__()
         self.strength = check_positive(strength, "strength")
 
-    def regularizer(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, *,
-                    x_unit: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def regularizer(
+        self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor, *, x_unit: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         return self.strength * distance_correlation(x, z)
 
     def describe(self) -> dict:

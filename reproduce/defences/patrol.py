@@ -46,8 +46,9 @@ def _output_convs(encoder: nn.Module) -> list[nn.Module]:
     return convs[-1:]
 
 
-def prune_channels(encoder: nn.Module, example: torch.Tensor, ratio: float, *,
-                   importance: str = "l1", min_channels: int = 0) -> nn.Module:
+def prune_channels(
+    encoder: nn.Module, example: torch.Tensor, ratio: float, *, importance: str = "l1", min_channels: int = 0
+) -> nn.Module:
     """Prune ``ratio`` of the output channels of every prunable conv of ``encoder`` in place.
 
     Prunable: Conv2d layers with more than ``min_channels`` outputs, except the output conv.
@@ -60,8 +61,9 @@ def prune_channels(encoder: nn.Module, example: torch.Tensor, ratio: float, *,
     if ratio == 0:
         return encoder
     ignored = list(_output_convs(encoder))
-    ignored += [m for m in encoder.modules()
-                if isinstance(m, nn.Conv2d) and m.out_channels <= min_channels and m not in ignored]
+    ignored += [
+        m for m in encoder.modules() if isinstance(m, nn.Conv2d) and m.out_channels <= min_channels and m not in ignored
+    ]
     if importance == "l1":
         imp = tp.importance.GroupMagnitudeImportance(p=1)
     elif importance == "taylor":
@@ -69,8 +71,7 @@ def prune_channels(encoder: nn.Module, example: torch.Tensor, ratio: float, *,
     else:
         raise ValueError(f"importance must be 'l1' or 'taylor', got {importance!r}")
     was_training = encoder.training
-    pruner = tp.pruner.MetaPruner(encoder, example, importance=imp, pruning_ratio=ratio,
-                                  ignored_layers=ignored)
+    pruner = tp.pruner.MetaPruner(encoder, example, importance=imp, pruning_ratio=ratio, ignored_layers=ignored)
     if importance == "taylor":
         encoder.zero_grad(set_to_none=True)
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -81,8 +82,15 @@ def prune_channels(encoder: nn.Module, example: torch.Tensor, ratio: float, *,
     return encoder
 
 
-def matching_ratio(encoder: nn.Module, example: torch.Tensor, target_params: int, *,
-                   importance: str = "l1", max_ratio: float = 0.9, iters: int = 10) -> float:
+def matching_ratio(
+    encoder: nn.Module,
+    example: torch.Tensor,
+    target_params: int,
+    *,
+    importance: str = "l1",
+    max_ratio: float = 0.9,
+    iters: int = 10,
+) -> float:
     """Smallest uniform ratio (bisection on copies) with ``count_params(pruned) <= target_params``."""
     if count_params(encoder) <= target_params:
         return 0.0
@@ -108,9 +116,14 @@ class Patrol(AdversarialReconstruction):
     name = "patrol"
     extra_client_layer = True
 
-    def __init__(self, prune_epoch: Optional[int] = None,
-                 pruning_ratio: Union[str, float, None] = None, importance: Optional[str] = None,
-                 authors_pruning: Optional[bool] = None, **adversarial_options):
+    def __init__(
+        self,
+        prune_epoch: Optional[int] = None,
+        pruning_ratio: Union[str, float, None] = None,
+        importance: Optional[str] = None,
+        authors_pruning: Optional[bool] = None,
+        **adversarial_options,
+    ):
         adversarial_options.setdefault("steps", AUTHORS_PATROL_STEPS)
         super().__init__(**adversarial_options)
         if authors_pruning is None:  # the authors' pruning unless the project's is asked for
@@ -139,10 +152,25 @@ class Patrol(AdversarialReconstruction):
         self.image_size = 32
         self.in_channels = 3
 
-    def setup(self, model, *, image_size, in_channels=3, dataset="", device="cpu",
-              total_epochs=1, baseline_encoder_params=None):
-        super().setup(model, image_size=image_size, in_channels=in_channels, dataset=dataset,
-                      device=device, total_epochs=total_epochs)
+    def setup(
+        self,
+        model,
+        *,
+        image_size,
+        in_channels=3,
+        dataset="",
+        device="cpu",
+        total_epochs=1,
+        baseline_encoder_params=None,
+    ):
+        super().setup(
+            model,
+            image_size=image_size,
+            in_channels=in_channels,
+            dataset=dataset,
+            device=device,
+            total_epochs=total_epochs,
+        )
         if self.prune_epoch is None:
             self.prune_epoch = max(1, round(PRUNE_FRACTION * total_epochs))
         self.baseline_encoder_params = baseline_encoder_params
@@ -160,8 +188,7 @@ class Patrol(AdversarialReconstruction):
         if ratio == "match":
             if self.baseline_encoder_params is None:
                 raise ValueError("pruning_ratio='match' needs baseline_encoder_params in setup()")
-            ratio = matching_ratio(encoder, example, self.baseline_encoder_params,
-                                   importance=self.importance)
+            ratio = matching_ratio(encoder, example, self.baseline_encoder_params, importance=self.importance)
         prune_channels(encoder, example, ratio, importance=self.importance, min_channels=min_channels)
         self.pruned = True
         self.applied_ratio = float(ratio)
@@ -180,7 +207,12 @@ class Patrol(AdversarialReconstruction):
 
     def describe(self) -> dict:
         d = super().describe()
-        d.update(name=self.name, prune_epoch=self.prune_epoch, pruning_ratio=self.pruning_ratio,
-                 importance=self.importance, authors_pruning=self.authors_pruning,
-                 baseline_encoder_params=self.baseline_encoder_params)
+        d.update(
+            name=self.name,
+            prune_epoch=self.prune_epoch,
+            pruning_ratio=self.pruning_ratio,
+            importance=self.importance,
+            authors_pruning=self.authors_pruning,
+            baseline_encoder_params=self.baseline_encoder_params,
+        )
         return d

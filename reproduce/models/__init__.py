@@ -5,5 +5,13 @@ from .critic import WGANCritic
 from .decoder import ResBlock, ResDecoder
 from .split import ARCHS, SplitModel, build_split_model
 
-__all__ = ["ARCHS", "BottleneckSpec", "ResBlock", "ResDecoder", "SplitModel", "WGANCritic",
-           "build_split_model", "parse_bottleneck"]
+__all__ = [
+    "ARCHS",
+    "BottleneckSpec",
+    "ResBlock",
+    "ResDecoder",
+    "SplitModel",
+    "WGANCritic",
+    "build_split_model",
+    "parse_bottleneck",
+]

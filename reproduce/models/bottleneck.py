@@ -105,19 +105,23 @@ def make_encoder(layers: list[nn.Module], spec: BottleneckSpec, cut_channels: in
     """Client = cut layers -> bottleneck client half -> Sigmoid (``sigmoid``) or BatchNorm."""
     smashed_channels = cut_channels if spec.channels is None else spec.channels
     head = nn.Sigmoid() if sigmoid else nn.BatchNorm2d(smashed_channels)
-    return nn.Sequential(OrderedDict(
-        layers=nn.Sequential(*layers),
-        bottleneck=bottleneck_client(spec, cut_channels),
-        head=head,
-    ))
+    return nn.Sequential(
+        OrderedDict(
+            layers=nn.Sequential(*layers),
+            bottleneck=bottleneck_client(spec, cut_channels),
+            head=head,
+        )
+    )
 
 
 def make_server_features(layers: list[nn.Module], spec: BottleneckSpec, cut_channels: int) -> nn.Sequential:
     """Server feature extractor = bottleneck server half -> remaining layers."""
-    return nn.Sequential(OrderedDict(
-        bottleneck=bottleneck_server(spec, cut_channels),
-        layers=nn.Sequential(*layers),
-    ))
+    return nn.Sequential(
+        OrderedDict(
+            bottleneck=bottleneck_server(spec, cut_channels),
+            layers=nn.Sequential(*layers),
+        )
+    )
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ class ZeroPadShortcut(nn.Module):
         self.pad = (extra // 2, extra - extra // 2)
 
     def forward(self, x):
-        x = x[:, :, ::self.stride, ::self.stride]
+        x = x[:, :, :: self.stride, :: self.stride]
         return F.pad(x, (0, 0, 0, 0, *self.pad))
 
 
@@ -79,9 +79,13 @@ def _he_normal_init(module: nn.Module) -> None:
 
 
 def _layer_list(in_channels: int) -> list[nn.Module]:
-    layers: list[nn.Module] = [nn.Sequential(
-        nn.Conv2d(in_channels, STEM_CHANNELS, 5, padding=2, bias=False),
-        nn.BatchNorm2d(STEM_CHANNELS), nn.ReLU(inplace=True))]
+    layers: list[nn.Module] = [
+        nn.Sequential(
+            nn.Conv2d(in_channels, STEM_CHANNELS, 5, padding=2, bias=False),
+            nn.BatchNorm2d(STEM_CHANNELS),
+            nn.ReLU(inplace=True),
+        )
+    ]
     c = STEM_CHANNELS
     for width in STAGE_WIDTHS:
         for i in range(BLOCKS_PER_STAGE):
@@ -94,8 +98,15 @@ def _channels_after(cut: int) -> int:
     return STEM_CHANNELS if cut == 1 else STAGE_WIDTHS[(cut - 2) // BLOCKS_PER_STAGE]
 
 
-def build_resnet20(num_classes: int, cut: int, image_size: int, in_channels: int, spec: BottleneckSpec,
-                   sigmoid: bool, extra_client_layer: bool):
+def build_resnet20(
+    num_classes: int,
+    cut: int,
+    image_size: int,
+    in_channels: int,
+    spec: BottleneckSpec,
+    sigmoid: bool,
+    extra_client_layer: bool,
+):
     """Return (encoder, server, smashed_shape); see ``build_split_model`` for the arguments.
 
     ``extra_client_layer`` (PATROL) inserts conv3x3(16->16)+BN+ReLU right after the stem; the
@@ -108,9 +119,14 @@ def build_resnet20(num_classes: int, cut: int, image_size: int, in_channels: int
     layers = _layer_list(in_channels)
     client_layers, server_layers = layers[:cut], layers[cut:]
     if extra_client_layer:
-        client_layers.insert(1, nn.Sequential(
-            nn.Conv2d(STEM_CHANNELS, STEM_CHANNELS, 3, padding=1, bias=False),
-            nn.BatchNorm2d(STEM_CHANNELS), nn.ReLU(inplace=True)))
+        client_layers.insert(
+            1,
+            nn.Sequential(
+                nn.Conv2d(STEM_CHANNELS, STEM_CHANNELS, 3, padding=1, bias=False),
+                nn.BatchNorm2d(STEM_CHANNELS),
+                nn.ReLU(inplace=True),
+            ),
+        )
     cut_channels = _channels_after(cut)
 
     check_stride(spec, probe_shape(nn.Sequential(*client_layers), (in_channels, image_size, image_size)))

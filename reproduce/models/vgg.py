@@ -14,8 +14,7 @@ def _entry(item, in_channels: int) -> tuple[nn.Module, int]:
     """One config entry: 'M' = 2x2 max-pool, an int = conv3x3 + BN + ReLU."""
     if item == "M":
         return nn.MaxPool2d(kernel_size=2, stride=2), in_channels
-    return nn.Sequential(nn.Conv2d(in_channels, item, 3, padding=1), nn.BatchNorm2d(item),
-                         nn.ReLU(inplace=True)), item
+    return nn.Sequential(nn.Conv2d(in_channels, item, 3, padding=1), nn.BatchNorm2d(item), nn.ReLU(inplace=True)), item
 
 
 class VGGServer(nn.Module):
@@ -25,8 +24,12 @@ class VGGServer(nn.Module):
         super().__init__()
         self.features = features
         self.classifier = nn.Sequential(
-            nn.Dropout(), nn.Linear(flat_dim, 512), nn.ReLU(inplace=True),
-            nn.Dropout(), nn.Linear(512, 512), nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(flat_dim, 512),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(512, 512),
+            nn.ReLU(inplace=True),
             nn.Linear(512, num_classes),
         )
 
@@ -42,8 +45,15 @@ def _xavier_init(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def build_vgg11_bn(num_classes: int, cut: int, image_size: int, in_channels: int, spec: BottleneckSpec,
-                   sigmoid: bool, extra_client_layer: bool):
+def build_vgg11_bn(
+    num_classes: int,
+    cut: int,
+    image_size: int,
+    in_channels: int,
+    spec: BottleneckSpec,
+    sigmoid: bool,
+    extra_client_layer: bool,
+):
     """Return (encoder, server, smashed_shape); see ``build_split_model`` for the arguments.
 
     The classifier's input size is derived from the image size (512 for 32/48 px, 2048 for 64 px,
@@ -59,8 +69,11 @@ def build_vgg11_bn(num_classes: int, cut: int, image_size: int, in_channels: int
     client_layers: list[nn.Module] = []
     c = in_channels
     if extra_client_layer:
-        client_layers.append(nn.Sequential(nn.Conv2d(c, EXTRA_CHANNELS, 3, padding=1),
-                                           nn.BatchNorm2d(EXTRA_CHANNELS), nn.ReLU(inplace=True)))
+        client_layers.append(
+            nn.Sequential(
+                nn.Conv2d(c, EXTRA_CHANNELS, 3, padding=1), nn.BatchNorm2d(EXTRA_CHANNELS), nn.ReLU(inplace=True)
+            )
+        )
         c = EXTRA_CHANNELS
     for item in CONFIG_A[:cut]:
         layer, c = _entry(item, c)

@@ -3,16 +3,17 @@
 Run on a machine with a CUDA device (``bench/gpu_check.sh``); without one every test is collected and
 skipped. Inputs are random draws seeded from the test's id; a failure message names the seed.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
 
 from cem_fast.backends import torch_backend as ref
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="no CUDA device: the GPU tests need one (bench/gpu_check.sh on a GPU machine)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the GPU tests need one (bench/gpu_check.sh on a GPU machine)"
+)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DEV = "cuda"
@@ -21,6 +22,7 @@ DEV = "cuda"
 def _triton():
     pytest.importorskip("triton", reason="triton is not installed")
     from cem_fast.backends import triton_backend
+
     if triton_backend.kernels_interpreted():
         pytest.skip("TRITON_INTERPRET was set when the Triton backend was imported: not a GPU run")
     return triton_backend
@@ -31,6 +33,7 @@ class _Cuda:
 
     def __init__(self):
         from cem_fast.backends.extension import load_cuda_extension
+
         self.ext = load_cuda_extension()
 
     def assign_stats(self, z, labels, centroids, m, class_conditional, use_atomics=False):
@@ -43,7 +46,7 @@ class _Cuda:
 
 @pytest.fixture(scope="module")
 def cuda_ext():
-    return _Cuda()   # a build failure is a test failure here, not a skip
+    return _Cuda()  # a build failure is a test failure here, not a skip
 
 
 @pytest.fixture(params=["triton", "cuda"])
@@ -105,9 +108,12 @@ def check_assign_stats(be, z, labels, centroids, m, cc, seed, use_atomics=False)
 
 SHAPES = [(1, 37, 3, 2), (300, 513, 10, 3), (1000, 37, 4, 1)]
 CASES = [(shape, dtype) for shape in SHAPES for dtype in DTYPES] + [
-    ((2048, 512, 100, 10), torch.float32), ((2048, 512, 100, 10), torch.bfloat16),
-    ((8192, 2048, 10, 3), torch.float32), ((8192, 2048, 10, 3), torch.bfloat16),   # > 4096 rows: the radix-sort path
-    ((50000, 2048, 10, 3), torch.float32)]                                          # a refit-sized batch
+    ((2048, 512, 100, 10), torch.float32),
+    ((2048, 512, 100, 10), torch.bfloat16),
+    ((8192, 2048, 10, 3), torch.float32),
+    ((8192, 2048, 10, 3), torch.bfloat16),  # > 4096 rows: the radix-sort path
+    ((50000, 2048, 10, 3), torch.float32),
+]  # a refit-sized batch
 
 
 @pytest.mark.parametrize("shape,dtype", CASES, ids=lambda v: str(v).replace("torch.", ""))
@@ -166,7 +172,7 @@ def test_ties_go_to_the_lowest_index(backend, gen, cc):
     z, labels, centroids = make_inputs(gen, 64, D, C, m, torch.float32)
     labels[:] = 1
     z[:] = z[0] + 1e-3 * torch.randn(64, D, generator=gen).to(DEV)
-    centroids[m + 3] = centroids[m + 2] = z[0]        # neighbouring candidates, scored in different unroll slots
+    centroids[m + 3] = centroids[m + 2] = z[0]  # neighbouring candidates, scored in different unroll slots
     centroids[m + 18] = z[0]
     a, _, _ = backend.assign_stats(z, labels, centroids, m, cc)
     assert torch.all(a == m + 2), gen.initial_seed()
@@ -181,11 +187,11 @@ def test_deterministic(backend, gen):
             assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("B", [1024, 8192])   # both sort paths of the segment grouping
+@pytest.mark.parametrize("B", [1024, 8192])  # both sort paths of the segment grouping
 def test_no_host_sync(backend, gen, B):
     z, labels, centroids = make_inputs(gen, B, 512, 10, 3, torch.float32)
     coef = torch.randn_like(centroids)
-    for cc in (True, False):                                  # compile / build outside the check
+    for cc in (True, False):  # compile / build outside the check
         backend.scatter_grad(z, backend.assign_stats(z, labels, centroids, 3, cc)[0], centroids, coef)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -210,23 +216,25 @@ def test_empty_batch_and_bad_labels(backend, gen):
 def test_non_contiguous_z(backend, gen):
     z, labels, centroids = make_inputs(gen, 100, 70, 3, 3, torch.float32)
     zt = z.t().contiguous().t()
-    for x, y in zip(backend.assign_stats(zt, labels, centroids, 3, True),
-                    backend.assign_stats(z, labels, centroids, 3, True)):
+    for x, y in zip(
+        backend.assign_stats(zt, labels, centroids, 3, True), backend.assign_stats(z, labels, centroids, 3, True)
+    ):
         assert torch.equal(x, y)
 
 
 def test_strided_inputs_and_int32_labels(backend, gen):
     z, labels, centroids = make_inputs(gen, 300, 70, 4, 3, torch.float32)
     want = backend.assign_stats(z, labels, centroids, 3, True)
-    ct = centroids.t().contiguous().t()                                   # column-major centroids
+    ct = centroids.t().contiguous().t()  # column-major centroids
     for x, y in zip(backend.assign_stats(z, labels.int(), ct, 3, True), want):
         assert torch.equal(x, y)
     coef = torch.randn(12, 70, generator=gen).to(DEV).t().contiguous().t()
-    a2 = torch.stack([want[0], want[0]], 1)[:, 0]                         # assign with stride 2
+    a2 = torch.stack([want[0], want[0]], 1)[:, 0]  # assign with stride 2
     assert not a2.is_contiguous()
     zt = z.t().contiguous().t()
-    assert torch.equal(backend.scatter_grad(zt, a2, ct, coef),
-                       ref.scatter_grad(z, want[0], centroids, coef.contiguous())), gen.initial_seed()
+    assert torch.equal(
+        backend.scatter_grad(zt, a2, ct, coef), ref.scatter_grad(z, want[0], centroids, coef.contiguous())
+    ), gen.initial_seed()
 
 
 def test_cuda_rejects_bad_input(cuda_ext):
@@ -251,7 +259,8 @@ def test_triton_second_moments(gen, dtype, B, D, K):
     got = tb.cluster_second_moments(z, assign, centroids, K)
     diff = z.double() - centroids.double()[assign]
     want = torch.zeros(K, D, D, dtype=torch.float64, device=DEV).index_add_(
-        0, assign, diff[:, :, None] * diff[:, None, :])
+        0, assign, diff[:, :, None] * diff[:, None, :]
+    )
     tol = dict(rtol=1e-11, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(got.double(), want, **tol)
     assert torch.equal(got, got.transpose(1, 2))
@@ -267,6 +276,7 @@ def test_triton_second_moments(gen, dtype, B, D, K):
 def test_opcheck_on_gpu(name, gen, request):
     """The registered ops (schema, fake implementation, autograd) with CUDA tensors and a GPU backend."""
     from cem_fast import ops
+
     _triton() if name == "triton" else request.getfixturevalue("cuda_ext")
     z, labels, centroids = make_inputs(gen, 12, 10, 3, 2, torch.float32)
     for cc in (True, False):
@@ -281,6 +291,7 @@ def test_opcheck_on_gpu(name, gen, request):
 def test_training_step_under_torch_compile_on_gpu(name, covariance, request):
     """Three SGD steps with CEMLoss, eager and under torch.compile (aot_eager), give the same losses."""
     from cem_fast import CEMLoss
+
     _triton() if name == "triton" else request.getfixturevalue("cuda_ext")
 
     def run(compiled):

@@ -6,6 +6,7 @@ deterministic.
 Run on a machine with a CUDA device (``bench/gpu_check.sh``); without one every test is collected and
 skipped. Seeds come from the test's id.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -18,8 +19,9 @@ from bench.gpu_checks import BF16_MULTIPLE, FP32_TOL, Shapes, fitted, loss_error
 from bench.sync_counter import host_syncs
 from cem_fast.clustering import kmeans
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="no CUDA device: the GPU tests need one (bench/gpu_check.sh on a GPU machine)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the GPU tests need one (bench/gpu_check.sh on a GPU machine)"
+)
 DEV = torch.device("cuda")
 VARIANTS = [("paper", "diag"), ("official", "diag"), ("official-trained", "diag"), ("paper", "full")]
 
@@ -32,9 +34,11 @@ def gen(request):
 def gpu_backend(name):
     """Skip only when a backend cannot exist here; a CUDA build failure is a failure, not a skip."""
     from cem_fast import backends
+
     if name == "triton":
         pytest.importorskip("triton", reason="triton is not installed")
         from cem_fast.backends import triton_backend
+
         if triton_backend.kernels_interpreted():
             pytest.skip("TRITON_INTERPRET was set when the Triton backend was imported: not a GPU run")
     assert backends.resolve(name, DEV) == name, f"backend {name} is unavailable on the GPU (see the warning)"
@@ -52,7 +56,7 @@ def test_no_host_sync_in_the_whole_loss(name, variant, covariance, B, gen):
     cem = fitted(variant, covariance, name, sh, DEV, gen, D=D, validate=False)
     z = torch.rand(B, D, device=DEV, requires_grad=True)
     y = torch.randint(0, sh.C, (B,), device=DEV)
-    cem(z, y).backward()                                    # compile, build and autotune outside the check
+    cem(z, y).backward()  # compile, build and autotune outside the check
     torch.cuda.synchronize()
     before = cem.pi.clone()
     torch.cuda.set_sync_debug_mode("error")
@@ -70,6 +74,7 @@ def test_triton_and_cuda_statistics_agree_up_to_near_ties(gen, dtype, cc):
     """Each backend's statistics equal float64 sums over its own assignment; the two assignments differ only
     where the two candidates are equally far within rounding (a near-tie), and such rows are planted here."""
     from cem_fast import backends
+
     gpu_backend("triton")
     gpu_backend("cuda")
     B, D, C, m = 4096, 1000, 20, 5
@@ -114,7 +119,7 @@ def test_refit_syncs_once_per_lloyd_iteration_and_is_deterministic(gen):
     y = torch.arange(N) % C
     x = (modes[y, torch.randint(0, m, (N,), generator=gen)] + 0.5 * torch.rand(N, D, generator=gen)).to(DEV)
     y = y.to(DEV)
-    prev = x[:C * m].reshape(C, m, D)
+    prev = x[: C * m].reshape(C, m, D)
     runs = {}
     for k in (0, 6):
         with host_syncs(DEV) as seen:
