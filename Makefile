@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 export CEM_FAST_CACHE ?= $(HOME)/.cache/cem_fast
 
-.PHONY: demo test test-fast venv lint format bench clean
+.PHONY: demo test test-fast test-gpu-compat gpu-check-dry venv lint format bench clean
 
 venv: $(STAMP)
 
@@ -32,9 +32,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow and not gpu" tests
 
-# (helper fuse adds `test-gpu-compat` here)
+# The Triton tests in the GPU machine's versions (torch 2.11.0, Triton 3.6.0, numpy < 2.3): builds .venv-compat once (~5 GB).
+test-gpu-compat:
+	bash bench/compat_env.sh
 
-# (helper gpucheck adds `gpu-check-dry` here)
+# bench/gpu_check.sh's plumbing on the CPU (Triton interpreter, tiny shapes, CUDA-only steps skipped).
+gpu-check-dry: $(STAMP)
+	GPU_CHECK_DRY_RUN=1 OUT="$$(mktemp -d)" bash bench/gpu_check.sh
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

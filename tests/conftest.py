@@ -47,6 +47,12 @@ SLOW = {
     "test_train::test_official_schedule_and_config_record",
     "test_ops::test_training_step_under_torch_compile",  # torch.compile: ~2 s per case
     "test_packaging::test_cem_fast_imports_without_the_extras",  # a fresh interpreter imports every module
+    "test_readme::test_reproduce_and_audit_lines_at_the_smoke_preset",  # trainings, attacks, an audit: ~15 s
+    "test_readme::test_python_blocks_run",  # an audit of a tiny encoder
+    "test_training_loop::test_collapse_is_announced_before_accuracy_reaches_chance",  # 2 epochs, 2,000 images
+    "test_training_loop::test_two_call_loop_matches_the_explicit_refit_loop",
+    "test_training_loop::test_fullgraph_compile_from_the_first_call",  # torch.compile
+    "test_training_loop::test_lightning_callback_refits_at_epoch_end",
 }
 
 
