@@ -215,7 +215,7 @@ def kmeans(
     if segmented is None:
         segmented = x.device.type == "cpu" and C > 1
     if segment_sums is None:
-        segment_sums = "index_add" if x.device.type == "cpu" else "matmul"
+        segment_sums = default_sum_method(x)
     elif segment_sums not in ("index_add", "matmul"):
         raise ValueError(f"segment_sums must be 'index_add' or 'matmul', got {segment_sums!r}")
     order = None
@@ -249,6 +249,12 @@ def cluster_counts(assign: torch.Tensor, K: int) -> torch.Tensor:
     """int64 ``[K]`` members per cluster, without a host synchronisation (``bincount`` reads its input's
     maximum on the host); integer sums, so exact in any order."""
     return torch.zeros(K, dtype=torch.int64, device=assign.device).scatter_add_(0, assign, torch.ones_like(assign))
+
+
+def default_sum_method(x: torch.Tensor) -> str:
+    """How ``cluster_sums`` sums deterministically on ``x``'s device: ``index_add_`` is a serial loop on the CPU,
+    float atomics elsewhere (there, one-hot GEMMs in row chunks)."""
+    return "index_add" if x.device.type == "cpu" else "matmul"
 
 
 def cluster_sums(

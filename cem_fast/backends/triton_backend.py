@@ -7,7 +7,7 @@ Same contract as ``torch_backend`` (the vectorised reference), plus the fused en
 * ``forward_diag(z, labels, centroids, pi, variance, variant_code, ..., update_state=False)
   -> (loss, coef, new_pi, new_var, assign)`` (``cpp_backend.forward_diag``'s signature + ``update_state``)
 * ``scatter_grad(z, assign, centroids, coef, grad_out=None, factor=1.0) -> dz``
-* ``is_available(device=None) -> bool`` (a device, a device-type string or ``None``)
+* ``is_available(device_type=None) -> bool`` (a device-type string, a device or ``None``)
 
 plus the full-covariance pair ``cluster_second_moments`` / ``matrix_grad`` / ``second_moments_grad``.
 
@@ -726,10 +726,10 @@ def kernels_interpreted() -> bool:
     return isinstance(_assign_partial_kernel, InterpretedFunction)
 
 
-def is_available(device=None) -> bool:
-    """Triton is importable and can run on ``device`` (CUDA, or any device under ``TRITON_INTERPRET=1``).
+def is_available(device_type=None) -> bool:
+    """Triton is importable and can run on ``device_type`` (CUDA, or any device under ``TRITON_INTERPRET=1``).
 
-    ``device`` is a device, a device-type string or ``None`` (= "is there a CUDA device").
+    ``device_type`` is a device-type string, a device or ``None`` (= "is there a CUDA device").
     """
     if triton is None:
         return False
@@ -737,7 +737,7 @@ def is_available(device=None) -> bool:
         return True
     if kernels_interpreted():  # built for the interpreter, which has since been switched off
         return False
-    if device is not None and torch.device(device).type != "cuda":
+    if device_type is not None and torch.device(device_type).type != "cuda":
         return False
     return torch.cuda.is_available()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks
+from ..clustering import cluster_sums, default_sum_method
 from ..theory import entropy_bound
 from .base import Variant, num_present, register
 
@@ -71,9 +72,7 @@ class OfficialTrained(Variant):
     def state_from_kmeans(self, x, result, num_classes, m, covariance):
         counts, D = result.counts, x.shape[1]
         pi = counts.view(num_classes, m) / counts.view(num_classes, m).sum(1, keepdim=True).clamp_min(1)
-        sq = torch.zeros(num_classes * m, dtype=x.dtype, device=x.device).index_add_(
-            0, result.assign, result.sq_dist / D
-        )
+        sq = cluster_sums((result.sq_dist / D)[:, None], result.assign, num_classes * m, default_sum_method(x))[0][:, 0]
         return pi, (sq / counts.clamp_min(1)).reshape(num_classes, m)
 
     def kernel_options(self, sigma):

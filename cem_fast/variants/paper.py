@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..clustering import cluster_sums, default_sum_method
 from ..full_covariance import cluster_second_moments
 from ..theory import entropy_bound
 from .base import Variant, register
@@ -93,7 +94,7 @@ class Paper(Variant):
         n_safe = result.counts.clamp_min(1)
         pi = (result.counts / N).reshape(num_classes, m)
         if covariance == "diag":
-            sq = torch.zeros_like(flat).index_add_(0, result.assign, (x - flat[result.assign]) ** 2)
+            sq, _ = cluster_sums((x - flat[result.assign]) ** 2, result.assign, flat.shape[0], default_sum_method(x))
             var = sq / n_safe[:, None]
         else:
             var = cluster_second_moments(x, result.assign, flat) / n_safe[:, None, None]
