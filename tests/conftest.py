@@ -53,6 +53,14 @@ SLOW = {
     "test_training_loop::test_two_call_loop_matches_the_explicit_refit_loop",
     "test_training_loop::test_fullgraph_compile_from_the_first_call",  # torch.compile
     "test_training_loop::test_lightning_callback_refits_at_epoch_end",
+    "test_bench_scripts::test_gpu_check_dry_run",  # the GPU check's plumbing on the CPU: ~90-220 s
+    "test_bench_scripts::test_gpu_check_imports_need_no_torch_pruning",
+    "test_audit_cli::test_cli_audits_an_outside_encoder_on_the_cifar10_sample",  # smoke audits: ~6 s each
+    "test_audit_cli::test_cli_error_has_no_traceback_in_a_fresh_process",
+    "test_audit_ladder",  # every attack of the ladder trained on a smoke encoder
+    "test_launch_count",  # the fused kernels under the Triton interpreter
+    "test_readme::test_bench_lines_parse",  # a fresh interpreter per benchmark script
+    "test_cli::test_the_docs_commands_at_the_smoke_preset",
 }
 
 
