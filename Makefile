@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch/torchvision builds to install when the venv has none (override for another platform).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS := test,triton,reproduce,audit
+EXTRAS := test,triton,reproduce,audit,lightning
 STAMP := $(VENV)/.installed
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 export CEM_FAST_CACHE ?= $(HOME)/.cache/cem_fast
