@@ -1,10 +1,8 @@
 """CEM in a user's own loop: the two-call API (feature bank + end_epoch), guard rails, state that behaves."""
 
 import copy
-import io
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,24 +10,14 @@ from torch import nn
 
 from cem_fast import CEMLoss
 
-PIL = pytest.importorskip("PIL.Image")
-
-
-def _sample(split: str, n: int):
-    """The first ``n`` images of the CIFAR-10 sample shipped with reproduce/, as floats in [0, 1]."""
-    from reproduce.data import SAMPLE_PATH
-
-    d = np.load(SAMPLE_PATH)
-    data, off = d["train_jpeg_bytes" if split == "train" else "test_png_bytes"], d[f"{split}_offsets"]
-    x = np.stack(
-        [np.asarray(PIL.open(io.BytesIO(data[off[i] : off[i + 1]].tobytes())).convert("RGB")) for i in range(n)]
-    )
-    return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(d[f"{split}_y"][:n])
+pytest.importorskip("PIL.Image")
 
 
 @pytest.fixture(scope="module")
 def sample():
-    return _sample("train", 2000), _sample("test", 500)
+    from reproduce.lambda_guidance import load_sample
+
+    return load_sample("train", 2000), load_sample("test", 500)
 
 
 def _models(seed=0):
