@@ -49,7 +49,8 @@ SLOW = {
     "test_packaging::test_cem_fast_imports_without_the_extras",  # a fresh interpreter imports every module
     "test_readme::test_reproduce_and_audit_lines_at_the_smoke_preset",  # trainings, attacks, an audit: ~15 s
     "test_readme::test_python_blocks_run",  # an audit of a tiny encoder
-    "test_training_loop::test_collapse_is_announced_before_accuracy_reaches_chance",  # 2 epochs, 2,000 images
+    "test_training_loop::test_strength_warning_comes_before_accuracy_reaches_chance",  # 2 epochs, 2,000 images
+    "test_training_loop::test_lambda_16_collapses_at_the_raw_strength_and_not_with_reference_size",  # 2 x 4 epochs
     "test_training_loop::test_two_call_loop_matches_the_explicit_refit_loop",
     "test_training_loop::test_fullgraph_compile_from_the_first_call",  # torch.compile
     "test_training_loop::test_lightning_callback_refits_at_epoch_end",

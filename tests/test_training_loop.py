@@ -36,11 +36,14 @@ def _models(seed=0):
     return enc, head
 
 
-def _train(x, y, epochs, lam, two_call, n=512, batch=64, seed=0, on_step=None, on_refit=None):
+def _train(x, y, epochs, lam, two_call, n=512, batch=64, seed=0, on_step=None, on_refit=None, reference_size=None):
     """The README's loop, written both ways: explicit refit with ``if cem.fitted``, or the two calls."""
     enc, head = _models(seed)
     opt = torch.optim.SGD([*enc.parameters(), *head.parameters()], lr=0.05, momentum=0.9)
-    cem = CEMLoss(10, weight=lam, feature_bank=5000) if two_call else CEMLoss(10)
+    if two_call:
+        cem = CEMLoss(10, weight=lam, reference_size=reference_size, feature_bank=5000)
+    else:
+        cem = CEMLoss(10)
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         feats, labels = [], []
@@ -94,9 +97,10 @@ def _accuracy(enc, head, x, y):
     return acc
 
 
-def test_collapse_is_announced_before_accuracy_reaches_chance(sample):
-    """Tiny encoder, 2,000 sample images, paper variant: a weight that collapses the features is announced at
-    its first step (accuracy still well above chance) and the SNR warning follows once the features hide under the noise."""
+def test_strength_warning_comes_before_accuracy_reaches_chance(sample):
+    """Tiny encoder, 2,000 sample images, paper variant, batch 64: a weight that collapses the features (100 here)
+    is announced at its first step (accuracy still well above chance) and the SNR warning follows once the features
+    hide under the noise."""
     (x, y), (xt, yt) = sample
     seen, accuracy = [], []
 
@@ -118,6 +122,50 @@ def test_collapse_is_announced_before_accuracy_reaches_chance(sample):
     assert "acts like 2.5e+03" in [m for m, _ in seen if "pushes" in m][0]
     assert snr, seen
     assert min(accuracy[-5:]) < 0.15  # and the case is a real collapse
+
+
+def _run_collapse_case(x, y, xt, yt, reference_size):
+    """The reported collapse case: the tiny encoder, 2,000 sample images, 4 epochs, lambda 16, paper variant, batch 128.
+    Returns, per epoch, the test accuracy and the refit's SNR, and each warning with the epoch it came in."""
+    epochs, found = [], []
+
+    def on_step(epoch, enc, head, cem):
+        found.extend((epoch, str(w.message)) for w in caught[len(found) :])
+
+    def on_refit(epoch, enc, head, cem):
+        on_step(epoch, enc, head, cem)
+        epochs.append((_accuracy(enc, head, xt, yt), cem.last_snr))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(
+            x, y, 4, 16.0, True, n=2000, batch=128, on_step=on_step, on_refit=on_refit, reference_size=reference_size
+        )
+    return epochs, found
+
+
+def test_lambda_16_collapses_at_the_raw_strength_and_not_with_reference_size(sample):
+    """The reported collapse, reproduced: at the raw 1/N strength (no reference_size, the default) lambda 16 on 2,000
+    images collapses the tiny encoder at batch 128, and the loss says so while training still runs (the strength
+    warning at CEM's first step, the SNR warning an epoch before the end); with reference_size=50_000 (the
+    README's setting) the same run keeps its features above the noise and learns. At batch 64 the same lambda
+    does not collapse (reproduce/lambda_guidance.py): the push relative to cross-entropy grows as batch / N. At
+    batch 128 the head is still near chance after the first epoch (16 steps), so this case cannot show a warning
+    coming before chance; the batch-64 test above shows that the strength warning does."""
+    (x, y), (xt, yt) = sample
+    raw, raw_warnings = _run_collapse_case(x, y, xt, yt, None)
+    strength = [e for e, m in raw_warnings if "pushes each sample" in m]
+    assert strength == [1], raw_warnings  # once, at the first step with clusters
+    assert "acts like 400" in next(m for _, m in raw_warnings if "pushes" in m)
+    snr_epochs = [e for e, m in raw_warnings if "signal-to-noise" in m or "collapsed" in m]
+    assert snr_epochs and snr_epochs[0] < 3, raw_warnings  # before the last epoch
+    assert raw[0][1] > 5 and raw[-1][1] < 1, raw  # the features sink under the noise (SNR 11 -> 0.3 on the EPYC)
+    assert raw[-1][0] < 0.15, raw  # and the server head is at chance (0.1)
+
+    kept, kept_warnings = _run_collapse_case(x, y, xt, yt, 50_000)
+    assert not [m for _, m in kept_warnings if "signal-to-noise" in m or "collapsed" in m or "pushes" in m]
+    assert kept[-1][1] > 5, kept
+    assert kept[-1][0] > 0.2 and kept[-1][0] > raw[-1][0] + 0.1, (kept, raw)
 
 
 def test_state_keeps_its_precision_under_to_dtype(sample):
