@@ -51,15 +51,17 @@ INFER_TIME_TEST_FRACTION = 0.1
 # there), the decoder until its held-out MSE stops improving. paper: the authors' schedule.
 ATTACK_PRESETS = {
     # smoke's GAN batch is tiny so that its few images still make 10+ critic steps (>= 1 generator step).
+    # Its decoder (and so the GAN's generator and the adaptive decoder) is cem_fast.audit's smoke size, 1 block
+    # of 16 channels: a smoke run's files stay small (the full decoder's weights are 2.9 MB per setting).
     "smoke": AuditPreset(
         name="smoke",
         max_train_images=256,
         max_test_images=200,
-        decoder=DecoderConfig(t_max=2),
+        decoder=DecoderConfig(t_max=2, num_blocks=1, width=16),
         decoder_loop=LoopConfig(max_epochs=2, patience=2),
         gan=GANConfig(batch_size=4, t_max=4),
         gan_loop=LoopConfig(max_epochs=2, patience=2),
-        adaptive=AdaptiveConfig(draws=2, t_max=2),
+        adaptive=AdaptiveConfig(draws=2, t_max=2, num_blocks=1, width=16),
         adaptive_loop=LoopConfig(max_epochs=2, patience=2),
         whitebox=WhiteboxConfig(steps=20, n_images=16, batch_size=16),
     ),

@@ -114,6 +114,40 @@ def test_run_files_are_0644_and_small(tmp_path):
     assert "config" not in ckpt  # what resume needs, once: the config lives in config.json
 
 
+def test_a_smoke_run_and_its_attack_stay_under_10_mb(tmp_path, monkeypatch):
+    """`python -m reproduce.train --preset smoke` and a smoke decoder attack: each file once, 0644, < 10 MB in all;
+    the finished attack keeps only best.pt, and a rerun re-scores from it without training."""
+    import json
+
+    from cem_fast.audit.decoder import DecoderAttack
+    from reproduce import attack
+
+    out = tmp_path / "run"
+    assert train.main(["--preset", "smoke", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    assert attack.main(["--run", str(out), "--attack", "decoder", "--no-progress", "--threads", "1"]) == 0
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name == "checkpoint.pt"], files
+    assert {p.relative_to(out).as_posix() for p in files if p.suffix == ".pt"} == {
+        RunDir.FINAL,
+        "attack_decoder_samples.pt",
+        "attack_decoder/train_time/best.pt",
+        "attack_decoder/infer_time/best.pt",
+    }
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+    assert sum(p.stat().st_size for p in files) < 10 * 2**20, {p.name: p.stat().st_size for p in files}
+    first = json.loads((out / "attack_decoder.json").read_text())["settings"]["train_time"]
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished attack was trained again")
+
+    monkeypatch.setattr(DecoderAttack, "epoch", no_training)
+    argv = ["--run", str(out), "--attack", "decoder", "--setting", "train_time", "--no-progress", "--threads", "1"]
+    assert attack.main(argv) == 0
+    again = json.loads((out / "attack_decoder.json").read_text())["settings"]["train_time"]
+    assert again["metrics"] == first["metrics"] and again["learning_curve"] == first["learning_curve"]
+
+
 def test_progress_bars_only_on_a_terminal(monkeypatch):
     class Tty:
         def __init__(self, tty):
@@ -178,6 +212,8 @@ def test_the_docs_commands_at_the_smoke_preset(tmp_path, monkeypatch):
     common = [
         "--preset",
         "smoke",
+        "--arch",  # the docs' runs are --preset cpu runs, VGG11-BN like Table 1's arms (smoke alone is ResNet-20)
+        "vgg11_bn",
         "--defence",
         "bottleneck",
         "--sigma",

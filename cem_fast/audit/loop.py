@@ -2,7 +2,8 @@
 
 An attack supplies its model and its epoch step (:class:`TrainedAttack`); :func:`train_attack` does the
 rest: a seeded, class-stratified held-out part of the attacker's data picks the best epoch (with patience
-and a max-epoch budget), every epoch is checkpointed atomically (a rerun resumes and replays exactly),
+and a max-epoch budget), every epoch is checkpointed atomically (a rerun resumes and replays exactly; once the
+attack is finished its ``best.pt`` alone holds the selected weights and the record a rerun re-scores from),
 the learning curve is kept, and the selected weights are scored once on the test data.
 """
 
@@ -89,6 +90,21 @@ def load_resumable(path: Path, fmt: str, protocol: dict) -> Optional[dict]:
             f"(or pass --fresh) to restart.\n saved: {state['protocol']}\n now:   {protocol}"
         )
     return state
+
+
+def _load_finished(path: Path, fmt: str, protocol: dict) -> Optional[dict]:
+    """The ``best.pt`` of a finished attack (None if absent, or written before it held the finished record)."""
+    if not path.exists():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or "finished" not in saved:
+        return None  # a best.pt without its record (an older version) resumes nothing: train again
+    if saved.get("format") != fmt + "/best" or saved["protocol"] != protocol:
+        raise ValueError(
+            f"{path} was written with a different attack protocol (a finished {saved.get('format')!r}); delete "
+            f"{path.parent} (or pass --fresh) to restart.\n saved: {saved['protocol']}\n now:   {protocol}"
+        )
+    return saved
 
 
 @torch.no_grad()
@@ -316,7 +332,8 @@ def train_attack(
     """Train ``attack`` on ``train`` (a held-out part picks the epoch) and score it once on ``test``.
 
     With ``state_dir`` every epoch is checkpointed there and a rerun resumes (bit-identical on one
-    device); the selected weights are saved as ``best.pt``.
+    device); the selected weights are saved as ``best.pt``, which once the attack is finished is all that
+    stays (with the learning curve and counters: a rerun re-scores without training).
     """
     if not isinstance(attack, TrainedAttack):
         raise TypeError(f"attack must be a TrainedAttack, got {type(attack).__name__}")
@@ -343,9 +360,15 @@ def train_attack(
     start_epoch, history, prior_wall = 0, [], 0.0
     best_epoch, best_val, best_state, since_best = 0, float("inf"), None, 0
     ckpt_path = Path(state_dir) / CHECKPOINT_NAME if state_dir is not None else None
+    best_path = Path(state_dir) / BEST_NAME if state_dir is not None else None
     saved = load_resumable(ckpt_path, fmt, protocol) if ckpt_path is not None else None
-    if saved is not None:
+    done = _load_finished(best_path, fmt, protocol) if saved is None and best_path is not None else None
+    if done is not None:  # a finished attack: best.pt holds all of it, nothing left to train
+        saved = {**done["finished"], "best_epoch": done["best_epoch"], "best_state": done["state_dict"]}
+        state.counters.update(saved["counters"])
+    elif saved is not None:
         state.load_state_dict(saved["state"])
+    if saved is not None:
         start_epoch, history, prior_wall = saved["epoch"], saved["history"], saved["wall_time_s"]
         best_epoch, best_val, best_state = saved["best_epoch"], saved["best_val_mse"], saved["best_state"]
         since_best = saved["since_best"]
@@ -356,7 +379,7 @@ def train_attack(
             best_val, best_state = init_val, _copy_state(state.inverter)
 
     epochs = range(start_epoch + 1, loop.max_epochs + 1)
-    finished = loop.patience is not None and since_best >= loop.patience
+    finished = done is not None or (loop.patience is not None and since_best >= loop.patience)
     bar = progress_bar(epochs, f"{attack.name} attack", progress) if not finished else []
     for epoch in bar:
         lrs = {
@@ -403,10 +426,27 @@ def train_attack(
     best.load_state_dict(best_state)
     best.eval()
     if state_dir is not None:
+        # Once finished, best.pt is the attack's whole state (the weights once, and what a rerun needs to re-score
+        # without training); the per-epoch checkpoint, which holds optimisers and a second copy, goes.
+        finished_record = {
+            "epoch": history[-1]["epoch"],
+            "history": history,
+            "best_val_mse": best_val,
+            "since_best": since_best,
+            "counters": dict(state.counters),
+            "wall_time_s": prior_wall + time.perf_counter() - started,
+        }
         save_atomic(
-            {"format": fmt + "/best", "state_dict": best_state, "best_epoch": best_epoch, "protocol": protocol},
-            Path(state_dir) / BEST_NAME,
+            {
+                "format": fmt + "/best",
+                "state_dict": best_state,
+                "best_epoch": best_epoch,
+                "protocol": protocol,
+                "finished": finished_record,
+            },
+            best_path,
         )
+        ckpt_path.unlink(missing_ok=True)
     test_metrics = evaluate_reconstruction(best, test, perturb, **eval_kwargs)
     samples = {
         "original": test.images[: loop.num_samples].cpu(),

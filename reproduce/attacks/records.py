@@ -2,7 +2,7 @@
 
 ``RUN/attack_<name>.json``: the header (run, defence, preset, seed) and ``settings[<setting>]`` entries;
 ``RUN/attack_<name>_samples.pt``: a few test originals (uint8) and their reconstructions per setting;
-``RUN/attack_<name>/<setting>/``: the attack's resumable state (checkpoint.pt, best.pt).
+``RUN/attack_<name>/<setting>/``: the attack's resumable state (checkpoint.pt while it trains, best.pt).
 """
 
 from __future__ import annotations
