@@ -1200,33 +1200,25 @@ def _official_trained_unfused(
     log_entropy,
     replicate_index_bug,
 ):
-    """official-trained past ``_TRAINED_TILE``: ``assign_stats`` then ``cem_fast.variants.official_trained``'s math in
-    PyTorch, with the hinge constant ``threshold`` given (as ``cpp_backend.forward_diag`` takes it)."""
-    from cem_fast import variants as v
+    """official-trained past ``_TRAINED_TILE``: ``assign_stats`` then the variant's own math
+    (``cem_fast.variants.official_trained.trained_diag``) in PyTorch."""
+    from cem_fast.variants import trained_diag
 
     assign, counts, sqdev = assign_stats(z, labels, centroids, m, class_conditional)
-    D = sqdev.shape[1]
-    p, var = pi.reshape(-1), variance.reshape(-1)
-    if replicate_index_bug:
-        rows = v.index_bug_rows(counts, m)
-        p, var = p.view(-1, m)[rows].reshape(-1), var.view(-1, m)[rows].reshape(-1)
-    present = counts > 0
-    n_safe = counts.clamp_min(1.0)
-    s = sqdev.sum(1) / (n_safe * D)
-    lam = v.TRAINED_LAMBDA_SCALE * counts / (p * (dataset_size / num_classes))
-    lam = torch.where(lam >= 1, torch.full_like(lam, v.TRAINED_LAMBDA_CAP), lam)
-    lam = torch.where(present, lam, torch.zeros_like(lam))
-    vv = lam * s + (1 - lam) * var
-    if log_entropy:
-        arg = torch.log(vv + v.TRAINED_GAMMA) - threshold
-        term, dterm = p * torch.relu(arg), torch.where(arg > 0, p / (vv + v.TRAINED_GAMMA), torch.zeros_like(vv))
-    else:
-        term, dterm = p * (vv + v.TRAINED_LINEAR_EPS), p
-    num_p = v.num_present(counts, m, class_conditional)
-    zero = torch.zeros_like(term)
-    loss = torch.where(present, term, zero).sum() / num_p
-    coef = torch.where(present, dterm * lam / (n_safe * D), zero) / num_p
-    return loss, coef[:, None], pi, variance, assign
+    loss, coef = trained_diag(
+        counts,
+        sqdev,
+        pi,
+        variance,
+        m=m,
+        num_classes=num_classes,
+        dataset_size=dataset_size,
+        threshold=threshold,
+        log_entropy=log_entropy,
+        replicate_index_bug=replicate_index_bug,
+        class_conditional=class_conditional,
+    )
+    return loss, coef, pi, variance, assign
 
 
 def _check_coef_kd(coef, z: torch.Tensor, centroids: torch.Tensor) -> None:

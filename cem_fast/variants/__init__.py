@@ -13,6 +13,7 @@ from .official_trained import (
     TRAINED_LINEAR_EPS,
     OfficialTrained,
     index_bug_rows,
+    trained_diag,
     trained_threshold,
 )
 from .paper import Paper, paper_diag, paper_full
@@ -33,6 +34,7 @@ __all__ = [
     "num_present",
     "paper_diag",
     "paper_full",
+    "trained_diag",
     "trained_threshold",
     "index_bug_rows",
     "OFFICIAL_EPS",

@@ -47,6 +47,51 @@ def index_bug_rows(counts: torch.Tensor, m: int) -> torch.Tensor:
     return src.clamp_max(class_counts.shape[0] - 1)
 
 
+def trained_diag(
+    counts,
+    sqdev,
+    pi,
+    variance,
+    *,
+    m,
+    num_classes,
+    dataset_size,
+    threshold,
+    log_entropy,
+    replicate_index_bug,
+    class_conditional,
+):
+    """The variant's math on ``counts [K]``, ``sqdev [K, D]`` and the state ``pi``, ``variance`` (``K`` values
+    each): ``(loss, coef [K, 1])``. ``threshold`` is the hinge constant (``trained_threshold``), given as the
+    kernels take it; backends without a kernel for a size call this too."""
+    D = sqdev.shape[1]
+    pi_k, var_k = pi.reshape(-1), variance.reshape(-1)
+    if replicate_index_bug:
+        rows = index_bug_rows(counts, m)
+        pi_k = pi_k.view(-1, m)[rows].reshape(-1)
+        var_k = var_k.view(-1, m)[rows].reshape(-1)
+    present = counts > 0
+    n_safe = counts.clamp_min(1.0)
+    s = sqdev.sum(1) / (n_safe * D)
+    per_class = dataset_size / num_classes
+    lam = TRAINED_LAMBDA_SCALE * counts / (pi_k * per_class)
+    lam = torch.where(lam >= 1, torch.full_like(lam, TRAINED_LAMBDA_CAP), lam)
+    lam = torch.where(present, lam, torch.zeros_like(lam))
+    v = lam * s + (1 - lam) * var_k
+    if log_entropy:
+        arg = torch.log(v + TRAINED_GAMMA) - threshold
+        term = pi_k * torch.relu(arg)
+        dterm_dv = torch.where(arg > 0, pi_k / (v + TRAINED_GAMMA), torch.zeros_like(v))
+    else:
+        term = pi_k * (v + TRAINED_LINEAR_EPS)
+        dterm_dv = pi_k
+    num_p = num_present(counts, m, class_conditional)
+    zero = torch.zeros_like(term)
+    loss = torch.where(present, term, zero).sum() / num_p
+    coef = torch.where(present, dterm_dv * lam / (n_safe * D), zero) / num_p
+    return loss, coef[:, None]
+
+
 @register
 class OfficialTrained(Variant):
     name = "official-trained"
@@ -81,33 +126,21 @@ class OfficialTrained(Variant):
 
     def math(self, counts, stat, pi, variance, p):
         """The authors' ``compute_class_means`` of their training scripts; the state is returned unchanged."""
-        sqdev, m = stat, p.m
-        D = sqdev.shape[1]
-        pi_k, var_k = pi.reshape(-1), variance.reshape(-1)
-        if self.options["replicate_index_bug"]:
-            rows = index_bug_rows(counts, m)
-            pi_k = pi_k.view(-1, m)[rows].reshape(-1)
-            var_k = var_k.view(-1, m)[rows].reshape(-1)
-        present = counts > 0
-        n_safe = counts.clamp_min(1.0)
-        s = sqdev.sum(1) / (n_safe * D)
-        per_class = p.dataset_size / p.num_classes
-        lam = TRAINED_LAMBDA_SCALE * counts / (pi_k * per_class)
-        lam = torch.where(lam >= 1, torch.full_like(lam, TRAINED_LAMBDA_CAP), lam)
-        lam = torch.where(present, lam, torch.zeros_like(lam))
-        v = lam * s + (1 - lam) * var_k
-        if self.options["log_entropy"]:
-            arg = torch.log(v + TRAINED_GAMMA) - trained_threshold(p.sigma, self.options["var_threshold"])
-            term = pi_k * torch.relu(arg)
-            dterm_dv = torch.where(arg > 0, pi_k / (v + TRAINED_GAMMA), torch.zeros_like(v))
-        else:
-            term = pi_k * (v + TRAINED_LINEAR_EPS)
-            dterm_dv = pi_k
-        num_p = num_present(counts, m, p.class_conditional)
-        zero = torch.zeros_like(term)
-        loss = torch.where(present, term, zero).sum() / num_p
-        coef = torch.where(present, dterm_dv * lam / (n_safe * D), zero) / num_p
-        return loss, coef[:, None], pi, variance
+        o = self.options
+        loss, coef = trained_diag(
+            counts,
+            stat,
+            pi,
+            variance,
+            m=p.m,
+            num_classes=p.num_classes,
+            dataset_size=p.dataset_size,
+            threshold=trained_threshold(p.sigma, o["var_threshold"]),
+            log_entropy=bool(o["log_entropy"]),
+            replicate_index_bug=o["replicate_index_bug"],
+            class_conditional=p.class_conditional,
+        )
+        return loss, coef, pi, variance
 
     def entropy_bound(self, pi, variance, sigma, D):
         # within-class shares -> mixture weights (classes equally likely); one variance for every dimension
