@@ -153,16 +153,12 @@ class _Direct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, labels, cem, code):
+        from cem_fast.backends import KernelArgs
         from cem_fast.backends import triton_backend as tb
         from cem_fast.variants import trained_threshold
 
         threshold = trained_threshold(cem.sigma, cem.var_threshold) if code == 1 else 0.0
-        loss, coef, _, _, assign = tb.forward_diag(
-            z,
-            labels,
-            cem.centroids.reshape(-1, z.shape[1]),
-            cem.pi,
-            cem.variance,
+        args = KernelArgs(
             code,
             cem.m,
             cem.class_conditional,
@@ -173,7 +169,9 @@ class _Direct(torch.autograd.Function):
             bool(cem.log_entropy),
             cem.replicate_index_bug,
             cem.reduction == "mean_dim",
-            update_state=code == 2,
+        )
+        loss, coef, _, _, assign = tb.forward_diag(
+            z, labels, cem.centroids.reshape(-1, z.shape[1]), cem.pi, cem.variance, args, update_state=code == 2
         )
         ctx.save_for_backward(z, assign, cem.centroids.reshape(-1, z.shape[1]), coef)
         return loss

@@ -121,7 +121,7 @@ class CEMFunction(torch.autograd.Function):
         fused = not full and variant.code in getattr(k, "FUSED_VARIANT_CODES", ())
         if fused and p.process_group is None and hasattr(k, "forward_diag"):
             loss, coef, new_pi, new_var, assign = k.forward_diag(
-                z, labels, centroids, pi, variance, *variant.kernel_args(p), update_state=p.update_state
+                z, labels, centroids, pi, variance, variant.kernel_args(p), update_state=p.update_state
             )
         else:
             assign, counts, stat = k.assign_stats(z, labels, centroids, p.m, p.class_conditional)
@@ -130,7 +130,7 @@ class CEMFunction(torch.autograd.Function):
             if p.process_group is not None:
                 counts, stat = all_reduce_sum(counts, stat, p.process_group)
             if fused and hasattr(k, "variant_math"):
-                loss, coef, new_pi, new_var = k.variant_math(counts, stat, pi, variance, *variant.kernel_args(p))
+                loss, coef, new_pi, new_var = k.variant_math(counts, stat, pi, variance, variant.kernel_args(p))
             else:
                 loss, coef, new_pi, new_var = variant.math(counts, stat, pi, variance, p)
         if full:

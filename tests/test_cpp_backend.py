@@ -355,9 +355,14 @@ def test_every_backend_has_the_whole_contract(name):
     for fn, params in want.items():
         got = list(inspect.signature(getattr(module, fn)).parameters)
         assert got[: len(params)] == params, (name, fn, got)
-    if hasattr(module, "forward_diag"):
-        assert isinstance(module.FUSED_VARIANT_CODES, frozenset)
-        assert "update_state" in inspect.signature(module.forward_diag).parameters
+    fused = {
+        "forward_diag": ["z", "labels", "centroids", "pi", "variance", "args", "update_state"],
+        "variant_math": ["counts", "sqdev", "pi", "variance", "args"],
+    }
+    for fn, params in fused.items():  # optional; when present, exactly these (args: a backends.KernelArgs)
+        if hasattr(module, fn):
+            assert isinstance(module.FUSED_VARIANT_CODES, frozenset)
+            assert list(inspect.signature(getattr(module, fn)).parameters) == params, (name, fn)
 
 
 # --------------------------------------------------------------------------- the loader

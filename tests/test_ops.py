@@ -186,36 +186,18 @@ class _InPlaceBackend:
     def __getattr__(self, name):
         return getattr(self._torch, name)
 
-    def forward_diag(
-        self,
-        z,
-        labels,
-        centroids,
-        pi,
-        variance,
-        code,
-        m,
-        class_conditional,
-        sigma,
-        num_classes,
-        dataset_size,
-        threshold,
-        log_entropy,
-        bug,
-        mean_dim,
-        update_state=False,
-    ):
+    def forward_diag(self, z, labels, centroids, pi, variance, args, update_state=False):
         from cem_fast.variants import LossParams, get_variant
 
         self.calls += 1
-        assign, counts, sqdev = self._torch.assign_stats(z, labels, centroids, m, class_conditional)
+        assign, counts, sqdev = self._torch.assign_stats(z, labels, centroids, args.m, args.class_conditional)
         p = LossParams(
-            num_classes=num_classes,
-            m=m,
-            sigma=sigma,
-            class_conditional=class_conditional,
-            dataset_size=dataset_size,
-            reduction="mean_dim" if mean_dim else "sum",
+            num_classes=args.num_classes,
+            m=args.m,
+            sigma=args.sigma,
+            class_conditional=args.class_conditional,
+            dataset_size=args.dataset_size,
+            reduction="mean_dim" if args.mean_dim else "sum",
         )
         loss, coef, new_pi, new_var = get_variant("paper").math(counts, sqdev, pi, variance, p)
         if update_state:

@@ -533,6 +533,7 @@ def test_scatter_grad_non_contiguous_assign(gen):
 
 from helpers import random_state, rel_err, run_reference  # noqa: E402
 
+from cem_fast.backends import KernelArgs  # noqa: E402
 from cem_fast.variants import trained_threshold  # noqa: E402
 
 FUSED_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -560,23 +561,9 @@ def fused_step(
     acc = tb.accumulation_dtype(z.dtype)
     centroids = cent.reshape(C * m, D).to(acc)
     threshold = trained_threshold(sigma, 0.125) if variant == "official-trained" else 0.0
+    args = KernelArgs(CODES[variant], m, cc, sigma, C, N, threshold, log_entropy, bug, mean_dim)
     loss, coef, new_pi, new_var, assign = tb.forward_diag(
-        z,
-        labels,
-        centroids,
-        pi,
-        var,
-        CODES[variant],
-        m,
-        cc,
-        sigma,
-        C,
-        N,
-        threshold,
-        log_entropy,
-        bug,
-        mean_dim,
-        update_state=update_state,
+        z, labels, centroids, pi, var, args, update_state=update_state
     )
     dz = tb.scatter_grad(z, assign, centroids, coef, torch.ones((), dtype=acc), 2.0)
     return loss, dz, new_pi, new_var, assign, coef
@@ -715,12 +702,15 @@ def test_forward_diag_updates_the_state_in_place_and_is_deterministic(gen):
 def test_forward_diag_bad_input(gen):
     z, labels, centroids = make_inputs(gen, 8, 5, 2, 2, torch.float32)
     pi, var = torch.full((2, 2), 0.25), torch.rand(2, 2, 5)
+    args = KernelArgs(2, 2, True, 0.1, 2, 100.0, 0.0, True, False, True)
     with pytest.raises(ValueError, match="^variant_code"):
-        tb.forward_diag(z, labels, centroids, pi, var, 3, 2, True, 0.1, 2, 100.0, 0.0, True, False, True)
+        tb.forward_diag(z, labels, centroids, pi, var, args._replace(variant_code=3))
     with pytest.raises(TypeError, match="^pi and variance must be torch.float32"):
-        tb.forward_diag(z, labels, centroids, pi.double(), var, 2, 2, True, 0.1, 2, 100.0, 0.0, True, False, True)
+        tb.forward_diag(z, labels, centroids, pi.double(), var, args)
     with pytest.raises(ValueError, match="^pi must hold K=4"):
-        tb.forward_diag(z, labels, centroids, pi[:1], var, 2, 2, True, 0.1, 2, 100.0, 0.0, True, False, True)
+        tb.forward_diag(z, labels, centroids, pi[:1], var, args)
+    with pytest.raises(TypeError, match="^args must be a cem_fast.backends.KernelArgs"):
+        tb.forward_diag(z, labels, centroids, pi, var, tuple(args))
     assert 0 in tb.FUSED_VARIANT_CODES and 2 in tb.FUSED_VARIANT_CODES
 
 
@@ -777,16 +767,7 @@ def test_gpu_fused_step_matches_float64_and_never_syncs(real_tb, gen, variant, d
             labels,
             cent.reshape(C * m, D),
             *state,
-            code,
-            m,
-            True,
-            0.1,
-            C,
-            20000.0,
-            0.0,
-            True,
-            False,
-            True,
+            KernelArgs(code, m, True, 0.1, C, 20000.0, 0.0, True, False, True),
             update_state=True,
         )
         dz = real_tb.scatter_grad(z, assign, cent.reshape(C * m, D), coef, torch.ones((), device="cuda"), 2.0)
@@ -817,9 +798,8 @@ def test_gpu_fused_step_replays_in_a_cuda_graph_and_ragged_batches_do_not_recomp
     g = torch.ones((), device="cuda")
 
     def step(pi_, var_):
-        loss, coef, _, _, assign = real_tb.forward_diag(
-            z, labels, flat, pi_, var_, 2, m, True, 0.1, C, 20000.0, 0.0, True, False, True, update_state=True
-        )
+        args = KernelArgs(2, m, True, 0.1, C, 20000.0, 0.0, True, False, True)
+        loss, coef, _, _, assign = real_tb.forward_diag(z, labels, flat, pi_, var_, args, update_state=True)
         return loss, real_tb.scatter_grad(z, assign, flat, coef, g, 2.0)
 
     eager_pi, eager_var = pi.clone(), var.clone()

@@ -19,11 +19,11 @@ Contract (``torch_backend`` is the vectorised reference; shapes there):
 
 Optional, used by ``ops`` when present:
 
-* ``forward_diag(z, labels, centroids, pi, variance, *kernel_args, update_state=False) -> (loss, coef,
-  new_pi, new_variance, assign)`` and ``variant_math(counts, sqdev, pi, variance, *kernel_args) -> (loss, coef,
-  new_pi, new_variance)`` for the variant codes in ``FUSED_VARIANT_CODES`` (``kernel_args`` from
-  ``Variant.kernel_args``), diagonal covariance. With ``update_state=True`` a backend may write the new state
-  into ``pi``/``variance`` and return those same tensors.
+* ``forward_diag(z, labels, centroids, pi, variance, args, update_state=False) -> (loss, coef, new_pi,
+  new_variance, assign)`` and ``variant_math(counts, sqdev, pi, variance, args) -> (loss, coef, new_pi,
+  new_variance)`` for the variant codes in ``FUSED_VARIANT_CODES``, diagonal covariance; ``args`` is a
+  ``KernelArgs`` (``contract.py``, built by ``Variant.kernel_args``). With ``update_state=True`` a backend may
+  write the new state into ``pi``/``variance`` and return those same tensors.
 * ``factored_matrix_grad(z, assign, centroids, chol, factor) -> dz``: the full-covariance gradient from the
   Cholesky factors (``full_covariance.segmented_full_grad``) without forming ``coef``.
 * ``load_error(device_type) -> Optional[str]``: why ``is_available`` is False although the backend applies
@@ -40,6 +40,10 @@ import warnings
 from typing import Optional
 
 import torch
+
+from .contract import KernelArgs
+
+__all__ = ["BACKENDS", "ENV_VAR", "KernelArgs", "check_name", "resolve", "get"]
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 _MODULES = {name: f"cem_fast.backends.{name}_backend" for name in BACKENDS}

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .. import full_covariance
+from .contract import KernelArgs, check_kernel_args
 from .extension import load_cpp_extension
 from .torch_backend import scaled_coef
 
@@ -60,75 +61,12 @@ matrix_grad = full_covariance.matrix_grad
 factored_matrix_grad = full_covariance.segmented_full_grad
 
 
-def variant_math(
-    counts,
-    sqdev,
-    pi,
-    variance,
-    variant_code: int,
-    m: int,
-    class_conditional: bool,
-    sigma: float,
-    num_classes: int,
-    dataset_size: float,
-    trained_threshold: float,
-    log_entropy: bool,
-    replicate_index_bug: bool,
-    mean_dim: bool,
-):
+def variant_math(counts, sqdev, pi, variance, args: KernelArgs):
     """A variant's math (diagonal covariance) in C++: ``(loss, coef, pi_new, variance_new)``."""
-    return load_cpp_extension().variant_math(
-        counts,
-        sqdev,
-        pi,
-        variance,
-        variant_code,
-        m,
-        class_conditional,
-        sigma,
-        num_classes,
-        dataset_size,
-        trained_threshold,
-        log_entropy,
-        replicate_index_bug,
-        mean_dim,
-    )
+    return load_cpp_extension().variant_math(counts, sqdev, pi, variance, *check_kernel_args(args))
 
 
-def forward_diag(
-    z,
-    labels,
-    centroids,
-    pi,
-    variance,
-    variant_code: int,
-    m: int,
-    class_conditional: bool,
-    sigma: float,
-    num_classes: int,
-    dataset_size: float,
-    trained_threshold: float,
-    log_entropy: bool,
-    replicate_index_bug: bool,
-    mean_dim: bool,
-    update_state: bool = False,
-):
+def forward_diag(z, labels, centroids, pi, variance, args: KernelArgs, update_state: bool = False):
     """``assign_stats`` then ``variant_math`` in one call: ``(loss, coef, pi_new, variance_new, assign)``.
     The new state is always returned as new tensors (``update_state`` is accepted and not needed)."""
-    return load_cpp_extension().forward_diag(
-        z,
-        labels,
-        centroids,
-        pi,
-        variance,
-        variant_code,
-        m,
-        class_conditional,
-        sigma,
-        num_classes,
-        dataset_size,
-        trained_threshold,
-        log_entropy,
-        replicate_index_bug,
-        mean_dim,
-    )
+    return load_cpp_extension().forward_diag(z, labels, centroids, pi, variance, *check_kernel_args(args))

@@ -4,8 +4,8 @@ backward gather.
 Same contract as ``torch_backend`` (the vectorised reference), plus the fused entry points:
 
 * ``assign_stats(z, labels, centroids, m, class_conditional, use_atomics=False) -> (assign, counts, sqdev)``
-* ``forward_diag(z, labels, centroids, pi, variance, variant_code, ..., update_state=False)
-  -> (loss, coef, new_pi, new_var, assign)`` (``cpp_backend.forward_diag``'s signature + ``update_state``)
+* ``forward_diag(z, labels, centroids, pi, variance, args, update_state=False)
+  -> (loss, coef, new_pi, new_var, assign)`` (``args`` a ``KernelArgs``, as for ``cpp_backend.forward_diag``)
 * ``scatter_grad(z, assign, centroids, coef, grad_out=None, factor=1.0) -> dz``
 * ``is_available(device_type=None) -> bool`` (a device-type string, a device or ``None``)
 
@@ -49,6 +49,9 @@ try:
 except ImportError:  # pragma: no cover - triton is optional
     triton = None
     tl = None
+
+# absolute: tests load a private copy of this file outside the package
+from cem_fast.backends.contract import KernelArgs, check_kernel_args
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -1058,33 +1061,26 @@ _TRAINED_TILE = 2048  # official-trained's [classes, clusters] tile (8192 spills
 
 
 @_on_z_device
-def forward_diag(
-    z,
-    labels,
-    centroids,
-    pi,
-    variance,
-    variant_code: int,
-    m: int,
-    class_conditional: bool,
-    sigma: float,
-    num_classes: int,
-    dataset_size: float,
-    trained_threshold: float,
-    log_entropy: bool,
-    replicate_index_bug: bool,
-    mean_dim: bool,
-    update_state: bool = False,
-):
+def forward_diag(z, labels, centroids, pi, variance, args: KernelArgs, update_state: bool = False):
     """Statistics and the variant's math (diagonal covariance): ``(loss, coef, pi_new, variance_new, assign)``.
 
-    The signature of ``cpp_backend.forward_diag`` plus ``update_state``: when True the new state is written
-    into ``pi``/``variance`` in place and those same tensors are returned. Variant codes: 0 official,
+    ``args``: a ``KernelArgs`` (``cem_fast/backends/contract.py``), as for ``cpp_backend.forward_diag``. With
+    ``update_state`` the new state is written into ``pi``/``variance`` in place and those same tensors are
+    returned. Variant codes: 0 official,
     1 official-trained, 2 paper. For the codes in ``FUSED_VARIANT_CODES`` three kernels, no host sync:
     assignment with per-program partials, a fixed-order reduction whose epilogue writes coef, the new
     variance and the loss partials, and a one-program kernel summing the loss (and copying the new pi).
     ``coef [K, D]`` is ``dL/dsqdev``; the backward is ``scatter_grad(z, assign, centroids, coef, grad, 2.0)``.
     """
+    a = check_kernel_args(args)
+    variant_code, m, class_conditional, sigma, num_classes = (
+        a.variant_code,
+        a.m,
+        a.class_conditional,
+        a.sigma,
+        a.num_classes,
+    )
+    dataset_size, mean_dim = a.dataset_size, a.mean_dim
     if variant_code not in (0, 1, 2):
         raise ValueError(f"variant_code must be 0 (official), 1 (official-trained) or 2 (paper), got {variant_code!r}")
     _check_stats_args(z, labels, centroids, m, class_conditional)
@@ -1094,20 +1090,7 @@ def forward_diag(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if variant_code == 1 and _next_pow2(K) * _next_pow2(K // m) > _TRAINED_TILE:
-        return _official_trained_unfused(
-            z,
-            labels,
-            centroids,
-            pi,
-            variance,
-            m,
-            class_conditional,
-            num_classes,
-            dataset_size,
-            trained_threshold,
-            log_entropy,
-            replicate_index_bug,
-        )
+        return _official_trained_unfused(z, labels, centroids, pi, variance, a)
     if variant_code == 2:
         if pi.numel() != K or variance.numel() != K * D:
             raise ValueError(
@@ -1140,11 +1123,11 @@ def forward_diag(
             K,
             m,
             D,
-            *_split(float(trained_threshold)),
+            *_split(float(a.trained_threshold)),
             *_split(float(dataset_size) / num_classes),
             CLASS_COND=class_conditional,
-            INDEX_BUG=bool(replicate_index_bug),
-            LOG_ENTROPY=bool(log_entropy),
+            INDEX_BUG=bool(a.replicate_index_bug),
+            LOG_ENTROPY=bool(a.log_entropy),
             K_PAD=_next_pow2(K),
             C_PAD=_next_pow2(K // m),
             BLOCK_P=8,
@@ -1186,37 +1169,24 @@ def forward_diag(
     return loss, coef, pi_out, var_out, assign
 
 
-def _official_trained_unfused(
-    z,
-    labels,
-    centroids,
-    pi,
-    variance,
-    m,
-    class_conditional,
-    num_classes,
-    dataset_size,
-    threshold,
-    log_entropy,
-    replicate_index_bug,
-):
+def _official_trained_unfused(z, labels, centroids, pi, variance, a: KernelArgs):
     """official-trained past ``_TRAINED_TILE``: ``assign_stats`` then the variant's own math
     (``cem_fast.variants.official_trained.trained_diag``) in PyTorch."""
     from cem_fast.variants import trained_diag
 
-    assign, counts, sqdev = assign_stats(z, labels, centroids, m, class_conditional)
+    assign, counts, sqdev = assign_stats(z, labels, centroids, a.m, a.class_conditional)
     loss, coef = trained_diag(
         counts,
         sqdev,
         pi,
         variance,
-        m=m,
-        num_classes=num_classes,
-        dataset_size=dataset_size,
-        threshold=threshold,
-        log_entropy=log_entropy,
-        replicate_index_bug=replicate_index_bug,
-        class_conditional=class_conditional,
+        m=a.m,
+        num_classes=a.num_classes,
+        dataset_size=a.dataset_size,
+        threshold=a.trained_threshold,
+        log_entropy=a.log_entropy,
+        replicate_index_bug=a.replicate_index_bug,
+        class_conditional=a.class_conditional,
     )
     return loss, coef, pi, variance, assign
 

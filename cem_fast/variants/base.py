@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from ..backends.contract import KernelArgs
+
 
 @dataclass  # not frozen: a frozen dataclass costs 1.5 us more to build, and one is built per loss evaluation
 class LossParams:
@@ -123,9 +125,9 @@ class Variant:
         reads them)."""
         return 0.0, True, False
 
-    def kernel_args(self, p: LossParams) -> tuple:
-        """The arguments after the state of the C++ ``variant_math`` / a backend's ``forward_diag``."""
-        return (
+    def kernel_args(self, p: LossParams) -> KernelArgs:
+        """The ``args`` of a backend's ``forward_diag`` / ``variant_math`` (after the state)."""
+        return KernelArgs(
             self.code,
             p.m,
             p.class_conditional,
