@@ -207,6 +207,14 @@ class CEMLoss(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._fitted_size = float(self.fitted_size)
+        self._choose_backend()
+
+    def _choose_backend(self) -> None:
+        """Choose (import, build, probe) the backend for the state's device now, in eager code, once clusters
+        exist: a step compiled with ``fullgraph=True`` can then be the loss's first evaluation (a trace cannot
+        follow an import)."""
+        if self.fitted:
+            backends.resolve(self.backend, self.centroids.device)
 
     def set_clusters(
         self, centroids: torch.Tensor, weights: Optional[torch.Tensor] = None, variances: Optional[torch.Tensor] = None
@@ -248,6 +256,7 @@ class CEMLoss(nn.Module):
         if self._fitted_size == 0:
             self._fitted_size = float(self.dataset_size or 0)
             self.fitted_size.fill_(self._fitted_size)
+        self._choose_backend()
         return self
 
     # ------------------------------------------------------------------ refit
@@ -331,6 +340,7 @@ class CEMLoss(nn.Module):
         self._seen_since_refit = 0
         self.refits += 1
         self.last_refit_iterations = res.iterations
+        self._choose_backend()
         return self
 
     def end_epoch(self) -> "CEMLoss":
@@ -407,6 +417,7 @@ class CEMLoss(nn.Module):
             new = self._buffers[name]
             if old is not None and new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)  # from the original: no round trip through fp16/bf16
+        self._choose_backend()  # a new device may have another backend
         return self
 
     # ------------------------------------------------------------------ loss

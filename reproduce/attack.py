@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -556,21 +557,32 @@ def main(argv=None) -> int:
     }
     started = time.perf_counter()
     settings = SETTINGS if args.setting == "both" else (_setting_name(args.setting),)
-    for setting in settings:
-        entry = run_attack(
-            run_dir,
-            args.attack,
-            setting=setting,
-            preset=args.preset,
-            data_root=args.data_root,
-            device=args.device,
-            overrides=overrides,
-        )
-        m = entry["metrics"]
+    try:
+        for setting in settings:
+            entry = run_attack(
+                run_dir,
+                args.attack,
+                setting=setting,
+                preset=args.preset,
+                data_root=args.data_root,
+                device=args.device,
+                overrides=overrides,
+            )
+            m = entry["metrics"]
+            print(
+                f"{args.attack} {setting}: MSE {m['mse']:.5f}  PSNR {m['psnr']:.2f}  SSIM {m['ssim']:.4f}  "
+                f"(authors' PSNR {m['psnr_per_batch_authors']:.2f}, best epoch {entry['best_epoch']}/{entry['epochs']})"
+            )
+    except KeyboardInterrupt:
+        given = sys.argv[1:] if argv is None else list(argv)
+        # the same command without --fresh, which would discard the epochs saved so far
+        again = shlex.join(["python", "-m", "reproduce.attack", *(a for a in given if a != "--fresh")])
         print(
-            f"{args.attack} {setting}: MSE {m['mse']:.5f}  PSNR {m['psnr']:.2f}  SSIM {m['ssim']:.4f}  "
-            f"(authors' PSNR {m['psnr_per_batch_authors']:.2f}, best epoch {entry['best_epoch']}/{entry['epochs']})"
+            f"error: interrupted; continue with `{again}` (finished settings are kept, the interrupted one resumes "
+            f"from its last finished epoch)",
+            file=sys.stderr,
         )
+        return 130
     print(f"wrote {record_path(run_dir, args.attack)} in {time.perf_counter() - started:.1f} s")
     return 0
 

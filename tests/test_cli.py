@@ -66,6 +66,32 @@ def test_ctrl_c_ends_with_one_line_naming_the_resume_command_which_works(tmp_pat
     assert rd.read_config()["preset"] == "smoke"
 
 
+def test_ctrl_c_in_an_attack_or_an_audit_is_one_line(tmp_path, capsys, monkeypatch):
+    from cem_fast.audit import __main__ as audit_cli
+    from reproduce import attack
+
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--epochs", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attack, "run_attack", interrupted)
+    argv = ["--run", str(out), "--attack", "decoder", "--fresh", "--no-progress"]
+    assert attack.main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "resumes" in err
+    again = err.split("`")[1]
+    assert again == f"python -m reproduce.attack --run {out} --attack decoder --no-progress"  # without --fresh
+    attack.build_parser().parse_args(again.split()[3:])
+
+    monkeypatch.setattr(audit_cli, "run", interrupted)
+    assert audit_cli.main(["--help-is-not-parsed-here"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: interrupted") and "rerun" in err
+
+
 def test_existing_out_suggests_resume(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main([*TINY, "--epochs", "1", "--out", str(out)]) == 0
@@ -97,6 +123,29 @@ def test_missing_data_root_is_one_line_and_downloads_nothing(tmp_path, capsys, m
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: dataset 'cifar10' not found") and "Traceback" not in err
     assert "download" in err  # it says how to get the data
+
+
+def test_download_only_with_download(tmp_path, capsys, monkeypatch):
+    """--download is what lets torchvision fetch a missing CIFAR set (here it "fails" offline: one line)."""
+    import torchvision.datasets
+
+    asked = []
+
+    class Offline(torchvision.datasets.CIFAR10):
+        def __init__(self, *a, download=False, **k):
+            asked.append(download)
+            if download:
+                raise RuntimeError("no network in this test")
+            super().__init__(*a, download=False, **k)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    root = tmp_path / "empty"
+    root.mkdir()
+    argv = [*TINY, "--dataset", "cifar10", "--data-root", str(root), "--download", "--out", str(tmp_path / "a")]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert asked == [True] and "no network in this test" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
 
 
 def test_run_files_are_0644_and_small(tmp_path):
@@ -148,6 +197,54 @@ def test_a_smoke_run_and_its_attack_stay_under_10_mb(tmp_path, monkeypatch):
     assert again["metrics"] == first["metrics"] and again["learning_curve"] == first["learning_curve"]
 
 
+def test_every_hint_is_a_command_its_parser_accepts(tmp_path, capsys, monkeypatch):
+    """The commands the CLIs print (table's missing runs and attacks, attacking an unfinished run, figure's
+    missing samples, an interrupted grid) name only flags that exist."""
+    import json
+    import re
+
+    from reproduce import attack, pipeline
+
+    root = tmp_path / "runs"
+    arm = table.table_arms(1)[0]
+    done = root / "done"
+    done.mkdir(parents=True)
+    cfg = {"preset": "cpu", "dataset": "cifar10-sample", "arch": arm.arch, "defence": arm.defence, "seed": 125}
+    cfg.update(cem_lambda=arm.cem_lambda, sigma=arm.sigma, cem_variant="paper")
+    (done / "config.json").write_text(json.dumps(cfg))
+    (done / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc": 0.5}) + "\n")
+    (done / "final.pt").write_bytes(b"")
+    assert table.main(["--table", "1", "--runs-root", str(root), "--out", str(tmp_path / "t1.md")]) == 0
+    texts = {"table": capsys.readouterr().err}
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        attack.main(["--run", str(unfinished), "--attack", "decoder"])
+    texts["attack"] = capsys.readouterr().err
+    with pytest.raises(FileNotFoundError) as missing:
+        figure.load_samples(done)
+    texts["figure"] = str(missing.value)
+    monkeypatch.setattr(pipeline, "ensure_trained", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert grid.main(["smoke", "--runs-root", str(tmp_path / "grid")]) == 130
+    texts["grid"] = capsys.readouterr().err
+
+    parsers = {
+        "reproduce.train": train.build_parser,
+        "reproduce.attack": attack.build_parser,
+        "reproduce.table": table.build_parser,
+        "reproduce.figure": figure.build_parser,
+        "reproduce.grid": grid.build_parser,
+    }
+    for source, text in texts.items():
+        text = "\n".join(line for line in text.splitlines() if not line.startswith(("usage:", " ")))  # not argparse's
+        hints = re.findall(r"python -m ([\w.]+)(?![\w.:])((?: [^\s`]+)*)", text)  # not "prog: error:"
+        assert hints, (source, text)
+        for module, args in hints:
+            parsers[module]().parse_args(args.split())  # SystemExit (exit 2) for a flag that does not exist
+    assert f"`python -m reproduce.train --out {unfinished} --resume`" in texts["attack"]
+
+
 def test_progress_bars_only_on_a_terminal(monkeypatch):
     class Tty:
         def __init__(self, tty):
@@ -162,10 +259,17 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
         def flush(self):
             pass
 
+    from cem_fast.audit.data import progress_bar  # the attacks' and the audit's bars
+
+    steps = range(3)
     monkeypatch.setattr(sys, "stderr", Tty(False))
     assert not train_loop.show_progress({"progress": True})
+    assert progress_bar(steps, "attack") is steps  # default: no bar in a log file
     monkeypatch.setattr(sys, "stderr", Tty(True))
     assert train_loop.show_progress({"progress": True}) and not train_loop.show_progress({"progress": False})
+    assert progress_bar(steps, "attack", progress=False) is steps  # --no-progress
+    bar = progress_bar(steps, "attack", file=sys.stderr)
+    assert bar is not steps and list(bar) == [0, 1, 2]
 
 
 def _choices(parser: argparse.ArgumentParser):
@@ -174,12 +278,66 @@ def _choices(parser: argparse.ArgumentParser):
             yield action, str(choice)
 
 
-@pytest.mark.parametrize("parser", [train.build_parser, table.build_parser, figure.build_parser, grid.build_parser])
-def test_every_help_lists_every_choice(parser):
-    p = parser()
+# Every command line of the repository: `python -m <module> --help` must list every choice of every option.
+CLI_MODULES = [
+    "reproduce.train",
+    "reproduce.attack",
+    "reproduce.table",
+    "reproduce.figure",
+    "reproduce.grid",
+    "reproduce.summary",
+    "reproduce.demo",
+    "reproduce.lambda_guidance",
+    "reproduce.data.make_sample",
+    "cem_fast.audit.__main__",
+    "cem_fast.build",
+    "bench.bench_backends_cpu",
+    "bench.bench_kernels",
+    "bench.bench_loss",
+    "bench.epoch_speed",
+    "bench.gpu_check_runner",
+    "bench.gpu_checks",
+    "bench.inference_overhead",
+    "bench.launch_count",
+    "bench.train_step",
+]
+
+
+class _Parsed(Exception):
+    pass
+
+
+def _parser_of(name: str, monkeypatch) -> argparse.ArgumentParser:
+    """The module's parser: ``build_parser()`` where it has one, else the one its ``main`` parses with."""
+    import importlib
+
+    module = importlib.import_module(name)
+    if hasattr(module, "build_parser"):
+        return module.build_parser()
+
+    def caught(self, *a, **k):
+        raise _Parsed(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", caught)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", caught)
+    with pytest.raises(_Parsed) as parsed:
+        module.main() if name == "bench.bench_backends_cpu" else module.main([])
+    return parsed.value.args[0]
+
+
+@pytest.mark.parametrize("name", CLI_MODULES)
+def test_every_help_lists_every_choice(name, monkeypatch):
+    p = _parser_of(name, monkeypatch)
     text = " ".join(p.format_help().split())
     for action, choice in _choices(p):
         assert choice in text, (action.dest, choice)
+    for action in p._actions:  # argparse's own listing, where the option has no metavar of its own
+        if action.choices and action.metavar is None:
+            assert "{" + ",".join(map(str, action.choices)) + "}" in text, (name, action.dest)
+
+
+def test_figure_help_lists_every_figure():
+    assert "--figure {3,4,5}" in figure.build_parser().format_help()
 
 
 def test_train_help_names_every_defence_and_dataset():

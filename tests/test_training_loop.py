@@ -262,6 +262,48 @@ def test_fullgraph_compile_from_the_first_call():
     assert torch.allclose(cem.pi, eager_cem.pi, rtol=1e-5)
 
 
+_FIRST_CALL = """
+import copy, warnings
+import torch
+from torch import nn
+from cem_fast import CEMLoss
+
+warnings.simplefilter("ignore", RuntimeWarning)  # the small-N strength warning of the eager call below
+torch.manual_seed(0)
+torch.set_num_threads(1)
+x, y = torch.rand(64, 12), torch.randint(0, 10, (64,))
+enc = nn.Linear(12, 6)
+cem = CEMLoss(10, validate=False, backend=BACKEND).refit(enc(x).detach(), y)  # no loss evaluated before
+eager_enc, eager_cem = copy.deepcopy(enc), copy.deepcopy(cem)
+got = torch.compile(lambda x, y: cem(enc(x), y), fullgraph=True)(x, y)
+got.backward()
+want = eager_cem(eager_enc(x), y)
+want.backward()
+assert torch.allclose(got, want, rtol=1e-5), (float(got), float(want))
+assert torch.allclose(enc.weight.grad, eager_enc.weight.grad, rtol=1e-4, atol=1e-7)
+assert torch.allclose(cem.pi, eager_cem.pi, rtol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_fullgraph_compile_is_the_first_call_in_a_fresh_process(backend):
+    """The compiled step is the loss's first evaluation in the process (no eager call has imported or chosen the
+    backend yet), as in a user's script."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("CEM_FAST_BACKEND", None)
+    script = _FIRST_CALL.replace("BACKEND", repr(backend))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
 def test_lightning_callback_refits_at_epoch_end(sample):
     pl = pytest.importorskip("lightning.pytorch", reason="lightning is not installed (pip install cem_fast[lightning])")
     from cem_fast.integrations.lightning import CEMRefit

@@ -172,6 +172,12 @@ def run(argv=None) -> int:
 def main(argv=None) -> int:
     try:
         return run(argv)
+    except KeyboardInterrupt:
+        print(
+            "error: interrupted before the report was written; rerun the same command (an audit starts over)",
+            file=sys.stderr,
+        )
+        return 130
     except (UsageError, ValueError, TypeError, FileNotFoundError) as err:
         message = " ".join(str(err).split())
         print(f"error: {message}", file=sys.stderr)
