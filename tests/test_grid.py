@@ -41,10 +41,16 @@ def test_smoke_grid_runs_then_reruns_as_a_no_op(tmp_path, monkeypatch, capsys):
 def test_cpu_grid_replaces_the_shell_script():
     jobs = grid.GRIDS["cpu"].jobs
     runs = {j.name for j in jobs if isinstance(j, grid.RunJob)}
-    assert len(runs) == 21  # 3 seeds x (noise and noise_arl at lambda 0, 16; sigma 0.1; sigma 0.05; lambda 4)
+    # 3 seeds x (noise sigma 0.025 at lambda 0 and 16, noise sigma 0.1, noise_arl at lambda 0 and 16),
+    # lambda 4 and sigma 0.05 at seed 125, and six more Table 1 defences with and without CEM at seed 125
+    assert len(runs) == 3 * 5 + 2 + 6 * 2
     assert "cifar10_vgg11_bn_noise_arl_lam16_sigma0.025/seed127" in runs
-    gan = {j.name for j in jobs if isinstance(j, grid.RunJob) and any(a == "gan" for a, _ in j.attacks)}
-    assert len(gan) == 12
+    assert "cifar10_vgg11_bn_patrol_lam16_sigma0.025/seed125" in runs
+    ladder = [j for j in jobs if isinstance(j, grid.RunJob)]
+    assert all({a for a, _ in j.attacks} >= {"decoder", "whitebox", "adaptive"} for j in ladder)
+    gan = {j.name for j in ladder if any(a == "gan" for a, _ in j.attacks)}
+    assert len(gan) == 3 * 2 + 6 * 2  # Table 1's arms
+    assert grid.GRIDS["cpu"].attack_overrides["decoder"].get("epochs") is None  # to convergence
     with pytest.raises(ValueError, match="grid must be one of"):
         grid.run_grid("nope")
 
