@@ -82,3 +82,14 @@ def test_ctrl_c_in_a_grid_or_table_says_how_to_continue(tmp_path, monkeypatch, c
         == 130
     )
     assert "rerun the same command" in capsys.readouterr().err
+
+
+def test_regime_grid_holds_issue_17s_arms():
+    jobs = [j for j in grid.GRIDS["regime"].jobs if isinstance(j, grid.RunJob)]
+    assert grid.GRIDS["regime"].preset == "cpu-full"
+    names = {j.name for j in jobs}
+    assert "cifar10_vgg11_bn_noise_lam16_sigma0.025_official-trained/seed125" in names
+    trained = next(j for j in jobs if "official-trained" in j.name)
+    assert dict(trained.train) == {"cem_variant": "official-trained", "cem_schedule": "official"}
+    assert {j.seed for j in jobs if j.defence == "noise" and j.cem_lambda in (0, 16) and not j.train} == {125, 126}
+    assert {(j.defence, j.cem_lambda) for j in jobs} >= {("noise", 80), ("noise_arl", 0), ("noise_arl", 16)}
