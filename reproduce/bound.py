@@ -79,8 +79,11 @@ def gaussian_entropy(samples: torch.Tensor, extra_variance: float = 0.0, chunk_r
     """The Gaussian maximum-entropy bound of ``samples [N, ...]`` (flattened to ``[N, d]``), in float64.
 
     Returns ``{"h": 1/2 log det(2 pi e (S + extra_variance I)) (nats, total over d), "h_per_dim": h / d,
-    "mean_variance": tr(S) / d, "d", "n"}`` with ``S`` the unbiased sample covariance. ValueError when the
-    covariance is singular (fewer samples than dimensions and ``extra_variance`` 0).
+    "mean_variance": tr(S) / d, "gaussian_bias", "d", "n"}`` with ``S`` the unbiased sample covariance.
+    ``gaussian_bias`` (None unless n > d) is how far ``1/2 log det(2 pi e S)`` falls below the population's on
+    average for Gaussian samples, ``1/2 (sum_{i=1..d} psi((n - i) / 2) + d log(2 / (n - 1)))`` (< 0): about
+    ``-d (d + 1) / (4 n)`` when d << n. ValueError when the covariance is singular (n <= d and
+    ``extra_variance`` 0).
     """
     if not isinstance(samples, torch.Tensor) or samples.dim() < 2:
         raise ValueError("samples must be a tensor [N, ...] with one row per sample")
@@ -106,7 +109,11 @@ def gaussian_entropy(samples: torch.Tensor, extra_variance: float = 0.0, chunk_r
             "or more samples"
         )
     h = 0.5 * (d * math.log(2 * math.pi * math.e) + logdet)
-    return {"h": h, "h_per_dim": h / d, "mean_variance": mean_variance, "d": d, "n": n}
+    bias = None
+    if n > d:
+        i = torch.arange(1, d + 1, dtype=torch.float64)
+        bias = 0.5 * (float(torch.special.digamma((n - i) / 2).sum()) + d * math.log(2 / (n - 1)))
+    return {"h": h, "h_per_dim": h / d, "mean_variance": mean_variance, "gaussian_bias": bias, "d": d, "n": n}
 
 
 def _images01(dataset, indices: Sequence[int]) -> torch.Tensor:
@@ -124,9 +131,10 @@ def _images01(dataset, indices: Sequence[int]) -> torch.Tensor:
 def dataset_h_x(dataset: str, data_root: Optional[str], n_images: int = H_X_IMAGES) -> dict:
     """``h_x_gaussian`` of a dataset's training split (see the module docstring), computed once per process.
 
-    Returns ``{"h_x_gaussian", "h_x_gaussian_per_dim", "h_x_images", "pixel_variance_mean",
-    "dequantisation_variance"}``; ``pixel_variance_mean`` (``tr(Cov) / d``) is the MSE of predicting the mean
-    image, what an attacker who learns nothing from z achieves.
+    Returns ``{"h_x_gaussian", "h_x_gaussian_per_dim", "h_x_gaussian_bias", "h_x_images",
+    "pixel_variance_mean", "dequantisation_variance"}``; ``pixel_variance_mean`` (``tr(Cov) / d``) is the MSE of
+    predicting the mean image, what an attacker who learns nothing from z achieves; ``h_x_gaussian_bias`` is
+    ``gaussian_entropy``'s ``gaussian_bias`` (the value is not corrected for it).
     """
     from reproduce.data import load_dataset, subset
 
@@ -137,6 +145,7 @@ def dataset_h_x(dataset: str, data_root: Optional[str], n_images: int = H_X_IMAG
     return {
         "h_x_gaussian": g["h"],
         "h_x_gaussian_per_dim": g["h_per_dim"],
+        "h_x_gaussian_bias": g["gaussian_bias"],
         "h_x_images": g["n"],
         "pixel_variance_mean": g["mean_variance"],
         "dequantisation_variance": DEQUANTISATION_VARIANCE,

@@ -234,6 +234,7 @@ def figure3_data(
     _one([r.get("estimator", {}).get("version") for r in records], "the bound estimator's version", tol=0)
     floors_h = [(v, "stated") for v in h_x]
     h_gauss = _one([r.get("h_x_gaussian") for r in records], "h_x_gaussian")
+    h_bias = _one([r.get("h_x_gaussian_bias") for r in records], "h_x_gaussian_bias")
     if derived_h_x and h_gauss is not None:
         floors_h.append((float(h_gauss), "h_x_gaussian"))
     q = _one([r.get("dequantisation_variance") for r in records], "the dequantisation variance") or 0.0
@@ -261,6 +262,8 @@ def figure3_data(
                 "below": [p["run"] for p, f in zip(points, at_points) if p["mse"] + q < f],
             }
         )
+        if source == "h_x_gaussian":
+            floors[-1]["gaussian_bias"] = h_bias
     correlation, fit, notes = None, None, []
     if len(points) >= MIN_POINTS and np.ptp(b) > 0 and np.ptp(m) > 0:
         correlation = bootstrap_correlation(b, np.log(m), resamples=resamples, seed=seed)

@@ -34,6 +34,12 @@ def test_gaussian_entropy_of_gaussian_samples():
     g = bound.gaussian_entropy(x)
     assert g["h"] == pytest.approx(truth, abs=0.03) and g["h_per_dim"] == pytest.approx(g["h"] / 3)
     assert g["mean_variance"] == pytest.approx(float(cov.diagonal().mean()), rel=0.02) and g["n"] == 40_000
+    # The small-sample bias of the log-det, for Gaussian data: about -d (d + 1) / (4 n) nats, and seen in samples.
+    assert g["gaussian_bias"] == pytest.approx(-3 * 4 / (4 * 40_000), rel=0.05)
+    small = [bound.gaussian_entropy(x[i : i + 12]) for i in range(0, 12 * 400, 12)]
+    mean_small = float(np.mean([s["h"] for s in small]))
+    assert mean_small - truth == pytest.approx(small[0]["gaussian_bias"], abs=0.1)
+    assert small[0]["gaussian_bias"] < -0.3  # 12 samples in 3 dimensions: clearly biased low
     # Extra variance on the diagonal: the entropy of x + independent noise of that variance.
     q = 0.001
     with_q = bound.gaussian_entropy(x, extra_variance=q)["h"]
