@@ -199,8 +199,9 @@ def figure3_data(
     ``attack``: one of ``LADDER``, or ``"worst"`` (per run, the lowest MSE of the attacks it has).
     ``h_x``: stated values of H(x) (nats summed over the input dimensions), each drawn as a floor; with
     ``derived_h_x`` the runs' ``h_x_gaussian`` is drawn too. Returns ``{"attack", "setting", "input_dim",
-    "points", "skipped", "floors", "mse_of_mean_image", "dequantisation_variance", "correlation", "fit",
-    "theorem_slope", "notes"}``; each point has ``run``, ``defence``, ``sigma``, ``lambda``,
+    "points", "skipped", "floors", "mse_of_mean_image", "dequantisation_variance", "correlation",
+    "correlation_within" (the runs without and with CEM apart; None below 3 runs), "fit", "theorem_slope",
+    "notes"}``; each point has ``run``, ``defence``, ``sigma``, ``lambda``,
     ``lambda_paper_units``, ``bound``, ``mse`` (of ``attack``), ``mse_decoder``, ``mse_worst`` and
     ``worst_attack`` (the lowest MSE over the ladder's attacks the run has), ``mse_by_attack``.
     """
@@ -264,14 +265,17 @@ def figure3_data(
         )
         if source == "h_x_gaussian":
             floors[-1]["gaussian_bias"] = h_bias
-    correlation, fit, notes = None, None, []
-    if len(points) >= MIN_POINTS and np.ptp(b) > 0 and np.ptp(m) > 0:
-        correlation = bootstrap_correlation(b, np.log(m), resamples=resamples, seed=seed)
-        correlation.update(x="bound (nats)", y="log MSE")
+    correlation, fit, notes = _correlation(b, m, resamples, seed), None, []
+    if correlation is not None:
         slope, intercept = np.polyfit(b, np.log(m), 1)
         fit = {"slope": float(slope), "intercept": float(intercept), "of": "log MSE = intercept + slope * bound"}
     else:
         notes.append(f"no correlation: it needs {MIN_POINTS} or more runs with different bounds and MSEs")
+    # The same within the runs without and with CEM: r over both can come from the gap between the groups.
+    within = {}
+    for name, cem in (("without CEM", False), ("with CEM", True)):
+        sel = np.array([(p["lambda"] > 0) == cem for p in points])
+        within[name] = _correlation(b[sel], m[sel], resamples, seed)
     return {
         "attack": attack,
         "setting": setting,
@@ -282,10 +286,20 @@ def figure3_data(
         "mse_of_mean_image": mean_image,
         "dequantisation_variance": q,
         "correlation": correlation,
+        "correlation_within": within,
         "fit": fit,
         "theorem_slope": 2.0 / d,
         "notes": notes,
     }
+
+
+def _correlation(b: np.ndarray, m: np.ndarray, resamples: int, seed: int) -> Optional[dict]:
+    """bootstrap_correlation of the bound and log MSE, or None with too few or constant points."""
+    if len(b) < MIN_POINTS or np.ptp(b) == 0 or np.ptp(m) == 0:
+        return None
+    out = bootstrap_correlation(b, np.log(m), resamples=resamples, seed=seed)
+    out.update(x="bound (nats)", y="log MSE")
+    return out
 
 
 def _ci(c: dict, name: str) -> str:

@@ -125,7 +125,9 @@ def _record(root, name, *, bound, mses, defence="noise", sigma=0.025, lam=0.0, h
     return run
 
 
-def _records(root):
+def _records(root, extra=False):
+    if extra:  # a third run without CEM, whose MSE falls as its bound rises
+        _record(root, "a2", bound=-850.0, mses={"decoder": 0.007})
     _record(root, "a", bound=-1000.0, mses={"decoder": 0.008, "gan": 0.007})
     _record(root, "b", bound=-700.0, mses={"decoder": 0.012})
     _record(root, "c", bound=-300.0, mses={"decoder": 0.020, "gan": 0.022, "whitebox": 0.05}, lam=16.0)
@@ -158,6 +160,8 @@ def test_figure3_data_reads_records_only(tmp_path, capsys):
     assert c["pearson"] == pytest.approx(np.corrcoef(b, np.log([0.008, 0.012, 0.020, 0.031]))[0, 1])
     assert c["spearman"] == pytest.approx(1.0) and c["n"] == 4 and c["x"] == "bound (nats)" and c["y"] == "log MSE"
     assert "Pearson r(bound, log MSE) = " in caption(data) and "[" in caption(data)
+    # Within the groups: two runs without CEM (a, b) and two with (c, d) are too few for a correlation.
+    assert data["correlation_within"] == {"without CEM": None, "with CEM": None}
     json.dumps(data)  # the data file is plain JSON
     assert str(tmp_path) not in json.dumps(data)  # and names runs, not machine paths
 
@@ -179,6 +183,16 @@ def test_floor_is_stated_not_fitted_and_a_point_under_it_is_reported(tmp_path):
     assert math.exp(2 * (H_GAUSS - 1000) / D_IN) / (2 * math.pi * math.e) == pytest.approx(4.85e-5, rel=0.01)
     assert after["floors"][1]["below"] == ["a", "b"] and after["floors"][0]["below"] == ["a", "b"]
     assert figure3_data(root, derived_h_x=False)["floors"] == []
+
+
+def test_correlation_within_groups(tmp_path):
+    data = figure3_data(_records(tmp_path / "r", extra=True))
+    within = data["correlation_within"]
+    assert within["with CEM"] is None and within["without CEM"]["n"] == 3
+    b, m = [-1000.0, -850.0, -700.0], [0.008, 0.007, 0.012]  # a, a2, b
+    assert within["without CEM"]["pearson"] == pytest.approx(np.corrcoef(b, np.log(m))[0, 1])
+    assert within["without CEM"]["spearman"] == pytest.approx(0.5)
+    assert data["correlation"]["n"] == 5
 
 
 def test_worst_attack_and_errors(tmp_path):
