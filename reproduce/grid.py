@@ -1,7 +1,8 @@
 """Named grids of runs, resumable: ``python -m reproduce.grid NAME`` (``--list``, ``--dry-run``).
 
 A grid is a list of jobs run in order: a *run* job trains one run unless it has finished (resuming an
-interrupted one) and then runs its attacks unless their records exist; a *table* job writes a table
+interrupted one), then runs its attacks unless their records exist, then writes its ``bound.json``
+(``reproduce.bound``: Figure 3's entropy bound; not for a run that adds no noise); a *table* job writes a table
 from the runs that exist. Rerunning a grid continues where it stopped, and a finished grid reruns as a
 no-op (its tables are rewritten from the same records). Grids:
 
@@ -61,14 +62,23 @@ class RunJob:
             **dict(self.train),
         }
 
-    def todo(self, root: Path) -> list[str]:
-        """What is left of this job (empty: done)."""
+    def todo(self, root: Path, preset: Optional[str] = None) -> list[str]:
+        """What is left of this job (empty: done); ``preset``: the grid's (to tell whether the run has noise)."""
         rd = RunDir(root / self.name)
         left = [] if rd.finished else [f"train ({rd.status()})"]
         for attack, settings in self.attacks:
             missing = settings if left else rd.missing_settings(attack, settings)
             left += [f"{attack} {s}" for s in missing]
+        if rd.read_bound() is None and self.has_noise(root, preset):
+            left.append("bound")
         return left
+
+    def has_noise(self, root: Path, preset: Optional[str] = None) -> bool:
+        """Whether the run sends noisy features (then it gets a ``bound.json``)."""
+        from reproduce.bound import attacker_sigma
+
+        config = pipeline.planned_config(root / self.name, preset=preset, overrides=self.settings())
+        return attacker_sigma(config) > 0
 
 
 @dataclass(frozen=True)
@@ -229,7 +239,7 @@ def run_grid(
     changed = False  # a table job rewrites its table only after a run job did something (or when it is missing)
     for i, job in enumerate(grid.jobs, 1):
         if isinstance(job, RunJob):
-            left = job.todo(root)
+            left = job.todo(root, grid.preset)
         else:
             left = [f"write {job.out}"] if changed else job.todo(root, out_base)
         what = job.name if isinstance(job, RunJob) else f"table {job.number}"
@@ -259,6 +269,9 @@ def run_grid(
                     overrides={"seed": job.seed, **grid.attack_overrides.get(attack, {})},
                     log=log,
                 )
+            pipeline.ensure_bound(
+                rd, device=device, data_root=data_root if job.dataset != "cifar10-sample" else None, log=log
+            )
             changed = True
         else:
             _write_table(job, grid, root, data_root, device, threads, out_base, log)
@@ -307,7 +320,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.list:
         for g in GRIDS.values():
             root = Path(args.runs_root or f"runs/{g.preset}")
-            left = sum(1 for j in g.jobs if isinstance(j, RunJob) and j.todo(root))
+            left = sum(1 for j in g.jobs if isinstance(j, RunJob) and j.todo(root, g.preset))
             runs = sum(isinstance(j, RunJob) for j in g.jobs)
             print(f"{g.name}: {g.description}; {runs - left}/{runs} run jobs done in {root}")
         return 0

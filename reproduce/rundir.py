@@ -9,6 +9,7 @@ A run directory written by ``python -m reproduce.train --out DIR`` holds
 * ``attack_<A>.json``      the record of attack ``A``: one entry per setting (``train_time``, ``infer_time``)
 * ``attack_<A>_samples.pt`` a few test originals and their reconstructions, for figures
 * ``attack_<A>/<setting>/`` the attack's own resumable state
+* ``bound.json``           Eq. 3's entropy bound of the trained encoder and what it used (``reproduce.bound``)
 
 Nothing else in ``reproduce/`` spells these names: use :class:`RunDir`.
 """
@@ -39,6 +40,7 @@ class RunDir:
     METRICS = "metrics.jsonl"
     CHECKPOINT = "checkpoint.pt"
     FINAL = "final.pt"
+    BOUND = "bound.json"
 
     def __init__(self, path: PathLike):
         if isinstance(path, RunDir):
@@ -90,6 +92,11 @@ class RunDir:
 
     def attack_state_dir(self, attack: str, setting: str) -> Path:
         return self.path / f"attack_{attack}" / setting_key(setting)
+
+    @property
+    def bound_path(self) -> Path:
+        """``bound.json``: the entropy bound ``reproduce.bound`` estimated for this run."""
+        return self.path / self.BOUND
 
     # ------------------------------------------------------------------ status
     @property
@@ -177,6 +184,10 @@ class RunDir:
         value = self.attack_entry(attack, setting).get("metrics", {}).get(key)
         return None if value is None else float(value)
 
+    def read_bound(self) -> Optional[dict]:
+        """The run's ``bound.json`` (None when it has none)."""
+        return json.loads(self.bound_path.read_text()) if self.bound_path.is_file() else None
+
     @property
     def label(self) -> str:
         """``ARM/seedN`` for the grid's layout, else the directory name."""
@@ -185,6 +196,9 @@ class RunDir:
     # ------------------------------------------------------------------ writing
     def write_config(self, config: dict) -> None:
         write_json_atomic(config, self.config_path)
+
+    def write_bound(self, record: dict) -> None:
+        write_json_atomic(record, self.bound_path)
 
     def write_metrics(self, rows: list[dict]) -> None:
         """Replace ``metrics.jsonl`` with ``rows`` (atomically)."""

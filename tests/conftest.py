@@ -33,10 +33,12 @@ SLOW = {
     "test_bench_scripts::test_train_step_quick",
     "test_bench_scripts::test_bench_kernels_quick",
     "test_distributed::test_two_gloo_processes_match_one_process",
-    # the three users of the module fixture smoke_table1 (~10 s of smoke trainings)
+    # the two users of the module fixture smoke_table1 (~10 s of smoke trainings)
     "test_table::test_table1_smoke_has_the_full_layout",
     "test_table::test_efficiency_of_a_real_run_and_table9_layout",
-    "test_table::test_figure3_from_a_smoke_run",
+    # the two users of the module fixture smoke_runs (three smoke trainings, attacks and bounds: ~25 s)
+    "test_bound::test_bound_json_of_smoke_runs",
+    "test_bound::test_figure3_from_records_alone",
     "test_attacks::test_cli_decoder_then_gan_on_a_smoke_run",
     "test_attacks::test_gan_attack_learns_and_resumes",
     "test_train::test_resume_after_kill_gives_identical_weights",

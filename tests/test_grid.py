@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reproduce import attack, grid, train
+from reproduce import attack, bound, grid, train
 from reproduce.rundir import RunDir
 
 
@@ -20,18 +20,22 @@ def test_smoke_grid_runs_then_reruns_as_a_no_op(tmp_path, monkeypatch, capsys):
         "smoke", runs_root=root, out_dir=out, device="cpu", threads=1, dry_run=True, log=lambda m: None
     )
     assert len(planned) == 3 and not root.exists()  # a dry run writes nothing
+    # Figure 3's bound for the run with noise (lambda 16 turns it on); the lambda-0 bottleneck run has none.
+    assert planned[0].endswith("infer_time") and planned[1].endswith("infer_time, bound")
     done = grid.run_grid("smoke", runs_root=root, out_dir=out, device="cpu", threads=1, log=lambda m: None)
     assert done == planned
     for job in grid.GRIDS["smoke"].jobs:
         if isinstance(job, grid.RunJob):
             rd = RunDir(root / job.name)
             assert rd.finished and not rd.missing_settings("decoder", ("train_time", "infer_time"))
+            assert (rd.read_bound() is not None) == (job.cem_lambda > 0)
     text = (out / "table1_smoke.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| Bottleneck — w/ CEM"))
     assert row.split("|")[2].strip() not in ("", "—")  # the table found the grid's run
 
     monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
     monkeypatch.setattr(attack, "run_attack", lambda *a, **k: pytest.fail("a finished attack ran again"))
+    monkeypatch.setattr(bound, "write", lambda *a, **k: pytest.fail("a stored bound was computed again"))
     assert grid.run_grid("smoke", runs_root=root, out_dir=out, device="cpu", log=lambda m: None) == []
     assert grid.main(["smoke", "--runs-root", str(root), "--dry-run"]) == 0
     assert grid.main(["--list", "--runs-root", str(root)]) == 0
