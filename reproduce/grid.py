@@ -7,7 +7,9 @@ no-op (its tables are rewritten from the same records). Grids:
 
 * ``cpu``: the ``--preset cpu`` runs behind ``reproduce/RESULTS.md`` on CIFAR-10 (``--data-root``,
   default ``<repo>/../shared/data`` or ``$CEM_FAST_DATA``), in ``runs/cpu``, ordered so that an
-  interrupted grid leaves the most useful runs finished.
+  interrupted grid leaves the most useful runs finished. Its table jobs write a working table beside the
+  runs; what ``reproduce/results/`` publishes comes from the runs' records (``python -m reproduce.records
+  save runs/cpu``, then ``python -m reproduce.results_check --write``).
 * ``smoke``: two tiny runs and a table, seconds; shows the machinery.
 
 Run layout (the one ``reproduce.table`` collects): ``ROOT/<dataset>_<arch>_<defence>_lam<L>_sigma<S>/seed<N>``.
@@ -127,7 +129,7 @@ def _cpu_jobs() -> tuple:
         *[noise25(lam, seed) for seed in (126, 127) for lam in (0, 16)],
         # 4. The GAN attack on the noise and noise_arl arms, starting from their decoders.
         *[job(lam, 125, attacks=gan(("train_time",))) for job in (noise25, arl) for lam in (0, 16)],
-        TableJob(1, "reproduce/results/table1_cpu.md"),
+        TableJob(1, "runs/cpu/table1_cpu.md"),
         # 5. Seeds for Figure 4's strongest noise-only arm (sigma 0.1), the comparison CEM has to win.
         *[noise(0.1, 0, seed) for seed in (126, 127)],
         # 6. Seeds for noise_arl with and without CEM (about 30 minutes an arm at this preset).
@@ -139,7 +141,7 @@ def _cpu_jobs() -> tuple:
             for job in (noise25, arl)
             for lam in (0, 16)
         ],
-        TableJob(1, "reproduce/results/table1_cpu.md"),
+        TableJob(1, "runs/cpu/table1_cpu.md"),
         # 9. Seeds for Figure 4's two single-seed arms: CEM at lambda 4, then noise alone at sigma 0.05.
         *[noise25(4, seed) for seed in (126, 127)],
         *[noise(0.05, 0, seed) for seed in (126, 127)],
