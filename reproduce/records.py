@@ -214,17 +214,6 @@ def record_files(run_dir, name: str, grid: str, num_samples: int = NUM_SAMPLES) 
         "samples_per_setting": num_samples,
     }
     files[RunDir.RECORD] = _json_text(marker).encode()
-    for fname, data in files.items():
-        if fname.endswith((".json", ".jsonl")):
-            text = data.decode()
-            objs = (
-                [json.loads(line) for line in text.splitlines() if line.strip()]
-                if fname.endswith("l")
-                else json.loads(text)
-            )
-            bad = absolute_paths(objs)
-            if bad:
-                raise ValueError(f"{fname} of {rd.path} still holds absolute paths: {'; '.join(bad)}")
     size = sum(len(b) for b in files.values())
     if size > MAX_BYTES:
         sizes = ", ".join(f"{k} {len(v)}" for k, v in sorted(files.items(), key=lambda kv: -len(kv[1])))
@@ -247,7 +236,8 @@ def save_record(
     """Save the record of the finished run ``run_dir`` to ``root/<grid>/<name>``; returns its folder.
 
     ``grid``: default the run's preset. ``name``: default :func:`record_name` of its config. An existing
-    record is kept unless ``replace``.
+    record is kept unless ``replace``. A record that would break :func:`check_record`'s rules (an absolute
+    path, an unfinished attack, over ``MAX_BYTES``) is not written: ValueError says why.
     """
     rd = RunDir(run_dir)
     config = rd.read_config()
@@ -264,15 +254,20 @@ def save_record(
             raise FileExistsError(f"{target} exists; pass replace=True (--replace) to overwrite it")
         if not RunDir(target).is_record and any(target.iterdir()):
             raise ValueError(f"{target} holds something other than a record; not replacing it")
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = Path(root) / grid / f".{name.replace('/', '+')}.tmp"  # beside the grid's records, not inside the name
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for fname, data in files.items():
         (tmp / fname).write_bytes(data)
         os.chmod(tmp / fname, 0o644)
+    problems = check_record(tmp)
+    if problems:
+        shutil.rmtree(tmp)
+        raise ValueError(f"the record of {rd.path} would break the record rules: {'; '.join(problems)}")
     if target.exists():
         shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, target)
     return target
 
@@ -281,12 +276,13 @@ def save_record(
 
 
 def find_records(root=RECORDS_ROOT) -> Iterator[RunDir]:
-    """Every record below ``root`` (folders with a ``record.json``), in sorted order."""
+    """Every record below ``root`` (run folders with a ``record.json``), in sorted order."""
     root = Path(root)
     if not root.is_dir():
         return
-    for marker in sorted(root.rglob(RunDir.RECORD)):
-        yield RunDir(marker.parent)
+    for rd in find_runs(root):
+        if rd.is_record:
+            yield rd
 
 
 def load_encoder(record_dir, device: str = "cpu") -> torch.nn.Module:

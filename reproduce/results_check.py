@@ -331,6 +331,10 @@ def check(
                 say(f"FAIL {art.name}: {', '.join(committed)} committed without records ({why})")
                 failures += 1
             continue
+        except Exception as err:  # noqa: BLE001 - one broken artifact must not hide the others
+            say(f"FAIL {art.name}: rebuilding it from {_where(grid_dir)} failed: {type(err).__name__}: {err}")
+            failures += 1
+            continue
         if set(texts) != set(art.data_files):
             raise RuntimeError(f"{art.name} built {sorted(texts)}, not its files {sorted(art.data_files)}")
         changed = []

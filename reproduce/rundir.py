@@ -241,11 +241,13 @@ class RunDir:
 
 
 def find_runs(root: PathLike) -> Iterator[RunDir]:
-    """Every run directory at or below ``root`` (those with a ``config.json``), in sorted order."""
+    """Every run directory at or below ``root`` (those with a ``config.json``), in sorted order; hidden
+    folders (a name starting with ``.``, e.g. a record being written) are skipped."""
     root = Path(root)
     if (root / RunDir.CONFIG).is_file():
         yield RunDir(root)
         return
     if root.is_dir():
         for cfg in sorted(root.rglob(RunDir.CONFIG)):
-            yield RunDir(cfg.parent)
+            if not any(part.startswith(".") for part in cfg.relative_to(root).parts):
+                yield RunDir(cfg.parent)

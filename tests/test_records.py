@@ -136,6 +136,21 @@ def test_save_refuses_to_overwrite_or_to_exceed_the_budget(smoke, tmp_path, monk
     assert records.save_record(run, tmp_path, grid="g", name="a/seed0", replace=True) == out
     with pytest.raises(ValueError, match="'..'"):
         records.save_record(run, tmp_path, grid="..", name="a/seed0")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("config.json", "metrics.jsonl", "final.pt", "attack_decoder.json"):
+        shutil.copy(run.path / name, copy / name)
+    report = json.loads((copy / "attack_decoder.json").read_text())
+    report["settings"]["train_time"]["data"]["attack_test"] = "images from /home/someone/data"
+    (copy / "attack_decoder.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="absolute path in settings.train_time.data.attack_test"):
+        records.save_record(copy, tmp_path, grid="g", name="c/seed0")
+    del report["settings"]["infer_time"]["metrics"]
+    report["settings"]["train_time"]["data"]["attack_test"] = "test images"
+    (copy / "attack_decoder.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="infer_time: no metrics"):
+        records.save_record(copy, tmp_path, grid="g", name="c/seed0")
+    assert not (tmp_path / "g" / "c").exists() and not list((tmp_path / "g").glob(".*"))
     monkeypatch.setattr(records, "MAX_BYTES", 10_000)
     with pytest.raises(ValueError, match="over 10000"):
         records.save_record(run, tmp_path, grid="g", name="b/seed0")
