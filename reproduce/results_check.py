@@ -211,7 +211,8 @@ def figure5_artifact(
 
 def figure3_artifact(grid: str, name: Optional[str] = None) -> Artifact:
     """Figure 3 (attacker MSE vs the entropy bound) through ``reproduce.figure3``'s hook, when that module
-    exists: ``figure3_data(grid_dir) -> dict`` (None: no usable records) and ``figure3_plot(data, out)``."""
+    exists: ``figure3_data(grid_dir) -> dict`` (None: no usable records) and ``figure3_plot(data, out)``.
+    Records without a ``bound.json`` are "no records yet" before the hook is called."""
     name = name or f"figure3_{grid}"
 
     def module():
@@ -220,7 +221,10 @@ def figure3_artifact(grid: str, name: Optional[str] = None) -> Artifact:
         return importlib.import_module(FIGURE3_MODULE)
 
     def build(grid_dir: Path) -> dict:
-        data = module().figure3_data(grid_dir)
+        mod = module()
+        if not any(rd.bound_path.is_file() for rd in find_runs(grid_dir)):
+            raise NoRecords(f"no record in {_where(grid_dir)} has a {RunDir.BOUND} (Figure 3's bound estimate)")
+        data = mod.figure3_data(grid_dir)
         if data is None:
             raise NoRecords(f"{FIGURE3_MODULE}.figure3_data found no usable record in {_where(grid_dir)}")
         return {f"{name}.json": _json(data)}

@@ -277,3 +277,31 @@ def test_committed_results_match_their_records_on_a_fresh_clone(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "every artifact matches" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_figure3_slot_calls_the_hook_once_records_have_a_bound(tmp_path, monkeypatch, capsys):
+    import importlib.machinery
+    import types
+
+    calls = []
+    fake = types.ModuleType(results_check.FIGURE3_MODULE)
+    fake.__spec__ = importlib.machinery.ModuleSpec(results_check.FIGURE3_MODULE, None)
+    fake.figure3_data = lambda grid_dir: {
+        "bounds": sorted(json.loads(p.read_text())["b"] for p in grid_dir.rglob("bound.json"))
+    }
+    fake.figure3_plot = lambda data, out: calls.append(data) or Path(out).write_bytes(b"png")
+    monkeypatch.setitem(sys.modules, results_check.FIGURE3_MODULE, fake)
+    registry = results_check.Registry("t", (results_check.figure3_artifact("g"),))
+    results, recs = tmp_path / "results", tmp_path / "results" / "runs"
+    rd = RunDir(recs / "g" / "arm" / "seed0")
+    rd.write_config({"seed": 0})
+    rd.write_metrics([{"epoch": 1, "test_acc": 0.5}])
+    rd.record_path.write_text(json.dumps({"format": 1, "weights": None}))
+    assert results_check.check(registry, recs, results) == 0
+    assert "no record in" in capsys.readouterr().out and not calls
+    rd.bound_path.write_text(json.dumps({"b": 1.5}))
+    assert results_check.check(registry, recs, results) == 2  # figure3_g.json and its PNG are missing
+    assert results_check.check(registry, recs, results, write=True) == 0
+    assert calls == [{"bounds": [1.5]}] and (results / "figure3_g.png").is_file()
+    assert json.loads((results / "figure3_g.json").read_text()) == {"bounds": [1.5]}
+    assert results_check.check(registry, recs, results) == 0
