@@ -109,7 +109,7 @@ def table_artifact(
         from reproduce import table
 
         arms = table.table_arms(number)
-        found = [cfg for rd in find_runs(grid_dir) if rd.finished for cfg in (rd.read_config(),)]
+        found = [rd.read_config() for rd in find_runs(grid_dir) if rd.finished]
         have = sorted(
             {cfg["seed"] for cfg in found for arm in arms if table._matches(cfg, arm, dataset, cfg.get("seed"), preset)}
         )
