@@ -249,7 +249,7 @@ def test_absolute_paths():
         {
             "a": "/tmp/x",
             "b": "../shared/data",
-            "c": ["10*log10(1/MSE_batch)", "cmd --out=/work/r"],
+            "c": ["10*log10(1/MSE_batch)", "cmd --out=/srv/r"],
             "d": "C:\\data",
             "e": "MSE with / without",
         }
