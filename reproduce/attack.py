@@ -107,11 +107,11 @@ RUN_OPTIONS = (
 
 
 def check_finished_run(run_dir) -> Path:
-    """Return ``run_dir`` as a Path if it holds a finished training run, else raise with the reason and the
-    command that finishes it."""
+    """Return ``run_dir`` as a Path if it holds a finished live training run (not a committed record), else
+    raise with the reason and the command that finishes it."""
     from reproduce.rundir import RunDir
 
-    return RunDir(run_dir).check_finished().path
+    return RunDir(run_dir).check_attackable().path
 
 
 def _setting_name(setting: str) -> str:

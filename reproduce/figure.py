@@ -14,6 +14,7 @@ run's defence, lambda and the attack's test MSE). It reads the attack's samples 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -30,7 +31,7 @@ FIGURES = (3, 4, 5)
 ATTACKS = fig3.LADDER
 SETTINGS = ("train_time", "infer_time")
 
-__all__ = ["FIGURES", "run_label", "load_samples", "figure5", "build_parser", "main"]
+__all__ = ["FIGURES", "run_label", "load_samples", "as_uint8", "figure5", "figure5_data", "build_parser", "main"]
 
 
 def load_samples(run_dir: str | os.PathLike, attack: str = "decoder", setting: str = "train_time") -> dict:
@@ -69,21 +70,15 @@ def _to_image(t: torch.Tensor):
     return t.permute(1, 2, 0).numpy(), None
 
 
-def figure5(
-    runs: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    attack: str = "decoder",
-    setting: str = "train_time",
-    num_images: int = 8,
-    labels: Optional[Sequence[str]] = None,
-) -> Path:
-    """Write the Figure 5 grid (originals, then one row of reconstructions per run) to ``out``."""
-    import matplotlib
+def as_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images on [0, 1] (or uint8 already) as uint8, the form records keep."""
+    if images.dtype == torch.uint8:
+        return images
+    return images.float().clamp(0, 1).mul(255).round().to(torch.uint8)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _figure5_rows(runs, attack, setting, num_images, labels) -> tuple[list[str], list[torch.Tensor]]:
+    """Row labels and images (originals first, then one row per run) of Figure 5."""
     if not runs:
         raise ValueError("runs must name at least one run directory")
     if not isinstance(num_images, int) or num_images <= 0:
@@ -101,8 +96,59 @@ def figure5(
     row_labels = ["original"] + [
         labels[i] if labels is not None else run_label(s["header"], s["metrics"]) for i, s in enumerate(loaded)
     ]
-    rows = [originals[:n]] + [s["reconstruction"][:n] for s in loaded]
+    return row_labels, [originals[:n]] + [s["reconstruction"][:n] for s in loaded]
 
+
+def figure5_data(
+    runs: Sequence[str | os.PathLike],
+    *,
+    attack: str = "decoder",
+    setting: str = "train_time",
+    num_images: int = 8,
+    labels: Optional[Sequence[str]] = None,
+    names: Optional[Sequence[str]] = None,
+) -> dict:
+    """What Figure 5 shows, JSON-ready: per row its label, run (``names`` or the paths), the attack's test MSE,
+    and the SHA-256 of each image as uint8 (the images themselves stay in the runs' samples files)."""
+    row_labels, rows = _figure5_rows(runs, attack, setting, num_images, labels)
+    names = [str(r) for r in runs] if names is None else list(names)
+    if len(names) != len(runs):
+        raise ValueError(f"names has {len(names)} entries for {len(runs)} runs")
+    mses = [RunDir(r).attack_metric(attack, setting, "mse") for r in runs]
+    return {
+        "figure": 5,
+        "attack": attack,
+        "setting": setting,
+        "num_images": len(rows[0]),
+        "rows": [
+            {
+                "run": run,
+                "label": label,
+                "mse": mse,
+                "images_sha256": [hashlib.sha256(as_uint8(im).numpy().tobytes()).hexdigest() for im in images],
+            }
+            for run, label, mse, images in zip([None, *names], row_labels, [None, *mses], rows)
+        ],
+    }
+
+
+def figure5(
+    runs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    attack: str = "decoder",
+    setting: str = "train_time",
+    num_images: int = 8,
+    labels: Optional[Sequence[str]] = None,
+) -> Path:
+    """Write the Figure 5 grid (originals, then one row of reconstructions per run) to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    row_labels, rows = _figure5_rows(runs, attack, setting, num_images, labels)
+    n = len(rows[0])
     fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n + 1.6, 1.25 * len(rows)), squeeze=False)
     for r, (images, label) in enumerate(zip(rows, row_labels)):
         for c in range(n):

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from reproduce.rundir import RunDir, find_runs
 
-__all__ = ["expand_runs", "run_point", "figure4_series", "figure4"]
+__all__ = ["expand_runs", "run_point", "figure4_series", "figure4", "figure4_data", "figure4_plot"]
 
 
 def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
@@ -68,14 +68,12 @@ def _save(fig, out: str | Path) -> Path:
     return out
 
 
-def _usable(points: list[dict], what: str) -> list[dict]:
+def _usable(points: list[dict], what: str, log=None) -> list[dict]:
+    log = log or (lambda msg: print(msg, file=sys.stderr))
     good = [p for p in points if p["acc"] is not None and p["mse"] is not None]
     for p in points:
         if p not in good:
-            print(
-                f"[figure] skipping {p['run']}: {'training unfinished' if p['acc'] is None else 'no ' + what}",
-                file=sys.stderr,
-            )
+            log(f"[figure] skipping {p['run']}: {'training unfinished' if p['acc'] is None else 'no ' + what}")
     if not good:
         raise ValueError(f"none of the runs has finished training and has {what}")
     return good
@@ -115,34 +113,76 @@ def figure4_series(points: list[dict]) -> dict[tuple, list[dict]]:
     return series
 
 
-def figure4(
-    runs: Sequence[str | Path], out: str | Path, *, attack: str = "decoder", setting: str = "train_time"
-) -> Path:
-    """Accuracy vs. attacker MSE, one line per (defence, lambda, cut) family, points sorted by sigma; the
-    seeds of one arm are drawn as their mean with sample-sd error bars."""
-    points = _usable([run_point(r, attack, setting) for r in expand_runs(runs)], f"{attack} {setting} attack results")
+def _family_label(key: tuple, several_cuts: bool) -> str:
+    defence, lam, cut, variant = key
+    label = f"{defence}, " + (f"CEM λ={lam:g}" if lam else "w/o CEM")
+    if variant not in (None, "paper"):
+        label += f" ({variant})"
+    if several_cuts:
+        label += f", cut {cut}"
+    return label
+
+
+def figure4_data(
+    runs: Sequence[str | Path],
+    *,
+    attack: str = "decoder",
+    setting: str = "train_time",
+    root: Optional[str | Path] = None,
+    log=None,
+) -> dict:
+    """Figure 4's plotted numbers (JSON-ready): one family per (defence, lambda, cut, variant), each a list of
+    points (sigma, n seeds, mean and sd of MSE and accuracy), and the runs used (relative to ``root`` if given).
+    ValueError when no run has finished training and has the attack's result."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    points = _usable(
+        [run_point(r, attack, setting) for r in expand_runs(runs)], f"{attack} {setting} attack results", log
+    )
     families = figure4_series(points)
     several_cuts = len({k[2] for k in families}) > 1
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 4))
+    out = []
     for key in sorted(families, key=lambda k: (str(k[0]), k[1], k[2] or 0)):
         defence, lam, cut, variant = key
-        fam = families[key]
-        label = f"{defence}, " + (f"CEM λ={lam:g}" if lam else "w/o CEM")
-        if variant not in (None, "paper"):
-            label += f" ({variant})"
-        if several_cuts:
-            label += f", cut {cut}"
+        out.append(
+            {
+                "defence": defence,
+                "cem_lambda": lam,
+                "cut": cut,
+                "variant": variant,
+                "label": _family_label(key, several_cuts),
+                "points": families[key],
+            }
+        )
+
+    def name(path: Path) -> str:
+        return Path(path).relative_to(root).as_posix() if root is not None else str(path)
+
+    return {
+        "figure": 4,
+        "attack": attack,
+        "setting": setting,
+        "runs": sorted(name(p["run"]) for p in points),
+        "families": out,
+    }
+
+
+def figure4_plot(data: dict, out: str | Path) -> Path:
+    """Draw Figure 4 from :func:`figure4_data`'s numbers alone; returns the PNG path."""
+    attack, setting = data["attack"], data["setting"]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4))
+    for fam in data["families"]:
+        lam, pts = fam["cem_lambda"], fam["points"]
         ax.errorbar(
-            [p["mse"] for p in fam],
-            [p["acc"] for p in fam],
-            xerr=[p["mse_sd"] for p in fam],
-            yerr=[p["acc_sd"] for p in fam],
+            [p["mse"] for p in pts],
+            [p["acc"] for p in pts],
+            xerr=[p["mse_sd"] for p in pts],
+            yerr=[p["acc_sd"] for p in pts],
             fmt=("-" if lam else "--") + ("o" if lam else "s"),
             capsize=2,
-            label=label,
+            label=fam["label"],
         )
-        for p in fam:
+        for p in pts:
             ax.annotate(
                 f"{p['sigma']:g}" + (f" (n={p['n']})" if p["n"] > 1 else ""),
                 (p["mse"], p["acc"]),
@@ -159,3 +199,11 @@ def figure4(
     ax.set_title("Utility-robustness trade-off (labels: noise σ; seeds: mean ± sd)", fontsize=9)
     ax.legend(fontsize=7)
     return _save(fig, out)
+
+
+def figure4(
+    runs: Sequence[str | Path], out: str | Path, *, attack: str = "decoder", setting: str = "train_time"
+) -> Path:
+    """Accuracy vs. attacker MSE, one line per (defence, lambda, cut) family, points sorted by sigma; the
+    seeds of one arm are drawn as their mean with sample-sd error bars."""
+    return figure4_plot(figure4_data(runs, attack=attack, setting=setting), out)

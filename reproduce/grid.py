@@ -8,7 +8,9 @@ no-op (its tables are rewritten from the same records). Grids:
 
 * ``cpu``: the ``--preset cpu`` runs behind ``reproduce/RESULTS.md`` on CIFAR-10 (``--data-root``,
   default ``<repo>/../shared/data`` or ``$CEM_FAST_DATA``), in ``runs/cpu``, ordered so that an
-  interrupted grid leaves the most useful runs finished.
+  interrupted grid leaves the most useful runs finished. Its table jobs write a working table beside the
+  runs; what ``reproduce/results/`` publishes comes from the runs' records (``python -m reproduce.records
+  save runs/cpu``, then ``python -m reproduce.results_check --write``).
 * ``smoke``: two tiny runs and a table, seconds; shows the machinery.
 
 Run layout (the one ``reproduce.table`` collects): ``ROOT/<dataset>_<arch>_<defence>_lam<L>_sigma<S>/seed<N>``.
@@ -145,14 +147,14 @@ def _cpu_jobs() -> tuple:
         # 4. Seeds 126 and 127 of the pair, the control and Noise_ARL.
         *[job for seed in (126, 127) for job in (noise(0.025, 0, seed), noise(0.025, 16, seed), noise(0.1, 0, seed))],
         *[arl(lam, seed) for seed in (126, 127) for lam in (0, 16)],
-        TableJob(1, "reproduce/results/table1_cpu.md", attacks=("decoder", "gan"), seeds=(125, 126, 127)),
+        TableJob(1, "runs/cpu/table1_cpu.md", attacks=("decoder", "gan"), seeds=(125, 126, 127)),
         # 5. Table 1's other defences with and without CEM, seed 125.
         *[
             RunJob("cifar10", defence, 0.025, lam, 125, attacks=TABLE1_LADDER)
             for defence in TABLE1_OTHERS
             for lam in (0, 16)
         ],
-        TableJob(1, "reproduce/results/table1_cpu.md", attacks=("decoder", "gan"), seeds=(125, 126, 127)),
+        TableJob(1, "runs/cpu/table1_cpu.md", attacks=("decoder", "gan"), seeds=(125, 126, 127)),
     ]
     return tuple(jobs)
 

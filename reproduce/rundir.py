@@ -11,6 +11,11 @@ A run directory written by ``python -m reproduce.train --out DIR`` holds
 * ``attack_<A>/<setting>/`` the attack's own resumable state
 * ``bound.json``           Eq. 3's entropy bound of the trained encoder and what it used (``reproduce.bound``)
 
+A *record* (``reproduce.records``, committed under ``reproduce/results/runs/``) is a stripped run
+directory in the same layout: ``config.json``, ``metrics.jsonl``, every ``attack_<A>.json`` (and a few
+samples), ``encoder.pt`` (the client half's weights) and the marker ``record.json``. It counts as finished
+for reading (accuracy, attack metrics, config) but cannot be resumed or attacked: it has no ``final.pt``.
+
 Nothing else in ``reproduce/`` spells these names: use :class:`RunDir`.
 """
 
@@ -40,7 +45,9 @@ class RunDir:
     METRICS = "metrics.jsonl"
     CHECKPOINT = "checkpoint.pt"
     FINAL = "final.pt"
-    BOUND = "bound.json"
+    RECORD = "record.json"  # marks a committed record (reproduce.records)
+    ENCODER = "encoder.pt"  # a record's client-half weights
+    BOUND = "bound.json"  # Figure 3's entropy-bound estimate, when one was made
 
     def __init__(self, path: PathLike):
         if isinstance(path, RunDir):
@@ -78,6 +85,14 @@ class RunDir:
     def final_path(self) -> Path:
         return self.path / self.FINAL
 
+    @property
+    def record_path(self) -> Path:
+        return self.path / self.RECORD
+
+    @property
+    def encoder_path(self) -> Path:
+        return self.path / self.ENCODER
+
     def weights_path(self, which: str = "final") -> Path:
         """``final.pt`` (``which="final"``) or ``checkpoint.pt`` (``"checkpoint"``)."""
         if which not in ("final", "checkpoint"):
@@ -105,9 +120,14 @@ class RunDir:
         return self.config_path.is_file()
 
     @property
+    def is_record(self) -> bool:
+        """A committed record (``record.json``): readable as a finished run, never resumed or attacked."""
+        return self.record_path.is_file()
+
+    @property
     def finished(self) -> bool:
-        """Training finished (``final.pt`` exists)."""
-        return self.final_path.is_file()
+        """Training finished (``final.pt`` exists, or this is a record of a finished run)."""
+        return self.final_path.is_file() or self.is_record
 
     @property
     def resumable(self) -> bool:
@@ -120,9 +140,11 @@ class RunDir:
         return self.started or self.checkpoint_path.exists() or self.final_path.exists()
 
     def status(self) -> str:
-        """``"not run"``, ``"training unfinished"`` or ``"trained"``."""
+        """``"not run"``, ``"training unfinished"``, ``"trained"`` or ``"record"``."""
         if not self.started:
             return "not run"
+        if self.is_record:
+            return "record"
         return "trained" if self.finished else "training unfinished"
 
     def attacked(self, attack: str, setting: str = "train_time") -> bool:
@@ -147,6 +169,20 @@ class RunDir:
                 f"`{self.resume_command()}` before attacking it"
             )
         return self
+
+    def check_live(self, action: str) -> "RunDir":
+        """``self`` unless it is a record; ``action`` (e.g. "attacked") names what a record cannot be."""
+        if self.is_record:
+            raise ValueError(
+                f"{self.path} is a committed record (reproduce.records: config, metrics, attack results and the "
+                f"encoder's weights, no {self.FINAL} or {self.CHECKPOINT}); it can be read but not {action}: "
+                "use the live run directory it was saved from"
+            )
+        return self
+
+    def check_attackable(self) -> "RunDir":
+        """``self`` if training finished and this is a live run (not a record), else the error saying why."""
+        return self.check_finished().check_live("attacked")
 
     def resume_command(self) -> str:
         """The command that continues this run."""
@@ -214,11 +250,13 @@ class RunDir:
 
 
 def find_runs(root: PathLike) -> Iterator[RunDir]:
-    """Every run directory at or below ``root`` (those with a ``config.json``), in sorted order."""
+    """Every run directory at or below ``root`` (those with a ``config.json``), in sorted order; hidden
+    folders (a name starting with ``.``, e.g. a record being written) are skipped."""
     root = Path(root)
     if (root / RunDir.CONFIG).is_file():
         yield RunDir(root)
         return
     if root.is_dir():
         for cfg in sorted(root.rglob(RunDir.CONFIG)):
-            yield RunDir(cfg.parent)
+            if not any(part.startswith(".") for part in cfg.relative_to(root).parts):
+                yield RunDir(cfg.parent)

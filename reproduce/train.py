@@ -117,6 +117,7 @@ def run(
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
+    rd.check_live("resumed or trained")
     if resume and rd.finished:
         log(f"{rd.path} has finished training; nothing to resume")
         return rd.metrics()
@@ -291,6 +292,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     rd = RunDir(args.out)
     if args.data_root is not None and not Path(args.data_root).expanduser().is_dir():
         return _fail(f"--data-root {args.data_root} is not a folder (no datasets there; nothing downloaded)", 2)
+    try:
+        rd.check_live("resumed or trained")
+    except ValueError as err:
+        return _fail(f"--out {args.out}: {err}", 2)
     stored = None
     if args.resume:
         if not rd.started:

@@ -63,6 +63,16 @@ SLOW = {
     "test_launch_count",  # the fused kernels under the Triton interpreter
     "test_readme::test_bench_lines_parse",  # a fresh interpreter per benchmark script
     "test_cli::test_the_docs_commands_at_the_smoke_preset",
+    # the users of the module fixture smoke (the smoke grid trained and attacked, then recorded: ~7 s)
+    "test_records::test_record_is_small_has_no_machine_path_and_only_record_files",
+    "test_records::test_record_keeps_learning_curves_and_class_histograms",
+    "test_records::test_encoder_weights_give_the_runs_features",
+    "test_records::test_record_reads_as_finished_but_is_never_attacked_resumed_or_loaded",
+    "test_records::test_save_refuses_to_overwrite_or_to_exceed_the_budget",
+    "test_records::test_records_give_the_same_table_and_figures_as_the_runs",
+    "test_records::test_results_check_passes_then_fails_on_an_edited_number",
+    "test_records::test_check_flags_a_broken_record",
+    "test_records::test_committed_results_match_their_records_on_a_fresh_clone",  # a fresh interpreter: ~10 s
 }
 
 
