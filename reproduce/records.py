@@ -34,6 +34,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from reproduce.machine import machine_info
 from reproduce.rundir import RunDir, find_runs
 
 __all__ = [
@@ -210,6 +211,9 @@ def record_files(run_dir, name: str, grid: str, num_samples: int = NUM_SAMPLES) 
         "name": name,
         "saved_from": _repo_relative(rd.path),
         "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # the machine that held the run when it was saved (normally the one that trained it; the run's own
+        # config.json names its machine too when it was trained by this version)
+        "saved_on": machine_info(),
         "weights": RunDir.ENCODER,
         "samples_per_setting": num_samples,
     }

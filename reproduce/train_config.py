@@ -20,6 +20,7 @@ from reproduce import presets as presets_mod
 from reproduce.data import DATASETS, dataset_info
 from reproduce.data.augment import AUGMENTATIONS
 from reproduce.defences import DEFENCES, canonical_name, default_bottleneck, defence_options
+from reproduce.machine import machine_info
 from reproduce.models import parse_bottleneck
 from reproduce.runs import build_run_defence
 from reproduce.schedules import CEM_SCHEDULES, LR_SCHEDULES
@@ -29,7 +30,7 @@ CEM_REFITS = ("epoch-features", "extra-pass")
 NOISE_MODES = ("auto", "on", "off")
 DTYPES = ("float32", "float64")
 # Settings that may differ between a run and its --resume.
-_RESUME_MAY_CHANGE = {"device", "workers", "progress", "command", "versions", "threads"}
+_RESUME_MAY_CHANGE = {"device", "workers", "progress", "command", "versions", "threads", "machine"}
 _DERIVED = {"train_size", "test_size", "world_size", "defence_resolved"}
 # Defence options settable from the CLI: flag dest -> option name.
 _DEFENCE_FLAGS = {
@@ -322,6 +323,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
     cfg["dtype"] = args.dtype or "float32"
     cfg["command"] = None
     cfg["versions"] = _versions()
+    cfg["machine"] = machine_info(cfg["device"])
     return cfg
 
 
