@@ -65,6 +65,11 @@ _COMMON: dict[str, Any] = {
     "workers": 0,
     "seed": 125,
     "pretrain_epochs": 30,
+    # speed options (reproduce.speed, the batched pipeline of reproduce.data.batched); docs/presets.md
+    "channels_last": False,
+    "bf16_autocast": False,
+    "compile": False,
+    "data_pipeline": "per-image",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {

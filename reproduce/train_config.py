@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 from pathlib import Path
 
@@ -23,13 +24,23 @@ from reproduce.defences import DEFENCES, canonical_name, default_bottleneck, def
 from reproduce.models import parse_bottleneck
 from reproduce.runs import build_run_defence
 from reproduce.schedules import CEM_SCHEDULES, LR_SCHEDULES
+from reproduce.speed import check_speed_options
+from reproduce.train_data import DATA_PIPELINES, check_data_pipeline
 
 DEFAULT_PRESET = "cpu"  # of reproduce.train and reproduce.table alike
 CEM_REFITS = ("epoch-features", "extra-pass")
 NOISE_MODES = ("auto", "on", "off")
 DTYPES = ("float32", "float64")
+# What a run from before a setting existed ran with.
+_OLD_RUN_DEFAULTS = {
+    "dtype": "float32",
+    "channels_last": False,
+    "bf16_autocast": False,
+    "compile": False,
+    "data_pipeline": "per-image",
+}
 # Settings that may differ between a run and its --resume.
-_RESUME_MAY_CHANGE = {"device", "workers", "progress", "command", "versions", "threads"}
+_RESUME_MAY_CHANGE = {"device", "workers", "progress", "command", "versions", "threads", "machine"}
 _DERIVED = {"train_size", "test_size", "world_size", "defence_resolved"}
 # Defence options settable from the CLI: flag dest -> option name.
 _DEFENCE_FLAGS = {
@@ -151,6 +162,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="parameter and activation dtype (default float32; float64 for exactness checks, e.g. several "
         "processes against one)",
     )
+    s = p.add_argument_group("speed options (docs/presets.md has their measurements)")
+    s.add_argument(
+        "--channels-last",
+        action="store_true",
+        default=None,
+        help="model and input batches in channels_last memory format (z, noise and CEM as without it)",
+    )
+    s.add_argument(
+        "--bf16-autocast",
+        action="store_true",
+        default=None,
+        help="CPU bf16 autocast around the encoder's cut layers and the server's conv stack in training; "
+        "z, the noise, CEM and the loss stay float32 (needs a CPU with bf16 support)",
+    )
+    s.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile (inductor) the encoder and the server; the first step compiles",
+    )
+    s.add_argument(
+        "--data-pipeline",
+        choices=DATA_PIPELINES,
+        help="per-image (default: the dataset's transform per image) or batched (uint8 batches augmented "
+        "as a whole; crop-flip or no augmentation)",
+    )
     a(
         "--no-progress",
         dest="progress",
@@ -217,6 +254,20 @@ def _versions() -> dict:
     return out
 
 
+def _machine() -> dict:
+    """The CPU's model name (``/proc/cpuinfo``, else ``platform``) and its logical CPU count: beside the epoch times."""
+    name = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": name or platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+
+
 def resolve_config(args: argparse.Namespace) -> dict:
     """Preset + CLI overrides -> the complete, validated settings dict written to config.json."""
     cfg = presets_mod.preset(args.preset or DEFAULT_PRESET)
@@ -248,6 +299,10 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "augment",
         "workers",
         "seed",
+        "channels_last",
+        "bf16_autocast",
+        "compile",
+        "data_pipeline",
     ):
         value = getattr(args, key, None)
         if value is not None:
@@ -320,14 +375,17 @@ def resolve_config(args: argparse.Namespace) -> dict:
     cfg["progress"] = bool(args.progress)
     cfg["threads"] = args.threads
     cfg["dtype"] = args.dtype or "float32"
+    check_speed_options(cfg)
+    check_data_pipeline(cfg)
     cfg["command"] = None
     cfg["versions"] = _versions()
+    cfg["machine"] = _machine()
     return cfg
 
 
 def check_resume_config(old: dict, new: dict) -> None:
     """ValueError naming every setting (outside the ones a resume may change) that differs."""
-    old, new = ({"dtype": "float32", **c} for c in (old, new))  # runs from before --dtype existed
+    old, new = ({**_OLD_RUN_DEFAULTS, **c} for c in (old, new))  # runs from before a setting existed
     diff = sorted(
         k for k in set(old) | set(new) if k not in _RESUME_MAY_CHANGE and k not in _DERIVED and old.get(k) != new.get(k)
     )
@@ -341,7 +399,7 @@ def resume_config(stored: dict, cfg: dict, args: argparse.Namespace) -> dict:
 
     A flag given now must agree with the stored run (ValueError naming the clash).
     """
-    stored = {"dtype": "float32", **stored}  # runs from before --dtype existed
+    stored = {**_OLD_RUN_DEFAULTS, **stored}  # runs from before a setting existed
     given = {k for k, v in vars(args).items() if v is not None and k in stored}
     clash = sorted(k for k in given - _RESUME_MAY_CHANGE if stored[k] != cfg[k])
     if clash:

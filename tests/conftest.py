@@ -61,6 +61,13 @@ SLOW = {
     "test_launch_count",  # the fused kernels under the Triton interpreter
     "test_readme::test_bench_lines_parse",  # a fresh interpreter per benchmark script
     "test_cli::test_the_docs_commands_at_the_smoke_preset",
+    # the speed options' smoke trainings (~3-11 s each); torch.compile: ~150 s on the loaded machine
+    "test_speed::test_each_option_trains_with_a_finite_loss_and_is_recorded",
+    "test_speed::test_channels_last_gives_the_default_loss_at_float32",
+    "test_speed::test_resume_with_the_options_gives_the_uninterrupted_run",
+    "test_speed::test_a_run_from_before_the_options_existed_resumes",
+    "test_speed::test_batched_augmentation_has_the_per_image_distribution",
+    "test_speed::test_compile_trains_with_a_finite_loss",
 }
 
 
