@@ -1,7 +1,8 @@
 """What makes a CPU training epoch of split VGG11-BN (cut 4, noRELU_C8S1, Sigmoid) faster.
 
     python bench/epoch_speed.py [--rows fp32,channels_last,...] [--threads 1,2] [--cycles 6] [--warmup 2]
-                                [--batch 128] [--data-root DIR] [--data-batches 30] [--no-data] [--out FILE]
+                                [--batch 128] [--eval-batches 0] [--data-root DIR] [--data-batches 30] [--no-data]
+                                [--out FILE]
 
 Compute rows (one training step of the trainer: encoder -> z (float32) -> z + N(0, 0.025^2) -> server ->
 cross-entropy -> backward -> SGD step of the client and the server optimisers, on one fixed batch). A row
@@ -15,7 +16,9 @@ Timing interleaves all (row, threads) pairs step by step, the order rotated ever
 changes on a shared machine hit every row alike. Per row: the median wall time of a step, the median
 CPU time of the process during a step (at 1 thread the time the step computes: an estimate of the step
 on an idle core; at 2 threads it includes OpenMP's spin-waiting), and the median of the per-cycle
-ratios ``fp32 step / row step`` at the same thread count (the speed-up, paired).
+ratios ``fp32 step / row step`` at the same thread count (the speed-up, paired). With ``--eval-batches N``
+also N interleaved test-batch forwards (256 images, eval mode, as ``reproduce.train_loop.evaluate``; bf16
+autocast is off in eval mode) per row, for the evaluation's share of an epoch.
 
 Data rows (``--no-data`` skips them): the trainer's own training loader
 (``reproduce.train_data.train_loader``) over CIFAR-10 (``--data-root``, else the shipped sample) with
@@ -53,6 +56,7 @@ from reproduce.speed import apply_speed_options, to_batch_format  # noqa: E402
 
 SIGMA = 0.025
 STEPS_PER_EPOCH_FULL = 391  # 50,000 / 128, rounded up
+EVAL_BATCH = 256  # the presets' eval batch; 10,000 test images = 40 batches
 OPTIONS = {"channels_last": "channels_last", "bf16": "bf16_autocast", "compile": "compile"}
 DEFAULT_ROWS = ("fp32", "channels_last", "bf16", "channels_last+bf16")
 PIPELINES = ("per-image", "batched")
@@ -82,6 +86,7 @@ class Row:
         )
         self.wall: list[float] = []
         self.cpu: list[float] = []
+        self.eval_wall: list[float] = []
         self.warmup_s = 0.0
 
     def step(self) -> tuple[float, float]:
@@ -97,6 +102,18 @@ class Row:
             opt.step()
         return time.perf_counter() - t0, time.process_time() - c0
 
+    @torch.no_grad()
+    def eval_step(self, x: torch.Tensor) -> float:
+        """One test batch as ``reproduce.train_loop.evaluate`` runs it (eval mode: float32 convs)."""
+        torch.set_num_threads(self.threads)
+        self.model.eval()
+        t0 = time.perf_counter()
+        z = self.model.encoder(x)
+        self.model.server(z + SIGMA * torch.randn_like(z)).argmax(1)
+        dt = time.perf_counter() - t0
+        self.model.train()
+        return dt
+
 
 def _interleave(items, cycles: int, run) -> None:
     for cycle in range(cycles):
@@ -109,7 +126,9 @@ def _paired(base: list[float], other: list[float]) -> float:
     return statistics.median(b / t for b, t in zip(base, other))
 
 
-def time_compute(rows: list[str], threads: list[int], cycles: int, warmup: int, batch: int, log) -> dict:
+def time_compute(
+    rows: list[str], threads: list[int], cycles: int, warmup: int, batch: int, eval_batches: int, log
+) -> dict:
     torch.manual_seed(0)
     model = build_split_model("vgg11_bn", 10, 4, 32, bottleneck="noRELU_C8S1", sigmoid=True)
     x = torch.randn(batch, 3, 32, 32)
@@ -128,6 +147,11 @@ def time_compute(rows: list[str], threads: list[int], cycles: int, warmup: int, 
         row.cpu.append(c)
 
     _interleave(built, cycles, run)
+    x_eval = torch.randn(EVAL_BATCH, 3, 32, 32)
+    if eval_batches:
+        for row in built:  # compile rows compile their eval graph here
+            row.eval_step(x_eval)
+        _interleave(built, eval_batches, lambda row: row.eval_wall.append(row.eval_step(x_eval)))
     base = {r.threads: r for r in built if r.name == "fp32"}
     out = {}
     for row in built:
@@ -139,6 +163,7 @@ def time_compute(rows: list[str], threads: list[int], cycles: int, warmup: int, 
             "median_cpu_s": statistics.median(row.cpu),
             "speedup_vs_fp32_paired": _paired(b.wall, row.wall) if b else None,
             "warmup_s": row.warmup_s,
+            "median_eval_batch_s": statistics.median(row.eval_wall) if row.eval_wall else None,
             "wall_s": row.wall,
             "cpu_s": row.cpu,
         }
@@ -218,6 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--cycles", type=int, default=6, help="timed steps per row (interleaved)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per row first (compile rows compile here)")
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--eval-batches", type=int, default=0, help=f"timed eval forwards of {EVAL_BATCH} per row")
     p.add_argument("--data-root", default=None, help="folder with cifar10_train_jpeg.npz (else the sample)")
     p.add_argument("--data-batches", type=int, default=30, help="timed batches per data row")
     p.add_argument("--no-data", action="store_true", help="skip the data rows")
@@ -231,8 +257,8 @@ def main(argv=None) -> int:
         p.error(str(e))
     if rows[0] != "fp32":
         p.error(f"--rows must start with fp32 (the baseline), got {a.rows!r}")
-    if a.cycles < 1 or a.warmup < 0 or a.batch < 2 or a.data_batches < 1:
-        p.error("--cycles and --data-batches must be >= 1, --warmup >= 0, --batch >= 2")
+    if a.cycles < 1 or a.warmup < 0 or a.batch < 2 or a.data_batches < 1 or a.eval_batches < 0:
+        p.error("--cycles and --data-batches must be >= 1, --warmup and --eval-batches >= 0, --batch >= 2")
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -248,7 +274,7 @@ def main(argv=None) -> int:
         "load_before": loadavg(),
     }
     log(f"{res['date']}  {res['cpu']} ({res['cpus']} CPUs)  load {res['load_before']}")
-    res["compute"] = time_compute(rows, a.threads, a.cycles, a.warmup, a.batch, log)
+    res["compute"] = time_compute(rows, a.threads, a.cycles, a.warmup, a.batch, a.eval_batches, log)
     res["load_mid"] = loadavg()
     if not a.no_data:
         res["data"] = time_data(a.data_root, a.threads, a.batch, a.data_batches, log)
@@ -259,13 +285,15 @@ def main(argv=None) -> int:
         f"batch {a.batch}  load {res['load_before']} -> {res['load_after']}"
     )
     print(
-        f"{'row':28s} {'thr':>3s} {'step s':>8s} {'CPU s':>7s} {'speed-up':>9s} {'epoch 50k s':>12s} {'warm-up s':>10s}"
+        f"{'row':28s} {'thr':>3s} {'step s':>8s} {'CPU s':>7s} {'speed-up':>9s} {'epoch 50k s':>12s} "
+        f"{'warm-up s':>10s} {'eval batch s':>13s}"
     )
     for r in res["compute"].values():
+        ev = "" if r["median_eval_batch_s"] is None else f"{r['median_eval_batch_s']:13.3f}"
         print(
             f"{r['row']:28s} {r['threads']:3d} {r['median_step_s']:8.3f} {r['median_cpu_s']:7.3f} "
             f"{r['speedup_vs_fp32_paired']:8.2f}x {r['median_step_s'] * STEPS_PER_EPOCH_FULL:12.0f} "
-            f"{r['warmup_s']:10.1f}"
+            f"{r['warmup_s']:10.1f} {ev}"
         )
     if "data" in res:
         d = res["data"]
