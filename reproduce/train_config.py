@@ -18,13 +18,13 @@ import torch
 
 from cem_fast import VARIANTS as CEM_VARIANTS
 from reproduce import presets as presets_mod
+from reproduce import speed
 from reproduce.data import DATASETS, dataset_info
 from reproduce.data.augment import AUGMENTATIONS
 from reproduce.defences import DEFENCES, canonical_name, default_bottleneck, defence_options
 from reproduce.models import parse_bottleneck
 from reproduce.runs import build_run_defence
 from reproduce.schedules import CEM_SCHEDULES, LR_SCHEDULES
-from reproduce.speed import check_speed_options
 from reproduce.train_data import DATA_PIPELINES, check_data_pipeline
 
 DEFAULT_PRESET = "cpu"  # of reproduce.train and reproduce.table alike
@@ -165,28 +165,29 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("speed options (docs/presets.md has their measurements)")
     s.add_argument(
         "--channels-last",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="model and input batches in channels_last memory format (z, noise and CEM as without it)",
+        help="model and input batches in channels_last memory format (z, noise and CEM as without it; "
+        "default: the preset's)",
     )
     s.add_argument(
         "--bf16-autocast",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="CPU bf16 autocast around the encoder's cut layers and the server's conv stack in training; "
-        "z, the noise, CEM and the loss stay float32 (needs a CPU with bf16 support)",
+        "z, the noise, CEM and the loss stay float32 (needs a CPU with bf16 support; default: the preset's)",
     )
     s.add_argument(
         "--compile",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="torch.compile (inductor) the encoder and the server; the first step compiles",
+        help="torch.compile (inductor) the encoder and the server; the first step compiles (default: off)",
     )
     s.add_argument(
         "--data-pipeline",
         choices=DATA_PIPELINES,
-        help="per-image (default: the dataset's transform per image) or batched (uint8 batches augmented "
-        "as a whole; crop-flip or no augmentation)",
+        help="per-image (the dataset's transform per image) or batched (uint8 batches augmented as a whole; "
+        "crop-flip or no augmentation); default: the preset's",
     )
     a(
         "--no-progress",
@@ -375,7 +376,11 @@ def resolve_config(args: argparse.Namespace) -> dict:
     cfg["progress"] = bool(args.progress)
     cfg["threads"] = args.threads
     cfg["dtype"] = args.dtype or "float32"
-    check_speed_options(cfg)
+    if cfg["bf16_autocast"] == "auto":  # a preset's "where the CPU has bf16 kernels"; config.json gets the bool
+        cfg["bf16_autocast"] = (
+            torch.device(cfg["device"]).type == "cpu" and cfg["dtype"] == "float32" and speed.bf16_supported()
+        )
+    speed.check_speed_options(cfg)
     check_data_pipeline(cfg)
     cfg["command"] = None
     cfg["versions"] = _versions()

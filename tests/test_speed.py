@@ -76,15 +76,21 @@ def test_each_option_trains_with_a_finite_loss_and_is_recorded(tmp_path, option)
     assert cfg["machine"]["cpu"] and cfg["machine"]["cpus"] >= 1
 
 
-def test_defaults_are_off_in_every_preset():
+def _speed_settings(c):
+    return c["channels_last"], c["bf16_autocast"], c["compile"], c["data_pipeline"]
+
+
+def test_the_options_are_off_outside_cpu_full(tmp_path, monkeypatch):
     for name in ("smoke", "cpu", "paper"):
-        c = _cfg("--preset", name)
-        assert (c["channels_last"], c["bf16_autocast"], c["compile"], c["data_pipeline"]) == (
-            False,
-            False,
-            False,
-            "per-image",
-        )
+        assert _speed_settings(_cfg("--preset", name)) == (False, False, False, "per-image")
+    full = ["--preset", "cpu-full", "--data-root", str(tmp_path), "--device", "cpu"]
+    for supported in (True, False):  # cpu-full: bf16 where the CPU has the kernels, recorded as a bool
+        monkeypatch.setattr(speed, "bf16_supported", lambda: supported)
+        assert _speed_settings(_cfg(*full)) == (True, supported, False, "batched")
+    off = _cfg(*full, "--no-channels-last", "--no-bf16-autocast", "--data-pipeline", "per-image")
+    assert _speed_settings(off) == (False, False, False, "per-image")
+    with pytest.raises(ValueError, match="data-pipeline batched"):  # the preset's pipeline cannot rotate
+        _cfg(*full, "--augment", "authors")
 
 
 def test_channels_last_gives_the_default_loss_at_float32(tmp_path):
@@ -201,6 +207,16 @@ def test_batched_pipeline_normalises_exactly_as_the_per_image_transform():
         BatchedImages(torch.utils.data.TensorDataset(torch.zeros(2, 3, 4, 4)), "none")
     with pytest.raises(ValueError, match="data-pipeline batched"):
         _cfg("--preset", "smoke", "--data-pipeline", "batched", "--augment", "authors")
+
+
+def test_without_augmentation_the_batched_pipeline_trains_the_per_image_run(tmp_path):
+    args = ["--defense", "noise", "--cem-lambda", "16", "--epochs", "2", "--no-augment"]
+    a = _run(tmp_path, *args, name="per_image")
+    b = _run(tmp_path, *args, "--data-pipeline", "batched", name="batched")
+    sa = torch.load(a / "final.pt", weights_only=False)["model"]
+    sb = torch.load(b / "final.pt", weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # same batches, same normalisation, same noise draws
+    assert [r["loss"] for r in _metrics(a)] == [r["loss"] for r in _metrics(b)]
 
 
 def test_batched_loader_draws_the_per_image_loaders_batches():
