@@ -61,7 +61,7 @@ SLOW = {
     "test_launch_count",  # the fused kernels under the Triton interpreter
     "test_readme::test_bench_lines_parse",  # a fresh interpreter per benchmark script
     "test_cli::test_the_docs_commands_at_the_smoke_preset",
-    # the speed options' smoke trainings (~3-11 s each); torch.compile: ~150 s on the loaded machine
+    # the speed options' smoke trainings (~3-11 s each); torch.compile: ~150 s on the loaded machine (cold cache)
     "test_speed::test_each_option_trains_with_a_finite_loss_and_is_recorded",
     "test_speed::test_channels_last_gives_the_default_loss_at_float32",
     "test_speed::test_resume_with_the_options_gives_the_uninterrupted_run",
