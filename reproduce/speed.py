@@ -13,6 +13,7 @@ default) and a flag of ``python -m reproduce.train``. Measurements: ``docs/prese
   the float32 weights) runs in float32. Needs oneDNN's bf16 kernels (AVX-512 BF16 or AMX).
 * ``compile``: ``nn.Module.compile()`` (inductor) of the encoder and of the server, in place, so the
   ``state_dict`` keys and the checkpoints stay those of the uncompiled model. The first step compiles.
+  Not with PATROL (its pruning re-shapes the encoder) nor under torchrun.
 
 ``apply_speed_options(model, cfg, device)`` installs them; ``to_batch_format(x, cfg)`` puts a batch
 in the model's layout. The checkpoint format does not change: ``nchw_state`` saves the weights in the
