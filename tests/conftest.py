@@ -73,6 +73,13 @@ SLOW = {
     "test_records::test_results_check_passes_then_fails_on_an_edited_number",
     "test_records::test_check_flags_a_broken_record",
     "test_records::test_committed_results_match_their_records_on_a_fresh_clone",  # a fresh interpreter: ~10 s
+    # the speed options' smoke trainings (~3-11 s each); torch.compile: ~150 s on the loaded machine (cold cache)
+    "test_speed::test_each_option_trains_with_a_finite_loss_and_is_recorded",
+    "test_speed::test_channels_last_gives_the_default_loss_at_float32",
+    "test_speed::test_resume_with_the_options_gives_the_uninterrupted_run",
+    "test_speed::test_a_run_from_before_the_options_existed_resumes",
+    "test_speed::test_batched_augmentation_has_the_per_image_distribution",
+    "test_speed::test_compile_trains_with_a_finite_loss",
 }
 
 
