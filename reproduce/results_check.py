@@ -37,6 +37,7 @@ __all__ = [
     "REGISTRIES",
     "table_artifact",
     "figure3_artifact",
+    "preset_artifact",
     "figure4_artifact",
     "figure5_artifact",
     "check",
@@ -235,6 +236,27 @@ def figure3_artifact(grid: str, name: Optional[str] = None) -> Artifact:
     return Artifact(name, grid, (f"{name}.json",), build, (f"{name}.png",), plot)
 
 
+def preset_artifact(grid: str, others: Sequence[str] = (), name: Optional[str] = None) -> Artifact:
+    """The ``cpu`` preset's comparison table (``reproduce.preset_compare``): every record in ``<grid>`` and the
+    records ``others`` (``GRID/ARM/seedN`` beside it), in that order."""
+    name = name or f"{grid}_compare"
+    others = tuple(others)
+
+    def build(grid_dir: Path) -> dict:
+        from reproduce import preset_compare
+
+        found = [(rd, rd.path.relative_to(grid_dir.parent).as_posix()) for rd in find_runs(grid_dir) if rd.finished]
+        found += [(RunDir(grid_dir.parent / o), o) for o in others if RunDir(grid_dir.parent / o).finished]
+        if not found:
+            raise NoRecords(f"no finished record in {_where(grid_dir)}")
+        rows = [preset_compare.preset_row(rd, label) for rd, label in found]
+        return {
+            f"{name}.md": preset_compare.preset_markdown(rows, "cpu preset candidates (noise sigma 0.025, lambda 0)")
+        }
+
+    return Artifact(name, grid, (f"{name}.md",), build)
+
+
 # ----------------------------------------------------------------------------- the registries
 
 _CPU_FIGURE5_RUNS = tuple(
@@ -247,6 +269,7 @@ REGISTRIES = {
     "results": Registry(
         "results",
         (
+            preset_artifact("presets", ("cpu/cifar10_vgg11_bn_noise_lam0_sigma0.025/seed125",), name="cpu_preset"),
             table_artifact(1, "cpu", "cpu", "cifar10"),
             figure3_artifact("cpu"),
             figure4_artifact("cpu"),

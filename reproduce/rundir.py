@@ -194,6 +194,10 @@ class RunDir:
             raise FileNotFoundError(f"{self.config_path} not found: is {self.path} a run directory of reproduce.train?")
         return json.loads(self.config_path.read_text())
 
+    def read_record_marker(self) -> dict:
+        """A record's ``record.json`` ({} for a live run)."""
+        return json.loads(self.record_path.read_text()) if self.is_record else {}
+
     def metrics(self) -> list[dict]:
         """The finished epochs' rows (empty when none)."""
         if not self.metrics_path.is_file():

@@ -305,3 +305,18 @@ def test_figure3_slot_calls_the_hook_once_records_have_a_bound(tmp_path, monkeyp
     assert calls == [{"bounds": [1.5]}] and (results / "figure3_g.png").is_file()
     assert json.loads((results / "figure3_g.json").read_text()) == {"bounds": [1.5]}
     assert results_check.check(registry, recs, results) == 0
+
+
+def test_preset_table_reads_each_records_final_accuracy_and_machine(smoke):
+    from reproduce import preset_compare
+
+    for run, rec in _pairs(smoke):
+        row = preset_compare.preset_row(rec, "x")
+        final = run.metrics()[-1]["test_acc"]
+        assert row["final_acc"] == round(100 * final, 2)
+        assert row["epochs"] == f"{len(run.metrics())} / {run.read_config()['epochs']}"
+        assert row["cpu"] == run.read_config()["machine"]["cpu"] != "not recorded"
+    text = preset_compare.preset_markdown([preset_compare.preset_row(r, r.path.name) for _, r in _pairs(smoke)], "t")
+    assert text.count("\n| ") == 3  # header + two rows
+    with pytest.raises(ValueError, match="has not finished"):
+        preset_compare.preset_row(smoke[0] / "nothing")
