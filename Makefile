@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 export CEM_FAST_CACHE ?= $(HOME)/.cache/cem_fast
 
-.PHONY: demo test test-fast test-gpu-compat gpu-check-dry venv lint format bench clean
+.PHONY: demo test test-fast test-gpu-compat gpu-check-dry venv lint format bench results-check clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_loss.py
+
+# Every table and figure of reproduce/results/ rebuilt from the committed run records alone (reproduce/results/runs/;
+# no training, no data); fails on any difference. `$(PY) -m reproduce.results_check --write` regenerates them.
+results-check: $(STAMP)
+	$(PY) -m reproduce.results_check
 
 clean:
 	rm -rf $(VENV) demo_out build dist *.egg-info

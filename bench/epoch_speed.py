@@ -1,26 +1,33 @@
 """What makes a CPU training epoch of split VGG11-BN (cut 4, noRELU_C8S1, Sigmoid) faster.
 
-    python bench/epoch_speed.py [--steps 20] [--warmup 3] [--batch 128] [--threads 2] [--rows a,b,...]
-                                [--data-root DIR] [--out FILE]
+    python bench/epoch_speed.py [--rows fp32,channels_last,...] [--threads 1,2] [--cycles 6] [--warmup 2]
+                                [--batch 128] [--eval-batches 0] [--data-root DIR] [--data-batches 30] [--no-data]
+                                [--out FILE]
 
-Compute rows (one training step = encoder -> z (fp32) -> z + N(0, 0.025^2) -> server -> cross-entropy
--> backward -> SGD step of both halves, on one fixed batch):
+Compute rows (one training step of the trainer: encoder -> z (float32) -> z + N(0, 0.025^2) -> server ->
+cross-entropy -> backward -> SGD step of the client and the server optimisers, on one fixed batch). A row
+is ``fp32`` (the trainer's default) or ``+``-joined options, each installed by the trainer's own code
+(``reproduce.speed.apply_speed_options``): ``channels_last``, ``bf16`` (``--bf16-autocast``) and
+``compile`` (``--compile``; its first steps, compilation included, are reported as warm-up). Every
+row runs at every thread count of ``--threads``; each (row, threads) trains its own copy of the same
+initial model.
 
-* ``fp32``: the trainer's step today (NCHW, float32);
-* ``channels_last``: model and batch in ``torch.channels_last``;
-* ``bf16``: ``torch.autocast("cpu", bfloat16)`` around the encoder's conv stack and the server; the
-  bottleneck conv + Sigmoid that make ``z``, the noise and the loss stay float32;
-* ``channels_last+bf16``: both;
-* ``compile``: ``torch.compile`` of the encoder and the server (inductor; compile time reported apart).
+Timing interleaves all (row, threads) pairs step by step, the order rotated every cycle, so load
+changes on a shared machine hit every row alike. Per row: the median wall time of a step, the median
+CPU time of the process during a step (at 1 thread the time the step computes: an estimate of the step
+on an idle core; at 2 threads it includes OpenMP's spin-waiting), and the median of the per-cycle
+ratios ``fp32 step / row step`` at the same thread count (the speed-up, paired). With ``--eval-batches N``
+also N interleaved test-batch forwards (256 images, eval mode, as ``reproduce.train_loop.evaluate``; bf16
+autocast is off in eval mode) per row, for the evaluation's share of an epoch.
 
-Each row trains its own copy of the same initial model. Timing interleaves the rows step by step
-(order rotated every cycle) so that load changes on the shared machine hit all rows alike; the table
-gives the median step time, the median of the per-cycle ratios to ``fp32`` (paired), and the projected
-epoch at 50,000 images (391 steps) without evaluation.
+Data rows (``--no-data`` skips them): the trainer's own training loader
+(``reproduce.train_data.train_loader``) over CIFAR-10 (``--data-root``, else the shipped sample) with
+the ``crop-flip`` augmentation, ``per-image`` (the dataset's transform per image, collated) and
+``batched`` (``--data-pipeline batched``), batches interleaved the same way: wall and CPU time per
+batch of ``--batch`` images. The one-time JPEG decoding of the dataset is reported apart.
 
-Data rows (time to produce one normalised, augmented batch of 128 from uint8 images): ``per-image``
-(the trainer's ``DataLoader`` over ``load_dataset``'s per-image PIL transform, crop + flip) and
-``batched`` (``reproduce.data.augment.crop_flip_batch`` on a uint8 batch, then one fused normalisation).
+The JSON (``--out``) holds every per-step time, the date, CPU model, torch version, git commit and the
+load average before and after.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import argparse
 import copy
 import datetime
 import json
-import platform
+import os
 import statistics
 import subprocess
 import sys
@@ -43,165 +50,261 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.harness import cpu_model, loadavg  # noqa: E402
 from reproduce.models import build_split_model  # noqa: E402
+from reproduce.speed import apply_speed_options, to_batch_format  # noqa: E402
 
 SIGMA = 0.025
 STEPS_PER_EPOCH_FULL = 391  # 50,000 / 128, rounded up
-ROWS = ("fp32", "channels_last", "bf16", "channels_last+bf16", "compile")
+EVAL_BATCH = 256  # the presets' eval batch; 10,000 test images = 40 batches
+OPTIONS = {"channels_last": "channels_last", "bf16": "bf16_autocast", "compile": "compile"}
+DEFAULT_ROWS = ("fp32", "channels_last", "bf16", "channels_last+bf16")
+PIPELINES = ("per-image", "batched")
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
+def row_config(name: str) -> dict:
+    """The trainer settings of row ``name`` (``fp32`` or ``+``-joined names of ``OPTIONS``)."""
+    parts = [] if name == "fp32" else name.split("+")
+    bad = [p for p in parts if p not in OPTIONS]
+    if bad or not name:
+        raise ValueError(f"row {name!r}: use fp32 or +-joined options of {tuple(OPTIONS)}")
+    return {"device": "cpu", **{OPTIONS[p]: True for p in parts}}
 
 
 class Row:
-    """One way of running the training step, with its own model copy and optimiser."""
+    """One way of running the training step at one thread count, with its own model and optimisers."""
 
-    def __init__(self, name: str, model, x: torch.Tensor, y: torch.Tensor):
-        self.name = name
-        self.model = copy.deepcopy(model).train()
-        self.cl = "channels_last" in name
-        self.bf16 = "bf16" in name
-        if self.cl:
-            self.model = self.model.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        self.x, self.y = x, y
-        enc = self.model.encoder
-        self.body, self.tail = enc.layers, torch.nn.Sequential(enc.bottleneck, enc.head)
-        self.server = self.model.server
-        self.compile_s = 0.0
-        if name == "compile":
-            self.body, self.tail, self.server = (torch.compile(m) for m in (self.body, self.tail, self.server))
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        self.times: list[float] = []
+    def __init__(self, name: str, threads: int, model, x: torch.Tensor, y: torch.Tensor):
+        self.name, self.threads = name, threads
+        self.cfg = row_config(name)
+        self.model = apply_speed_options(copy.deepcopy(model).train(), self.cfg)
+        self.x, self.y = to_batch_format(x, self.cfg), y
+        kw = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.opts = (
+            torch.optim.SGD(self.model.encoder.parameters(), **kw),
+            torch.optim.SGD(self.model.server.parameters(), **kw),
+        )
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.eval_wall: list[float] = []
+        self.warmup_s = 0.0
 
-    def step(self) -> float:
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            h = self.body(self.x)
-        z = self.tail(h.float())  # z in float32 in every row
-        zn = z + SIGMA * torch.randn_like(z)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.server(zn)
-        loss = F.cross_entropy(logits.float(), self.y)
-        self.opt.zero_grad(set_to_none=True)
+    def step(self) -> tuple[float, float]:
+        torch.set_num_threads(self.threads)
+        t0, c0 = time.perf_counter(), time.process_time()
+        z = self.model.encoder(self.x)
+        logits = self.model.server(z + SIGMA * torch.randn_like(z))
+        loss = F.cross_entropy(logits, self.y)
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt.step()
-        return time.perf_counter() - t0
+        for opt in self.opts:
+            opt.step()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    @torch.no_grad()
+    def eval_step(self, x: torch.Tensor) -> float:
+        """One test batch as ``reproduce.train_loop.evaluate`` runs it (eval mode: float32 convs)."""
+        torch.set_num_threads(self.threads)
+        self.model.eval()
+        t0 = time.perf_counter()
+        z = self.model.encoder(x)
+        self.model.server(z + SIGMA * torch.randn_like(z)).argmax(1)
+        dt = time.perf_counter() - t0
+        self.model.train()
+        return dt
 
 
-def time_compute(rows: list[str], steps: int, warmup: int, batch: int) -> dict:
+def _interleave(items, cycles: int, run) -> None:
+    for cycle in range(cycles):
+        k = cycle % len(items)
+        for item in items[k:] + items[:k]:
+            run(item)
+
+
+def _paired(base: list[float], other: list[float]) -> float:
+    return statistics.median(b / t for b, t in zip(base, other))
+
+
+def time_compute(
+    rows: list[str], threads: list[int], cycles: int, warmup: int, batch: int, eval_batches: int, log
+) -> dict:
     torch.manual_seed(0)
     model = build_split_model("vgg11_bn", 10, 4, 32, bottleneck="noRELU_C8S1", sigmoid=True)
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
-    built = [Row(r, model, x, y) for r in rows]
+    built = [Row(r, t, model, x, y) for t in threads for r in rows]
     for row in built:
         t0 = time.perf_counter()
         for _ in range(warmup):
             row.step()
-        row.compile_s = time.perf_counter() - t0  # warm-up wall time (includes compilation for ``compile``)
-    for cycle in range(steps):
-        k = cycle % len(built)
-        for row in built[k:] + built[:k]:
-            row.times.append(row.step())
-    base = built[0].times
+        row.warmup_s = time.perf_counter() - t0  # includes the compilation for compile rows
+        log(f"  warm-up {row.name} @ {row.threads} thread(s): {row.warmup_s:.1f} s")
+
+    def run(row):
+        w, c = row.step()
+        row.wall.append(w)
+        row.cpu.append(c)
+
+    _interleave(built, cycles, run)
+    x_eval = torch.randn(EVAL_BATCH, 3, 32, 32)
+    if eval_batches:
+        for row in built:  # compile rows compile their eval graph here
+            row.eval_step(x_eval)
+        _interleave(built, eval_batches, lambda row: row.eval_wall.append(row.eval_step(x_eval)))
+    base = {r.threads: r for r in built if r.name == "fp32"}
     out = {}
     for row in built:
-        med = statistics.median(row.times)
-        paired = statistics.median(b / t for b, t in zip(base, row.times))
-        out[row.name] = {
-            "median_step_s": med,
-            "speedup_vs_first_paired": paired,
-            "epoch_full_s": med * STEPS_PER_EPOCH_FULL,
-            "warmup_s": row.compile_s,
-            "steps": len(row.times),
+        b = base.get(row.threads)
+        out[f"{row.name}@{row.threads}"] = {
+            "row": row.name,
+            "threads": row.threads,
+            "median_step_s": statistics.median(row.wall),
+            "median_cpu_s": statistics.median(row.cpu),
+            "speedup_vs_fp32_paired": _paired(b.wall, row.wall) if b else None,
+            "warmup_s": row.warmup_s,
+            "median_eval_batch_s": statistics.median(row.eval_wall) if row.eval_wall else None,
+            "wall_s": row.wall,
+            "cpu_s": row.cpu,
         }
     return out
 
 
-def time_data(data_root, batch: int, batches: int) -> dict:
-    from torch.utils.data import DataLoader, Subset
-
+def time_data(data_root, threads: list[int], batch: int, batches: int, log) -> dict:
     from reproduce.data import load_dataset
-    from reproduce.data.augment import crop_flip_batch, set_augmentation
+    from reproduce.data.augment import set_augmentation
+    from reproduce.ddp import Dist
+    from reproduce.train_data import train_loader
 
+    t0 = time.perf_counter()
     try:
         ds = load_dataset("cifar10", "train", data_root=data_root, augment=True)
         source = "cifar10"
     except (FileNotFoundError, OSError):
         ds = load_dataset("cifar10-sample", "train", augment=True)
         source = "cifar10-sample"
+    decode_s = time.perf_counter() - t0
+    log(f"  {source}: {len(ds)} images decoded in {decode_s:.1f} s (once per process)")
     set_augmentation(ds, "crop-flip")
-    n = batch * batches
-    loader = DataLoader(Subset(ds, range(n)), batch_size=batch, shuffle=True, num_workers=0)
-    t0 = time.perf_counter()
-    for _ in loader:
-        pass
-    per_image = (time.perf_counter() - t0) / batches
-    images, info = ds.images[:n], ds.info
-    scale = (1.0 / (255.0 * torch.tensor(info.std))).view(1, -1, 1, 1)
-    shift = (torch.tensor(info.mean) / torch.tensor(info.std)).view(1, -1, 1, 1)
-    g = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    for i in torch.randperm(n, generator=g).split(batch):
-        xb = crop_flip_batch(images[i], 4, generator=g)
-        torch.addcmul(-shift, xb.float(), scale)
-    batched = (time.perf_counter() - t0) / batches
-    return {
-        "source": source,
-        "per_image_batch_s": per_image,
-        "batched_batch_s": batched,
-        "per_image_epoch_full_s": per_image * STEPS_PER_EPOCH_FULL,
-        "batched_epoch_full_s": batched * STEPS_PER_EPOCH_FULL,
-    }
+    cpu = torch.device("cpu")
+    iters = {}
+    for t in threads:
+        for p in PIPELINES:
+            cfg = {"batch_size": batch, "workers": 0, "data_pipeline": p, "augment": "crop-flip"}
+            loader, _, _ = train_loader(ds, cfg, Dist(cpu), cpu, torch.Generator().manual_seed(0))
+            iters[(p, t)] = {"it": iter(loader), "wall": [], "cpu": []}
+
+    def run(key):
+        torch.set_num_threads(key[1])
+        entry = iters[key]
+        w0, c0 = time.perf_counter(), time.process_time()
+        x, _ = next(entry["it"])
+        entry["wall"].append(time.perf_counter() - w0)
+        entry["cpu"].append(time.process_time() - c0)
+        assert x.shape[0] == batch
+
+    _interleave(list(iters), batches, run)
+    out = {"source": source, "images": len(ds), "decode_once_s": decode_s}
+    for (p, t), e in iters.items():
+        out[f"{p}@{t}"] = {
+            "pipeline": p,
+            "threads": t,
+            "median_batch_s": statistics.median(e["wall"]),
+            "median_cpu_s": statistics.median(e["cpu"]),
+            "wall_s": e["wall"],
+            "cpu_s": e["cpu"],
+        }
+    return out
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--threads must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"--threads must be >= 1, got {text!r}")
+    return values
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=20, help="timed steps per row (interleaved)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated; fp32 first (the baseline)")
+    p.add_argument("--threads", type=_ints, default=[1, 2], help="comma-separated thread counts (default 1,2)")
+    p.add_argument("--cycles", type=int, default=6, help="timed steps per row (interleaved)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per row first (compile rows compile here)")
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}, fp32 first")
+    p.add_argument("--eval-batches", type=int, default=0, help=f"timed eval forwards of {EVAL_BATCH} per row")
     p.add_argument("--data-root", default=None, help="folder with cifar10_train_jpeg.npz (else the sample)")
-    p.add_argument("--data-batches", type=int, default=20)
+    p.add_argument("--data-batches", type=int, default=30, help="timed batches per data row")
+    p.add_argument("--no-data", action="store_true", help="skip the data rows")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     a = p.parse_args(argv)
     rows = a.rows.split(",")
-    bad = [r for r in rows if r not in ROWS]
-    if bad or rows[0] != "fp32":
-        p.error(f"--rows must start with fp32 and name rows of {ROWS}, got {a.rows!r}")
-    torch.set_num_threads(a.threads)
+    try:
+        for r in rows:
+            row_config(r)
+    except ValueError as e:
+        p.error(str(e))
+    if rows[0] != "fp32":
+        p.error(f"--rows must start with fp32 (the baseline), got {a.rows!r}")
+    if a.cycles < 1 or a.warmup < 0 or a.batch < 2 or a.data_batches < 1 or a.eval_batches < 0:
+        p.error("--cycles and --data-batches must be >= 1, --warmup and --eval-batches >= 0, --batch >= 2")
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
     res = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
-        "threads": a.threads,
+        "cpus": os.cpu_count(),
         "torch": torch.__version__,
+        "commit": _commit(),
         "batch": a.batch,
-        "compute": time_compute(rows, a.steps, a.warmup, a.batch),
-        "data": time_data(a.data_root, a.batch, a.data_batches),
+        "threads": a.threads,
+        "load_before": loadavg(),
     }
-    print(f"{res['date']}  {res['cpu']}  threads {a.threads}  torch {res['torch']}  batch {a.batch}")
-    print(f"{'row':22s} {'median step s':>14s} {'speed-up (paired)':>18s} {'epoch 50k s':>12s} {'warm-up s':>10s}")
-    for name, r in res["compute"].items():
-        print(
-            f"{name:22s} {r['median_step_s']:14.3f} {r['speedup_vs_first_paired']:18.2f} "
-            f"{r['epoch_full_s']:12.0f} {r['warmup_s']:10.1f}"
-        )
-    d = res["data"]
+    log(f"{res['date']}  {res['cpu']} ({res['cpus']} CPUs)  load {res['load_before']}")
+    res["compute"] = time_compute(rows, a.threads, a.cycles, a.warmup, a.batch, a.eval_batches, log)
+    res["load_mid"] = loadavg()
+    if not a.no_data:
+        res["data"] = time_data(a.data_root, a.threads, a.batch, a.data_batches, log)
+    res["load_after"] = loadavg()
+
     print(
-        f"data ({d['source']}): per-image {d['per_image_batch_s'] * 1e3:.1f} ms/batch "
-        f"({d['per_image_epoch_full_s']:.0f} s/epoch), batched {d['batched_batch_s'] * 1e3:.1f} ms/batch "
-        f"({d['batched_epoch_full_s']:.1f} s/epoch)"
+        f"{res['date']}  {res['cpu']} ({res['cpus']} CPUs)  torch {res['torch']}  commit {res['commit']}  "
+        f"batch {a.batch}  load {res['load_before']} -> {res['load_after']}"
     )
+    print(
+        f"{'row':28s} {'thr':>3s} {'step s':>8s} {'CPU s':>7s} {'speed-up':>9s} {'epoch 50k s':>12s} "
+        f"{'warm-up s':>10s} {'eval batch s':>13s}"
+    )
+    for r in res["compute"].values():
+        ev = "" if r["median_eval_batch_s"] is None else f"{r['median_eval_batch_s']:13.3f}"
+        print(
+            f"{r['row']:28s} {r['threads']:3d} {r['median_step_s']:8.3f} {r['median_cpu_s']:7.3f} "
+            f"{r['speedup_vs_fp32_paired']:8.2f}x {r['median_step_s'] * STEPS_PER_EPOCH_FULL:12.0f} "
+            f"{r['warmup_s']:10.1f} {ev}"
+        )
+    if "data" in res:
+        d = res["data"]
+        print(f"data ({d['source']}, {d['images']} images decoded once in {d['decode_once_s']:.1f} s), per batch:")
+        for k, r in d.items():
+            if isinstance(r, dict):
+                print(
+                    f"  {r['pipeline']:10s} {r['threads']} thread(s): {r['median_batch_s'] * 1e3:7.1f} ms "
+                    f"(CPU {r['median_cpu_s'] * 1e3:.1f} ms), {r['median_batch_s'] * STEPS_PER_EPOCH_FULL:.1f} s "
+                    "per 50k epoch"
+                )
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     return 0

@@ -25,6 +25,7 @@ if ROOT not in sys.path:  # run as ``python bench/<script>.py`` from a checkout
 import torch  # noqa: E402
 
 from cem_fast import backends  # noqa: E402
+from reproduce.machine import cpu_model  # noqa: E402,F401  (re-exported: the benchmarks name the CPU)
 
 SLOW_S = 0.05  # a call slower than this is timed by single runs, not blocked_autorange
 
@@ -64,25 +65,6 @@ def loadavg() -> str:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         return "n/a"
-
-
-def cpu_model() -> str:
-    """The CPU's model name as ``lscpu`` prints it (``/proc/cpuinfo`` or ``platform`` as fallbacks)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(device: Optional[torch.device] = None) -> str:

@@ -7,8 +7,8 @@ residual blocks, 64 channels) on each, in the training-time and inference-time s
 comparison table, writes it as ``OUT/results.md`` and a PNG grid of originals and reconstructions
 (``OUT/reconstructions.png``). Rerunning resumes: finished runs and attacks are reused.
 
-It is a small run (minutes on 2 CPU cores), not the paper's protocol: see reproduce/RESULTS.md for
-the larger runs and their seed spread.
+It is a small run (minutes on 2 CPU cores), not the paper's protocol: reproduce/RESULTS.md has
+the recorded larger runs.
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"CEM / no-CEM attacker MSE: train-time x{b['train_time']['mse'] / a['train_time']['mse']:.2f}, "
             f"inference-time x{b['infer_time']['mse'] / a['infer_time']['mse']:.2f}; "
-            f"accuracy change {100 * (b['acc'] - a['acc']):+.2f} points (one seed: see reproduce/RESULTS.md "
-            f"for the spread between seeds)."
+            f"accuracy change {100 * (b['acc'] - a['acc']):+.2f} points (one seed, small scale: "
+            f"reproduce/RESULTS.md has the recorded --preset cpu runs)."
         )
     return "\n".join(lines)
 

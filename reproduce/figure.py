@@ -1,7 +1,9 @@
 """Paper figures from finished runs: ``python -m reproduce.figure --figure 3|4|5 --runs RUN... --out FILE.png``.
 
-Figures 3 (attacker MSE against the conditional-entropy bound, with Theorem 1's curve) and 4 (accuracy
-against attacker MSE over a sigma / lambda sweep) are drawn by ``reproduce.figures_curves``.
+Figure 3 (attacker MSE against the conditional-entropy bound, with Theorem 1's floor) is
+``reproduce.figure3``: it reads each run's ``bound.json`` (``python -m reproduce.bound``) and writes its
+numbers beside the PNG (``--data-out``, default the PNG's name with ``.json``). Figure 4 (accuracy against
+attacker MSE over a sigma / lambda sweep) is drawn by ``reproduce.figures_curves``.
 
 Figure 5: a grid whose first row holds test images and every further row the
 reconstructions an inversion attack made of them for one run (labelled with the
@@ -12,6 +14,8 @@ run's defence, lambda and the attack's test MSE). It reads the attack's samples 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,14 +23,15 @@ from typing import Optional, Sequence
 
 import torch
 
+from reproduce import figure3 as fig3
 from reproduce import figures_curves
 from reproduce.rundir import RunDir
 
 FIGURES = (3, 4, 5)
-ATTACKS = ("decoder", "gan")
+ATTACKS = fig3.LADDER
 SETTINGS = ("train_time", "infer_time")
 
-__all__ = ["FIGURES", "run_label", "load_samples", "figure5", "build_parser", "main"]
+__all__ = ["FIGURES", "run_label", "load_samples", "as_uint8", "figure5", "figure5_data", "build_parser", "main"]
 
 
 def load_samples(run_dir: str | os.PathLike, attack: str = "decoder", setting: str = "train_time") -> dict:
@@ -65,21 +70,15 @@ def _to_image(t: torch.Tensor):
     return t.permute(1, 2, 0).numpy(), None
 
 
-def figure5(
-    runs: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    attack: str = "decoder",
-    setting: str = "train_time",
-    num_images: int = 8,
-    labels: Optional[Sequence[str]] = None,
-) -> Path:
-    """Write the Figure 5 grid (originals, then one row of reconstructions per run) to ``out``."""
-    import matplotlib
+def as_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images on [0, 1] (or uint8 already) as uint8, the form records keep."""
+    if images.dtype == torch.uint8:
+        return images
+    return images.float().clamp(0, 1).mul(255).round().to(torch.uint8)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _figure5_rows(runs, attack, setting, num_images, labels) -> tuple[list[str], list[torch.Tensor]]:
+    """Row labels and images (originals first, then one row per run) of Figure 5."""
     if not runs:
         raise ValueError("runs must name at least one run directory")
     if not isinstance(num_images, int) or num_images <= 0:
@@ -97,8 +96,59 @@ def figure5(
     row_labels = ["original"] + [
         labels[i] if labels is not None else run_label(s["header"], s["metrics"]) for i, s in enumerate(loaded)
     ]
-    rows = [originals[:n]] + [s["reconstruction"][:n] for s in loaded]
+    return row_labels, [originals[:n]] + [s["reconstruction"][:n] for s in loaded]
 
+
+def figure5_data(
+    runs: Sequence[str | os.PathLike],
+    *,
+    attack: str = "decoder",
+    setting: str = "train_time",
+    num_images: int = 8,
+    labels: Optional[Sequence[str]] = None,
+    names: Optional[Sequence[str]] = None,
+) -> dict:
+    """What Figure 5 shows, JSON-ready: per row its label, run (``names`` or the paths), the attack's test MSE,
+    and the SHA-256 of each image as uint8 (the images themselves stay in the runs' samples files)."""
+    row_labels, rows = _figure5_rows(runs, attack, setting, num_images, labels)
+    names = [str(r) for r in runs] if names is None else list(names)
+    if len(names) != len(runs):
+        raise ValueError(f"names has {len(names)} entries for {len(runs)} runs")
+    mses = [RunDir(r).attack_metric(attack, setting, "mse") for r in runs]
+    return {
+        "figure": 5,
+        "attack": attack,
+        "setting": setting,
+        "num_images": len(rows[0]),
+        "rows": [
+            {
+                "run": run,
+                "label": label,
+                "mse": mse,
+                "images_sha256": [hashlib.sha256(as_uint8(im).numpy().tobytes()).hexdigest() for im in images],
+            }
+            for run, label, mse, images in zip([None, *names], row_labels, [None, *mses], rows)
+        ],
+    }
+
+
+def figure5(
+    runs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    attack: str = "decoder",
+    setting: str = "train_time",
+    num_images: int = 8,
+    labels: Optional[Sequence[str]] = None,
+) -> Path:
+    """Write the Figure 5 grid (originals, then one row of reconstructions per run) to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    row_labels, rows = _figure5_rows(runs, attack, setting, num_images, labels)
+    n = len(rows[0])
     fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n + 1.6, 1.25 * len(rows)), squeeze=False)
     for r, (images, label) in enumerate(zip(rows, row_labels)):
         for c in range(n):
@@ -133,39 +183,53 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs", nargs="+", required=True, help="run directories (5: one row each; 3, 4: or folders holding them)"
     )
     parser.add_argument("--out", required=True, help="output PNG")
-    parser.add_argument("--attack", choices=ATTACKS, default="decoder")
+    parser.add_argument(
+        "--attack",
+        choices=fig3.ATTACK_CHOICES,
+        default="decoder",
+        help="the attack whose MSE is drawn (3 also takes worst: per run, the lowest MSE of its attacks)",
+    )
     parser.add_argument("--setting", choices=SETTINGS, default="train_time")
     g5 = parser.add_argument_group("figure 5")
     g5.add_argument("--num-images", type=int, default=8, help="images per row (default 8)")
     g5.add_argument("--labels", nargs="+", default=None, help="row labels, one per run")
     g3 = parser.add_argument_group("figure 3")
-    g3.add_argument("--h-x", type=float, default=None, help="the constant H(x) (default: the tightest)")
     g3.add_argument(
-        "--bound-source",
-        choices=figures_curves.BOUND_SOURCES,
-        default="auto",
-        help="saved CEM state, a refit on the encoder features, or auto (state if any)",
+        "--h-x",
+        type=float,
+        nargs="+",
+        default=[],
+        help="stated H(x) values (nats, summed over the input dimensions), one floor each",
     )
-    g3.add_argument("--max-images", type=int, default=5000, help="training images for a refit (default 5000)")
-    g3.add_argument("--device", default="cpu", help="device for the refit's encoder pass (default cpu)")
+    g3.add_argument(
+        "--no-derived-h-x",
+        action="store_true",
+        help="do not draw the floor for the runs' h_x_gaussian (the Gaussian upper bound on H(x))",
+    )
+    g3.add_argument("--data-out", default=None, help="the figure's numbers (JSON; default: --out with .json)")
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.attack == "worst" and args.figure != 3:
+        parser.error("--attack worst applies to figure 3 only")
     try:
         if args.figure == 3:
-            out = figures_curves.figure3(
+            data = fig3.figure3_data(
                 args.runs,
-                args.out,
                 attack=args.attack,
                 setting=args.setting,
                 h_x=args.h_x,
-                bound_source=args.bound_source,
-                max_images=args.max_images,
-                device=args.device,
+                derived_h_x=not args.no_derived_h_x,
             )
+            out = fig3.figure3_plot(data, args.out)
+            data_out = Path(args.data_out) if args.data_out else Path(out).with_suffix(".json")
+            data_out.parent.mkdir(parents=True, exist_ok=True)
+            data_out.write_text(json.dumps(data, indent=1) + "\n")
+            print(fig3.caption(data))
+            print(f"wrote {data_out}")
         elif args.figure == 4:
             out = figures_curves.figure4(args.runs, args.out, attack=args.attack, setting=args.setting)
         else:

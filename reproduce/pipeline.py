@@ -2,9 +2,10 @@
 
     rd = ensure_trained("runs/noise_cem", preset="cpu", overrides={"defence": "noise", "cem_lambda": 16.0})
     entries = ensure_attacked(rd, "decoder", ("train_time", "infer_time"), overrides={"epochs": 8})
+    record = ensure_bound(rd)   # RUN/bound.json: Eq. 3's bound for Figure 3 (None when the run adds no noise)
 
-Both are idempotent: a finished run or attack is returned as it is, an interrupted one resumes. They are
-what ``reproduce.table``, ``reproduce.demo`` and ``reproduce.grid`` call.
+All are idempotent: a finished run, attack or bound is returned as it is, an interrupted run or attack
+resumes. They are what ``reproduce.table``, ``reproduce.demo`` and ``reproduce.grid`` call.
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ def train_overrides(flags: str) -> dict:
     if bad:
         raise ValueError(f"--train-args may not set {', '.join(bad)}: the pipeline chooses them")
     return out
+
+
+def planned_config(run_dir: PathLike, *, preset: Optional[str] = None, overrides: Optional[Mapping] = None) -> dict:
+    """The settings ``ensure_trained`` would train ``run_dir`` with (its stored ones once it has started)."""
+    from reproduce.train_config import DEFAULT_PRESET, resolve_config
+
+    rd = RunDir(run_dir)
+    if rd.started:
+        return rd.read_config()
+    overrides = {k: v for k, v in dict(overrides or {}).items() if k != "progress"}
+    return resolve_config(_train_namespace(rd.path, preset or DEFAULT_PRESET, overrides, None, None, None, False))
 
 
 def ensure_trained(
@@ -132,3 +144,22 @@ def ensure_attacked(
             overrides=dict(overrides or {}),
         )
     return {setting_key(s): rd.attack_entry(attack, s) for s in settings}
+
+
+def ensure_bound(
+    run_dir: PathLike,
+    *,
+    device: str = "cpu",
+    data_root: Optional[PathLike] = None,
+    log: Callable[[str], None] = print,
+    **options,
+) -> Optional[dict]:
+    """The finished run's ``bound.json`` (``reproduce.bound.estimate``), computed when it is missing.
+
+    Returns the record, or None when the run adds no noise to its features (Eq. 3's bound needs it).
+    ``options``: ``max_images``, ``h_x_images``.
+    """
+    from reproduce import bound
+
+    rd = RunDir(run_dir).check_finished()
+    return bound.ensure(rd, log=log, device=device, data_root=None if data_root is None else str(data_root), **options)

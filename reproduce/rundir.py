@@ -9,6 +9,12 @@ A run directory written by ``python -m reproduce.train --out DIR`` holds
 * ``attack_<A>.json``      the record of attack ``A``: one entry per setting (``train_time``, ``infer_time``)
 * ``attack_<A>_samples.pt`` a few test originals and their reconstructions, for figures
 * ``attack_<A>/<setting>/`` the attack's own resumable state
+* ``bound.json``           Eq. 3's entropy bound of the trained encoder and what it used (``reproduce.bound``)
+
+A *record* (``reproduce.records``, committed under ``reproduce/results/runs/``) is a stripped run
+directory in the same layout: ``config.json``, ``metrics.jsonl``, every ``attack_<A>.json`` (and a few
+samples), ``encoder.pt`` (the client half's weights) and the marker ``record.json``. It counts as finished
+for reading (accuracy, attack metrics, config) but cannot be resumed or attacked: it has no ``final.pt``.
 
 Nothing else in ``reproduce/`` spells these names: use :class:`RunDir`.
 """
@@ -39,6 +45,9 @@ class RunDir:
     METRICS = "metrics.jsonl"
     CHECKPOINT = "checkpoint.pt"
     FINAL = "final.pt"
+    RECORD = "record.json"  # marks a committed record (reproduce.records)
+    ENCODER = "encoder.pt"  # a record's client-half weights
+    BOUND = "bound.json"  # Figure 3's entropy-bound estimate, when one was made
 
     def __init__(self, path: PathLike):
         if isinstance(path, RunDir):
@@ -76,6 +85,14 @@ class RunDir:
     def final_path(self) -> Path:
         return self.path / self.FINAL
 
+    @property
+    def record_path(self) -> Path:
+        return self.path / self.RECORD
+
+    @property
+    def encoder_path(self) -> Path:
+        return self.path / self.ENCODER
+
     def weights_path(self, which: str = "final") -> Path:
         """``final.pt`` (``which="final"``) or ``checkpoint.pt`` (``"checkpoint"``)."""
         if which not in ("final", "checkpoint"):
@@ -91,6 +108,11 @@ class RunDir:
     def attack_state_dir(self, attack: str, setting: str) -> Path:
         return self.path / f"attack_{attack}" / setting_key(setting)
 
+    @property
+    def bound_path(self) -> Path:
+        """``bound.json``: the entropy bound ``reproduce.bound`` estimated for this run."""
+        return self.path / self.BOUND
+
     # ------------------------------------------------------------------ status
     @property
     def started(self) -> bool:
@@ -98,9 +120,14 @@ class RunDir:
         return self.config_path.is_file()
 
     @property
+    def is_record(self) -> bool:
+        """A committed record (``record.json``): readable as a finished run, never resumed or attacked."""
+        return self.record_path.is_file()
+
+    @property
     def finished(self) -> bool:
-        """Training finished (``final.pt`` exists)."""
-        return self.final_path.is_file()
+        """Training finished (``final.pt`` exists, or this is a record of a finished run)."""
+        return self.final_path.is_file() or self.is_record
 
     @property
     def resumable(self) -> bool:
@@ -113,9 +140,11 @@ class RunDir:
         return self.started or self.checkpoint_path.exists() or self.final_path.exists()
 
     def status(self) -> str:
-        """``"not run"``, ``"training unfinished"`` or ``"trained"``."""
+        """``"not run"``, ``"training unfinished"``, ``"trained"`` or ``"record"``."""
         if not self.started:
             return "not run"
+        if self.is_record:
+            return "record"
         return "trained" if self.finished else "training unfinished"
 
     def attacked(self, attack: str, setting: str = "train_time") -> bool:
@@ -141,6 +170,20 @@ class RunDir:
             )
         return self
 
+    def check_live(self, action: str) -> "RunDir":
+        """``self`` unless it is a record; ``action`` (e.g. "attacked") names what a record cannot be."""
+        if self.is_record:
+            raise ValueError(
+                f"{self.path} is a committed record (reproduce.records: config, metrics, attack results and the "
+                f"encoder's weights, no {self.FINAL} or {self.CHECKPOINT}); it can be read but not {action}: "
+                "use the live run directory it was saved from"
+            )
+        return self
+
+    def check_attackable(self) -> "RunDir":
+        """``self`` if training finished and this is a live run (not a record), else the error saying why."""
+        return self.check_finished().check_live("attacked")
+
     def resume_command(self) -> str:
         """The command that continues this run."""
         return f"python -m reproduce.train --out {self.path} --resume"
@@ -150,6 +193,10 @@ class RunDir:
         if not self.config_path.is_file():
             raise FileNotFoundError(f"{self.config_path} not found: is {self.path} a run directory of reproduce.train?")
         return json.loads(self.config_path.read_text())
+
+    def read_record_marker(self) -> dict:
+        """A record's ``record.json`` ({} for a live run)."""
+        return json.loads(self.record_path.read_text()) if self.is_record else {}
 
     def metrics(self) -> list[dict]:
         """The finished epochs' rows (empty when none)."""
@@ -177,6 +224,10 @@ class RunDir:
         value = self.attack_entry(attack, setting).get("metrics", {}).get(key)
         return None if value is None else float(value)
 
+    def read_bound(self) -> Optional[dict]:
+        """The run's ``bound.json`` (None when it has none)."""
+        return json.loads(self.bound_path.read_text()) if self.bound_path.is_file() else None
+
     @property
     def label(self) -> str:
         """``ARM/seedN`` for the grid's layout, else the directory name."""
@@ -185,6 +236,9 @@ class RunDir:
     # ------------------------------------------------------------------ writing
     def write_config(self, config: dict) -> None:
         write_json_atomic(config, self.config_path)
+
+    def write_bound(self, record: dict) -> None:
+        write_json_atomic(record, self.bound_path)
 
     def write_metrics(self, rows: list[dict]) -> None:
         """Replace ``metrics.jsonl`` with ``rows`` (atomically)."""
@@ -200,11 +254,13 @@ class RunDir:
 
 
 def find_runs(root: PathLike) -> Iterator[RunDir]:
-    """Every run directory at or below ``root`` (those with a ``config.json``), in sorted order."""
+    """Every run directory at or below ``root`` (those with a ``config.json``), in sorted order; hidden
+    folders (a name starting with ``.``, e.g. a record being written) are skipped."""
     root = Path(root)
     if (root / RunDir.CONFIG).is_file():
         yield RunDir(root)
         return
     if root.is_dir():
         for cfg in sorted(root.rglob(RunDir.CONFIG)):
-            yield RunDir(cfg.parent)
+            if not any(part.startswith(".") for part in cfg.relative_to(root).parts):
+                yield RunDir(cfg.parent)

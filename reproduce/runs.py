@@ -96,7 +96,9 @@ def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu"
     which: "final" (``final.pt``, training finished) or "checkpoint" (``checkpoint.pt``, the last
     finished epoch of a run that may still be going).
     """
-    rd = RunDir(run_dir)
+    rd = RunDir(run_dir).check_live(
+        "loaded as a whole model (it keeps the encoder only: reproduce.records.load_encoder)"
+    )
     path = rd.weights_path(which)
     config = rd.read_config()
     state = load_checkpoint(path, map_location=device)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import shlex
 import statistics
@@ -251,6 +252,7 @@ class Options:
     threads: Optional[int] = None
     arm_options: dict = None  # sigma, cem_lambda, cem_variant of table_arms
     log: Callable[[str], None] = print
+    runs_label: Optional[str] = None  # how the tables name runs_root (default: the path itself)
     _found: Optional[list] = field(default=None, repr=False)  # (RunDir, config) of the runs under runs_root
 
 
@@ -533,7 +535,7 @@ def result_markdown(result: dict, opts: Options, errors: Sequence[str]) -> str:
         "",
         f"Paper: {spec['caption']}",
         "",
-        f"- preset: `{opts.preset}`; seeds: {', '.join(map(str, opts.seeds))}; runs: `{opts.runs_root}`",
+        f"- preset: `{opts.preset}`; seeds: {', '.join(map(str, opts.seeds))}; runs: `{opts.runs_label or opts.runs_root}`",
         f"- data: {opts.data.note if opts.data else DATASET_MISSING}",
         "- each metric is followed by the paper's number (\"paper\"); PSNR is the authors' per-batch "
         "average; SSIM/PSNR are of the train-time attack, scored on held-out test images",
@@ -690,7 +692,7 @@ def efficiency_markdown(result: dict, opts: Options, errors: Sequence[str]) -> s
     lines = [
         "# Table 9 (reproduction): efficiency of the encoder and the server, VGG11",
         "",
-        f"- preset: `{opts.preset}`; seeds: {', '.join(map(str, opts.seeds))}; runs: `{opts.runs_root}`",
+        f"- preset: `{opts.preset}`; seeds: {', '.join(map(str, opts.seeds))}; runs: `{opts.runs_label or opts.runs_root}`",
         f"- data: {opts.data.note if opts.data else DATASET_MISSING}",
         f"- MMAC: multiply-accumulates per image (torch.utils.flop_counter FLOPs / 2); time: median of "
         f"{result['reps']} forward passes of a batch of {LATENCY_BATCH} on `{result['device']}` "
@@ -743,12 +745,19 @@ def efficiency_csv_rows(result: dict) -> list[dict]:
 # ----------------------------------------------------------------------------- CLI
 
 
+def csv_text(rows: list[dict]) -> str:
+    """The table's CSV (``csv`` module defaults: CRLF line ends), as ``write_table`` writes it."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
 def _write_csv(rows: list[dict], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+        f.write(csv_text(rows))
     tmp.replace(path)
 
 
@@ -758,11 +767,11 @@ def _write_text(text: str, path: Path) -> None:
     tmp.replace(path)
 
 
-def write_table(
-    number: int, opts: Options, out: Path, *, run_missing: bool = False, run_defences: Optional[set[str]] = None
-) -> tuple[dict, str, list[str]]:
-    """Build table ``number`` from the runs below ``opts.runs_root`` (training and attacking what is missing
-    when ``run_missing``), write ``out`` (markdown) and its ``.csv``; returns (result, markdown, errors)."""
+def render_table(
+    number: int, opts: Options, *, run_missing: bool = False, run_defences: Optional[set[str]] = None
+) -> tuple[dict, str, list[dict], list[str]]:
+    """Table ``number`` from the runs below ``opts.runs_root`` (training and attacking what is missing when
+    ``run_missing``): (result, markdown, csv rows, errors). Writes no file."""
     errors: list[str] = []
     if number == 9:
         result = build_efficiency_table(opts, run_missing, run_defences, errors)
@@ -770,6 +779,15 @@ def write_table(
     else:
         result = build_result_table(number, opts, run_missing, run_defences, errors)
         text, rows = result_markdown(result, opts, errors), result_csv_rows(result)
+    return result, text, rows, errors
+
+
+def write_table(
+    number: int, opts: Options, out: Path, *, run_missing: bool = False, run_defences: Optional[set[str]] = None
+) -> tuple[dict, str, list[str]]:
+    """Build table ``number`` from the runs below ``opts.runs_root`` (training and attacking what is missing
+    when ``run_missing``), write ``out`` (markdown) and its ``.csv``; returns (result, markdown, errors)."""
+    result, text, rows, errors = render_table(number, opts, run_missing=run_missing, run_defences=run_defences)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_text(text, out)

@@ -40,6 +40,7 @@ from reproduce.ddp import Dist, Net
 from reproduce.rundir import RunDir
 from reproduce.runs import build_model, build_run_defence, load_model_state, setup_defence
 from reproduce.schedules import LRFactor, cem_weight
+from reproduce.speed import apply_speed_options, nchw_state, use_channels_last
 from reproduce.train_config import build_parser, check_resume_config, resolve_config, resume_config
 from reproduce.train_data import load_data, pretrain_loader, train_loader
 from reproduce.train_loop import (
@@ -117,6 +118,7 @@ def run(
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
+    rd.check_live("resumed or trained")
     if resume and rd.finished:
         log(f"{rd.path} has finished training; nothing to resume")
         return rd.metrics()
@@ -131,7 +133,9 @@ def run(
     cfg["train_size"], cfg["test_size"] = len(train_ds), len(test_ds)
     cfg["world_size"] = dist_ctx.world
     dtype = getattr(torch, cfg.get("dtype", "float32"))
-    model = build_model(cfg).to(device, dtype)
+    if dist_ctx.enabled and cfg.get("compile"):
+        raise ValueError("--compile is not supported under torchrun; train with --compile in one process")
+    model = apply_speed_options(build_model(cfg).to(device, dtype), cfg)  # before the defence holds the encoder
     defence = build_run_defence(cfg).to(device, dtype)
     if dist_ctx.enabled and (defence.needs_unit_images or defence.extra_client_layer):
         raise ValueError(
@@ -146,8 +150,13 @@ def run(
         rd.write_config(cfg)
     if state is not None:
         load_model_state(model, state["model"])  # may resize a pruned encoder first
+        if cfg.get("channels_last"):
+            use_channels_last(model)  # the resized layers' new weights
         defence.load_state_dict(state["defence"])
     net = Net(model, dist_ctx, device)
+
+    def model_state():  # in the default layout whatever the run's (checkpoints as without channels_last)
+        return nchw_state(model.state_dict()) if cfg.get("channels_last") else model.state_dict()
 
     def sgd(params):
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
@@ -196,6 +205,8 @@ def run(
     for epoch in range(start, cfg["epochs"] + 1):
         t0 = time.time()
         if defence.on_epoch_start(epoch, model, opts):
+            if cfg.get("channels_last"):
+                use_channels_last(model)  # the pruned layers' new weights
             repoint_client_optimizer(opts["client"], model.encoder)
             log(
                 f"epoch {epoch}: {cfg['defence']} changed the encoder "
@@ -231,7 +242,7 @@ def run(
             save_atomic(
                 {
                     "epoch": epoch,
-                    "model": model.state_dict(),
+                    "model": model_state(),
                     "optimizers": {k: o.state_dict() for k, o in opts.items()},
                     "schedulers": {k: sch.state_dict() for k, sch in scheds.items()},
                     "cem": None if cem is None else cem.state_dict(),
@@ -260,7 +271,7 @@ def run(
     if dist_ctx.main:
         save_atomic(
             {
-                "model": model.state_dict(),
+                "model": model_state(),
                 "defence": defence.state_dict(),
                 "cem": None if cem is None else cem.state_dict(),
                 "metrics": metrics,
@@ -291,6 +302,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     rd = RunDir(args.out)
     if args.data_root is not None and not Path(args.data_root).expanduser().is_dir():
         return _fail(f"--data-root {args.data_root} is not a folder (no datasets there; nothing downloaded)", 2)
+    try:
+        rd.check_live("resumed or trained")
+    except ValueError as err:
+        return _fail(f"--out {args.out}: {err}", 2)
     stored = None
     if args.resume:
         if not rd.started:

@@ -17,19 +17,30 @@ import torch
 
 from cem_fast import VARIANTS as CEM_VARIANTS
 from reproduce import presets as presets_mod
+from reproduce import speed
 from reproduce.data import DATASETS, dataset_info
 from reproduce.data.augment import AUGMENTATIONS
 from reproduce.defences import DEFENCES, canonical_name, default_bottleneck, defence_options
+from reproduce.machine import machine_info
 from reproduce.models import parse_bottleneck
 from reproduce.runs import build_run_defence
 from reproduce.schedules import CEM_SCHEDULES, LR_SCHEDULES
+from reproduce.train_data import DATA_PIPELINES, check_data_pipeline
 
 DEFAULT_PRESET = "cpu"  # of reproduce.train and reproduce.table alike
 CEM_REFITS = ("epoch-features", "extra-pass")
 NOISE_MODES = ("auto", "on", "off")
 DTYPES = ("float32", "float64")
+# What a run from before a setting existed ran with.
+_OLD_RUN_DEFAULTS = {
+    "dtype": "float32",
+    "channels_last": False,
+    "bf16_autocast": False,
+    "compile": False,
+    "data_pipeline": "per-image",
+}
 # Settings that may differ between a run and its --resume.
-_RESUME_MAY_CHANGE = {"device", "workers", "progress", "command", "versions", "threads"}
+_RESUME_MAY_CHANGE = {"device", "workers", "progress", "command", "versions", "threads", "machine"}
 _DERIVED = {"train_size", "test_size", "world_size", "defence_resolved"}
 # Defence options settable from the CLI: flag dest -> option name.
 _DEFENCE_FLAGS = {
@@ -151,6 +162,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="parameter and activation dtype (default float32; float64 for exactness checks, e.g. several "
         "processes against one)",
     )
+    s = p.add_argument_group("speed options (docs/presets.md has their measurements)")
+    s.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="model and input batches in channels_last memory format (z, noise and CEM as without it; "
+        "default: the preset's)",
+    )
+    s.add_argument(
+        "--bf16-autocast",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CPU bf16 autocast around the encoder's cut layers and the server's conv stack in training; "
+        "z, the noise, CEM and the loss stay float32 (needs a CPU with bf16 support; default: the preset's)",
+    )
+    s.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile (inductor) the encoder and the server; the first step compiles (default: off)",
+    )
+    s.add_argument(
+        "--data-pipeline",
+        choices=DATA_PIPELINES,
+        help="per-image (the dataset's transform per image) or batched (uint8 batches augmented as a whole; "
+        "crop-flip or no augmentation); default: the preset's",
+    )
     a(
         "--no-progress",
         dest="progress",
@@ -248,6 +286,10 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "augment",
         "workers",
         "seed",
+        "channels_last",
+        "bf16_autocast",
+        "compile",
+        "data_pipeline",
     ):
         value = getattr(args, key, None)
         if value is not None:
@@ -320,14 +362,21 @@ def resolve_config(args: argparse.Namespace) -> dict:
     cfg["progress"] = bool(args.progress)
     cfg["threads"] = args.threads
     cfg["dtype"] = args.dtype or "float32"
+    if cfg["bf16_autocast"] == "auto":  # a preset's "where the CPU has bf16 kernels"; config.json gets the bool
+        cfg["bf16_autocast"] = (
+            torch.device(cfg["device"]).type == "cpu" and cfg["dtype"] == "float32" and speed.bf16_supported()
+        )
+    speed.check_speed_options(cfg)
+    check_data_pipeline(cfg)
     cfg["command"] = None
     cfg["versions"] = _versions()
+    cfg["machine"] = machine_info(cfg["device"])
     return cfg
 
 
 def check_resume_config(old: dict, new: dict) -> None:
     """ValueError naming every setting (outside the ones a resume may change) that differs."""
-    old, new = ({"dtype": "float32", **c} for c in (old, new))  # runs from before --dtype existed
+    old, new = ({**_OLD_RUN_DEFAULTS, **c} for c in (old, new))  # runs from before a setting existed
     diff = sorted(
         k for k in set(old) | set(new) if k not in _RESUME_MAY_CHANGE and k not in _DERIVED and old.get(k) != new.get(k)
     )
@@ -341,7 +390,7 @@ def resume_config(stored: dict, cfg: dict, args: argparse.Namespace) -> dict:
 
     A flag given now must agree with the stored run (ValueError naming the clash).
     """
-    stored = {"dtype": "float32", **stored}  # runs from before --dtype existed
+    stored = {**_OLD_RUN_DEFAULTS, **stored}  # runs from before a setting existed
     given = {k for k, v in vars(args).items() if v is not None and k in stored}
     clash = sorted(k for k in given - _RESUME_MAY_CHANGE if stored[k] != cfg[k])
     if clash:

@@ -1,4 +1,9 @@
-"""The training run's data: the datasets with the run's subsets, the (DDP-sharded) loader, the pretraining loader."""
+"""The training run's data: the datasets with the run's subsets, the (DDP-sharded) loader, the pretraining loader.
+
+``data_pipeline``: ``per-image`` (the dataset's transform on each image, collated) or ``batched``
+(``reproduce.data.batched``: uint8 batches augmented and normalised as a whole). Both draw the same
+batches from the loader's generator; the augmentations have the same distribution, not the same draws.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,23 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from reproduce.data import load_dataset, subset
-from reproduce.data.augment import set_augmentation
+from reproduce.data.augment import check_augmentation, set_augmentation
+from reproduce.data.batched import BATCHED_AUGMENTATIONS, BatchedImages
 from reproduce.ddp import Dist, GlobalBatchShard
+
+DATA_PIPELINES = ("per-image", "batched")
+
+
+def check_data_pipeline(cfg: dict) -> None:
+    """ValueError naming ``--data-pipeline`` when it is unknown or cannot do ``cfg``'s augmentation."""
+    pipeline = cfg.get("data_pipeline", "per-image")
+    if pipeline not in DATA_PIPELINES:
+        raise ValueError(f"--data-pipeline must be one of {DATA_PIPELINES}, got {pipeline!r}")
+    if pipeline == "batched" and check_augmentation(cfg["augment"]) not in BATCHED_AUGMENTATIONS:
+        raise ValueError(
+            f"--data-pipeline batched does --augment {' or '.join(BATCHED_AUGMENTATIONS)}, not "
+            f"{check_augmentation(cfg['augment'])} (its rotation runs per image)"
+        )
 
 
 def _info_of(dataset):
@@ -53,6 +73,23 @@ def train_loader(train_ds, cfg: dict, dist_ctx: Dist, device, gen: torch.Generat
     drop_last = n > bs and n % bs == 1  # a 1-sample batch breaks train-mode BN
     per_epoch = n - (n % bs if drop_last else 0)
     pin = device.type == "cuda"
+    if cfg.get("data_pipeline", "per-image") == "batched":
+        # One dataset item per batch (batch_size=None): the same batches as the per-image loader below.
+        if dist_ctx.enabled:
+            batches = _global_batches(train_ds, bs, per_epoch, dist_ctx, gen, drop_last)
+        else:
+            batches = torch.utils.data.BatchSampler(
+                torch.utils.data.RandomSampler(train_ds, generator=gen), bs, drop_last
+            )
+        loader = DataLoader(
+            BatchedImages(train_ds, cfg["augment"]),
+            batch_size=None,
+            sampler=batches,
+            generator=gen,
+            num_workers=cfg["workers"],
+            pin_memory=pin,
+        )
+        return loader, batches if dist_ctx.enabled else None, per_epoch
     if not dist_ctx.enabled:
         loader = DataLoader(
             train_ds,
@@ -64,6 +101,13 @@ def train_loader(train_ds, cfg: dict, dist_ctx: Dist, device, gen: torch.Generat
             pin_memory=pin,
         )
         return loader, None, per_epoch
+    sampler = _global_batches(train_ds, bs, per_epoch, dist_ctx, gen, drop_last)
+    loader = DataLoader(train_ds, batch_sampler=sampler, generator=gen, num_workers=cfg["workers"], pin_memory=pin)
+    return loader, sampler, per_epoch
+
+
+def _global_batches(train_ds, bs: int, per_epoch: int, dist_ctx: Dist, gen, drop_last: bool) -> GlobalBatchShard:
+    """This rank's slices of the 1-process loader's batches."""
     # --batch-size is the global batch: each rank takes its slice of the 1-process loader's batch
     # (same generator, same permutation), so the ranks together train on exactly its batches.
     if bs % dist_ctx.world:
@@ -76,9 +120,7 @@ def train_loader(train_ds, cfg: dict, dist_ctx: Dist, device, gen: torch.Generat
             "processes: change --batch-size or --train-subset"
         )
     batches = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(train_ds, generator=gen), bs, drop_last)
-    sampler = GlobalBatchShard(batches, dist_ctx.rank, dist_ctx.world)
-    loader = DataLoader(train_ds, batch_sampler=sampler, generator=gen, num_workers=cfg["workers"], pin_memory=pin)
-    return loader, sampler, per_epoch
+    return GlobalBatchShard(batches, dist_ctx.rank, dist_ctx.world)
 
 
 def _parts(defence):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from reproduce.data import denormalize
 from reproduce.ddp import Dist
+from reproduce.speed import to_batch_format
 
 
 def seed_everything(seed: int) -> None:
@@ -103,6 +104,7 @@ def train_epoch(
         f"epoch {epoch}/{cfg['epochs']}",
     ):
         x, y = x.to(device, _param_dtype(model), non_blocking=True), y.to(device, non_blocking=True)
+        x = to_batch_format(x, cfg)  # channels_last when the run says so
         x_unit = denormalize(x, cfg["dataset"]) if defence.needs_unit_images else None
         z = model.encoder(x)
         adv = defence.adversary_step(x_unit, z.detach())

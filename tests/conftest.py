@@ -33,10 +33,12 @@ SLOW = {
     "test_bench_scripts::test_train_step_quick",
     "test_bench_scripts::test_bench_kernels_quick",
     "test_distributed::test_two_gloo_processes_match_one_process",
-    # the three users of the module fixture smoke_table1 (~10 s of smoke trainings)
+    # the two users of the module fixture smoke_table1 (~10 s of smoke trainings)
     "test_table::test_table1_smoke_has_the_full_layout",
     "test_table::test_efficiency_of_a_real_run_and_table9_layout",
-    "test_table::test_figure3_from_a_smoke_run",
+    # the two users of the module fixture smoke_runs (three smoke trainings, attacks and bounds: ~25 s)
+    "test_bound::test_bound_json_of_smoke_runs",
+    "test_bound::test_figure3_from_records_alone",
     "test_attacks::test_cli_decoder_then_gan_on_a_smoke_run",
     "test_attacks::test_gan_attack_learns_and_resumes",
     "test_train::test_resume_after_kill_gives_identical_weights",
@@ -63,6 +65,24 @@ SLOW = {
     "test_launch_count",  # the fused kernels under the Triton interpreter
     "test_readme::test_bench_lines_parse",  # a fresh interpreter per benchmark script
     "test_cli::test_the_docs_commands_at_the_smoke_preset",
+    # the users of the module fixture smoke (the smoke grid trained and attacked, then recorded: ~7 s)
+    "test_records::test_record_is_small_has_no_machine_path_and_only_record_files",
+    "test_records::test_record_keeps_learning_curves_and_class_histograms",
+    "test_records::test_encoder_weights_give_the_runs_features",
+    "test_records::test_record_reads_as_finished_but_is_never_attacked_resumed_or_loaded",
+    "test_records::test_save_refuses_to_overwrite_or_to_exceed_the_budget",
+    "test_records::test_records_give_the_same_table_and_figures_as_the_runs",
+    "test_records::test_results_check_passes_then_fails_on_an_edited_number",
+    "test_records::test_check_flags_a_broken_record",
+    "test_records::test_preset_table_reads_each_records_final_accuracy_and_machine",
+    "test_records::test_committed_results_match_their_records_on_a_fresh_clone",  # a fresh interpreter: ~10 s
+    # the speed options' smoke trainings (~3-11 s each); torch.compile: ~150 s on the loaded machine (cold cache)
+    "test_speed::test_each_option_trains_with_a_finite_loss_and_is_recorded",
+    "test_speed::test_channels_last_gives_the_default_loss_at_float32",
+    "test_speed::test_resume_with_the_options_gives_the_uninterrupted_run",
+    "test_speed::test_a_run_from_before_the_options_existed_resumes",
+    "test_speed::test_batched_augmentation_has_the_per_image_distribution",
+    "test_speed::test_compile_trains_with_a_finite_loss",
 }
 
 

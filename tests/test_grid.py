@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reproduce import attack, grid, train
+from reproduce import attack, bound, grid, train
 from reproduce.rundir import RunDir
 
 
@@ -20,18 +20,22 @@ def test_smoke_grid_runs_then_reruns_as_a_no_op(tmp_path, monkeypatch, capsys):
         "smoke", runs_root=root, out_dir=out, device="cpu", threads=1, dry_run=True, log=lambda m: None
     )
     assert len(planned) == 3 and not root.exists()  # a dry run writes nothing
+    # Figure 3's bound for the run with noise (lambda 16 turns it on); the lambda-0 bottleneck run has none.
+    assert planned[0].endswith("infer_time") and planned[1].endswith("infer_time, bound")
     done = grid.run_grid("smoke", runs_root=root, out_dir=out, device="cpu", threads=1, log=lambda m: None)
     assert done == planned
     for job in grid.GRIDS["smoke"].jobs:
         if isinstance(job, grid.RunJob):
             rd = RunDir(root / job.name)
             assert rd.finished and not rd.missing_settings("decoder", ("train_time", "infer_time"))
+            assert (rd.read_bound() is not None) == (job.cem_lambda > 0)
     text = (out / "table1_smoke.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| Bottleneck — w/ CEM"))
     assert row.split("|")[2].strip() not in ("", "—")  # the table found the grid's run
 
     monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
     monkeypatch.setattr(attack, "run_attack", lambda *a, **k: pytest.fail("a finished attack ran again"))
+    monkeypatch.setattr(bound, "write", lambda *a, **k: pytest.fail("a stored bound was computed again"))
     assert grid.run_grid("smoke", runs_root=root, out_dir=out, device="cpu", log=lambda m: None) == []
     assert grid.main(["smoke", "--runs-root", str(root), "--dry-run"]) == 0
     assert grid.main(["--list", "--runs-root", str(root)]) == 0
@@ -41,10 +45,16 @@ def test_smoke_grid_runs_then_reruns_as_a_no_op(tmp_path, monkeypatch, capsys):
 def test_cpu_grid_replaces_the_shell_script():
     jobs = grid.GRIDS["cpu"].jobs
     runs = {j.name for j in jobs if isinstance(j, grid.RunJob)}
-    assert len(runs) == 21  # 3 seeds x (noise and noise_arl at lambda 0, 16; sigma 0.1; sigma 0.05; lambda 4)
+    # 3 seeds x (noise sigma 0.025 at lambda 0 and 16, noise sigma 0.1, noise_arl at lambda 0 and 16),
+    # lambda 4 and sigma 0.05 at seed 125, and six more Table 1 defences with and without CEM at seed 125
+    assert len(runs) == 3 * 5 + 2 + 6 * 2
     assert "cifar10_vgg11_bn_noise_arl_lam16_sigma0.025/seed127" in runs
-    gan = {j.name for j in jobs if isinstance(j, grid.RunJob) and any(a == "gan" for a, _ in j.attacks)}
-    assert len(gan) == 12
+    assert "cifar10_vgg11_bn_patrol_lam16_sigma0.025/seed125" in runs
+    ladder = [j for j in jobs if isinstance(j, grid.RunJob)]
+    assert all({a for a, _ in j.attacks} >= {"decoder", "whitebox", "adaptive"} for j in ladder)
+    gan = {j.name for j in ladder if any(a == "gan" for a, _ in j.attacks)}
+    assert len(gan) == 3 * 2 + 6 * 2  # Table 1's arms
+    assert grid.GRIDS["cpu"].attack_overrides["decoder"].get("epochs") is None  # to convergence
     with pytest.raises(ValueError, match="grid must be one of"):
         grid.run_grid("nope")
 
@@ -76,3 +86,14 @@ def test_ctrl_c_in_a_grid_or_table_says_how_to_continue(tmp_path, monkeypatch, c
         == 130
     )
     assert "rerun the same command" in capsys.readouterr().err
+
+
+def test_regime_grid_holds_issue_17s_arms():
+    jobs = [j for j in grid.GRIDS["regime"].jobs if isinstance(j, grid.RunJob)]
+    assert grid.GRIDS["regime"].preset == "cpu-full"
+    names = {j.name for j in jobs}
+    assert "cifar10_vgg11_bn_noise_lam16_sigma0.025_official-trained/seed125" in names
+    trained = next(j for j in jobs if "official-trained" in j.name)
+    assert dict(trained.train) == {"cem_variant": "official-trained", "cem_schedule": "official"}
+    assert {j.seed for j in jobs if j.defence == "noise" and j.cem_lambda in (0, 16) and not j.train} == {125, 126}
+    assert {(j.defence, j.cem_lambda) for j in jobs} >= {("noise", 80), ("noise_arl", 0), ("noise_arl", 16)}

@@ -51,9 +51,25 @@ def test_find_runs_and_labels(tmp_path):
     for name in ("a/seed1", "a/seed2", "b"):
         RunDir(tmp_path / name).write_config({})
     (tmp_path / "not_a_run").mkdir()
+    RunDir(tmp_path / "a" / ".seed3.tmp").write_config({})  # hidden: e.g. a record being written
     found = list(find_runs(tmp_path))
     assert [rd.label for rd in found] == ["a/seed1", "a/seed2", "b"]
     assert list(find_runs(tmp_path / "b")) == [RunDir(tmp_path / "b")]
     assert list(find_runs(tmp_path / "missing")) == []
     with pytest.raises(TypeError, match="path"):
         RunDir(3)
+
+
+def test_a_record_reads_as_finished_but_is_not_live(tmp_path):
+    rd = RunDir(tmp_path / "rec")
+    rd.write_config({"preset": "cpu"})
+    rd.write_metrics([{"epoch": 1, "test_acc": 0.4}])
+    assert not rd.finished and not rd.is_record
+    rd.record_path.write_text("{}")
+    assert rd.is_record and rd.finished and not rd.resumable and rd.status() == "record"
+    assert rd.final_accuracy() == 0.4 and rd.check_finished() is rd
+    with pytest.raises(ValueError, match="committed record.*not attacked"):
+        rd.check_attackable()
+    with pytest.raises(ValueError, match="not resumed"):
+        rd.check_live("resumed")
+    assert RunDir(tmp_path / "live").check_live("resumed").path == tmp_path / "live"

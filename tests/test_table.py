@@ -1,8 +1,7 @@
-"""reproduce.table (Tables 1-9), reproduce.paper_numbers and the Figure 3/4 helpers (reproduce.figures_curves)."""
+"""reproduce.table (Tables 1-9), reproduce.paper_numbers and Figure 4 (reproduce.figures_curves)."""
 
 import csv
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from reproduce import paper_numbers, table
-from reproduce.figures_curves import expand_runs, figure4, figure4_series, run_point, tightest_h_x
+from reproduce.figures_curves import expand_runs, figure4, figure4_series, run_point
 
 # The paper's text is not part of the repository: point CEM_FAST_PAPER_TEXT at it to check the transcription.
 PAPER_TEXT = os.environ.get("CEM_FAST_PAPER_TEXT")
@@ -297,19 +296,7 @@ def test_efficiency_of_a_real_run_and_table9_layout(smoke_table1, tmp_path):
     assert "- OTHERS: Enc. params (M) +0, Enc. MMAC +0, Server params (M) +0, Server MMAC +0" in text
 
 
-# ----------------------------------------------------------------------------- figures 3 and 4
-
-
-def test_tightest_h_x_touches_the_lowest_point():
-    from cem_fast import mse_lower_bound
-
-    bounds, mses, d = [-50.0, -20.0, -5.0], [0.01, 0.02, 0.05], 3072
-    h = tightest_h_x(bounds, mses, d)
-    floors = [mse_lower_bound(h + b, d) for b in bounds]
-    assert all(f <= m * (1 + 1e-9) for f, m in zip(floors, mses))
-    assert min(m / f for f, m in zip(floors, mses)) == pytest.approx(1.0)
-    with pytest.raises(ValueError):
-        tightest_h_x([1.0], [0.0], d)
+# ----------------------------------------------------------------------------- figure 4 (figure 3: test_figure3.py)
 
 
 def test_figure4_from_hand_made_runs(tmp_path):
@@ -339,26 +326,6 @@ def test_figure4_from_hand_made_runs(tmp_path):
     from reproduce.figure import build_parser
 
     assert "{3,4,5}" in build_parser().format_help()  # one parser, every figure
-
-
-def test_figure3_from_a_smoke_run(smoke_table1, tmp_path):
-    import matplotlib.image
-
-    from reproduce.figure import main
-    from reproduce.figures_curves import entropy_bound_of_run
-
-    runs = [_real(smoke_table1, r, c) for r, c in (("No_defense", False), ("Bottleneck", False), ("Bottleneck", True))]
-    bound, source = entropy_bound_of_run(runs[1], max_images=64)
-    assert source == "refit" and math.isfinite(bound)  # lambda 0: no CEM state saved
-    bound_cem, source = entropy_bound_of_run(runs[2])
-    assert source == "state" and math.isfinite(bound_cem)
-    with pytest.raises(ValueError, match="no CEM state"):
-        entropy_bound_of_run(runs[1], source="state")
-    out = tmp_path / "f3.png"
-    assert main(["--figure", "3", "--runs", *map(str, runs), "--out", str(out), "--max-images", "64"]) == 0
-    assert matplotlib.image.imread(out).shape[0] > 200
-    with pytest.raises(SystemExit):
-        main(["--figure", "3", "--runs", str(tmp_path / "missing"), "--out", str(out)])
 
 
 def test_runs_are_resumed_skipped_or_restarted(tmp_path, monkeypatch):

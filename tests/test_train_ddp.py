@@ -77,9 +77,11 @@ def _torchrun(out, *extra):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_two_processes_match_one_process(tmp_path):
-    assert train.main([*ARGS, "--out", str(tmp_path / "one")]) == 0
-    proc = _torchrun(tmp_path / "two")
+@pytest.mark.parametrize("pipeline", ["per-image", "batched"])
+def test_two_processes_match_one_process(tmp_path, pipeline):
+    extra = ["--data-pipeline", pipeline]
+    assert train.main([*ARGS, "--out", str(tmp_path / "one"), *extra]) == 0
+    proc = _torchrun(tmp_path / "two", *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "final.pt", weights_only=False)
     two = torch.load(tmp_path / "two" / "final.pt", weights_only=False)

@@ -1,0 +1,39 @@
+"""What machine a run ran on: the CPU's model name, its core count and the GPU, for records and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from typing import Optional
+
+__all__ = ["cpu_model", "machine_info"]
+
+
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` prints it (``/proc/cpuinfo`` or ``platform`` as fallbacks)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: Optional[str] = None) -> dict:
+    """``{"cpu": model name, "cores": logical cores, "gpu": name or None}`` (the GPU only for a CUDA device)."""
+    gpu = None
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        gpu = torch.cuda.get_device_name(torch.device(device))
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu}
