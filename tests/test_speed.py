@@ -18,6 +18,8 @@ from reproduce.train_data import train_loader
 TINY = [
     "--preset",
     "smoke",
+    "--arch",  # cpu-full's model, the one the speed options are measured and turned on for (smoke's is ResNet-20)
+    "vgg11_bn",
     "--train-subset",
     "8",
     "--test-subset",
