@@ -288,6 +288,9 @@ CLI_MODULES = [
     "reproduce.summary",
     "reproduce.demo",
     "reproduce.lambda_guidance",
+    "reproduce.bound",
+    "reproduce.records",
+    "reproduce.results_check",
     "reproduce.data.make_sample",
     "cem_fast.audit.__main__",
     "cem_fast.build",
@@ -327,13 +330,16 @@ def _parser_of(name: str, monkeypatch) -> argparse.ArgumentParser:
 
 @pytest.mark.parametrize("name", CLI_MODULES)
 def test_every_help_lists_every_choice(name, monkeypatch):
-    p = _parser_of(name, monkeypatch)
-    text = " ".join(p.format_help().split())
-    for action, choice in _choices(p):
-        assert choice in text, (action.dest, choice)
-    for action in p._actions:  # argparse's own listing, where the option has no metavar of its own
-        if action.choices and action.metavar is None:
-            assert "{" + ",".join(map(str, action.choices)) + "}" in text, (name, action.dest)
+    parsers = [_parser_of(name, monkeypatch)]
+    for p in parsers:
+        text = " ".join(p.format_help().split())
+        for action, choice in _choices(p):
+            assert choice in text, (action.dest, choice)
+        for action in p._actions:  # argparse's own listing, where the option has no metavar of its own
+            if action.choices and action.metavar is None:
+                assert "{" + ",".join(map(str, action.choices)) + "}" in text, (name, action.dest)
+            if isinstance(action, argparse._SubParsersAction):  # `python -m X COMMAND --help` too
+                parsers.extend(action.choices.values())
 
 
 def test_figure_help_lists_every_figure():
