@@ -11,7 +11,9 @@ Choices the paper leaves open, made here once:
   (milestones ``[60,120,180,210,260]`` scaled the same way, their epoch-1 LR-0 warm-up bug
   optional) is ``lr_schedule="authors"``; ``"cosine"`` and ``"warmup-cosine"`` are also offered.
 * Augmentation: the authors' crop + flip + 15 degree rotation (``augment=True`` / ``"authors"``)
-  for the ``paper`` preset; crop + flip (``"crop-flip"``) for the short ``cpu`` presets.
+  for the ``paper`` preset; a horizontal flip only (``"flip"``) for ``cpu`` (10,000 images, 15 epochs:
+  crop + flip underfits there, no augmentation overfits; ``reproduce/results/cpu_preset.md``); crop + flip
+  (``"crop-flip"``) for ``cpu-full``.
 * CEM weight: constant ``lambda`` (the paper's Eq. 8); the authors' LR-tied weight is
   ``cem_schedule="official"``. ``reproduce.strength.paper_units`` converts lambda to the
   paper's units (the CEM push does not depend on lambda alone but on lambda / N).
@@ -23,7 +25,7 @@ Choices the paper leaves open, made here once:
 * Epochs: 240 (VGG11) / 120 (ResNet-20).
 * ``cpu`` preset: 10,000 class-balanced CIFAR-10 training images, 2,000 test images,
   15 epochs, batch 128, SGD LR 0.05 with one warm-up epoch then a cosine to ~0
-  (``warmup-cosine``), crop + flip; ResSFL's decoder pretraining is cut to 2 epochs. Without
+  (``warmup-cosine``), horizontal flips; ResSFL's decoder pretraining is cut to 2 epochs. Without
   ``--data-root`` it runs on the shipped ``cifar10-sample`` (5,000 + 1,000 real CIFAR-10 images)
   so that it works offline. The 240-epoch milestones scaled to 15 epochs (the earlier ``cpu``
   preset) left a quarter of the steps at LR 4e-4 and trained to 39-51 % test accuracy.
@@ -96,7 +98,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 128,
         "lr": 0.05,
         "lr_schedule": "warmup-cosine",
-        "augment": "crop-flip",
+        "augment": "flip",
         "train_subset": 10_000,
         "test_subset": 2_000,
         "pretrain_epochs": 2,

@@ -18,7 +18,7 @@ def _cfg(*argv):
 def test_cpu_presets_use_the_short_run_schedule_and_crop_flip(tmp_path):
     cpu = preset("cpu")
     assert (cpu["epochs"], cpu["train_subset"], cpu["test_subset"]) == (15, 10_000, 2_000)
-    assert (cpu["lr_schedule"], cpu["augment"], cpu["lr"]) == ("warmup-cosine", "crop-flip", 0.05)
+    assert (cpu["lr_schedule"], cpu["augment"], cpu["lr"]) == ("warmup-cosine", "flip", 0.05)
     full = _cfg("--preset", "cpu-full", "--data-root", str(tmp_path), "--cem-lambda", "0", "--defense", "noise")
     assert (full["train_subset"], full["test_subset"], full["dataset"]) == (None, None, "cifar10")
     assert (full["arch"], full["cut"], full["bottleneck"], full["epochs"]) == ("vgg11_bn", 4, "noRELU_C8S1", 25)
@@ -66,6 +66,7 @@ def test_named_augmentations():
     assert names == ["RandomCrop", "RandomHorizontalFlip"]
     assert "RandomRotation" in [type(t).__name__ for t in build_augmentation("authors", "cifar10", 32).transforms]
     assert build_augmentation("none", "cifar10", 32) is None
+    assert type(build_augmentation("flip", "cifar10", 32)).__name__ == "RandomHorizontalFlip"
 
     from reproduce.data import load_dataset
 

@@ -284,3 +284,18 @@ def test_compile_trains_with_a_finite_loss(tmp_path):
     assert json.loads((out / "config.json").read_text())["compile"] is True
     state = torch.load(out / "final.pt", weights_only=False)["model"]
     assert not any("_orig_mod" in k for k in state)  # the uncompiled model's keys
+
+
+def test_batched_flip_only_flips_half_and_never_crops():
+    n = 2000
+    info = dataset_info("cifar10")
+    ds = ImageTensorDataset(_marker_images(n), torch.zeros(n, dtype=torch.long), info, True, ["c"] * 10, "markers")
+    set_augmentation(ds, "flip")
+    torch.manual_seed(12)
+    per_image = torch.stack([ds[i][0] for i in range(n)])
+    batched_ds = BatchedImages(ds, "flip")
+    batched = torch.cat([batched_ds[list(range(i, min(i + 128, n)))][0] for i in range(0, n, 128)])
+    for x in (per_image, batched):
+        dy, dx, flipped = _offsets(x, info)
+        assert (dy == 4).all() and (dx == 4).all()  # the centre crop: offset 4 of the 4-px-padded image
+        assert abs(flipped.float().mean().item() - 0.5) < 5 * math.sqrt(0.25 / n)

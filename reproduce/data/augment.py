@@ -4,6 +4,7 @@
   +-15 degree rotation on CIFAR; flip + rotation elsewhere), meant for 240 epochs.
 * ``crop-flip``: random crop (padding = image size / 8, i.e. 4 px at 32 px) and horizontal flip,
   no rotation: the usual augmentation of short CIFAR runs (the ``cpu`` presets).
+* ``flip``: horizontal flip only (the mildest one: for runs too short to fit crop + flip).
 * ``none``: no augmentation.
 
 ``set_augmentation(dataset, kind)`` installs one of them on a dataset built by
@@ -19,7 +20,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Subset
 
-AUGMENTATIONS = ("authors", "crop-flip", "none")
+AUGMENTATIONS = ("authors", "crop-flip", "flip", "none")
 
 
 def check_augmentation(kind) -> str:
@@ -38,6 +39,8 @@ def build_augmentation(kind, dataset: str, image_size: int):
     kind = check_augmentation(kind)
     if kind == "none":
         return None
+    if kind == "flip":
+        return v2.RandomHorizontalFlip()
     if kind == "crop-flip":
         return v2.Compose([v2.RandomCrop(image_size, padding=max(1, image_size // 8)), v2.RandomHorizontalFlip()])
     if dataset.startswith("cifar"):

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset
 
 from .augment import check_augmentation, crop_flip_batch
 
-BATCHED_AUGMENTATIONS = ("crop-flip", "none")
+BATCHED_AUGMENTATIONS = ("crop-flip", "flip", "none")
 
 
 @contextmanager
@@ -66,7 +66,8 @@ class BatchedImages(Dataset):
                 "(its rotation runs per image: use --data-pipeline per-image)"
             )
         self.images, self.targets, self.info = _images_and_targets(dataset)
-        self.padding = max(1, self.info.image_size // 8) if kind == "crop-flip" else None
+        # flip: crop_flip_batch with no padding (every crop offset is 0)
+        self.padding = {"crop-flip": max(1, self.info.image_size // 8), "flip": 0}.get(kind)
         # (x/255 - mean)/std == x*scale - shift: the per-image transform's constants, per channel
         self.scale = (1.0 / (255.0 * torch.tensor(self.info.std))).view(1, -1, 1, 1)
         self.shift = (torch.tensor(self.info.mean) / torch.tensor(self.info.std)).view(1, -1, 1, 1)
