@@ -55,9 +55,15 @@ ATTACK_METRICS = {
     "gan_ssim": ("gan", "train_time", "ssim"),
     "gan_psnr": ("gan", "train_time", "psnr_per_batch_authors"),
 }
-MSE_KEYS = ("dec_train_mse", "dec_infer_mse", "gan_train_mse", "gan_infer_mse")
+# The ladder's worst case at train time: the lowest MSE over these attacks, shown only when the run has at least
+# LADDER_REQUIRED of them (a decoder alone is no worst case).
+LADDER_ATTACKS = ("decoder", "whitebox", "adaptive", "gan")
+LADDER_REQUIRED = ("decoder", "whitebox", "adaptive")
+WORST_KEY = "worst_train_mse"
+MSE_KEYS = (WORST_KEY, "dec_train_mse", "dec_infer_mse", "gan_train_mse", "gan_infer_mse")
 HEADERS = {
     "acc": "Acc. (%)",
+    WORST_KEY: "Worst MSE Train (ladder)",
     "dec_train_mse": "Dec. MSE Train",
     "dec_infer_mse": "Dec. MSE Infer",
     "gan_train_mse": "GAN MSE Train",
@@ -164,6 +170,8 @@ def table_columns(number: int) -> tuple[str, ...]:
     """The table's own columns, then its companion's (MSE <-> SSIM/PSNR of the same dataset)."""
     spec = paper_numbers.table(number)
     cols = list(spec["columns"])
+    if "dec_train_mse" in cols:  # the headline: the ladder's worst case, before the paper's attack columns
+        cols.insert(cols.index("dec_train_mse"), WORST_KEY)
     if spec["companion"] is not None:
         cols += [c for c in paper_numbers.table(spec["companion"])["columns"] if c not in cols]
     return tuple(cols)
@@ -233,7 +241,18 @@ def collect_run(run_dir: str | Path) -> dict:
     out: dict[str, Optional[float]] = {"acc": final_accuracy(rd.path)}
     for key, (attack, setting, metric) in ATTACK_METRICS.items():
         out[key] = rd.attack_metric(attack, setting, metric)
+    out[WORST_KEY] = worst_case_mse(rd)
     return out
+
+
+def worst_case_mse(run_dir, setting: str = "train_time") -> Optional[float]:
+    """The lowest MSE over the ladder's attacks (``LADDER_ATTACKS``) of ``setting``; None unless every attack of
+    ``LADDER_REQUIRED`` has a result there."""
+    rd = RunDir(run_dir)
+    mses = {a: rd.attack_metric(a, setting, "mse") for a in LADDER_ATTACKS}
+    if any(mses[a] is None for a in LADDER_REQUIRED):
+        return None
+    return min(v for v in mses.values() if v is not None)
 
 
 # ----------------------------------------------------------------------------- running
@@ -527,6 +546,35 @@ def _average_rows(result: dict) -> dict[bool, dict[str, dict]]:
     return out
 
 
+def _strength_lines(opts: Options) -> list[str]:
+    """The CEM strengths of the runs found, in the paper's units (``reproduce.strength``), and the worst case's rule."""
+    from reproduce.strength import config_paper_units
+
+    seen = set()
+    for _, cfg in opts._found or []:
+        lam = float(cfg.get("cem_lambda") or 0)
+        if lam > 0 and cfg.get("train_size"):
+            seen.add(
+                (
+                    lam,
+                    cfg.get("cem_variant"),
+                    cfg.get("cem_schedule", "constant"),
+                    cfg["train_size"],
+                    round(config_paper_units(cfg, int(cfg["train_size"])), 4),
+                )
+            )
+    lines = [
+        f"- {HEADERS[WORST_KEY]}: the lowest train-time MSE over the attacks {', '.join(LADDER_ATTACKS)} that ran "
+        f"(shown only when {', '.join(LADDER_REQUIRED)} all did)"
+    ]
+    for lam, variant, schedule, n, units in sorted(seen):
+        lines.append(
+            f"- CEM lambda {lam:g} ({variant}, {schedule} weight) on N = {n:,} training images: "
+            f"{units:g} in the paper's units (its strength at the paper's N = 50,000)"
+        )
+    return lines
+
+
 def result_markdown(result: dict, opts: Options, errors: Sequence[str]) -> str:
     number, columns = result["number"], result["columns"]
     spec = paper_numbers.table(number)
@@ -540,6 +588,7 @@ def result_markdown(result: dict, opts: Options, errors: Sequence[str]) -> str:
         "- each metric is followed by the paper's number (\"paper\"); PSNR is the authors' per-batch "
         "average; SSIM/PSNR are of the train-time attack, scored on held-out test images",
         "- averages: over the defences (not No_defense) that have both arms in this column",
+        *_strength_lines(opts),
         "",
     ]
     header = ["Method"] + [h for k in columns for h in (HEADERS[k], "paper")]

@@ -424,5 +424,5 @@ def test_the_docs_commands_at_the_smoke_preset(tmp_path, monkeypatch):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             rows.setdefault(cells[0], cells[1:])
     for label in ("Bottleneck — w/o CEM", "Bottleneck — w/ CEM"):
-        assert rows[label][0] != "—" and rows[label][2] != "—", rows[label]  # accuracy and decoder MSE found
+        assert rows[label][0] != "—" and rows[label][4] != "—", rows[label]  # accuracy and decoder MSE found
     assert figure.main(["--figure", "5", "--runs", "runs/bottleneck", "runs/bottleneck_cem", "--out", "fig5.png"]) == 0

@@ -182,17 +182,20 @@ def test_table1_smoke_has_the_full_layout(smoke_table1, tmp_path):
     nd = rows["No_defense — w/o CEM"]
     nd_run = runs[("No_defense", False)]
     assert nd[0] == f"{table.final_accuracy(nd_run):.2f}" and nd[1] == "91.86"
-    assert nd[2] == f"{_mse(nd_run):.4f}" and nd[3] == "0.0013"
-    assert nd[4] == f"{_mse(nd_run, 'infer_time'):.4f}" and nd[5] == "0.0014"
-    assert nd[6] == table.MISSING and nd[7] == "0.0014"  # no GAN attack was run; the paper's value is there
-    assert nd[11] == table.MISSING  # the paper has no SSIM for No_defense
-    assert rows["Bottleneck — w/ CEM"][1] == "90.69" and rows["Bottleneck — w/o CEM"][11] == "0.863"
+    # the ladder's worst case comes first; these runs have only the decoder, so it is missing (no paper value)
+    assert nd[2:4] == [table.MISSING, table.MISSING]
+    assert nd[4] == f"{_mse(nd_run):.4f}" and nd[5] == "0.0013"
+    assert nd[6] == f"{_mse(nd_run, 'infer_time'):.4f}" and nd[7] == "0.0014"
+    assert nd[8] == table.MISSING and nd[9] == "0.0014"  # no GAN attack was run; the paper's value is there
+    assert nd[13] == table.MISSING  # the paper has no SSIM for No_defense
+    assert rows["Bottleneck — w/ CEM"][1] == "90.69" and rows["Bottleneck — w/o CEM"][13] == "0.863"
     assert rows["PATROL — w/ CEM"][0] == table.MISSING and rows["PATROL — w/ CEM"][1] == "89.67"
-    assert rows["Average w/ CEM"][3] == "0.0183"
+    assert rows["Average w/ CEM"][5] == "0.0183"
     ratio = _mse(runs[("Bottleneck", True)]) / _mse(runs[("Bottleneck", False)])
-    assert rows["Bottleneck"][:2] == [f"{ratio:.2f}× ({100 * (ratio - 1):+.1f}%)", "1.50× (+50.0%)"]
-    assert rows["DistCorr"][0] == table.MISSING and rows["DistCorr"][1] == "1.22× (+21.6%)"
-    assert rows["Average w/o CEM"][2] == f"{_mse(runs[('Bottleneck', False)]):.4f} (1 of 7)"
+    assert rows["Bottleneck"][:2] == [table.MISSING, table.MISSING]
+    assert rows["Bottleneck"][2:4] == [f"{ratio:.2f}× ({100 * (ratio - 1):+.1f}%)", "1.50× (+50.0%)"]
+    assert rows["DistCorr"][2] == table.MISSING and rows["DistCorr"][3] == "1.22× (+21.6%)"
+    assert rows["Average w/o CEM"][4] == f"{_mse(runs[('Bottleneck', False)]):.4f} (1 of 7)"
     with open(out.with_suffix(".csv")) as f:
         records = list(csv.DictReader(f))
     assert [r["method"] for r in records] == ROW_LABELS_T1[:1] + [
@@ -217,13 +220,13 @@ def test_cem_gain_arithmetic_with_seeds(tmp_path):
     argv = ["--table", "1", "--runs-root", str(root), "--out", str(out), "--no-run", "--seeds", "0", "1"]
     assert table.main(argv) == 0
     rows = _md_rows(out.read_text())
-    assert rows["DistCorr — w/o CEM"][2] == "0.0200 ± 0.0028"  # stdev(0.018, 0.022) = 0.00283
-    # per defence: 0.015/0.010 = 1.5 and 0.025/0.020 = 1.25
-    assert rows["Bottleneck"][0] == "1.50× (+50.0%)" and rows["DistCorr"][0] == "1.25× (+25.0%)"
-    assert rows["DistCorr"][2] == "1.25× (+25.0%)"
-    assert rows["Mean of the ratios"][0] == "1.38× (+37.5%)"
-    assert rows["Ratio of the averages"][0] == "1.33× (+33.3%)"  # (0.015 + 0.025) / (0.010 + 0.020)
-    assert rows["Average w/o CEM"][2] == "0.0150 (2 of 7)" and rows["Average w/ CEM"][2] == "0.0200 (2 of 7)"
+    assert rows["DistCorr — w/o CEM"][4] == "0.0200 ± 0.0028"  # stdev(0.018, 0.022) = 0.00283
+    # per defence: 0.015/0.010 = 1.5 and 0.025/0.020 = 1.25 (columns 0-1: the ladder's worst case, absent here)
+    assert rows["Bottleneck"][2] == "1.50× (+50.0%)" and rows["DistCorr"][2] == "1.25× (+25.0%)"
+    assert rows["DistCorr"][4] == "1.25× (+25.0%)"
+    assert rows["Mean of the ratios"][2] == "1.38× (+37.5%)"
+    assert rows["Ratio of the averages"][2] == "1.33× (+33.3%)"  # (0.015 + 0.025) / (0.010 + 0.020)
+    assert rows["Average w/o CEM"][4] == "0.0150 (2 of 7)" and rows["Average w/ CEM"][4] == "0.0200 (2 of 7)"
     gains = table.cem_gains(
         {
             ("A", False): {"dec_train_mse": 2.0},
@@ -238,6 +241,18 @@ def test_cem_gain_arithmetic_with_seeds(tmp_path):
     # one of two seeds missing is marked
     cell = table.summarize([0.5, None])
     assert table.format_cell(cell, "dec_ssim") == "0.500 ± 0.000 (1/2 seeds)"
+
+
+def test_worst_case_is_the_lowest_mse_of_the_ladder_and_needs_its_three_attacks(tmp_path):
+    run = _fake_run(tmp_path / "runs", _arm("Bottleneck", False), "cifar10-sample", 0, 0.8, {"train_time": 0.02})
+    assert table.worst_case_mse(run) is None  # the decoder alone is no worst case
+    for attack, mse in (("whitebox", 0.03), ("adaptive", 0.015)):
+        entry = {"metrics": {"mse": mse}}
+        (run / f"attack_{attack}.json").write_text(json.dumps({"attack": attack, "settings": {"train_time": entry}}))
+    assert table.worst_case_mse(run) == 0.015
+    assert table.collect_run(run)[table.WORST_KEY] == 0.015
+    assert table.worst_case_mse(run, "infer_time") is None
+    assert table.table_columns(1)[:3] == ("acc", table.WORST_KEY, "dec_train_mse")
 
 
 def test_missing_dataset_gives_a_clear_table(tmp_path):
