@@ -105,6 +105,7 @@ class Grid:
     jobs: tuple
     attack_overrides: dict = field(default_factory=dict)  # attack -> its run_attack overrides
     default_data_root: Optional[Callable[[], Optional[str]]] = None
+    records: bool = False  # save each run's record (reproduce.records) as it trains and is attacked
 
 
 def shared_data_root() -> Optional[str]:
@@ -190,6 +191,7 @@ GRIDS = {
         _cpu_jobs(),
         {"decoder": CPU_ATTACK},
         shared_data_root,
+        records=True,
     ),
     "regime": Grid(
         "regime",
@@ -198,6 +200,7 @@ GRIDS = {
         _regime_jobs(),
         {"decoder": CPU_ATTACK},
         shared_data_root,
+        records=True,
     ),
     "smoke": Grid(
         "smoke",
@@ -222,13 +225,21 @@ def run_grid(
     threads: Optional[int] = None,
     out_dir: Optional[Path] = None,
     dry_run: bool = False,
+    records_root: Optional[Union[str, Path, bool]] = None,
     log: Callable[[str], None] = print,
 ) -> list[str]:
     """Run grid ``name`` (``GRIDS``) job by job, skipping what is done; returns the lines of what was (or,
-    with ``dry_run``, would be) done. ``out_dir``: where table jobs write (default: the current folder)."""
+    with ``dry_run``, would be) done. ``out_dir``: where table jobs write (default: the current folder).
+    ``records_root``: where each run's record is saved as it trains and is attacked (default: the committed
+    records folder for a grid that keeps records, none for the others; False: none)."""
     if name not in GRIDS:
         raise ValueError(f"grid must be one of {tuple(GRIDS)}, got {name!r}")
     grid = GRIDS[name]
+    if records_root is None and grid.records:
+        from reproduce.records import RECORDS_ROOT
+
+        records_root = RECORDS_ROOT
+    records_root = None if records_root is None or records_root is False else Path(records_root)
     root = Path(runs_root or f"runs/{grid.preset}")
     if data_root is None and grid.default_data_root is not None:
         data_root = grid.default_data_root()
@@ -261,6 +272,7 @@ def run_grid(
                 threads=threads,
                 log=log,
             )
+            _save_record(rd, grid, records_root, log)
             for attack, settings in job.attacks:
                 pipeline.ensure_attacked(
                     rd,
@@ -271,13 +283,30 @@ def run_grid(
                     overrides={"seed": job.seed, **grid.attack_overrides.get(attack, {})},
                     log=log,
                 )
+                _save_record(rd, grid, records_root, log)
             pipeline.ensure_bound(
                 rd, device=device, data_root=data_root if job.dataset != "cifar10-sample" else None, log=log
             )
+            _save_record(rd, grid, records_root, log)
             changed = True
         else:
             _write_table(job, grid, root, data_root, device, threads, out_base, log)
     return done_lines
+
+
+def _save_record(rd: RunDir, grid: Grid, records_root, log) -> None:
+    """Save (replace) the run's record under ``records_root/<grid>`` when the grid keeps records; a run the
+    record rules refuse is logged, not fatal (the grid goes on)."""
+    if records_root is None:
+        return
+    from reproduce import records
+
+    try:
+        out = records.save_record(rd, records_root, grid=grid.name, replace=True)
+    except (OSError, ValueError) as err:
+        log(f"[grid] no record of {rd.path}: {err}")
+        return
+    log(f"[grid] record saved: {out}")
 
 
 def _write_table(job: TableJob, grid: Grid, root: Path, data_root, device, threads, out_dir, log) -> None:
@@ -313,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="folder with the datasets (cpu: default <repo>/../shared/data)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--no-records",
+        action="store_true",
+        help="do not save the runs' records into reproduce/results/runs (the cpu and regime grids do by default)",
+    )
     return p
 
 
@@ -341,6 +375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             device=args.device,
             threads=args.threads,
             dry_run=args.dry_run,
+            records_root=False if args.no_records else None,
             log=lambda m: print(m, file=sys.stderr),
         )
     except KeyboardInterrupt:

@@ -97,3 +97,24 @@ def test_regime_grid_holds_issue_17s_arms():
     assert dict(trained.train) == {"cem_variant": "official-trained", "cem_schedule": "official"}
     assert {j.seed for j in jobs if j.defence == "noise" and j.cem_lambda in (0, 16) and not j.train} == {125, 126}
     assert {(j.defence, j.cem_lambda) for j in jobs} >= {("noise", 80), ("noise_arl", 0), ("noise_arl", 16)}
+
+
+def test_a_grid_saves_each_runs_record_as_it_goes(tmp_path):
+    from reproduce import records
+
+    recs = tmp_path / "records"
+    grid.run_grid(
+        "smoke",
+        runs_root=tmp_path / "runs",
+        out_dir=tmp_path,
+        device="cpu",
+        threads=1,
+        records_root=recs,
+        log=lambda m: None,
+    )
+    saved = sorted(p.parent for p in recs.rglob("record.json"))
+    assert [p.relative_to(recs / "smoke").as_posix() for p in saved] == [
+        j.name for j in grid.GRIDS["smoke"].jobs if isinstance(j, grid.RunJob)
+    ]
+    assert all(records.check_record(RunDir(p)) == [] and RunDir(p).attacked("decoder", "train_time") for p in saved)
+    assert grid.GRIDS["cpu"].records and grid.GRIDS["regime"].records and not grid.GRIDS["smoke"].records
