@@ -252,7 +252,7 @@ def run_grid(
     changed = False  # a table job rewrites its table only after a run job did something (or when it is missing)
     for i, job in enumerate(grid.jobs, 1):
         if isinstance(job, RunJob):
-            left = job.todo(root, grid.preset)
+            left = _left(job, grid, root, records_root)
         else:
             left = [f"write {job.out}"] if changed else job.todo(root, out_base)
         what = job.name if isinstance(job, RunJob) else f"table {job.number}"
@@ -292,6 +292,15 @@ def run_grid(
         else:
             _write_table(job, grid, root, data_root, device, threads, out_base, log)
     return done_lines
+
+
+def _left(job: RunJob, grid: Grid, root: Path, records_root: Optional[Path]) -> list[str]:
+    """What is left of ``job`` in ``root``; nothing when its committed record is already complete (a later
+    session on a machine without ``runs/`` does not redo it)."""
+    left = job.todo(root, grid.preset)
+    if left and records_root is not None and not job.todo(records_root / grid.name, grid.preset):
+        return []
+    return left
 
 
 def _save_record(rd: RunDir, grid: Grid, records_root, log) -> None:
@@ -354,11 +363,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     if args.list:
+        from reproduce.records import RECORDS_ROOT
+
         for g in GRIDS.values():
             root = Path(args.runs_root or f"runs/{g.preset}")
-            left = sum(1 for j in g.jobs if isinstance(j, RunJob) and j.todo(root, g.preset))
+            recs = RECORDS_ROOT if g.records and not args.no_records else None
+            left = sum(1 for j in g.jobs if isinstance(j, RunJob) and _left(j, g, root, recs))
             runs = sum(isinstance(j, RunJob) for j in g.jobs)
-            print(f"{g.name}: {g.description}; {runs - left}/{runs} run jobs done in {root}")
+            where = f"{root}" + (" or its committed records" if recs else "")
+            print(f"{g.name}: {g.description}; {runs - left}/{runs} run jobs done in {where}")
         return 0
     if args.name is None:
         p.error("name a grid (or --list)")

@@ -118,3 +118,13 @@ def test_a_grid_saves_each_runs_record_as_it_goes(tmp_path):
     ]
     assert all(records.check_record(RunDir(p)) == [] and RunDir(p).attacked("decoder", "train_time") for p in saved)
     assert grid.GRIDS["cpu"].records and grid.GRIDS["regime"].records and not grid.GRIDS["smoke"].records
+
+
+def test_a_job_whose_committed_record_is_complete_is_not_redone(tmp_path):
+    recs = tmp_path / "records"
+    kw = dict(out_dir=tmp_path, device="cpu", threads=1, records_root=recs, log=lambda m: None)
+    grid.run_grid("smoke", runs_root=tmp_path / "runs", **kw)
+    # a new machine: no runs/, only the committed records -> nothing left (the table exists too)
+    assert grid.run_grid("smoke", runs_root=tmp_path / "fresh", dry_run=True, **kw) == []
+    without = grid.run_grid("smoke", runs_root=tmp_path / "fresh", dry_run=True, **{**kw, "records_root": False})
+    assert len([line for line in without if "train (not run)" in line]) == 2, without
