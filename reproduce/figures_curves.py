@@ -113,6 +113,17 @@ def figure4_series(points: list[dict]) -> dict[tuple, list[dict]]:
     return series
 
 
+def _paper_units(configs: Sequence[dict]) -> list[float]:
+    """The distinct CEM strengths of ``configs`` in the paper's units (``reproduce.strength``); [] without CEM."""
+    from reproduce.strength import config_paper_units
+
+    found = set()
+    for cfg in configs:
+        if float(cfg.get("cem_lambda") or 0) > 0 and cfg.get("train_size"):
+            found.add(round(config_paper_units(cfg, int(cfg["train_size"])), 4))
+    return sorted(found)
+
+
 def _family_label(key: tuple, several_cuts: bool) -> str:
     defence, lam, cut, variant = key
     label = f"{defence}, " + (f"CEM λ={lam:g}" if lam else "w/o CEM")
@@ -143,13 +154,18 @@ def figure4_data(
     out = []
     for key in sorted(families, key=lambda k: (str(k[0]), k[1], k[2] or 0)):
         defence, lam, cut, variant = key
+        units = _paper_units([p["config"] for p in points if _family(p["config"]) == key])
+        label = _family_label(key, several_cuts)
+        if lam and len(units) == 1:
+            label += f" ({units[0]:g} in paper units)"
         out.append(
             {
                 "defence": defence,
                 "cem_lambda": lam,
+                "cem_lambda_paper_units": units,
                 "cut": cut,
                 "variant": variant,
-                "label": _family_label(key, several_cuts),
+                "label": label,
                 "points": families[key],
             }
         )

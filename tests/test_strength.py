@@ -69,3 +69,12 @@ def test_config_paper_units_reads_a_run_config():
         )
     )
     assert config_paper_units(cfg, 50_000) == pytest.approx(0.32)
+
+
+def test_figure4_labels_carry_the_paper_units():
+    from reproduce.figures_curves import _paper_units
+
+    cfg = {"cem_lambda": 16.0, "cem_variant": "paper", "train_size": 10_000, "lr": 0.05, "batch_size": 128}
+    assert _paper_units([cfg, dict(cfg)]) == [80.0]  # lambda 16 at N = 10,000 pushes like 80 at 50,000
+    assert _paper_units([{**cfg, "cem_lambda": 0.0}]) == []
+    assert _paper_units([cfg, {**cfg, "train_size": 50_000}]) == [16.0, 80.0]
