@@ -171,6 +171,22 @@ def _samples_bytes(path: Path, header: dict, num_samples: int) -> Optional[bytes
     return buf.getvalue()
 
 
+def _strength(config: dict) -> Optional[dict]:
+    """The run's CEM weight and its value in the paper's units (``reproduce.strength``); None without CEM."""
+    from reproduce.strength import config_paper_units
+
+    lam = float(config.get("cem_lambda") or 0)
+    if lam <= 0 or not config.get("train_size"):
+        return None
+    return {
+        "lambda": lam,
+        "variant": config.get("cem_variant"),
+        "schedule": config.get("cem_schedule", "constant"),
+        "train_size": config["train_size"],
+        "lambda_paper_units": config_paper_units(config, int(config["train_size"])),
+    }
+
+
 def record_files(run_dir, name: str, grid: str, num_samples: int = NUM_SAMPLES) -> dict[str, bytes]:
     """The files of the record of finished run ``run_dir`` as it would be saved under ``<grid>/<name>``."""
     rd = RunDir(run_dir)
@@ -214,6 +230,7 @@ def record_files(run_dir, name: str, grid: str, num_samples: int = NUM_SAMPLES) 
         # the machine that held the run when it was saved (normally the one that trained it; the run's own
         # config.json names its machine too when it was trained by this version)
         "saved_on": machine_info(),
+        "cem": _strength(config),
         "weights": RunDir.ENCODER,
         "samples_per_setting": num_samples,
     }

@@ -76,6 +76,7 @@ SLOW = {
     "test_records::test_check_flags_a_broken_record",
     "test_grid::test_a_grid_saves_each_runs_record_as_it_goes",  # the smoke grid trained and attacked (~8 s)
     "test_grid::test_a_job_whose_committed_record_is_complete_is_not_redone",
+    "test_records::test_record_states_lambda_in_the_papers_units",
     "test_records::test_preset_table_reads_each_records_final_accuracy_and_machine",
     "test_records::test_committed_results_match_their_records_on_a_fresh_clone",  # a fresh interpreter: ~10 s
     # the speed options' smoke trainings (~3-11 s each); torch.compile: ~150 s on the loaded machine (cold cache)

@@ -320,3 +320,15 @@ def test_preset_table_reads_each_records_final_accuracy_and_machine(smoke):
     assert text.count("\n| ") == 3  # header + two rows
     with pytest.raises(ValueError, match="has not finished"):
         preset_compare.preset_row(smoke[0] / "nothing")
+
+
+def test_record_states_lambda_in_the_papers_units(smoke):
+    from reproduce.strength import config_paper_units
+
+    for run, rec in _pairs(smoke):
+        cfg, marker = run.read_config(), rec.read_record_marker()
+        if cfg["cem_lambda"] > 0:
+            assert marker["cem"]["lambda"] == cfg["cem_lambda"]
+            assert marker["cem"]["lambda_paper_units"] == config_paper_units(cfg, cfg["train_size"])
+        else:
+            assert marker["cem"] is None
