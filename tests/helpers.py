@@ -59,3 +59,37 @@ SHARED_DATA = shared_data_dir()
 needs_shared_data = pytest.mark.skipif(
     not (SHARED_DATA / "cifar10_test.npz").exists(), reason=f"the real data is not in {SHARED_DATA} (set CEM_FAST_DATA)"
 )
+
+
+# Tiny training runs: 8 training images in 2 batches, 4 test images, 1 thread, the torch CEM backend.
+TINY_TRAIN = [
+    "--preset",
+    "smoke",
+    "--train-subset",
+    "8",
+    "--test-subset",
+    "4",
+    "--batch-size",
+    "4",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--cem-backend",
+    "torch",
+]
+
+
+def tiny_run(tmp_path, *extra, name="run", base=TINY_TRAIN):
+    """Train ``python -m reproduce.train base + extra`` into ``tmp_path / name``; returns that folder."""
+    from reproduce import train
+
+    out = tmp_path / name
+    assert train.main([*base, "--out", str(out), *extra]) == 0
+    return out
+
+
+def run_metrics(out) -> list:
+    """A run's ``metrics.jsonl`` rows."""
+    import json
+
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]

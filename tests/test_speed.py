@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import TINY_TRAIN, run_metrics, tiny_run
 
 from reproduce import speed, train
 from reproduce.data import load_dataset
@@ -20,17 +21,7 @@ TINY = [
     "smoke",
     "--arch",  # cpu-full's model, the one the speed options are measured and turned on for (smoke's is ResNet-20)
     "vgg11_bn",
-    "--train-subset",
-    "8",
-    "--test-subset",
-    "4",
-    "--batch-size",
-    "4",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--cem-backend",
-    "torch",
+    *TINY_TRAIN[2:],
 ]
 NEEDS_BF16 = pytest.mark.skipif(not speed.bf16_supported(), reason="this CPU has no oneDNN bf16 kernels")
 
@@ -43,13 +34,10 @@ def _restore_threads():
 
 
 def _run(tmp_path, *extra, name="run"):
-    out = tmp_path / name
-    assert train.main([*TINY, "--out", str(out), *extra]) == 0
-    return out
+    return tiny_run(tmp_path, *extra, name=name, base=TINY)
 
 
-def _metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+_metrics = run_metrics
 
 
 def _cfg(*argv):

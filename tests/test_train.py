@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import TINY_TRAIN, run_metrics, tiny_run
 
 import cem_fast
 from reproduce import train, train_loop
@@ -13,21 +14,7 @@ from reproduce.runs import load_run
 from reproduce.schedules import LRFactor, cem_weight
 
 # Tiny runs: 8 training images in 2 batches, 4 test images, 2 epochs, 1 decoder pretraining epoch.
-TINY = [
-    "--preset",
-    "smoke",
-    "--train-subset",
-    "8",
-    "--test-subset",
-    "4",
-    "--batch-size",
-    "4",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--cem-backend",
-    "torch",
-]
+TINY = TINY_TRAIN
 
 
 @pytest.fixture(autouse=True)
@@ -38,13 +25,10 @@ def _restore_threads():
 
 
 def _run(tmp_path, *extra, name="run"):
-    out = tmp_path / name
-    assert train.main([*TINY, "--out", str(out), *extra]) == 0
-    return out
+    return tiny_run(tmp_path, *extra, name=name, base=TINY)
 
 
-def _metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+_metrics = run_metrics
 
 
 @pytest.mark.parametrize("arch", ["vgg11_bn", "resnet20"])
