@@ -93,3 +93,12 @@ def run_metrics(out) -> list:
     import json
 
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def restore_threads():
+    """Put torch's thread count back after a test that sets it (``--threads``); autouse it with
+    ``pytestmark = pytest.mark.usefixtures("restore_threads")`` after importing it."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

@@ -7,26 +7,15 @@ import sys
 
 import pytest
 import torch
+from helpers import TINY_TRAIN
 
 from reproduce import figure, grid, table, train, train_loop
 from reproduce.rundir import RunDir
 
 TINY = [
-    "--preset",
-    "smoke",
-    "--train-subset",
-    "8",
-    "--test-subset",
-    "4",
-    "--batch-size",
-    "4",
+    *TINY_TRAIN,
     "--epochs",
     "2",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--cem-backend",
-    "torch",
     "--defense",
     "noise",
     "--cem-lambda",

@@ -13,26 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_TRAIN
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-SMOKE_TRAIN = [
-    "--preset",
-    "smoke",
-    "--arch",  # the README's runs are --preset cpu runs, VGG11-BN like Table 1's arms (smoke alone is ResNet-20)
-    "vgg11_bn",
-    "--train-subset",
-    "8",
-    "--test-subset",
-    "4",
-    "--batch-size",
-    "4",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--cem-backend",
-    "torch",
-]
+# the README's runs are --preset cpu runs, VGG11-BN like Table 1's arms (smoke alone is ResNet-20)
+SMOKE_TRAIN = [*TINY_TRAIN[:2], "--arch", "vgg11_bn", *TINY_TRAIN[2:]]
 SMALL_ATTACK = [
     "--epochs",
     "1",

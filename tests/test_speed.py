@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import TINY_TRAIN, run_metrics, tiny_run
+from helpers import TINY_TRAIN, restore_threads, run_metrics, tiny_run  # noqa: F401 (a fixture)
 
 from reproduce import speed, train
 from reproduce.data import load_dataset
@@ -26,11 +26,7 @@ TINY = [
 NEEDS_BF16 = pytest.mark.skipif(not speed.bf16_supported(), reason="this CPU has no oneDNN bf16 kernels")
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 def _run(tmp_path, *extra, name="run"):

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import TINY_TRAIN, run_metrics, tiny_run
+from helpers import TINY_TRAIN, restore_threads, run_metrics, tiny_run  # noqa: F401 (a fixture)
 
 import cem_fast
 from reproduce import train, train_loop
@@ -17,11 +17,7 @@ from reproduce.schedules import LRFactor, cem_weight
 TINY = TINY_TRAIN
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 def _run(tmp_path, *extra, name="run"):
