@@ -240,15 +240,21 @@ def _offsets(x: torch.Tensor, info) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return dy, dx, flipped
 
 
-def test_batched_augmentation_has_the_per_image_distribution():
-    n = 4500
+def _augmented_markers(kind: str, n: int, seed: int):
+    """``n`` marker images augmented with ``kind`` per image and by the batched pipeline (batches of 128)."""
     info = dataset_info("cifar10")
     ds = ImageTensorDataset(_marker_images(n), torch.zeros(n, dtype=torch.long), info, True, ["c"] * 10, "markers")
-    set_augmentation(ds, "crop-flip")
-    torch.manual_seed(11)
+    set_augmentation(ds, kind)
+    torch.manual_seed(seed)
     per_image = torch.stack([ds[i][0] for i in range(n)])
-    batched_ds = BatchedImages(ds, "crop-flip")
+    batched_ds = BatchedImages(ds, kind)
     batched = torch.cat([batched_ds[list(range(i, min(i + 128, n)))][0] for i in range(0, n, 128)])
+    return per_image, batched, info
+
+
+def test_batched_augmentation_has_the_per_image_distribution():
+    n = 4500
+    per_image, batched, info = _augmented_markers("crop-flip", n, seed=11)
     expected, sd = n / 9, math.sqrt(n * (1 / 9) * (8 / 9))
     for x in (per_image, batched):
         dy, dx, flipped = _offsets(x, info)
@@ -272,13 +278,7 @@ def test_compile_trains_with_a_finite_loss(tmp_path):
 
 def test_batched_flip_only_flips_half_and_never_crops():
     n = 2000
-    info = dataset_info("cifar10")
-    ds = ImageTensorDataset(_marker_images(n), torch.zeros(n, dtype=torch.long), info, True, ["c"] * 10, "markers")
-    set_augmentation(ds, "flip")
-    torch.manual_seed(12)
-    per_image = torch.stack([ds[i][0] for i in range(n)])
-    batched_ds = BatchedImages(ds, "flip")
-    batched = torch.cat([batched_ds[list(range(i, min(i + 128, n)))][0] for i in range(0, n, 128)])
+    per_image, batched, info = _augmented_markers("flip", n, seed=12)
     for x in (per_image, batched):
         dy, dx, flipped = _offsets(x, info)
         assert (dy == 4).all() and (dx == 4).all()  # the centre crop: offset 4 of the 4-px-padded image

@@ -21,19 +21,10 @@ def sample():
 
 
 def _models(seed=0):
-    torch.manual_seed(seed)
-    enc = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 8, 3, padding=1),
-        nn.Sigmoid(),
-    )
-    head = nn.Sequential(
-        nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(512, 10)
-    )
-    return enc, head
+    """The issue's tiny encoder (Conv-BN-ReLU-Pool-Conv-Sigmoid) and its server head: lambda_guidance's."""
+    from reproduce.lambda_guidance import models
+
+    return models(seed)
 
 
 def _train(x, y, epochs, lam, two_call, n=512, batch=64, seed=0, on_step=None, on_refit=None, reference_size=None):
