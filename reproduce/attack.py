@@ -292,9 +292,15 @@ def _decoder_for(
     noise_sigma,
     noise_aware,
 ):
-    """The decoder attack's selected model of this setting, training (and recording) it first if missing."""
+    """The decoder attack's selected model of this setting, training (and recording) it first if missing.
+
+    A decoder that is recorded but whose weights are gone (a run restored from a record keeps none) is
+    retrained with its recorded settings, not the calling attack's preset, so that it is the recorded one."""
     folder = state_dir(run_dir, "decoder", setting)
     if not (folder / BEST_NAME).exists():
+        from reproduce.rundir import RunDir
+
+        preset = _with_recorded_decoder(preset, RunDir(run_dir).attack_entry("decoder", setting).get("config"))
         _, entry = _run_one(
             "decoder",
             run_dir,
@@ -314,6 +320,16 @@ def _decoder_for(
         )
     model, saved = load_decoder(folder)
     return model, {"decoder_best_epoch": saved["best_epoch"], "decoder_protocol": saved["protocol"]}
+
+
+def _with_recorded_decoder(preset: AuditPreset, recorded: Optional[dict]) -> AuditPreset:
+    """``preset`` with its decoder and decoder-loop settings replaced by a decoder record's ``config``."""
+    if not recorded:
+        return preset
+    changes = {}
+    for section, cls in (("decoder", DecoderConfig), ("decoder_loop", LoopConfig)):
+        changes.update({f"{section}.{f.name}": recorded[f.name] for f in dataclasses.fields(cls) if f.name in recorded})
+    return preset.with_overrides(changes)
 
 
 def _run_one(

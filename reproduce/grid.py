@@ -1,7 +1,8 @@
 """Named grids of runs, resumable: ``python -m reproduce.grid NAME`` (``--list``, ``--dry-run``).
 
 A grid is a list of jobs run in order: a *run* job trains one run unless it has finished (resuming an
-interrupted one), then runs its attacks unless their records exist, then writes its ``bound.json``
+interrupted one; a run whose committed record exists is restored from it instead), then runs its attacks
+unless their records exist, then writes its ``bound.json``
 (``reproduce.bound``: Figure 3's entropy bound; not for a run that adds no noise); a *table* job writes a table
 from the runs that exist. Rerunning a grid continues where it stopped, and a finished grid reruns as a
 no-op (its tables are rewritten from the same records). Grids:
@@ -263,6 +264,7 @@ def run_grid(
         if dry_run:
             continue
         if isinstance(job, RunJob):
+            _restore_from_record(root / job.name, job, grid, records_root, data_root, log)
             rd = pipeline.ensure_trained(
                 root / job.name,
                 preset=grid.preset,
@@ -301,6 +303,20 @@ def _left(job: RunJob, grid: Grid, root: Path, records_root: Optional[Path]) -> 
     if left and records_root is not None and not job.todo(records_root / grid.name, grid.preset):
         return []
     return left
+
+
+def _restore_from_record(run_dir: Path, job: RunJob, grid: Grid, records_root, data_root, log) -> None:
+    """A run missing here whose committed record exists (a new machine) is restored from it: the attacks
+    left go on without retraining."""
+    if records_root is None or RunDir(run_dir).started:
+        return
+    record = RunDir(records_root / grid.name / job.name)
+    if not record.is_record:
+        return
+    from reproduce import records
+
+    records.restore_record(record, run_dir, data_root=data_root)
+    log(f"[grid] restored {run_dir} from its record (trained; the attacks left go on)")
 
 
 def _save_record(rd: RunDir, grid: Grid, records_root, log) -> None:

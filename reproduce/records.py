@@ -1,4 +1,4 @@
-"""Committed run records: ``python -m reproduce.records save RUN... | list | check``.
+"""Committed run records: ``python -m reproduce.records save RUN... | list | check | restore RECORD...``.
 
 A record is a finished run directory stripped to what the tables and figures read, in the layout the grid
 and ``reproduce.table`` use: ``reproduce/results/runs/<grid>/<dataset>_<arch>_<defence>_lam<L>_sigma<S>/seed<N>/``
@@ -16,6 +16,9 @@ holding
 
 No ``final.pt``, ``checkpoint.pt`` or attack state: a record reads as a finished run but cannot be
 resumed or attacked. Each record must stay under ``MAX_BYTES``; ``check`` lists what breaks the rules.
+``restore`` copies a record back into a live run directory (``RunDir.is_restored``) that can be attacked
+and saved again without retraining, so a new machine goes on with a run's missing attacks; it holds the
+client half only, so its accuracy is the record's.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ __all__ = [
     "check_record",
     "find_records",
     "load_encoder",
+    "restore_record",
     "absolute_paths",
     "main",
 ]
@@ -234,6 +238,8 @@ def record_files(run_dir, name: str, grid: str, num_samples: int = NUM_SAMPLES) 
         "weights": RunDir.ENCODER,
         "samples_per_setting": num_samples,
     }
+    if rd.is_restored:  # trained elsewhere: say where the training came from
+        marker["restored"] = json.loads(rd.restored_path.read_text())
     files[RunDir.RECORD] = _json_text(marker).encode()
     size = sum(len(b) for b in files.values())
     if size > MAX_BYTES:
@@ -290,6 +296,51 @@ def save_record(
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, target)
+    return target
+
+
+def restore_record(record_dir, run_dir, *, data_root=None) -> RunDir:
+    """Copy the record ``record_dir`` into the new live run directory ``run_dir``; returns its ``RunDir``.
+
+    The restored run (``RunDir.is_restored``) has the record's config, metrics, attack results, bound and
+    client-half weights, so ``reproduce.pipeline`` attacks it where the record left off and
+    :func:`save_record` saves it again. ``data_root``: written into its config (the record says
+    ``../shared/data``). ``run_dir`` must not hold a run (FileExistsError).
+    """
+    src = RunDir(record_dir)
+    if not src.is_record:
+        raise ValueError(f"{src.path} is not a record (no {RunDir.RECORD})")
+    problems = check_record(src)
+    if problems:
+        raise ValueError(f"{src.path} breaks the record rules: {'; '.join(problems)}")
+    if not src.encoder_path.is_file():
+        raise ValueError(f"{src.path} was saved without weights: there is nothing to attack")
+    target = RunDir(run_dir)
+    if target.path.exists() and (target.occupied or any(target.path.iterdir())):
+        raise FileExistsError(f"{target.path} is not empty; restore into a new folder")
+    marker = src.read_record_marker()
+    config = src.read_config()
+    if data_root is not None:
+        config["data_root"] = str(data_root)
+    tmp = target.path.with_name(f".{target.path.name}.restoring")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for path in sorted(src.path.iterdir()):
+        if path.name not in (RunDir.RECORD, RunDir.CONFIG):
+            shutil.copyfile(path, tmp / path.name)
+    (tmp / RunDir.CONFIG).write_text(_json_text(config))
+    restored = {
+        "record": _repo_relative(src.path) or f"{marker.get('grid')}/{marker.get('name')}",
+        "record_saved_on": marker.get("saved_on"),
+        "record_saved_at": marker.get("saved_at"),
+        "restored_on": machine_info(),
+        "restored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (tmp / RunDir.RESTORED).write_text(_json_text(restored))
+    if target.path.exists():
+        target.path.rmdir()
+    os.replace(tmp, target.path)
     return target
 
 
@@ -449,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default=None, help="ARM/seedN (default from the config; one run only)")
     s.add_argument("--replace", action="store_true", help="overwrite an existing record")
     s.add_argument("--samples", type=int, default=NUM_SAMPLES, help=f"images kept per attack setting ({NUM_SAMPLES})")
+    r = sub.add_parser("restore", help="copy records back into live run directories, to attack them further")
+    r.add_argument("records", nargs="+", help="record folders (or folders holding them)")
+    r.add_argument("--runs-root", default=None, help="where the live runs go (default runs/<each run's preset>)")
+    r.add_argument("--data-root", default=None, help="the data folder written into each restored config")
     sub.add_parser("list", help="one line per record")
     sub.add_parser("check", help="list what breaks the record rules (exit 1 if anything)")
     return p
@@ -482,6 +537,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 continue
             print(f"saved {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1000:.0f} kB)")
         return 1 if failed else 0
+    if args.command == "restore":
+        return _restore(p, args)
     records = list(find_records(root))
     if args.command == "list":
         for rd in records:
@@ -496,6 +553,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             bad += 1
     print(f"{len(records)} record(s), {bad} problem(s)", file=sys.stderr)
     return 1 if bad else 0
+
+
+def _restore(p: argparse.ArgumentParser, args) -> int:
+    found = [rd for folder in args.records for rd in find_records(folder)]
+    if not found:
+        p.error(f"no record in {', '.join(args.records)}")
+    failed = 0
+    for rec in found:
+        marker, config = rec.read_record_marker(), rec.read_config()
+        base = Path(args.runs_root) if args.runs_root else Path("runs") / str(config.get("preset"))
+        try:
+            out = restore_record(rec, base / marker["name"], data_root=args.data_root)
+        except (OSError, ValueError, KeyError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"restored {out.path} from {rec.path}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

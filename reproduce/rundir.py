@@ -48,6 +48,7 @@ class RunDir:
     RECORD = "record.json"  # marks a committed record (reproduce.records)
     ENCODER = "encoder.pt"  # a record's client-half weights
     BOUND = "bound.json"  # Figure 3's entropy-bound estimate, when one was made
+    RESTORED = "restored.json"  # marks a live run rebuilt from a record (client half only)
 
     def __init__(self, path: PathLike):
         if isinstance(path, RunDir):
@@ -93,6 +94,10 @@ class RunDir:
     def encoder_path(self) -> Path:
         return self.path / self.ENCODER
 
+    @property
+    def restored_path(self) -> Path:
+        return self.path / self.RESTORED
+
     def weights_path(self, which: str = "final") -> Path:
         """``final.pt`` (``which="final"``) or ``checkpoint.pt`` (``"checkpoint"``)."""
         if which not in ("final", "checkpoint"):
@@ -125,9 +130,15 @@ class RunDir:
         return self.record_path.is_file()
 
     @property
+    def is_restored(self) -> bool:
+        """A live run rebuilt from a record (``restored.json``, ``reproduce.records restore``): it can be
+        attacked and re-recorded, but it holds the client half's weights only (no server half, no resuming)."""
+        return self.restored_path.is_file() and not self.is_record and not self.final_path.is_file()
+
+    @property
     def finished(self) -> bool:
-        """Training finished (``final.pt`` exists, or this is a record of a finished run)."""
-        return self.final_path.is_file() or self.is_record
+        """Training finished (``final.pt`` exists, or this is a record of a finished run or restored from one)."""
+        return self.final_path.is_file() or self.is_record or self.is_restored
 
     @property
     def resumable(self) -> bool:
@@ -140,11 +151,13 @@ class RunDir:
         return self.started or self.checkpoint_path.exists() or self.final_path.exists()
 
     def status(self) -> str:
-        """``"not run"``, ``"training unfinished"``, ``"trained"`` or ``"record"``."""
+        """``"not run"``, ``"training unfinished"``, ``"trained"``, ``"restored"`` or ``"record"``."""
         if not self.started:
             return "not run"
         if self.is_record:
             return "record"
+        if self.is_restored:
+            return "restored"
         return "trained" if self.finished else "training unfinished"
 
     def attacked(self, attack: str, setting: str = "train_time") -> bool:

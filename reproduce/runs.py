@@ -63,6 +63,20 @@ def load_model_state(model: nn.Module, state: dict) -> None:
     model.load_state_dict(state)
 
 
+class ServerNotKept(nn.Module):
+    """The server half of a run restored from a record, which keeps the client half only: calling it fails."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__()
+        self.run_dir = str(run_dir)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            f"{self.run_dir} was restored from a record, which keeps the client half's weights only: "
+            "its server half (and so its accuracy) cannot be evaluated; the record's metrics.jsonl has the accuracy"
+        )
+
+
 @dataclass
 class LoadedRun:
     """A trained run, ready for attacks. ``model`` and ``defence`` are in eval mode on ``device``.
@@ -94,20 +108,31 @@ def load_run(run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu"
     """Load the model and defence of a training run.
 
     which: "final" (``final.pt``, training finished) or "checkpoint" (``checkpoint.pt``, the last
-    finished epoch of a run that may still be going).
+    finished epoch of a run that may still be going). A run restored from a record
+    (``reproduce.records restore``) loads its client half only: its ``model.server`` raises when called.
     """
     rd = RunDir(run_dir).check_live(
         "loaded as a whole model (it keeps the encoder only: reproduce.records.load_encoder)"
     )
-    path = rd.weights_path(which)
+    weights = rd.weights_path(which)
     config = rd.read_config()
-    state = load_checkpoint(path, map_location=device)
     run_dir = rd.path
     model = build_model(config).to(device)
-    load_model_state(model, state["model"])
     defence = build_run_defence(config)
-    setup_defence(defence, model, config, device)
-    defence.load_state_dict(state["defence"])
+    if rd.is_restored:
+        if which != "final":
+            raise ValueError(f"{rd.path} was restored from a record: it has no {RunDir.CHECKPOINT} to load")
+        # The record kept the client half only; every defence's perturb depends on its config alone
+        # (tests/test_records.py checks that), so a fresh defence perturbs as the trained one did.
+        load_model_state(model.encoder, torch.load(rd.encoder_path, map_location=device, weights_only=True))
+        model.server = ServerNotKept(rd.path)
+        setup_defence(defence, model, config, device)
+        state = {"metrics": rd.metrics()}
+    else:
+        state = load_checkpoint(weights, map_location=device)
+        load_model_state(model, state["model"])
+        setup_defence(defence, model, config, device)
+        defence.load_state_dict(state["defence"])
     model.eval()
     defence.eval()
     return LoadedRun(

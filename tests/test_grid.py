@@ -1,5 +1,7 @@
 """reproduce.grid: a named grid runs job by job, resumes, and a finished grid reruns as a no-op."""
 
+import json
+
 import pytest
 import torch
 
@@ -128,3 +130,21 @@ def test_a_job_whose_committed_record_is_complete_is_not_redone(tmp_path):
     assert grid.run_grid("smoke", runs_root=tmp_path / "fresh", dry_run=True, **kw) == []
     without = grid.run_grid("smoke", runs_root=tmp_path / "fresh", dry_run=True, **{**kw, "records_root": False})
     assert len([line for line in without if "train (not run)" in line]) == 2, without
+
+
+def test_a_new_machine_restores_a_record_and_runs_only_the_attacks_left(tmp_path):
+    recs = tmp_path / "records"
+    kw = dict(out_dir=tmp_path, device="cpu", threads=1, records_root=recs, log=lambda m: None)
+    grid.run_grid("smoke", runs_root=tmp_path / "runs", **kw)
+    first = next(j for j in grid.GRIDS["smoke"].jobs if isinstance(j, grid.RunJob))
+    rec = RunDir(recs / "smoke" / first.name)
+    report = rec.attack_record("decoder")
+    del report["settings"]["infer_time"]  # as if the ladder had stopped after one setting
+    rec.attack_record_path("decoder").write_text(json.dumps(report))
+    lines = []
+    left = grid.run_grid("smoke", runs_root=tmp_path / "fresh", **{**kw, "log": lines.append})
+    assert left[0].startswith("1/") and "decoder infer_time" in left[0] and len(left) == 2, left
+    assert any(line.startswith("[grid] restored") for line in lines)
+    live = RunDir(tmp_path / "fresh" / first.name)
+    assert live.is_restored and not live.final_path.exists()  # attacked, never retrained
+    assert RunDir(recs / "smoke" / first.name).attacked("decoder", "infer_time")

@@ -332,3 +332,68 @@ def test_record_states_lambda_in_the_papers_units(smoke):
             assert marker["cem"]["lambda_paper_units"] == config_paper_units(cfg, cfg["train_size"])
         else:
             assert marker["cem"] is None
+
+
+def test_a_restored_record_attacks_like_its_run_and_saves_again(smoke, tmp_path):
+    from reproduce import pipeline
+    from reproduce.runs import load_run
+
+    run, rec = _pairs(smoke)[0]
+    restored = records.restore_record(rec, tmp_path / "live" / "arm" / "seed0")
+    assert restored.is_restored and restored.finished and not restored.resumable
+    assert restored.status() == "restored" and not restored.final_path.exists()
+    assert restored.missing_settings("decoder", ("train_time", "infer_time")) == []
+    assert pipeline.ensure_trained(restored.path, preset="smoke", log=lambda _m: None) == restored  # no retraining
+    assert not restored.final_path.exists()
+    live, back = load_run(run.path), load_run(restored.path)
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(live.model.encoder(x), back.model.encoder(x))
+        with pytest.raises(RuntimeError, match="restored from a record"):
+            back.model(x)
+    with pytest.raises(ValueError, match="no checkpoint.pt"):
+        load_run(restored.path, which="checkpoint")
+    # an attack the record does not have yet gives the numbers it gives on the live run; its decoder (the
+    # record keeps no decoder weights) is retrained with the recorded decoder's settings, so it is the same one
+    for target in (run, restored):
+        pipeline.ensure_attacked(target, "whitebox", ("train_time",), preset="smoke", log=lambda _m: None)
+    assert restored.attack_entry("decoder", "train_time") != {}
+    for key in ("metrics", "config", "learning_curve"):
+        assert restored.attack_entry("decoder", "train_time")[key] == run.attack_entry("decoder", "train_time")[key]
+    assert restored.attack_entry("whitebox", "train_time")["metrics"] == run.attack_entry("whitebox", "train_time")["metrics"]
+    again = RunDir(records.save_record(restored, tmp_path / "recs", grid="smoke", name="arm/seed0"))
+    assert records.check_record(again) == [] and again.attacked("whitebox") and again.attacked("decoder", "infer_time")
+    assert again.read_record_marker()["restored"]["record_saved_at"] == rec.read_record_marker()["saved_at"]
+    assert again.metrics_path.read_bytes() == rec.metrics_path.read_bytes()
+    assert torch.equal(records.load_encoder(again)(x), records.load_encoder(rec)(x))
+    with pytest.raises(FileExistsError, match="not empty"):
+        records.restore_record(rec, restored.path)
+    with pytest.raises(ValueError, match="not a record"):
+        records.restore_record(run, tmp_path / "other")
+    name = rec.read_record_marker()["name"]
+    assert records.main(["restore", str(rec.path), "--runs-root", str(tmp_path / "cli"), "--data-root", "d"]) == 0
+    assert RunDir(tmp_path / "cli" / name).is_restored and RunDir(tmp_path / "cli" / name).read_config()["data_root"] == "d"
+    assert records.main(["restore", str(rec.path), "--runs-root", str(tmp_path / "cli")]) == 1  # there already
+
+
+@pytest.mark.parametrize("name", __import__("reproduce.defences", fromlist=["DEFENCES"]).DEFENCES)
+def test_every_defences_perturbation_depends_on_its_config_alone(smoke, name):
+    """Why a restored run (no defence state kept) perturbs the features as its trained defence did."""
+    from reproduce.runs import build_model, build_run_defence, setup_defence
+
+    config = {**_pairs(smoke)[0][0].read_config(), "defence": name, "defence_options": {}}
+    config["extra_client_layer"] = build_run_defence(config).extra_client_layer
+    model = build_model(config)
+    fresh, trained = build_run_defence(config), build_run_defence(config)
+    for d in (fresh, trained):
+        setup_defence(d, model, config, "cpu")
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for t in [*trained.parameters(), *trained.buffers()]:  # a stand-in for whatever training left there
+            t.copy_(torch.randn(t.shape, generator=gen) if t.is_floating_point() else torch.randint(0, 7, t.shape, generator=gen))
+    z = model.encoder(torch.rand(3, 3, 32, 32, generator=gen)).detach()
+    outs = []
+    for d in (fresh.eval(), trained.eval()):
+        torch.manual_seed(3)
+        outs.append(d.perturb(z))
+    assert torch.equal(outs[0], outs[1])
