@@ -360,7 +360,10 @@ def test_a_restored_record_attacks_like_its_run_and_saves_again(smoke, tmp_path)
     assert restored.attack_entry("decoder", "train_time") != {}
     for key in ("metrics", "config", "learning_curve"):
         assert restored.attack_entry("decoder", "train_time")[key] == run.attack_entry("decoder", "train_time")[key]
-    assert restored.attack_entry("whitebox", "train_time")["metrics"] == run.attack_entry("whitebox", "train_time")["metrics"]
+    assert (
+        restored.attack_entry("whitebox", "train_time")["metrics"]
+        == run.attack_entry("whitebox", "train_time")["metrics"]
+    )
     again = RunDir(records.save_record(restored, tmp_path / "recs", grid="smoke", name="arm/seed0"))
     assert records.check_record(again) == [] and again.attacked("whitebox") and again.attacked("decoder", "infer_time")
     assert again.read_record_marker()["restored"]["record_saved_at"] == rec.read_record_marker()["saved_at"]
@@ -372,7 +375,10 @@ def test_a_restored_record_attacks_like_its_run_and_saves_again(smoke, tmp_path)
         records.restore_record(run, tmp_path / "other")
     name = rec.read_record_marker()["name"]
     assert records.main(["restore", str(rec.path), "--runs-root", str(tmp_path / "cli"), "--data-root", "d"]) == 0
-    assert RunDir(tmp_path / "cli" / name).is_restored and RunDir(tmp_path / "cli" / name).read_config()["data_root"] == "d"
+    assert (
+        RunDir(tmp_path / "cli" / name).is_restored
+        and RunDir(tmp_path / "cli" / name).read_config()["data_root"] == "d"
+    )
     assert records.main(["restore", str(rec.path), "--runs-root", str(tmp_path / "cli")]) == 1  # there already
 
 
@@ -390,7 +396,11 @@ def test_every_defences_perturbation_depends_on_its_config_alone(smoke, name):
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for t in [*trained.parameters(), *trained.buffers()]:  # a stand-in for whatever training left there
-            t.copy_(torch.randn(t.shape, generator=gen) if t.is_floating_point() else torch.randint(0, 7, t.shape, generator=gen))
+            t.copy_(
+                torch.randn(t.shape, generator=gen)
+                if t.is_floating_point()
+                else torch.randint(0, 7, t.shape, generator=gen)
+            )
     z = model.encoder(torch.rand(3, 3, 32, 32, generator=gen)).detach()
     outs = []
     for d in (fresh.eval(), trained.eval()):
