@@ -277,47 +277,37 @@ def _protocol_notes(attack: str, noise_aware: bool, sigma: float) -> dict:
     return notes
 
 
-def _decoder_for(
-    run_dir: Path,
-    setting: str,
-    data,
-    train,
-    test,
-    perturb,
-    preset,
-    device,
-    progress,
-    header,
-    how,
-    noise_sigma,
-    noise_aware,
-):
+@dataclasses.dataclass(frozen=True)
+class _SettingJob:
+    """Everything one attack setting of one run needs: the run's data, this setting's attack-training and
+    test features, the perturbation, the resolved budgets and what the record's header says."""
+
+    run_dir: Path
+    setting: str
+    data: _RunData
+    train: object  # FeatureSet
+    test: object  # FeatureSet
+    how: dict
+    perturb: object
+    noise_sigma: Optional[float]
+    noise_aware: bool
+    preset: AuditPreset
+    device: torch.device
+    progress: Optional[bool]
+    header: dict
+
+
+def _decoder_for(job: _SettingJob) -> tuple:
     """The decoder attack's selected model of this setting, training (and recording) it first if missing.
 
     A decoder that is recorded but whose weights are gone (a run restored from a record keeps none) is
     retrained with its recorded settings, not the calling attack's preset, so that it is the recorded one."""
-    folder = state_dir(run_dir, "decoder", setting)
+    folder = state_dir(job.run_dir, "decoder", job.setting)
     if not (folder / BEST_NAME).exists():
         from reproduce.rundir import RunDir
 
-        preset = _with_recorded_decoder(preset, RunDir(run_dir).attack_entry("decoder", setting).get("config"))
-        _, entry = _run_one(
-            "decoder",
-            run_dir,
-            setting,
-            data,
-            train,
-            test,
-            perturb,
-            preset,
-            device,
-            progress,
-            header,
-            how,
-            noise_sigma,
-            noise_aware,
-            None,
-        )
+        recorded = RunDir(job.run_dir).attack_entry("decoder", job.setting).get("config")
+        _run_one("decoder", dataclasses.replace(job, preset=_with_recorded_decoder(job.preset, recorded)))
     model, saved = load_decoder(folder)
     return model, {"decoder_best_epoch": saved["best_epoch"], "decoder_protocol": saved["protocol"]}
 
@@ -332,46 +322,15 @@ def _with_recorded_decoder(preset: AuditPreset, recorded: Optional[dict]) -> Aud
     return preset.with_overrides(changes)
 
 
-def _run_one(
-    attack,
-    run_dir,
-    setting,
-    data,
-    train,
-    test,
-    perturb,
-    preset,
-    device,
-    progress,
-    header,
-    how,
-    noise_sigma,
-    noise_aware,
-    decoder,
-):
-    folder = state_dir(run_dir, attack, setting)
-    common = dict(num_classes=data.num_classes, device=device, progress=progress)
-    init_info = {}
-    if attack != "decoder" and decoder is None:
-        decoder, init_info = _decoder_for(
-            run_dir,
-            setting,
-            data,
-            train,
-            test,
-            perturb,
-            preset,
-            device,
-            progress,
-            header,
-            how,
-            noise_sigma,
-            noise_aware,
-        )
-    elif decoder is not None:
-        decoder, init_info = decoder
+def _run_one(attack: str, job: _SettingJob) -> tuple:
+    """Train (or resume) and score ``attack`` for ``job``, write its entry; returns (result, entry)."""
+    preset, train, test, perturb = job.preset, job.train, job.test, job.perturb
+    folder = state_dir(job.run_dir, attack, job.setting)
+    common = dict(num_classes=job.data.num_classes, device=job.device, progress=job.progress)
+    decoder, init_info = _decoder_for(job) if attack != "decoder" else (None, {})
     print(
-        f"[attack] {attack} attack, {setting}: {len(train)} attack-training / {len(test)} test images", file=sys.stderr
+        f"[attack] {attack} attack, {job.setting}: {len(train)} attack-training / {len(test)} test images",
+        file=sys.stderr,
     )
     if attack == "decoder":
         result = train_attack(
@@ -388,21 +347,23 @@ def _run_one(
             **common,
         )
     elif attack == "adaptive":
-        defence = data.run.defence
+        defence = job.data.run.defence
         own = defence.perturb if callable(getattr(defence, "perturb", None)) else perturb
-        noise_var = noise_variance(own, noise_sigma if own is perturb else None, train, seed=preset.adaptive_loop.seed)
+        noise_var = noise_variance(
+            own, job.noise_sigma if own is perturb else None, train, seed=preset.adaptive_loop.seed
+        )
         attack_obj = AdaptiveAttack(
-            preset.adaptive, num_classes=data.num_classes, noise_var=noise_var, init=decoder, init_info=init_info
+            preset.adaptive, num_classes=job.data.num_classes, noise_var=noise_var, init=decoder, init_info=init_info
         )
         result = train_attack(attack_obj, train, test, own, preset.adaptive_loop, state_dir=folder, **common)
     else:
         result = run_whitebox(
-            data.run.model.encoder,
+            job.data.run.model.encoder,
             test,
             perturb,
             preset.whitebox,
-            sigma=noise_sigma,
-            normalization=data.normalization,
+            sigma=job.noise_sigma,
+            normalization=job.data.normalization,
             mean_image=train.images.mean(0),
             start_model=decoder,
             seed=preset.decoder_loop.seed,
@@ -412,8 +373,8 @@ def _run_one(
     entry = {
         "preset": preset.name,
         **result.record(),
-        "data": how,
-        "protocol": _protocol_notes(attack, noise_aware or attack == "adaptive", noise_sigma),
+        "data": job.how,
+        "protocol": _protocol_notes(attack, job.noise_aware or attack == "adaptive", job.noise_sigma),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if init_info:
@@ -422,8 +383,8 @@ def _run_one(
         "original": result.samples["original"].mul(255).round().to(torch.uint8),
         "reconstruction": result.samples["reconstruction"],
     }
-    write_setting(run_dir, attack, {**header, "attack": attack}, setting, entry, samples)
-    print(f"[attack] {attack} {setting}: MSE {entry['mse']:.5f} SSIM {entry['ssim']:.4f}", file=sys.stderr)
+    write_setting(job.run_dir, attack, {**job.header, "attack": attack}, job.setting, entry, samples)
+    print(f"[attack] {attack} {job.setting}: MSE {entry['mse']:.5f} SSIM {entry['ssim']:.4f}", file=sys.stderr)
     return result, entry
 
 
@@ -475,24 +436,22 @@ def run_attack(
         if folder.exists():
             shutil.rmtree(folder)
     train, test, how = data.setting_data(setting)
-    _, entry = _run_one(
-        attack,
-        run_dir,
-        setting,
-        data,
-        train,
-        test,
-        perturb,
-        resolved,
-        device,
-        progress,
-        header,
-        how,
-        noise_sigma,
-        noise_aware,
-        None,
+    job = _SettingJob(
+        run_dir=run_dir,
+        setting=setting,
+        data=data,
+        train=train,
+        test=test,
+        how=how,
+        perturb=perturb,
+        noise_sigma=noise_sigma,
+        noise_aware=noise_aware,
+        preset=resolved,
+        device=device,
+        progress=progress,
+        header=header,
     )
-    return entry
+    return _run_one(attack, job)[1]
 
 
 def _read_config(run_dir) -> dict:
