@@ -38,6 +38,7 @@ __all__ = [
     "table_artifact",
     "figure3_artifact",
     "preset_artifact",
+    "regime_artifact",
     "figure4_artifact",
     "figure5_artifact",
     "check",
@@ -257,6 +258,21 @@ def preset_artifact(grid: str, others: Sequence[str] = (), name: Optional[str] =
     return Artifact(name, grid, (f"{name}.md",), build)
 
 
+def regime_artifact(grid: str, name: Optional[str] = None, title: str = "The regime experiment (cpu-full)") -> Artifact:
+    """The regime experiment's table (``reproduce.regime_table``): one row per arm of the records in ``<grid>``."""
+    name = name or grid
+
+    def build(grid_dir: Path) -> dict:
+        from reproduce import regime_table
+
+        rows = regime_table.regime_rows(grid_dir)
+        if not rows:
+            raise NoRecords(f"no finished record in {_where(grid_dir)}")
+        return {f"{name}.md": regime_table.regime_markdown(rows, title)}
+
+    return Artifact(name, grid, (f"{name}.md",), build)
+
+
 # ----------------------------------------------------------------------------- the registries
 
 _CPU_FIGURE5_RUNS = tuple(
@@ -274,6 +290,7 @@ REGISTRIES = {
             figure3_artifact("cpu"),
             figure4_artifact("cpu"),
             figure5_artifact("cpu", _CPU_FIGURE5_RUNS),
+            regime_artifact("regime"),
         ),
         raw={
             "lambda_guidance.json": "the raw output of python -m reproduce.lambda_guidance (it trains no run "
@@ -287,6 +304,7 @@ REGISTRIES = {
             table_artifact(1, "smoke", "smoke", "cifar10-sample", attacks=("decoder",)),
             figure4_artifact("smoke"),
             figure5_artifact("smoke", _SMOKE_RUNS),
+            regime_artifact("smoke", name="regime_smoke", title="The regime table of the smoke records"),
         ),
     ),
 }

@@ -196,6 +196,7 @@ def test_results_check_passes_then_fails_on_an_edited_number(smoke, tmp_path, ca
         "figure4_smoke.png",
         "figure5_smoke.json",
         "figure5_smoke.png",
+        "regime_smoke.md",
     }
     capsys.readouterr()
     assert _check(results) == 0
@@ -407,3 +408,42 @@ def test_every_defences_perturbation_depends_on_its_config_alone(smoke, name):
         torch.manual_seed(3)
         outs.append(d.perturb(z))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_regime_table_groups_seeds_and_divides_by_the_arm_without_cem(smoke, tmp_path):
+    from reproduce import regime_table
+
+    recs = tmp_path / "g"
+    shutil.copytree(smoke[1] / "smoke", recs)
+    arms = sorted(p.name for p in recs.iterdir())
+    mse = {0: (0.02, 0.03), 16: (0.05, 0.07)}  # (whitebox, adaptive) per lambda, stand-ins for the ladder
+    for arm in arms:
+        lam = 16 if "lam16" in arm else 0
+        rd = RunDir(recs / arm / "seed0")
+        for attack, value in zip(("whitebox", "adaptive"), mse[lam]):
+            entry = {**rd.attack_entry("decoder", "train_time"), "metrics": {"mse": value}}
+            rd.attack_record_path(attack).write_text(json.dumps({"settings": {"train_time": entry}}))
+        second = recs / arm / "seed1"  # a second seed, 2 points more accurate
+        shutil.copytree(rd.path, second)
+        cfg = json.loads((second / "config.json").read_text())
+        (second / "config.json").write_text(json.dumps({**cfg, "seed": 1}))
+        rows = RunDir(second).metrics()
+        rows[-1]["test_acc"] += 0.02
+        RunDir(second).write_metrics(rows)
+    rows = regime_table.regime_rows(recs)
+    assert [r["arm"].endswith("no CEM") for r in rows] == [True, False] and [r["seeds"] for r in rows] == ["0, 1"] * 2
+    live = [RunDir(smoke[1] / "smoke" / arm / "seed0") for arm in arms]
+    worst = [
+        min(rd.attack_metric("decoder", "train_time", "mse"), *mse[16 if "lam16" in rd.path.parent.name else 0])
+        for rd in live
+    ]
+    by_lam = dict(zip((0 if "lam0" in a else 16 for a in arms), worst))
+    assert rows[0]["worst"] == f"{by_lam[0]:.4f} ± 0.0000" and rows[1]["gain"] == f"x{by_lam[16] / by_lam[0]:.2f}"
+    acc = 100 * live[0].final_accuracy()
+    mean, sd = rows[0]["acc"].split(" ± ")
+    assert float(mean) == pytest.approx(acc + 1, abs=0.006) and float(sd) == pytest.approx(2**0.5, abs=0.006)
+    assert rows[1]["strength"] != "-" and rows[0]["strength"] == "-"
+    text = regime_table.regime_markdown(rows)
+    assert (
+        "Noise_ARL+CEM: 87.62 % accuracy, decoder MSE 0.0330" in text and text.count("\n| ") == 3
+    )  # the header and two rows
