@@ -300,9 +300,12 @@ def _left(job: RunJob, grid: Grid, root: Path, records_root: Optional[Path]) -> 
     """What is left of ``job`` in ``root``; nothing when its committed record is already complete (a later
     session on a machine without ``runs/`` does not redo it)."""
     left = job.todo(root, grid.preset)
-    if left and records_root is not None and not job.todo(records_root / grid.name, grid.preset):
-        return []
-    return left
+    if not left or records_root is None or not RunDir(records_root / grid.name / job.name).is_record:
+        return left
+    from_record = job.todo(records_root / grid.name, grid.preset)
+    if RunDir(root / job.name).started or not from_record:
+        return left if from_record else []
+    return ["restore from its record"] + from_record  # a new machine: the record's missing attacks only
 
 
 def _restore_from_record(run_dir: Path, job: RunJob, grid: Grid, records_root, data_root, log) -> None:

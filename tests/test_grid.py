@@ -141,6 +141,8 @@ def test_a_new_machine_restores_a_record_and_runs_only_the_attacks_left(tmp_path
     report = rec.attack_record("decoder")
     del report["settings"]["infer_time"]  # as if the ladder had stopped after one setting
     rec.attack_record_path("decoder").write_text(json.dumps(report))
+    plan = grid.run_grid("smoke", runs_root=tmp_path / "fresh", dry_run=True, **kw)
+    assert plan[0].endswith(": restore from its record, decoder infer_time"), plan
     lines = []
     left = grid.run_grid("smoke", runs_root=tmp_path / "fresh", **{**kw, "log": lines.append})
     assert left[0].startswith("1/") and "decoder infer_time" in left[0] and len(left) == 2, left
