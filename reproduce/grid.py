@@ -161,10 +161,12 @@ def _cpu_jobs() -> tuple:
     return tuple(jobs)
 
 
-def _regime_jobs() -> tuple:
+def _regime_jobs(cpu_records: Optional[Path] = None) -> tuple:
     """Issue 17's deciding experiment at ``--preset cpu-full`` (all 50,000 images, so lambda is in the paper's
-    units for the paper variant). The noise-alone control at the sigma that matches the CEM arms' accuracy is
-    added once the cpu grid's sigma sweep has picked that sigma."""
+    units for the paper variant). The noise-alone control at the sigma whose accuracy cost matches CEM's
+    (``reproduce.matched_sigma``) is the last job, once the cpu grid's committed records give that sigma."""
+    from reproduce.matched_sigma import matched_sigma
+    from reproduce.records import RECORDS_ROOT
 
     def run(defence, lam, seed, **train):
         return RunJob("cifar10", defence, 0.025, lam, seed, attacks=LADDER, train=tuple(sorted(train.items())))
@@ -180,6 +182,9 @@ def _regime_jobs() -> tuple:
         run("noise", 0, 126),
         run("noise", 16, 126),
     ]
+    matched = matched_sigma(cpu_records or RECORDS_ROOT / "cpu")
+    if matched is not None:
+        jobs.append(RunJob("cifar10", "noise", matched["sigma"], 0, 125, attacks=LADDER))
     return tuple(jobs)
 
 

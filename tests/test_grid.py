@@ -150,3 +150,32 @@ def test_a_new_machine_restores_a_record_and_runs_only_the_attacks_left(tmp_path
     live = RunDir(tmp_path / "fresh" / first.name)
     assert live.is_restored and not live.final_path.exists()  # attacked, never retrained
     assert RunDir(recs / "smoke" / first.name).attacked("decoder", "infer_time")
+
+
+def _fake_noise_record(root, sigma, lam, acc, seed=125):
+    run = RunDir(root / f"cifar10_vgg11_bn_noise_lam{lam:g}_sigma{sigma:g}" / f"seed{seed}")
+    run.path.mkdir(parents=True)
+    cfg = {"defence": "noise", "sigma": sigma, "cem_lambda": lam, "cem_variant": "paper", "seed": seed}
+    run.write_config(cfg)
+    run.write_metrics([{"epoch": 1, "test_acc": acc}])
+    (run.path / "record.json").write_text("{}")
+    return run
+
+
+def test_matched_sigma_interpolates_the_noise_sweep_and_joins_the_regime_grid(tmp_path):
+    from reproduce.matched_sigma import matched_sigma
+
+    recs = tmp_path / "cpu"
+    _fake_noise_record(recs, 0.025, 0, 0.66)
+    _fake_noise_record(recs, 0.025, 16, 0.62)  # CEM costs 4 points
+    assert matched_sigma(recs) is None and len(grid._regime_jobs(recs)) == 8  # no sweep point beyond it yet
+    _fake_noise_record(recs, 0.05, 0, 0.64)  # 2 points
+    _fake_noise_record(recs, 0.1, 0, 0.60)  # 6 points
+    found = matched_sigma(recs)
+    # 4 points lies halfway between sigma 0.05 (2) and 0.1 (6): the geometric mean, 0.0707
+    assert found["sigma"] == pytest.approx(0.0707) and found["target_drop"] == pytest.approx(0.04)
+    jobs = grid._regime_jobs(recs)
+    assert len(jobs) == 9 and jobs[-1].name == "cifar10_vgg11_bn_noise_lam0_sigma0.0707/seed125"
+    _fake_noise_record(recs, 0.025, 16, 0.67, seed=126)  # another seed does not count
+    assert matched_sigma(recs)["sigma"] == found["sigma"]
+    assert matched_sigma(recs, seed=126) is None

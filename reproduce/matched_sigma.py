@@ -1,0 +1,76 @@
+"""Noise alone at equal accuracy: the sigma whose accuracy cost at the ``cpu`` preset equals CEM's.
+
+Figure 4's control asks whether CEM beats simply adding more noise at the same accuracy. The ``regime`` grid
+cannot afford a sigma sweep at ``cpu-full``, so the sigma comes from the ``cpu`` grid's records: the
+accuracy drop of CEM (lambda 16, sigma 0.025) against noise alone at sigma 0.025, matched on the curve of
+noise-alone accuracy drops over sigma (0.025, 0.05, 0.1, one seed), interpolated linearly in log sigma.
+
+    python -m reproduce.matched_sigma [RECORDS]     # default reproduce/results/runs/cpu
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+from reproduce.rundir import RunDir, find_runs
+
+__all__ = ["noise_sweep", "matched_sigma"]
+
+BASE_SIGMA = 0.025
+
+
+def noise_sweep(records_dir, seed: int = 125, lam: float = 0) -> dict:
+    """``{sigma: final test accuracy}`` of the finished ``noise`` runs at ``lam`` and ``seed`` below ``records_dir``."""
+    out = {}
+    for rd in find_runs(records_dir):
+        cfg = rd.read_config()
+        if (
+            rd.finished
+            and cfg.get("defence") == "noise"
+            and cfg.get("seed") == seed
+            and float(cfg.get("cem_lambda") or 0) == lam
+            and cfg.get("cem_variant", "paper") == "paper"
+            and RunDir(rd.path).final_accuracy() is not None
+        ):
+            out[float(cfg["sigma"])] = rd.final_accuracy()
+    return dict(sorted(out.items()))
+
+
+def matched_sigma(records_dir, lam: float = 16, seed: int = 125) -> Optional[dict]:
+    """The noise-alone sigma with CEM's accuracy drop (``lam`` at sigma 0.025, ``seed``), or None while the
+    records lack the CEM run, the sigma-0.025 run or a sweep point beyond CEM's drop.
+
+    Returns ``{"sigma": ..., "target_drop": ..., "sweep": {sigma: acc}, "cem_acc": ...}`` (accuracies as fractions).
+    """
+    sweep = noise_sweep(records_dir, seed)
+    cem = noise_sweep(records_dir, seed, lam).get(BASE_SIGMA)
+    if cem is None or BASE_SIGMA not in sweep:
+        return None
+    base = sweep[BASE_SIGMA]
+    target = base - cem
+    if target <= 0:  # CEM cost no accuracy: the control is noise alone at CEM's own sigma
+        return {"sigma": BASE_SIGMA, "target_drop": target, "sweep": sweep, "cem_acc": cem}
+    points = [(s, base - a) for s, a in sweep.items() if s >= BASE_SIGMA]
+    for (s0, d0), (s1, d1) in zip(points, points[1:]):
+        if d0 <= target <= d1 and d1 > d0:
+            t = (target - d0) / (d1 - d0)
+            sigma = math.exp(math.log(s0) + t * (math.log(s1) - math.log(s0)))
+            return {"sigma": float(f"{sigma:.3g}"), "target_drop": target, "sweep": sweep, "cem_acc": cem}
+    return None
+
+
+if __name__ == "__main__":
+    from reproduce.records import RECORDS_ROOT
+
+    where = Path(sys.argv[1]) if len(sys.argv) > 1 else RECORDS_ROOT / "cpu"
+    found = matched_sigma(where)
+    if found is None:
+        print(f"not yet: {where} has the noise sweep {noise_sweep(where)} and no bracket of CEM's accuracy drop")
+    else:
+        print(
+            f"sigma {found['sigma']:g}: noise alone loses {100 * found['target_drop']:.2f} points there, as CEM does "
+            f"(sweep {found['sweep']})"
+        )
