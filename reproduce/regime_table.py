@@ -67,23 +67,34 @@ def _spread(values: Sequence[float], fmt: str) -> Optional[str]:
     return f"{format(mean, fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
-def _worst(rd: RunDir) -> Optional[float]:
-    from reproduce.table import worst_case_mse
+def _order(key: tuple) -> tuple:
+    """Noise arms first, each defence's arm without CEM before its CEM arms, then by sigma and lambda."""
+    defence, sigma, lam, variant, schedule = key
+    return (defence != "noise", defence, lam > 0, sigma, lam, str(variant), str(schedule))
 
-    return worst_case_mse(rd)
+
+def _mses(runs: Sequence[RunDir], attack: str, setting: str) -> list[float]:
+    return [v for v in (rd.attack_metric(attack, setting, "mse") for rd in runs) if v is not None]
+
+
+def _sizes(config: dict) -> str:
+    return " / ".join(
+        f"{n:,}" if isinstance(n, int) else "?" for n in (config.get("train_size"), config.get("test_size"))
+    )
 
 
 def regime_rows(records_dir) -> list[dict]:
     """One row per arm of the finished runs (or records) below ``records_dir``, in a stable order."""
     from reproduce.strength import config_paper_units
+    from reproduce.table import worst_case_mse
 
     arms: dict[tuple, list[RunDir]] = {}
     for rd in find_runs(records_dir):
         if rd.finished:
             arms.setdefault(arm_key(rd.read_config()), []).append(rd)
-    worst_of = {key: [w for w in map(_worst, runs) if w is not None] for key, runs in arms.items()}
+    worst_of = {key: [w for w in map(worst_case_mse, runs) if w is not None] for key, runs in arms.items()}
     rows = []
-    for key in sorted(arms, key=lambda k: (k[0] != "noise", k[0], k[2] > 0, k[1], k[2], str(k[3]), str(k[4]))):
+    for key in sorted(arms, key=_order):
         runs = sorted(arms[key], key=lambda rd: rd.read_config()["seed"])
         configs = [rd.read_config() for rd in runs]
         accs = [100 * a for a in (rd.final_accuracy() for rd in runs) if a is not None]
@@ -105,20 +116,12 @@ def regime_rows(records_dir) -> list[dict]:
                     f"{config_paper_units(cfg, int(cfg['train_size'])):g}" if key[2] and cfg.get("train_size") else "-"
                 ),
                 "seeds": ", ".join(str(c["seed"]) for c in configs),
-                "images": " ; ".join(
-                    sorted({f"{c.get('train_size', '?'):,} / {c.get('test_size', '?'):,}" for c in configs})
-                ),
+                "images": " ; ".join(sorted({_sizes(c) for c in configs})),
                 "acc": _spread(accs, ".2f"),
                 "worst": _spread(worst_of[key], ".4f"),
                 "gain": gain,
-                "dec_train": _spread(
-                    [v for v in (rd.attack_metric("decoder", "train_time", "mse") for rd in runs) if v is not None],
-                    ".4f",
-                ),
-                "dec_infer": _spread(
-                    [v for v in (rd.attack_metric("decoder", "infer_time", "mse") for rd in runs) if v is not None],
-                    ".4f",
-                ),
+                "dec_train": _spread(_mses(runs, "decoder", "train_time"), ".4f"),
+                "dec_infer": _spread(_mses(runs, "decoder", "infer_time"), ".4f"),
                 "epoch_s": round(statistics.median(times)) if times else None,
                 "train_min": round(statistics.fmean(totals) / 60) if totals else None,
                 "threads": ", ".join(sorted({str(c.get("threads")) for c in configs})),
