@@ -115,13 +115,9 @@ def figure4_series(points: list[dict]) -> dict[tuple, list[dict]]:
 
 def _paper_units(configs: Sequence[dict]) -> list[float]:
     """The distinct CEM strengths of ``configs`` in the paper's units (``reproduce.strength``); [] without CEM."""
-    from reproduce.strength import config_paper_units
+    from reproduce.strength import run_paper_units
 
-    found = set()
-    for cfg in configs:
-        if float(cfg.get("cem_lambda") or 0) > 0 and cfg.get("train_size"):
-            found.add(round(config_paper_units(cfg, int(cfg["train_size"])), 4))
-    return sorted(found)
+    return sorted({round(u, 4) for u in map(run_paper_units, configs) if u is not None})
 
 
 def _family_label(key: tuple, several_cuts: bool) -> str:

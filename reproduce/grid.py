@@ -308,8 +308,10 @@ def _left(job: RunJob, grid: Grid, root: Path, records_root: Optional[Path]) -> 
     if not left or records_root is None or not RunDir(records_root / grid.name / job.name).is_record:
         return left
     from_record = job.todo(records_root / grid.name, grid.preset)
-    if RunDir(root / job.name).started or not from_record:
-        return left if from_record else []
+    if not from_record:
+        return []
+    if RunDir(root / job.name).started:
+        return left
     return ["restore from its record"] + from_record  # a new machine: the record's missing attacks only
 
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from reproduce.rundir import RunDir, find_runs
+from reproduce.rundir import find_runs
 
 __all__ = ["noise_sweep", "matched_sigma"]
 
@@ -28,14 +28,14 @@ def noise_sweep(records_dir, seed: int = 125, lam: float = 0) -> dict:
     for rd in find_runs(records_dir):
         cfg = rd.read_config()
         if (
-            rd.finished
-            and cfg.get("defence") == "noise"
+            cfg.get("defence") == "noise"
             and cfg.get("seed") == seed
             and float(cfg.get("cem_lambda") or 0) == lam
             and cfg.get("cem_variant", "paper") == "paper"
-            and RunDir(rd.path).final_accuracy() is not None
         ):
-            out[float(cfg["sigma"])] = rd.final_accuracy()
+            acc = rd.final_accuracy()  # None unless training finished
+            if acc is not None:
+                out[float(cfg["sigma"])] = acc
     return dict(sorted(out.items()))
 
 

@@ -37,7 +37,7 @@ def preset_row(run_dir, name: Optional[str] = None) -> dict:
     cfg, rows = rd.read_config(), rd.metrics()
     accs = [r["test_acc"] for r in rows if r.get("test_acc") is not None]
     times = [r["time_s"] for r in rows if r.get("time_s") is not None]
-    machine = cfg.get("machine") or rd.read_record_marker().get("saved_on") or {}
+    machine = rd.machine(cfg)
     return {
         "record": name or rd.path.name,
         "augment": cfg.get("augment"),

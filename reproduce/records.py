@@ -177,17 +177,17 @@ def _samples_bytes(path: Path, header: dict, num_samples: int) -> Optional[bytes
 
 def _strength(config: dict) -> Optional[dict]:
     """The run's CEM weight and its value in the paper's units (``reproduce.strength``); None without CEM."""
-    from reproduce.strength import config_paper_units
+    from reproduce.strength import run_paper_units
 
-    lam = float(config.get("cem_lambda") or 0)
-    if lam <= 0 or not config.get("train_size"):
+    units = run_paper_units(config)
+    if units is None:
         return None
     return {
-        "lambda": lam,
+        "lambda": float(config["cem_lambda"]),
         "variant": config.get("cem_variant"),
         "schedule": config.get("cem_schedule", "constant"),
         "train_size": config["train_size"],
-        "lambda_paper_units": config_paper_units(config, int(config["train_size"])),
+        "lambda_paper_units": units,
     }
 
 
@@ -316,7 +316,7 @@ def restore_record(record_dir, run_dir, *, data_root=None) -> RunDir:
     if not src.encoder_path.is_file():
         raise ValueError(f"{src.path} was saved without weights: there is nothing to attack")
     target = RunDir(run_dir)
-    if target.path.exists() and (target.occupied or any(target.path.iterdir())):
+    if target.path.exists() and any(target.path.iterdir()):
         raise FileExistsError(f"{target.path} is not empty; restore into a new folder")
     marker = src.read_record_marker()
     config = src.read_config()

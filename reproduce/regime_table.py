@@ -85,36 +85,30 @@ def _sizes(config: dict) -> str:
 
 def regime_rows(records_dir) -> list[dict]:
     """One row per arm of the finished runs (or records) below ``records_dir``, in a stable order."""
-    from reproduce.strength import config_paper_units
+    from reproduce.strength import run_paper_units
     from reproduce.table import worst_case_mse
 
-    arms: dict[tuple, list[RunDir]] = {}
+    arms: dict[tuple, list[tuple[dict, RunDir]]] = {}
     for rd in find_runs(records_dir):
         if rd.finished:
-            arms.setdefault(arm_key(rd.read_config()), []).append(rd)
-    worst_of = {key: [w for w in map(worst_case_mse, runs) if w is not None] for key, runs in arms.items()}
+            cfg = rd.read_config()
+            arms.setdefault(arm_key(cfg), []).append((cfg, rd))
+    worst_of = {key: [w for w in (worst_case_mse(rd) for _, rd in runs) if w is not None] for key, runs in arms.items()}
     rows = []
     for key in sorted(arms, key=_order):
-        runs = sorted(arms[key], key=lambda rd: rd.read_config()["seed"])
-        configs = [rd.read_config() for rd in runs]
+        configs, runs = zip(*sorted(arms[key], key=lambda pair: pair[0]["seed"]))
         accs = [100 * a for a in (rd.final_accuracy() for rd in runs) if a is not None]
-        times = [r["time_s"] for rd in runs for r in rd.metrics() if r.get("time_s") is not None]
-        totals = [sum(r.get("time_s") or 0 for r in rd.metrics()) for rd in runs]
+        epoch_times = [[r["time_s"] for r in rd.metrics() if r.get("time_s") is not None] for rd in runs]
+        times = [t for run_times in epoch_times for t in run_times]
         base = worst_of.get((key[0], BASE_SIGMA, 0.0, None, None), [])
         gain = None
         if key[2] and worst_of[key] and base:
             gain = f"x{statistics.fmean(worst_of[key]) / statistics.fmean(base):.2f}"
-        cfg = configs[0]
-        machines = {
-            (c.get("machine") or rd.read_record_marker().get("saved_on") or {}).get("cpu")
-            for c, rd in zip(configs, runs)
-        }
+        units = run_paper_units(configs[0])
         rows.append(
             {
                 "arm": _label(key),
-                "strength": (
-                    f"{config_paper_units(cfg, int(cfg['train_size'])):g}" if key[2] and cfg.get("train_size") else "-"
-                ),
+                "strength": "-" if units is None else f"{units:g}",
                 "seeds": ", ".join(str(c["seed"]) for c in configs),
                 "images": " ; ".join(sorted({_sizes(c) for c in configs})),
                 "acc": _spread(accs, ".2f"),
@@ -123,9 +117,9 @@ def regime_rows(records_dir) -> list[dict]:
                 "dec_train": _spread(_mses(runs, "decoder", "train_time"), ".4f"),
                 "dec_infer": _spread(_mses(runs, "decoder", "infer_time"), ".4f"),
                 "epoch_s": round(statistics.median(times)) if times else None,
-                "train_min": round(statistics.fmean(totals) / 60) if totals else None,
+                "train_min": round(statistics.fmean(map(sum, epoch_times)) / 60),
                 "threads": ", ".join(sorted({str(c.get("threads")) for c in configs})),
-                "cpu": ", ".join(sorted(m or "not recorded" for m in machines)),
+                "cpu": ", ".join(sorted({rd.machine(c).get("cpu") or "not recorded" for c, rd in zip(configs, runs)})),
             }
         )
     return rows

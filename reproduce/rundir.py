@@ -211,6 +211,12 @@ class RunDir:
         """A record's ``record.json`` ({} for a live run)."""
         return json.loads(self.record_path.read_text()) if self.is_record else {}
 
+    def machine(self, config: Optional[dict] = None) -> dict:
+        """The machine that trained the run (its config's ``machine``), else the one that saved its record; {}.
+        ``config``: the run's config when it is already read."""
+        config = self.read_config() if config is None else config
+        return config.get("machine") or self.read_record_marker().get("saved_on") or {}
+
     def metrics(self) -> list[dict]:
         """The finished epochs' rows (empty when none)."""
         if not self.metrics_path.is_file():

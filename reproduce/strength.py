@@ -83,6 +83,14 @@ def from_paper_units(
     return float(units) / n_factor(variant, n_train, paper_n)
 
 
+def run_paper_units(config: dict) -> Optional[float]:
+    """A run's CEM strength in the paper's units from its ``config.json`` (its ``train_size`` is N); None when it
+    trains without CEM or its config names no ``train_size``."""
+    if float(config.get("cem_lambda") or 0) <= 0 or not config.get("train_size"):
+        return None
+    return config_paper_units(config, int(config["train_size"]))
+
+
 def config_paper_units(config: dict, n_train: int) -> float:
     """``paper_units`` of a run's settings (``cem_lambda``, ``cem_variant``, ``cem_schedule``, ``lr``,
     ``batch_size``) trained on ``n_train`` images; the official schedule's weight is read at the peak LR."""

@@ -548,19 +548,19 @@ def _average_rows(result: dict) -> dict[bool, dict[str, dict]]:
 
 def _strength_lines(opts: Options) -> list[str]:
     """The CEM strengths of the runs found, in the paper's units (``reproduce.strength``), and the worst case's rule."""
-    from reproduce.strength import config_paper_units
+    from reproduce.strength import run_paper_units
 
     seen = set()
     for _, cfg in opts._found or []:
-        lam = float(cfg.get("cem_lambda") or 0)
-        if lam > 0 and cfg.get("train_size"):
+        units = run_paper_units(cfg)
+        if units is not None:
             seen.add(
                 (
-                    lam,
+                    float(cfg["cem_lambda"]),
                     cfg.get("cem_variant"),
                     cfg.get("cem_schedule", "constant"),
                     cfg["train_size"],
-                    round(config_paper_units(cfg, int(cfg["train_size"])), 4),
+                    round(units, 4),
                 )
             )
     lines = [

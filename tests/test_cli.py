@@ -363,25 +363,13 @@ def test_the_docs_commands_at_the_smoke_preset(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     common = [
-        "--preset",
-        "smoke",
+        *TINY_TRAIN,
         "--arch",  # the docs' runs are --preset cpu runs, VGG11-BN like Table 1's arms (smoke alone is ResNet-20)
         "vgg11_bn",
         "--defence",
         "bottleneck",
         "--sigma",
         "0.025",
-        "--no-progress",
-        "--threads",
-        "1",
-        "--cem-backend",
-        "torch",
-        "--train-subset",
-        "8",
-        "--test-subset",
-        "4",
-        "--batch-size",
-        "4",
     ]
     assert train.main([*common, "--cem-lambda", "0", "--out", "runs/bottleneck"]) == 0
     assert train.main([*common, "--cem-lambda", "16", "--out", "runs/bottleneck_cem"]) == 0

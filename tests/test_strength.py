@@ -78,3 +78,12 @@ def test_figure4_labels_carry_the_paper_units():
     assert _paper_units([cfg, dict(cfg)]) == [80.0]  # lambda 16 at N = 10,000 pushes like 80 at 50,000
     assert _paper_units([{**cfg, "cem_lambda": 0.0}]) == []
     assert _paper_units([cfg, {**cfg, "train_size": 50_000}]) == [16.0, 80.0]
+
+
+def test_run_paper_units_reads_a_runs_config():
+    from reproduce.strength import config_paper_units, run_paper_units
+
+    cfg = {"cem_lambda": 16.0, "cem_variant": "paper", "lr": 0.05, "batch_size": 128, "train_size": 10_000}
+    assert run_paper_units(cfg) == config_paper_units(cfg, 10_000) == pytest.approx(80.0)
+    assert run_paper_units({**cfg, "cem_lambda": 0}) is None
+    assert run_paper_units({k: v for k, v in cfg.items() if k != "train_size"}) is None
