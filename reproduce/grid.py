@@ -20,6 +20,7 @@ Run layout (the one ``reproduce.table`` collects): ``ROOT/<dataset>_<arch>_<defe
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import sys
 from dataclasses import dataclass, field
@@ -232,15 +233,20 @@ def run_grid(
     out_dir: Optional[Path] = None,
     dry_run: bool = False,
     records_root: Optional[Union[str, Path, bool]] = None,
+    only: Sequence[str] = (),
+    train_only: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[str]:
     """Run grid ``name`` (``GRIDS``) job by job, skipping what is done; returns the lines of what was (or,
     with ``dry_run``, would be) done. ``out_dir``: where table jobs write (default: the current folder).
     ``records_root``: where each run's record is saved as it trains and is attacked (default: the committed
-    records folder for a grid that keeps records, none for the others; False: none)."""
+    records folder for a grid that keeps records, none for the others; False: none). ``only``: shell
+    patterns; just the run jobs whose name matches one of them (no table jobs). ``train_only``: train the
+    runs, attack nothing and write no table (a later run of the grid attacks them)."""
     if name not in GRIDS:
         raise ValueError(f"grid must be one of {tuple(GRIDS)}, got {name!r}")
     grid = GRIDS[name]
+    selected = select_jobs(grid, only)
     if records_root is None and grid.records:
         from reproduce.records import RECORDS_ROOT
 
@@ -257,8 +263,12 @@ def run_grid(
     out_base = Path(out_dir or ".")
     changed = False  # a table job rewrites its table only after a run job did something (or when it is missing)
     for i, job in enumerate(grid.jobs, 1):
+        if job not in selected or (train_only and not isinstance(job, RunJob)):
+            continue
         if isinstance(job, RunJob):
             left = _left(job, grid, root, records_root)
+            if train_only:
+                left = [step for step in left if step.startswith("train (")]
         else:
             left = [f"write {job.out}"] if changed else job.todo(root, out_base)
         what = job.name if isinstance(job, RunJob) else f"table {job.number}"
@@ -280,6 +290,9 @@ def run_grid(
                 log=log,
             )
             _save_record(rd, grid, records_root, log)
+            changed = True
+            if train_only:
+                continue
             for attack, settings in job.attacks:
                 pipeline.ensure_attacked(
                     rd,
@@ -295,10 +308,23 @@ def run_grid(
                 rd, device=device, data_root=data_root if job.dataset != "cifar10-sample" else None, log=log
             )
             _save_record(rd, grid, records_root, log)
-            changed = True
         else:
             _write_table(job, grid, root, data_root, device, threads, out_base, log)
     return done_lines
+
+
+def select_jobs(grid: Grid, only: Sequence[str] = ()) -> tuple:
+    """The jobs of ``grid`` that run: all of them, or with ``only`` (shell patterns such as
+    ``'*noise_lam0_sigma0.1/seed125'``) the run jobs whose name matches one pattern."""
+    if isinstance(only, str):
+        raise TypeError("only must be a sequence of patterns, not one string")
+    if not only:
+        return grid.jobs
+    picked = tuple(j for j in grid.jobs if isinstance(j, RunJob) and any(fnmatch.fnmatch(j.name, p) for p in only))
+    if not picked:
+        names = ", ".join(j.name for j in grid.jobs if isinstance(j, RunJob))
+        raise ValueError(f"only: no run of grid {grid.name!r} matches {list(only)}; its runs: {names}")
+    return picked
 
 
 def _left(job: RunJob, grid: Grid, root: Path, records_root: Optional[Path]) -> list[str]:
@@ -378,6 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="run only the runs whose name matches this shell pattern (repeatable), e.g. '*sigma0.1/seed125'",
+    )
+    p.add_argument(
+        "--train-only", action="store_true", help="train the runs, attack none (a later run of the grid attacks them)"
+    )
+    p.add_argument(
         "--no-records",
         action="store_true",
         help="do not save the runs' records into reproduce/results/runs (the cpu and regime grids do by default)",
@@ -403,6 +439,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("name a grid (or --list)")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
+    try:
+        select_jobs(GRIDS[args.name], args.only)
+    except ValueError as err:
+        p.error(str(err))
     if args.data_root is not None and not Path(args.data_root).is_dir():
         print(f"error: --data-root {args.data_root} is not a folder", file=sys.stderr)
         return 2
@@ -415,6 +455,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             threads=args.threads,
             dry_run=args.dry_run,
             records_root=False if args.no_records else None,
+            only=args.only,
+            train_only=args.train_only,
             log=lambda m: print(m, file=sys.stderr),
         )
     except KeyboardInterrupt:

@@ -372,6 +372,13 @@ def load_encoder(record_dir, device: str = "cpu") -> torch.nn.Module:
     return encoder.to(device).eval()
 
 
+def class_balanced(counts: Sequence[int], tolerance: float = 0.1) -> bool:
+    """Whether per-class counts differ by at most ``tolerance`` of their mean (or by one image, which a
+    stratified split of a total the classes do not divide needs)."""
+    spread = max(counts) - min(counts)
+    return spread <= max(1.0, tolerance * sum(counts) / len(counts))
+
+
 def _check_attack(path: Path) -> list[str]:
     problems = []
     report = json.loads(path.read_text())
@@ -385,6 +392,8 @@ def _check_attack(path: Path) -> list[str]:
             problems.append(f"{where}: no scored_class_counts")
         elif "n_scored" in entry and sum(counts) != entry["n_scored"]:
             problems.append(f"{where}: scored_class_counts sum to {sum(counts)}, n_scored is {entry['n_scored']}")
+        elif not class_balanced(counts):
+            problems.append(f"{where}: scored_class_counts {counts} not balanced within 10 % across classes")
         if not isinstance(entry.get("learning_curve"), list) or not entry["learning_curve"]:
             problems.append(f"{where}: no learning_curve")
         if "train_class_counts" not in entry:

@@ -179,3 +179,29 @@ def test_matched_sigma_interpolates_the_noise_sweep_and_joins_the_regime_grid(tm
     _fake_noise_record(recs, 0.025, 16, 0.67, seed=126)  # another seed does not count
     assert matched_sigma(recs)["sigma"] == found["sigma"]
     assert matched_sigma(recs, seed=126) is None
+
+
+def test_only_and_train_only_pick_runs_and_leave_their_attacks_for_later(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "runs"
+    kw = dict(runs_root=root, out_dir=tmp_path, device="cpu", threads=1, log=lambda m: None)
+    second = [j for j in grid.GRIDS["smoke"].jobs if isinstance(j, grid.RunJob)][1]
+    plan = grid.run_grid("smoke", only=["*lam16*"], dry_run=True, **kw)
+    assert plan == [f"2/3 {second.name}: train (not run), decoder train_time, decoder infer_time, bound"], plan
+    monkeypatch.setattr(attack, "run_attack", lambda *a, **k: pytest.fail("--train-only attacked"))
+    done = grid.run_grid("smoke", only=["*lam16*"], train_only=True, **kw)
+    assert done == [f"2/3 {second.name}: train (not run)"]
+    rd = RunDir(root / second.name)
+    assert rd.finished and rd.missing_settings("decoder", ("train_time", "infer_time")) == ["train_time", "infer_time"]
+    assert not (root / grid.GRIDS["smoke"].jobs[0].name).exists() and not (tmp_path / "table1_smoke.md").exists()
+    assert grid.run_grid("smoke", only=["*lam16*"], train_only=True, **kw) == []  # trained: nothing left
+    # without --train-only the same run has its attacks left, and the other run all of it
+    later = grid.run_grid("smoke", dry_run=True, **kw)
+    assert later[1] == f"2/3 {second.name}: decoder train_time, decoder infer_time, bound", later
+    assert later[0].startswith("1/3 ") and "train (not run)" in later[0]
+    with pytest.raises(ValueError, match="only: no run of grid 'smoke' matches"):
+        grid.run_grid("smoke", only=["*nope*"], **kw)
+    with pytest.raises(TypeError, match="only must be a sequence"):
+        grid.run_grid("smoke", only="*lam16*", **kw)
+    with pytest.raises(SystemExit):
+        grid.main(["smoke", "--only", "*nope*", "--runs-root", str(root)])
+    assert "only: no run of grid" in capsys.readouterr().err

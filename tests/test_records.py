@@ -233,16 +233,26 @@ def test_check_flags_a_broken_record(smoke, tmp_path, capsys):
     rec = RunDir(next((results / "runs").rglob("record.json")).parent)
     report = rec.attack_record("decoder")
     del report["settings"]["infer_time"]["scored_class_counts"]
-    report["settings"]["train_time"]["data"]["attack_test"] = "/home/someone/data"
+    train_time = report["settings"]["train_time"]
+    train_time["data"]["attack_test"] = "/home/someone/data"
+    n = train_time["n_scored"]
+    train_time["scored_class_counts"] = [n - 9 * (n // 20)] + [n // 20] * 9  # one class holds about half
     rec.attack_record_path("decoder").write_text(json.dumps(report))
     (rec.path / "final.pt").write_bytes(b"")
     problems = records.check_record(rec)
     assert any("infer_time: no scored_class_counts" in p for p in problems)
+    assert any("train_time: scored_class_counts" in p and "not balanced within 10 %" in p for p in problems)
     assert any("absolute path in settings.train_time.data.attack_test" in p for p in problems)
     assert any(p.startswith("final.pt: not a record file") for p in problems)
     capsys.readouterr()
     assert _check(results) == 1
     assert "FAIL record smoke/" in capsys.readouterr().out
+
+
+def test_class_balance_allows_one_image_of_rounding_and_ten_percent():
+    assert records.class_balanced([100] * 10) and records.class_balanced([1, 1, 0, 0])
+    assert records.class_balanced([105, 96, 100]) and not records.class_balanced([112, 100, 100])
+    assert not records.class_balanced([2, 0])
 
 
 def test_absolute_paths():
