@@ -39,7 +39,7 @@ from cem_fast.audit.data import (
     stratified_split,
     stratified_subset,
 )
-from cem_fast.audit.decoder import DecoderAttack, load_decoder
+from cem_fast.audit.decoder import DecoderAttack, bf16_autocast_available, load_decoder
 from cem_fast.audit.gan import GANAttack
 from cem_fast.audit.loop import BEST_NAME, train_attack
 from cem_fast.audit.whitebox import run_whitebox
@@ -107,6 +107,7 @@ RUN_OPTIONS = (
     "max_test_images",
     "seed",
     "noise_aware",
+    "bf16_autocast",
     "fresh",
     "progress",
 )
@@ -149,6 +150,10 @@ def resolve_preset(name: str, attack: str, dataset: str, overrides: dict) -> Aud
                 changes["gan.t_max"] = 2 * epochs
     if overrides.get("batch_size") is not None:
         changes[f"{section}.batch_size"] = overrides["batch_size"]
+    if overrides.get("bf16_autocast"):
+        if attack not in ("decoder", "adaptive"):
+            raise ValueError(f"bf16_autocast applies to the decoder and adaptive attacks, not {attack!r}")
+        changes[f"{section}.bf16_autocast"] = True
     seed = overrides.get("seed", 0)
     for loop in ("decoder_loop", "gan_loop", "adaptive_loop"):
         changes[f"{loop}.seed"] = seed
@@ -406,7 +411,8 @@ def run_attack(
 
     ``preset``: smoke, cpu or paper (default: the run's training preset). ``overrides``: ``epochs``,
     ``batch_size`` (of this attack), ``max_train_images``, ``max_test_images``, ``seed``, ``noise_aware``
-    (the defence's full perturbation, not only its noise), ``fresh`` (discard this attack's saved state),
+    (the defence's full perturbation, not only its noise), ``bf16_autocast`` (decoder, adaptive: train
+    under bf16 autocast; recorded in the entry's config), ``fresh`` (discard this attack's saved state),
     ``progress``, or any ``"section.field"`` of :class:`cem_fast.audit.AuditPreset`.
     """
     if attack not in ATTACKS:
@@ -493,6 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="feed the attack the defence's full perturbation (dropout, top-k, ...), "
         "not only its Gaussian noise (adaptive always does)",
     )
+    parser.add_argument(
+        "--bf16-autocast",
+        action="store_true",
+        help="decoder, adaptive: train under bf16 autocast with channels_last weights (needs bf16 kernels on "
+        "a CPU: AVX-512 BF16 or AMX); weights, loss and scores stay float32",
+    )
     parser.add_argument("--max-train-images", type=int, default=None, help="override the preset's limit")
     parser.add_argument("--max-test-images", type=int, default=None, help="override the preset's limit")
     parser.add_argument("--data-root", default=None, help="default: the run's")
@@ -517,6 +529,10 @@ def main(argv=None) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.bf16_autocast and args.attack not in ("decoder", "adaptive"):
+        parser.error(f"--bf16-autocast applies to --attack decoder and adaptive, not {args.attack}")
+    if args.bf16_autocast and not bf16_autocast_available(args.device):
+        parser.error("--bf16-autocast: this CPU has no bf16 kernels in oneDNN (needs AVX-512 BF16 or AMX)")
     try:
         run_dir = check_finished_run(args.run)
         if args.preset is None:
@@ -534,6 +550,7 @@ def main(argv=None) -> int:
         "max_test_images": args.max_test_images,
         "seed": args.seed,
         "noise_aware": args.noise_aware,
+        "bf16_autocast": args.bf16_autocast,
         "fresh": args.fresh,
         "progress": False if args.no_progress else None,
     }

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .data import FeatureSet
-from .decoder import DecoderConfig, train_decoder_epoch
+from .decoder import DecoderConfig, prepare_for_bf16, train_decoder_epoch
 from .loop import AttackState, TrainedAttack
 from .nets import build_decoder
 
@@ -82,8 +82,9 @@ class AdaptiveInverter(nn.Module):
         self.gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        flat = z.flatten(1)
-        moved = flat + self.gate * (self.denoiser(flat) - flat)
+        flat = z.flatten(1).float()
+        with torch.autocast(z.device.type, enabled=False):  # the posterior stays float32 under any autocast
+            moved = flat + self.gate * (self.denoiser(flat) - flat)
         return self.decoder(moved.view_as(z))
 
 
@@ -159,6 +160,8 @@ class AdaptiveAttack(TrainedAttack):
         else:
             decoder = build_decoder(fit.feature_shape, fit.image_shape, c.num_blocks, c.width)
         model = AdaptiveInverter(decoder, denoiser).to(device)
+        if c.bf16_autocast:
+            model.decoder = prepare_for_bf16(model.decoder, device)
         optimizer = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=c.t_max, eta_min=c.eta_min)
         return AttackState(inverter=model, optimizers={"adaptive": optimizer}, schedulers={"adaptive": scheduler})
@@ -174,5 +177,6 @@ class AdaptiveAttack(TrainedAttack):
             f"adaptive epoch {epoch}",
             progress,
             draws=self.config.draws,
+            bf16=self.config.bf16_autocast,
         )
         return {"train_loss": loss, "gate": state.inverter.gate.item()}

@@ -38,6 +38,11 @@ __all__ = [
     "load_resumable",
 ]
 
+# Config fields added after attacks were checkpointed and recorded, with their defaults: at the default a field
+# stays out of the protocol, so those checkpoints still resume and their records still compare.
+LATER_FIELDS = {"bf16_autocast": False}
+_ALWAYS = object()
+
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
 
@@ -235,7 +240,11 @@ class TrainedAttack:
 
     def protocol(self) -> dict:
         """What a resumed checkpoint must match (the config plus whatever the model was started from)."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()}
+        return {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in asdict(self.config).items()
+            if LATER_FIELDS.get(k, _ALWAYS) != v
+        }
 
     def setup(self, fit: FeatureSet, device: torch.device) -> AttackState:
         raise NotImplementedError
