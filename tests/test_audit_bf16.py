@@ -10,17 +10,9 @@ from cem_fast.audit import decoder as decoder_mod
 from cem_fast.audit.adaptive import AdaptiveInverter, ClusterDenoiser
 from cem_fast.audit.decoder import DecoderAttack, bf16_autocast_available
 from reproduce import attack as reproduce_attack
-from tests.test_audit_ladder import FAST, _images, _maps_encoder
+from tests.test_audit_ladder import FAST, _images, _maps_encoder, _one_thread  # noqa: F401  (autouse: 1 thread)
 
 needs_bf16 = pytest.mark.skipif(not bf16_autocast_available("cpu"), reason="this CPU has no oneDNN bf16 kernels")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @needs_bf16
