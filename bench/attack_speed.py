@@ -3,8 +3,8 @@
     python bench/attack_speed.py [--threads 2] [--batch 64] [--cycles 20] [--warmup 3] [--out FILE]
 
 One training step of the inversion decoder of the ``cpu`` attack preset (``cem_fast.audit``'s ResDecoder, 8
-blocks of 64 channels, features 8x8x8 -> 32x32 RGB images, Adam, MSE), on one fixed batch, the same way
-``cem_fast.audit.decoder.train_decoder_epoch`` runs it. Rows: ``fp32`` (the default) and ``bf16``
+blocks of 64 channels, features 8x8x8 -> 32x32 RGB images, Adam, MSE): one call of
+``train_decoder_epoch`` (``cem_fast.audit.decoder``) over one fixed batch, without noise. Rows: ``fp32`` (the default) and ``bf16``
 (``DecoderConfig(bf16_autocast=True)``: autocast, channels_last weights). The rows' steps interleave, the
 order alternating each cycle, so a change of load hits both alike. Reported per row: the median wall time of
 a step, and the median over cycles of ``fp32 step / bf16 step`` (the speed-up, paired). Whether the faster
@@ -25,30 +25,33 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from bench.harness import machine  # noqa: E402
-from cem_fast.audit.decoder import DecoderConfig, bf16_autocast_available, prepare_for_bf16  # noqa: E402
+from cem_fast.audit.data import FeatureSet  # noqa: E402
+from cem_fast.audit.decoder import (  # noqa: E402
+    DecoderConfig,
+    bf16_autocast_available,
+    prepare_for_bf16,
+    train_decoder_epoch,
+)
 from cem_fast.audit.nets import build_decoder  # noqa: E402
 
 
 def _row(bf16: bool, batch: int):
+    """A function that runs one training step (``train_decoder_epoch`` over one batch) and returns its seconds."""
     c = DecoderConfig()
     torch.manual_seed(0)
     model = build_decoder((8, 8, 8), (3, 32, 32), c.num_blocks, c.width)
     if bf16:
         model = prepare_for_bf16(model, "cpu")
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    z, x = torch.rand(batch, 8, 8, 8), torch.rand(batch, 3, 32, 32)
+    batch_set = FeatureSet(
+        torch.rand(batch, 8, 8, 8), torch.rand(batch, 3, 32, 32), torch.zeros(batch, dtype=torch.long)
+    )
 
     def step() -> float:
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(z)
-        loss = F.mse_loss(out.float(), x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_decoder_epoch(model, opt, batch_set, lambda z: z, batch, "cpu", "step", False, bf16=bf16)
         return time.perf_counter() - start
 
     return step

@@ -32,7 +32,9 @@ SPEED_OPTIONS = ("channels_last", "bf16_autocast", "compile")
 
 def bf16_supported() -> bool:
     """Whether this machine's oneDNN has bf16 kernels (the CPU has AVX-512 BF16 or AMX)."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    from cem_fast.audit.decoder import bf16_autocast_available
+
+    return bf16_autocast_available("cpu")
 
 
 def check_speed_options(cfg: dict) -> None:

@@ -5,31 +5,23 @@ import pytest
 import torch
 from torch import nn
 
-from cem_fast.audit import AdaptiveConfig, DecoderConfig, audit
+from cem_fast.audit import AdaptiveConfig, DecoderConfig
 from cem_fast.audit import decoder as decoder_mod
 from cem_fast.audit.adaptive import AdaptiveInverter, ClusterDenoiser
 from cem_fast.audit.decoder import DecoderAttack, bf16_autocast_available
 from reproduce import attack as reproduce_attack
-from tests.test_audit_ladder import FAST, _images, _maps_encoder, _one_thread  # noqa: F401  (autouse: 1 thread)
+from tests.test_audit_ladder import _images, _one_thread, audit_under_noise  # noqa: F401  (autouse: 1 thread)
 
 needs_bf16 = pytest.mark.skipif(not bf16_autocast_available("cpu"), reason="this CPU has no oneDNN bf16 kernels")
 
 
 @needs_bf16
 def test_bf16_decoder_and_adaptive_score_like_float32():
-    (x, y), (xt, yt) = _images(400, 0), _images(100, 1)
+    data = _images(400, 0), _images(100, 1)
+    (x, _), (xt, _) = data
     mean_mse = (xt - x.mean(0, keepdim=True)).pow(2).mean().item()
     reports = {
-        bf16: audit(
-            _maps_encoder(),
-            (x, y),
-            test_data=(xt, yt),
-            sigma=0.2,
-            preset="smoke",
-            attacks=("decoder", "adaptive"),
-            overrides={**FAST, "decoder.bf16_autocast": bf16, "adaptive.bf16_autocast": bf16},
-            progress=False,
-        )
+        bf16: audit_under_noise(data, **{"decoder.bf16_autocast": bf16, "adaptive.bf16_autocast": bf16})
         for bf16 in (False, True)
     }
     for name in ("decoder", "adaptive"):

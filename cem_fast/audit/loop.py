@@ -41,7 +41,6 @@ __all__ = [
 # Config fields added after attacks were checkpointed and recorded, with their defaults: at the default a field
 # stays out of the protocol, so those checkpoints still resume and their records still compare.
 LATER_FIELDS = {"bf16_autocast": False}
-_ALWAYS = object()
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
@@ -243,7 +242,7 @@ class TrainedAttack:
         return {
             k: (list(v) if isinstance(v, tuple) else v)
             for k, v in asdict(self.config).items()
-            if LATER_FIELDS.get(k, _ALWAYS) != v
+            if k not in LATER_FIELDS or v != LATER_FIELDS[k]
         }
 
     def setup(self, fit: FeatureSet, device: torch.device) -> AttackState:
