@@ -259,6 +259,8 @@ def run_grid(
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not dry_run:
+        pipeline.preload()
     done_lines = []
     out_base = Path(out_dir or ".")
     changed = False  # a table job rewrites its table only after a run job did something (or when it is missing)

@@ -205,3 +205,48 @@ def test_only_and_train_only_pick_runs_and_leave_their_attacks_for_later(tmp_pat
     with pytest.raises(SystemExit):
         grid.main(["smoke", "--only", "*nope*", "--runs-root", str(root)])
     assert "only: no run of grid" in capsys.readouterr().err
+
+
+_LAZY_IMPORTS_LEFT = r'''
+import ast, sys
+from reproduce import grid, pipeline
+pipeline.preload()
+left = set()
+for name, mod in list(sys.modules.items()):
+    path = getattr(mod, "__file__", None) or ""
+    if name.split(".")[0] not in ("reproduce", "cem_fast") or not path.endswith(".py"):
+        continue
+    for fn in ast.walk(ast.parse(open(path).read())):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    wanted = [node.module]
+                elif isinstance(node, ast.Import):
+                    wanted = [a.name for a in node.names]
+                else:
+                    continue
+                left |= {f"{w} (in {name})" for w in wanted
+                         if w.split(".")[0] in ("reproduce", "cem_fast") and w not in sys.modules}
+print(sorted(left))
+'''
+
+
+def test_preload_leaves_a_grid_no_project_module_to_import_later():
+    # A grid imports everything it will use at its start, so code merged while it runs cannot break it.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _LAZY_IMPORTS_LEFT], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_grid_preloads_its_modules_before_its_first_job(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(grid.pipeline, "preload", lambda: calls.append("preload"))
+    monkeypatch.setattr(grid.pipeline, "ensure_trained", lambda *a, **k: calls.append("train") or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        grid.run_grid("smoke", runs_root=tmp_path, log=lambda m: None)
+    assert calls[:2] == ["preload", "train"]
+    calls.clear()
+    grid.run_grid("smoke", runs_root=tmp_path, dry_run=True, log=lambda m: None)
+    assert calls == []
