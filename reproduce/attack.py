@@ -150,6 +150,8 @@ def resolve_preset(name: str, attack: str, dataset: str, overrides: dict) -> Aud
                 changes["gan.t_max"] = 2 * epochs
     if overrides.get("batch_size") is not None:
         changes[f"{section}.batch_size"] = overrides["batch_size"]
+    if not isinstance(overrides.get("bf16_autocast", False), bool):
+        raise TypeError(f"bf16_autocast must be a bool, got {overrides['bf16_autocast']!r}")
     if overrides.get("bf16_autocast"):
         if attack not in ("decoder", "adaptive"):
             raise ValueError(f"bf16_autocast applies to the decoder and adaptive attacks, not {attack!r}")
@@ -314,10 +316,23 @@ def _decoder_for(job: _SettingJob) -> tuple:
     if not (folder / BEST_NAME).exists():
         from reproduce.rundir import RunDir
 
-        recorded = RunDir(job.run_dir).attack_entry("decoder", job.setting).get("config")
+        recorded = _runnable_here(RunDir(job.run_dir).attack_entry("decoder", job.setting).get("config"), job.device)
         _run_one("decoder", dataclasses.replace(job, preset=_with_recorded_decoder(job.preset, recorded)))
     model, saved = load_decoder(folder)
     return model, {"decoder_best_epoch": saved["best_epoch"], "decoder_protocol": saved["protocol"]}
+
+
+def _runnable_here(recorded: Optional[dict], device) -> Optional[dict]:
+    """A decoder record's config, in float32 if it trained under bf16 autocast and ``device`` has no bf16
+    kernels (the two score within 0.5 % of each other: docs/audit.md)."""
+    if recorded and recorded.get("bf16_autocast") and not bf16_autocast_available(device):
+        print(
+            "[attack] the recorded decoder trained under bf16 autocast, which this device has no kernels for: "
+            "retraining it in float32",
+            file=sys.stderr,
+        )
+        return {**recorded, "bf16_autocast": False}
+    return recorded
 
 
 def _with_recorded_decoder(preset: AuditPreset, recorded: Optional[dict]) -> AuditPreset:

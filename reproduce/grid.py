@@ -34,6 +34,10 @@ DECODER_SETTINGS = ("train_time", "infer_time")
 # The decoder at the cpu preset: batch 64, over the preset's whole 30-epoch cosine schedule (the best held-out
 # epoch kept).
 CPU_ATTACK = {"batch_size": 64}
+# The cpu grid trains its decoders under bf16 autocast where the CPU has bf16 kernels (a decoder epoch 2x
+# faster; on the cpu-full lambda-0 and lambda-16 runs its MSE within 0.4 % of float32's, docs/audit.md); each
+# record says which. The regime grid keeps float32: its first arms were attacked in float32.
+CPU_GRID_ATTACKS = {"decoder": {**CPU_ATTACK, "bf16_autocast": "auto"}, "adaptive": {"bf16_autocast": "auto"}}
 
 
 @dataclass(frozen=True)
@@ -196,7 +200,7 @@ GRIDS = {
         "the --preset cpu runs behind reproduce/RESULTS.md (CIFAR-10; days on 2 cores)",
         "cpu",
         _cpu_jobs(),
-        {"decoder": CPU_ATTACK},
+        CPU_GRID_ATTACKS,
         shared_data_root,
         records=True,
     ),

@@ -65,3 +65,14 @@ def test_bf16_autocast_errors(monkeypatch):
         reproduce_attack.resolve_preset("cpu", "gan", "cifar10", {"bf16_autocast": True})
     with pytest.raises(SystemExit):
         reproduce_attack.main(["--run", "nowhere", "--attack", "whitebox", "--bf16-autocast"])
+
+
+def test_a_recorded_bf16_decoder_is_retrained_in_float32_where_bf16_is_missing(monkeypatch, capsys):
+    recorded = {"width": 64, "bf16_autocast": True}
+    monkeypatch.setattr(reproduce_attack, "bf16_autocast_available", lambda device: True)
+    assert reproduce_attack._runnable_here(recorded, "cpu") == recorded
+    monkeypatch.setattr(reproduce_attack, "bf16_autocast_available", lambda device: False)
+    assert reproduce_attack._runnable_here(recorded, "cpu") == {"width": 64, "bf16_autocast": False}
+    assert "retraining it in float32" in capsys.readouterr().err
+    assert reproduce_attack._runnable_here({"width": 64}, "cpu") == {"width": 64}
+    assert reproduce_attack._runnable_here(None, "cpu") is None

@@ -99,6 +99,11 @@ def test_regime_grid_holds_issue_17s_arms():
     assert dict(trained.train) == {"cem_variant": "official-trained", "cem_schedule": "official"}
     assert {j.seed for j in jobs if j.defence == "noise" and j.cem_lambda in (0, 16) and not j.train} == {125, 126}
     assert {(j.defence, j.cem_lambda) for j in jobs} >= {("noise", 80), ("noise_arl", 0), ("noise_arl", 16)}
+    # the regime grid's first arms were attacked in float32, so all of them are; the cpu grid's decoders use
+    # bf16 where the CPU has it
+    assert not any("bf16_autocast" in o for o in grid.GRIDS["regime"].attack_overrides.values())
+    cpu = grid.GRIDS["cpu"].attack_overrides
+    assert cpu["decoder"]["bf16_autocast"] == cpu["adaptive"]["bf16_autocast"] == "auto"
 
 
 def test_a_grid_saves_each_runs_record_as_it_goes(tmp_path):
@@ -207,7 +212,7 @@ def test_only_and_train_only_pick_runs_and_leave_their_attacks_for_later(tmp_pat
     assert "only: no run of grid" in capsys.readouterr().err
 
 
-_LAZY_IMPORTS_LEFT = r'''
+_LAZY_IMPORTS_LEFT = r"""
 import ast, sys
 from reproduce import grid, pipeline
 pipeline.preload()
@@ -228,7 +233,7 @@ for name, mod in list(sys.modules.items()):
                 left |= {f"{w} (in {name})" for w in wanted
                          if w.split(".")[0] in ("reproduce", "cem_fast") and w not in sys.modules}
 print(sorted(left))
-'''
+"""
 
 
 def test_preload_leaves_a_grid_no_project_module_to_import_later():

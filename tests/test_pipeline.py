@@ -72,3 +72,48 @@ def test_bad_settings_are_named(tmp_path):
     assert pipeline.train_overrides("--epochs 3 --no-augment") == {"epochs": 3, "augment": False}
     with pytest.raises(ValueError, match="resume"):
         pipeline.train_overrides("--resume")
+
+
+def test_auto_bf16_resumes_a_begun_attack_as_it_began_and_else_asks_the_cpu(tmp_path, monkeypatch):
+    from cem_fast.audit import DecoderConfig
+    from cem_fast.audit import decoder as decoder_mod
+    from cem_fast.audit.decoder import DecoderAttack
+    from cem_fast.audit.loop import BEST_NAME, CHECKPOINT_NAME
+
+    def cpu_has_bf16(yes):
+        monkeypatch.setattr(decoder_mod, "bf16_autocast_available", lambda device: yes)
+
+    def save(name, bf16):
+        torch.save({"protocol": {"attack": DecoderAttack(DecoderConfig(bf16_autocast=bf16)).protocol()}}, folder / name)
+
+    rd, logs = RunDir(tmp_path), []
+    for yes in (True, False):  # a new attack: as the CPU allows
+        cpu_has_bf16(yes)
+        assert pipeline.bf16_choice(rd, "decoder", "train_time", "cpu", logs.append) == {"bf16_autocast": yes}
+    folder = rd.attack_state_dir("decoder", "train_time")
+    folder.mkdir(parents=True)
+    save(CHECKPOINT_NAME, False)
+    cpu_has_bf16(True)  # a float32 attack resumes in float32 on a bf16 machine
+    assert pipeline.bf16_choice(rd, "decoder", "train_time", "cpu", logs.append) == {"bf16_autocast": False}
+    (folder / CHECKPOINT_NAME).unlink()
+    save(BEST_NAME, True)
+    assert pipeline.bf16_choice(rd, "decoder", "train_time", "cpu", logs.append) == {"bf16_autocast": True}
+    assert logs == []
+    cpu_has_bf16(False)  # a bf16 attack on a machine without bf16 kernels restarts in float32
+    assert pipeline.bf16_choice(rd, "decoder", "train_time", "cpu", logs.append) == {
+        "bf16_autocast": False,
+        "fresh": True,
+    }
+    assert "restarting in float32" in logs[0]
+    with pytest.raises(TypeError, match="bf16_autocast must be a bool"):
+        attack.resolve_preset("cpu", "decoder", "cifar10", {"bf16_autocast": "auto"})
+
+
+def test_ensure_attacked_resolves_auto_bf16_per_setting(tmp_path, monkeypatch):
+    from cem_fast.audit.decoder import bf16_autocast_available
+
+    rd = pipeline.ensure_trained(tmp_path / "run", preset="smoke", overrides=TINY, log=_quiet)
+    auto = {**TINY_ATTACK, "bf16_autocast": "auto"}
+    entries = pipeline.ensure_attacked(rd, "decoder", ("train_time",), preset="smoke", overrides=auto, log=_quiet)
+    # the record says which: bf16 where this CPU has the kernels (the field is absent at its float32 default)
+    assert entries["train_time"]["config"].get("bf16_autocast", False) is bf16_autocast_available("cpu")
