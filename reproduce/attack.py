@@ -41,7 +41,7 @@ from cem_fast.audit.data import (
 )
 from cem_fast.audit.decoder import DecoderAttack, bf16_autocast_available, load_decoder
 from cem_fast.audit.gan import GANAttack
-from cem_fast.audit.loop import BEST_NAME, train_attack
+from cem_fast.audit.loop import BEST_NAME, CHECKPOINT_NAME, train_attack
 from cem_fast.audit.whitebox import run_whitebox
 from reproduce.attacks import SETTINGS, defence_noise_sigma, make_perturbation, record_path, state_dir, write_setting
 
@@ -151,7 +151,9 @@ def resolve_preset(name: str, attack: str, dataset: str, overrides: dict) -> Aud
     if overrides.get("batch_size") is not None:
         changes[f"{section}.batch_size"] = overrides["batch_size"]
     if not isinstance(overrides.get("bf16_autocast", False), bool):
-        raise TypeError(f"bf16_autocast must be a bool, got {overrides['bf16_autocast']!r}")
+        raise TypeError(
+            f"bf16_autocast must be a bool (run_attack also takes 'auto'), got {overrides['bf16_autocast']!r}"
+        )
     if overrides.get("bf16_autocast"):
         if attack not in ("decoder", "adaptive"):
             raise ValueError(f"bf16_autocast applies to the decoder and adaptive attacks, not {attack!r}")
@@ -335,6 +337,30 @@ def _runnable_here(recorded: Optional[dict], device) -> Optional[dict]:
     return recorded
 
 
+def bf16_choice(run_dir, attack: str, setting: str, device) -> dict:
+    """The overrides ``bf16_autocast="auto"`` stands for in one setting of ``attack``.
+
+    Only the decoder and adaptive attacks train under bf16; the others get float32. An attack that has saved
+    state keeps the choice it began with, so that it resumes. A new one trains under bf16 autocast where
+    ``device`` has fast bf16 kernels, in float32 elsewhere. State saved under bf16 on a device without bf16
+    kernels is discarded and the attack restarts in float32 (``fresh``)."""
+    if attack not in ("decoder", "adaptive"):
+        return {"bf16_autocast": False}
+    available = bf16_autocast_available(device)
+    folder = state_dir(run_dir, attack, _setting_name(setting))
+    saved = next((folder / n for n in (CHECKPOINT_NAME, BEST_NAME) if (folder / n).is_file()), None)
+    if saved is None:
+        return {"bf16_autocast": available}
+    began = bool(torch.load(saved, map_location="cpu", weights_only=True)["protocol"]["attack"].get("bf16_autocast"))
+    if began and not available:
+        print(
+            f"[attack] {folder} was saved under bf16 autocast, which {device} cannot run: restarting in float32",
+            file=sys.stderr,
+        )
+        return {"bf16_autocast": False, "fresh": True}
+    return {"bf16_autocast": began}
+
+
 def _with_recorded_decoder(preset: AuditPreset, recorded: Optional[dict]) -> AuditPreset:
     """``preset`` with its decoder and decoder-loop settings replaced by a decoder record's ``config``."""
     if not recorded:
@@ -427,7 +453,7 @@ def run_attack(
     ``preset``: smoke, cpu or paper (default: the run's training preset). ``overrides``: ``epochs``,
     ``batch_size`` (of this attack), ``max_train_images``, ``max_test_images``, ``seed``, ``noise_aware``
     (the defence's full perturbation, not only its noise), ``bf16_autocast`` (decoder, adaptive: train
-    under bf16 autocast; recorded in the entry's config), ``fresh`` (discard this attack's saved state),
+    under bf16 autocast; recorded in the entry's config; ``"auto"``: as :func:`bf16_choice` decides), ``fresh`` (discard this attack's saved state),
     ``progress``, or any ``"section.field"`` of :class:`cem_fast.audit.AuditPreset`.
     """
     if attack not in ATTACKS:
@@ -435,6 +461,8 @@ def run_attack(
     setting = _setting_name(setting)
     run_dir = check_finished_run(run_dir)
     overrides = dict(overrides or {})
+    if overrides.get("bf16_autocast") == "auto":
+        overrides.update(bf16_choice(run_dir, attack, setting, device))
     if preset is None:
         preset = _read_config(run_dir).get("preset", "paper")
     if preset not in PRESETS:
@@ -516,9 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--bf16-autocast",
-        action="store_true",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=("on", "off", "auto"),
         help="decoder, adaptive: train under bf16 autocast with channels_last weights (needs bf16 kernels on "
-        "a CPU: AVX-512 BF16 or AMX); weights, loss and scores stay float32",
+        "a CPU: AVX-512 BF16 or AMX); weights, loss and scores stay float32. auto: where the device has the "
+        "kernels, and a begun attack resumes as it began. Alone: on",
     )
     parser.add_argument("--max-train-images", type=int, default=None, help="override the preset's limit")
     parser.add_argument("--max-test-images", type=int, default=None, help="override the preset's limit")
@@ -544,9 +576,9 @@ def main(argv=None) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.bf16_autocast and args.attack not in ("decoder", "adaptive"):
+    if args.bf16_autocast == "on" and args.attack not in ("decoder", "adaptive"):
         parser.error(f"--bf16-autocast applies to --attack decoder and adaptive, not {args.attack}")
-    if args.bf16_autocast and not bf16_autocast_available(args.device):
+    if args.bf16_autocast == "on" and not bf16_autocast_available(args.device):
         parser.error("--bf16-autocast: this CPU has no bf16 kernels in oneDNN (needs AVX-512 BF16 or AMX)")
     try:
         run_dir = check_finished_run(args.run)
@@ -565,7 +597,7 @@ def main(argv=None) -> int:
         "max_test_images": args.max_test_images,
         "seed": args.seed,
         "noise_aware": args.noise_aware,
-        "bf16_autocast": args.bf16_autocast,
+        "bf16_autocast": {"on": True, "off": False}.get(args.bf16_autocast, args.bf16_autocast),
         "fresh": args.fresh,
         "progress": False if args.no_progress else None,
     }

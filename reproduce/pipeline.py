@@ -155,7 +155,7 @@ def ensure_attacked(
 
     ``settings``: ``"train_time"`` / ``"infer_time"`` (``"train-time"`` spellings too). Returns
     ``{setting: record entry}`` for every requested setting. The attack resumes its own saved state.
-    ``overrides["bf16_autocast"] = "auto"``: per setting, as :func:`bf16_choice` decides.
+    ``overrides["bf16_autocast"] = "auto"``: per setting, as :func:`reproduce.attack.bf16_choice` decides.
     """
     from reproduce.attack import run_attack
 
@@ -164,9 +164,6 @@ def ensure_attacked(
     rd = RunDir(run_dir).check_finished()
     for setting in rd.missing_settings(attack, settings):
         log(f"[pipeline] {attack} attack on {rd.path} ({setting_key(setting)})")
-        these = dict(overrides or {})
-        if these.get("bf16_autocast") == "auto":
-            these.update(bf16_choice(rd, attack, setting, device, log))
         run_attack(
             rd.path,
             attack,
@@ -174,34 +171,9 @@ def ensure_attacked(
             preset=preset,
             data_root=data_root,
             device=device,
-            overrides=these,
+            overrides=overrides,
         )
     return {setting_key(s): rd.attack_entry(attack, s) for s in settings}
-
-
-def bf16_choice(rd: RunDir, attack: str, setting: str, device, log: Callable[[str], None] = print) -> dict:
-    """The overrides ``bf16_autocast="auto"`` stands for in one setting of an attack (decoder, adaptive).
-
-    An attack that has saved state keeps the choice it began with, so that it resumes. A new one trains under
-    bf16 autocast where ``device`` has fast bf16 kernels, in float32 elsewhere. State saved under bf16 on a
-    machine that has no bf16 kernels is discarded and the attack restarts in float32 (``fresh``)."""
-    import torch
-
-    from cem_fast.audit.decoder import bf16_autocast_available
-    from cem_fast.audit.loop import BEST_NAME, CHECKPOINT_NAME
-
-    available = bf16_autocast_available(device)
-    folder = rd.attack_state_dir(attack, setting)
-    for name in (CHECKPOINT_NAME, BEST_NAME):
-        if (folder / name).is_file():
-            saved = torch.load(folder / name, map_location="cpu", weights_only=True)["protocol"]["attack"]
-            if saved.get("bf16_autocast", False) and not available:
-                log(
-                    f"[pipeline] {folder} was saved under bf16 autocast, which {device} cannot run: restarting in float32"
-                )
-                return {"bf16_autocast": False, "fresh": True}
-            return {"bf16_autocast": bool(saved.get("bf16_autocast", False))}
-    return {"bf16_autocast": available}
 
 
 def ensure_bound(

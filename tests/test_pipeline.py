@@ -74,39 +74,51 @@ def test_bad_settings_are_named(tmp_path):
         pipeline.train_overrides("--resume")
 
 
-def test_auto_bf16_resumes_a_begun_attack_as_it_began_and_else_asks_the_cpu(tmp_path, monkeypatch):
+def test_auto_bf16_resumes_a_begun_attack_as_it_began_and_else_asks_the_cpu(tmp_path, monkeypatch, capsys):
     from cem_fast.audit import DecoderConfig
-    from cem_fast.audit import decoder as decoder_mod
     from cem_fast.audit.decoder import DecoderAttack
     from cem_fast.audit.loop import BEST_NAME, CHECKPOINT_NAME
 
     def cpu_has_bf16(yes):
-        monkeypatch.setattr(decoder_mod, "bf16_autocast_available", lambda device: yes)
+        monkeypatch.setattr(attack, "bf16_autocast_available", lambda device: yes)
 
     def save(name, bf16):
         torch.save({"protocol": {"attack": DecoderAttack(DecoderConfig(bf16_autocast=bf16)).protocol()}}, folder / name)
 
-    rd, logs = RunDir(tmp_path), []
-    for yes in (True, False):  # a new attack: as the CPU allows
+    def choice(name="decoder", setting="train_time"):
+        return attack.bf16_choice(tmp_path, name, setting, "cpu")
+
+    for yes in (True, False):  # a new attack: as the CPU allows; the attacks without bf16 get float32
         cpu_has_bf16(yes)
-        assert pipeline.bf16_choice(rd, "decoder", "train_time", "cpu", logs.append) == {"bf16_autocast": yes}
-    folder = rd.attack_state_dir("decoder", "train_time")
+        assert choice() == choice("adaptive", "train-time") == {"bf16_autocast": yes}
+        assert choice("whitebox") == choice("gan") == {"bf16_autocast": False}
+    folder = RunDir(tmp_path).attack_state_dir("decoder", "train_time")
     folder.mkdir(parents=True)
     save(CHECKPOINT_NAME, False)
     cpu_has_bf16(True)  # a float32 attack resumes in float32 on a bf16 machine
-    assert pipeline.bf16_choice(rd, "decoder", "train_time", "cpu", logs.append) == {"bf16_autocast": False}
+    assert choice() == {"bf16_autocast": False}
+    assert choice("decoder", "infer_time") == {"bf16_autocast": True}  # another setting: its own state
     (folder / CHECKPOINT_NAME).unlink()
     save(BEST_NAME, True)
-    assert pipeline.bf16_choice(rd, "decoder", "train_time", "cpu", logs.append) == {"bf16_autocast": True}
-    assert logs == []
+    assert choice() == {"bf16_autocast": True}
+    assert capsys.readouterr().err == ""
     cpu_has_bf16(False)  # a bf16 attack on a machine without bf16 kernels restarts in float32
-    assert pipeline.bf16_choice(rd, "decoder", "train_time", "cpu", logs.append) == {
-        "bf16_autocast": False,
-        "fresh": True,
-    }
-    assert "restarting in float32" in logs[0]
+    assert choice() == {"bf16_autocast": False, "fresh": True}
+    assert "restarting in float32" in capsys.readouterr().err
     with pytest.raises(TypeError, match="bf16_autocast must be a bool"):
         attack.resolve_preset("cpu", "decoder", "cifar10", {"bf16_autocast": "auto"})
+    with pytest.raises(ValueError, match="setting must be one of"):
+        choice("decoder", "test_time")
+
+
+def test_attack_cli_takes_auto_bf16():
+    parse = attack.build_parser().parse_args
+    base = ["--run", "r", "--attack", "decoder"]
+    assert parse(base).bf16_autocast == "off"
+    assert parse([*base, "--bf16-autocast"]).bf16_autocast == "on"
+    assert parse([*base, "--bf16-autocast", "auto"]).bf16_autocast == "auto"
+    with pytest.raises(SystemExit):
+        parse([*base, "--bf16-autocast", "yes"])
 
 
 def test_ensure_attacked_resolves_auto_bf16_per_setting(tmp_path, monkeypatch):
