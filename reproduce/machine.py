@@ -7,16 +7,18 @@ import platform
 import subprocess
 from typing import Optional
 
-__all__ = ["cpu_model", "machine_info"]
+__all__ = ["cpu_model", "lscpu_model", "machine_info"]
 
 
 def cpu_model() -> str:
-    """The CPU's model name as ``lscpu`` prints it (``/proc/cpuinfo`` or ``platform`` as fallbacks)."""
+    """The CPU's model name as ``lscpu`` prints it, with its family and model numbers where ``lscpu`` gives them
+    (a cloud CPU's name alone, such as "AMD EPYC", can stand for two generations); ``/proc/cpuinfo`` or
+    ``platform`` as fallbacks."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
+        name = lscpu_model(out)
+        if name:
+            return name
     except (OSError, subprocess.SubprocessError):
         pass
     try:
@@ -27,6 +29,20 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def lscpu_model(text: str) -> Optional[str]:
+    """``"NAME (family F model M)"`` from ``lscpu``'s output (the parenthesis only when both are there)."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    name = fields.get("Model name")
+    if not name:
+        return None
+    family, model = fields.get("CPU family"), fields.get("Model")
+    return f"{name} (family {family} model {model})" if family and model else name
 
 
 def machine_info(device: Optional[str] = None) -> dict:
