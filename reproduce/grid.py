@@ -148,9 +148,13 @@ def _cpu_jobs() -> tuple:
         # 2. Table 1's Noise_ARL rows, seed 125.
         arl(0, 125),
         arl(16, 125),
-        # 3. Figure 4's single-seed arms: CEM at a lower weight, noise alone at sigma 0.05.
+        # 3. Figure 4's single-seed arms: CEM at a lower weight, noise alone at sigma 0.05, 0.2 and 0.4 (sigma
+        # 0.1 costs 1 point at this preset and CEM lambda 16 about 4: the regime grid's matched sigma needs a
+        # sweep point past CEM's cost, reproduce.matched_sigma).
         noise(0.025, 4, 125),
         noise(0.05, 0, 125),
+        noise(0.2, 0, 125),
+        noise(0.4, 0, 125),
         # 4. Seeds 126 and 127 of the pair, the control and Noise_ARL.
         *[job for seed in (126, 127) for job in (noise(0.025, 0, seed), noise(0.025, 16, seed), noise(0.1, 0, seed))],
         *[arl(lam, seed) for seed in (126, 127) for lam in (0, 16)],

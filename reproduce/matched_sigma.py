@@ -3,7 +3,7 @@
 Figure 4's control asks whether CEM beats simply adding more noise at the same accuracy. The ``regime`` grid
 cannot afford a sigma sweep at ``cpu-full``, so the sigma comes from the ``cpu`` grid's records: the
 accuracy drop of CEM (lambda 16, sigma 0.025) against noise alone at sigma 0.025, matched on the curve of
-noise-alone accuracy drops over sigma (0.025, 0.05, 0.1, one seed), interpolated linearly in log sigma.
+noise-alone accuracy drops over sigma (0.025 to 0.4, one seed), interpolated linearly in log sigma.
 
     python -m reproduce.matched_sigma [RECORDS]     # default reproduce/results/runs/cpu
 """

@@ -48,8 +48,9 @@ def test_cpu_grid_replaces_the_shell_script():
     jobs = grid.GRIDS["cpu"].jobs
     runs = {j.name for j in jobs if isinstance(j, grid.RunJob)}
     # 3 seeds x (noise sigma 0.025 at lambda 0 and 16, noise sigma 0.1, noise_arl at lambda 0 and 16),
-    # lambda 4 and sigma 0.05 at seed 125, and six more Table 1 defences with and without CEM at seed 125
-    assert len(runs) == 3 * 5 + 2 + 6 * 2
+    # lambda 4 and sigma 0.05, 0.2, 0.4 at seed 125, and six more Table 1 defences with and without CEM at seed 125
+    assert len(runs) == 3 * 5 + 4 + 6 * 2
+    assert {f"cifar10_vgg11_bn_noise_lam0_sigma{s}/seed125" for s in ("0.05", "0.2", "0.4")} <= runs
     assert "cifar10_vgg11_bn_noise_arl_lam16_sigma0.025/seed127" in runs
     assert "cifar10_vgg11_bn_patrol_lam16_sigma0.025/seed125" in runs
     ladder = [j for j in jobs if isinstance(j, grid.RunJob)]
