@@ -46,6 +46,7 @@ from cem_fast.audit.whitebox import run_whitebox
 from reproduce.attacks import SETTINGS, defence_noise_sigma, make_perturbation, record_path, state_dir, write_setting
 
 ATTACKS = ("decoder", "gan", "whitebox", "adaptive")
+BF16_ATTACKS = ("decoder", "adaptive")  # the attacks that can train under bf16 autocast
 PRESETS = ("smoke", "cpu", "cpu-full", "paper")
 INFER_TIME_TEST_FRACTION = 0.1
 
@@ -155,7 +156,7 @@ def resolve_preset(name: str, attack: str, dataset: str, overrides: dict) -> Aud
             f"bf16_autocast must be a bool (run_attack also takes 'auto'), got {overrides['bf16_autocast']!r}"
         )
     if overrides.get("bf16_autocast"):
-        if attack not in ("decoder", "adaptive"):
+        if attack not in BF16_ATTACKS:
             raise ValueError(f"bf16_autocast applies to the decoder and adaptive attacks, not {attack!r}")
         changes[f"{section}.bf16_autocast"] = True
     seed = overrides.get("seed", 0)
@@ -344,7 +345,7 @@ def bf16_choice(run_dir, attack: str, setting: str, device) -> dict:
     state keeps the choice it began with, so that it resumes. A new one trains under bf16 autocast where
     ``device`` has fast bf16 kernels, in float32 elsewhere. State saved under bf16 on a device without bf16
     kernels is discarded and the attack restarts in float32 (``fresh``)."""
-    if attack not in ("decoder", "adaptive"):
+    if attack not in BF16_ATTACKS:
         return {"bf16_autocast": False}
     available = bf16_autocast_available(device)
     folder = state_dir(run_dir, attack, _setting_name(setting))
@@ -453,8 +454,8 @@ def run_attack(
     ``preset``: smoke, cpu or paper (default: the run's training preset). ``overrides``: ``epochs``,
     ``batch_size`` (of this attack), ``max_train_images``, ``max_test_images``, ``seed``, ``noise_aware``
     (the defence's full perturbation, not only its noise), ``bf16_autocast`` (decoder, adaptive: train
-    under bf16 autocast; recorded in the entry's config; ``"auto"``: as :func:`bf16_choice` decides), ``fresh`` (discard this attack's saved state),
-    ``progress``, or any ``"section.field"`` of :class:`cem_fast.audit.AuditPreset`.
+    under bf16 autocast; recorded in the entry's config; ``"auto"``: as :func:`bf16_choice` decides),
+    ``fresh`` (discard this attack's saved state), ``progress``, or any ``"section.field"`` of :class:`cem_fast.audit.AuditPreset`.
     """
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
@@ -576,7 +577,7 @@ def main(argv=None) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.bf16_autocast == "on" and args.attack not in ("decoder", "adaptive"):
+    if args.bf16_autocast == "on" and args.attack not in BF16_ATTACKS:
         parser.error(f"--bf16-autocast applies to --attack decoder and adaptive, not {args.attack}")
     if args.bf16_autocast == "on" and not bf16_autocast_available(args.device):
         parser.error("--bf16-autocast: this CPU has no bf16 kernels in oneDNN (needs AVX-512 BF16 or AMX)")
