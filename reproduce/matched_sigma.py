@@ -17,7 +17,7 @@ from typing import Optional
 
 from reproduce.rundir import find_runs
 
-__all__ = ["noise_sweep", "matched_sigma"]
+__all__ = ["noise_sweep", "matched_sigma", "describe"]
 
 BASE_SIGMA = 0.025
 
@@ -62,15 +62,22 @@ def matched_sigma(records_dir, lam: float = 16, seed: int = 125) -> Optional[dic
     return None
 
 
+def describe(records_dir) -> str:
+    """One line: the matched sigma and the sweep behind it, or what the records still lack."""
+    found = matched_sigma(records_dir)
+    if found is not None:
+        return (
+            f"sigma {found['sigma']:g}: noise alone loses {100 * found['target_drop']:.2f} points there, as CEM does "
+            f"(sweep {found['sweep']}, CEM lambda 16 at {found['cem_acc']})"
+        )
+    cem = noise_sweep(records_dir, lam=16).get(BASE_SIGMA)
+    return (
+        f"not yet: the noise sweep {noise_sweep(records_dir)}, CEM lambda 16 at sigma {BASE_SIGMA} "
+        f"{'has no finished run' if cem is None else f'at {cem}'}, and no bracket of CEM's accuracy drop"
+    )
+
+
 if __name__ == "__main__":
     from reproduce.records import RECORDS_ROOT
 
-    where = Path(sys.argv[1]) if len(sys.argv) > 1 else RECORDS_ROOT / "cpu"
-    found = matched_sigma(where)
-    if found is None:
-        print(f"not yet: {where} has the noise sweep {noise_sweep(where)} and no bracket of CEM's accuracy drop")
-    else:
-        print(
-            f"sigma {found['sigma']:g}: noise alone loses {100 * found['target_drop']:.2f} points there, as CEM does "
-            f"(sweep {found['sweep']})"
-        )
+    print(describe(Path(sys.argv[1]) if len(sys.argv) > 1 else RECORDS_ROOT / "cpu"))

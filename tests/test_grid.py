@@ -169,17 +169,20 @@ def _fake_noise_record(root, sigma, lam, acc, seed=125):
 
 
 def test_matched_sigma_interpolates_the_noise_sweep_and_joins_the_regime_grid(tmp_path):
-    from reproduce.matched_sigma import matched_sigma
+    from reproduce.matched_sigma import describe, matched_sigma
 
     recs = tmp_path / "cpu"
     _fake_noise_record(recs, 0.025, 0, 0.66)
+    assert "CEM lambda 16 at sigma 0.025 has no finished run" in describe(recs)
     _fake_noise_record(recs, 0.025, 16, 0.62)  # CEM costs 4 points
     assert matched_sigma(recs) is None and len(grid._regime_jobs(recs)) == 8  # no sweep point beyond it yet
+    assert describe(recs).startswith("not yet: the noise sweep {0.025: 0.66}, CEM lambda 16 at sigma 0.025 at 0.62")
     _fake_noise_record(recs, 0.05, 0, 0.64)  # 2 points
     _fake_noise_record(recs, 0.1, 0, 0.60)  # 6 points
     found = matched_sigma(recs)
     # 4 points lies halfway between sigma 0.05 (2) and 0.1 (6): the geometric mean, 0.0707
     assert found["sigma"] == pytest.approx(0.0707) and found["target_drop"] == pytest.approx(0.04)
+    assert describe(recs).startswith("sigma 0.0707: noise alone loses 4.00 points there")
     jobs = grid._regime_jobs(recs)
     assert len(jobs) == 9 and jobs[-1].name == "cifar10_vgg11_bn_noise_lam0_sigma0.0707/seed125"
     _fake_noise_record(recs, 0.025, 16, 0.67, seed=126)  # another seed does not count
