@@ -1,14 +1,18 @@
 """What makes a CPU training epoch of split VGG11-BN (cut 4, noRELU_C8S1, Sigmoid) faster.
 
     python bench/epoch_speed.py [--rows fp32,channels_last,...] [--threads 1,2] [--cycles 6] [--warmup 2]
-                                [--batch 128] [--eval-batches 0] [--data-root DIR] [--data-batches 30] [--no-data]
-                                [--out FILE]
+                                [--batch 128] [--defence noise] [--eval-batches 0] [--data-root DIR]
+                                [--data-batches 30] [--no-data] [--out FILE]
 
 Compute rows (one training step of the trainer: encoder -> z (float32) -> z + N(0, 0.025^2) -> server ->
 cross-entropy -> backward -> SGD step of the client and the server optimisers, on one fixed batch). A row
 is ``fp32`` (the trainer's default) or ``+``-joined options, each installed by the trainer's own code
 (``reproduce.speed.apply_speed_options``): ``channels_last``, ``bf16`` (``--bf16-autocast``) and
-``compile`` (``--compile``; its first steps, compilation included, are reported as warm-up). Every
+``compile`` (``--compile``; its first steps, compilation included, are reported as warm-up). With
+``--defence noise_arl`` (or another defence of ``reproduce.defences``) the step is the trainer's with that
+defence at sigma 0.025: its ``adversary_step`` (Noise_ARL: a step of the simulated attacker's decoder), the
+perturbation and its ``regularizer``, the defence set up with the row's ``bf16_autocast`` unless the row
+names ``fp32-defence``. Every
 row runs at every thread count of ``--threads``; each (row, threads) trains its own copy of the same
 initial model.
 
@@ -51,13 +55,21 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.harness import cpu_model, loadavg  # noqa: E402
+from reproduce.data import denormalize  # noqa: E402
+from reproduce.defences import DEFENCES  # noqa: E402
 from reproduce.models import build_split_model  # noqa: E402
+from reproduce.runs import build_run_defence  # noqa: E402
 from reproduce.speed import apply_speed_options, to_batch_format  # noqa: E402
 
 SIGMA = 0.025
 STEPS_PER_EPOCH_FULL = 391  # 50,000 / 128, rounded up
 EVAL_BATCH = 256  # the presets' eval batch; 10,000 test images = 40 batches
-OPTIONS = {"channels_last": "channels_last", "bf16": "bf16_autocast", "compile": "compile"}
+OPTIONS = {
+    "channels_last": "channels_last",
+    "bf16": "bf16_autocast",
+    "compile": "compile",
+    "fp32-defence": "fp32_defence",  # the defence's networks in float32 whatever bf16 says (the trainer before 2026-12-02)
+}
 DEFAULT_ROWS = ("fp32", "channels_last", "bf16", "channels_last+bf16")
 PIPELINES = ("per-image", "batched")
 
@@ -74,11 +86,16 @@ def row_config(name: str) -> dict:
 class Row:
     """One way of running the training step at one thread count, with its own model and optimisers."""
 
-    def __init__(self, name: str, threads: int, model, x: torch.Tensor, y: torch.Tensor):
+    def __init__(self, name: str, threads: int, model, x: torch.Tensor, y: torch.Tensor, defence: str = "noise"):
         self.name, self.threads = name, threads
         self.cfg = row_config(name)
         self.model = apply_speed_options(copy.deepcopy(model).train(), self.cfg)
         self.x, self.y = to_batch_format(x, self.cfg), y
+        torch.manual_seed(1)  # every row's defence starts from the same decoder
+        self.defence = build_run_defence({"defence": defence, "defence_options": {}, "noise_on": True, "sigma": SIGMA})
+        defence_bf16 = self.cfg.get("bf16_autocast", False) and not self.cfg.pop("fp32_defence", False)
+        self.defence.setup(self.model, image_size=32, bf16_autocast=defence_bf16)
+        self.x_unit = denormalize(x, "cifar10") if self.defence.needs_unit_images else None
         kw = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
         self.opts = (
             torch.optim.SGD(self.model.encoder.parameters(), **kw),
@@ -93,8 +110,11 @@ class Row:
         torch.set_num_threads(self.threads)
         t0, c0 = time.perf_counter(), time.process_time()
         z = self.model.encoder(self.x)
-        logits = self.model.server(z + SIGMA * torch.randn_like(z))
-        loss = F.cross_entropy(logits, self.y)
+        self.defence.adversary_step(self.x_unit, z.detach())
+        loss = F.cross_entropy(self.model.server(self.defence.perturb(z)), self.y)
+        reg = self.defence.regularizer(self.x, z, self.y, x_unit=self.x_unit)
+        if reg is not None:
+            loss = loss + reg
         for opt in self.opts:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -127,13 +147,13 @@ def _paired(base: list[float], other: list[float]) -> float:
 
 
 def time_compute(
-    rows: list[str], threads: list[int], cycles: int, warmup: int, batch: int, eval_batches: int, log
+    rows: list[str], threads: list[int], cycles: int, warmup: int, batch: int, eval_batches: int, log, defence="noise"
 ) -> dict:
     torch.manual_seed(0)
     model = build_split_model("vgg11_bn", 10, 4, 32, bottleneck="noRELU_C8S1", sigmoid=True)
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
-    built = [Row(r, t, model, x, y) for t in threads for r in rows]
+    built = [Row(r, t, model, x, y, defence) for t in threads for r in rows]
     for row in built:
         t0 = time.perf_counter()
         for _ in range(warmup):
@@ -243,6 +263,7 @@ def main(argv=None) -> int:
     p.add_argument("--cycles", type=int, default=6, help="timed steps per row (interleaved)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per row first (compile rows compile here)")
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--defence", default="noise", help="the defence in the step (default noise; e.g. noise_arl)")
     p.add_argument("--eval-batches", type=int, default=0, help=f"timed eval forwards of {EVAL_BATCH} per row")
     p.add_argument("--data-root", default=None, help="folder with cifar10_train_jpeg.npz (else the sample)")
     p.add_argument("--data-batches", type=int, default=30, help="timed batches per data row")
@@ -255,6 +276,8 @@ def main(argv=None) -> int:
             row_config(r)
     except ValueError as e:
         p.error(str(e))
+    if a.defence not in DEFENCES:
+        p.error(f"--defence must be one of {sorted(DEFENCES)}, got {a.defence!r}")
     if rows[0] != "fp32":
         p.error(f"--rows must start with fp32 (the baseline), got {a.rows!r}")
     if a.cycles < 1 or a.warmup < 0 or a.batch < 2 or a.data_batches < 1 or a.eval_batches < 0:
@@ -270,11 +293,12 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "commit": _commit(),
         "batch": a.batch,
+        "defence": a.defence,
         "threads": a.threads,
         "load_before": loadavg(),
     }
     log(f"{res['date']}  {res['cpu']} ({res['cpus']} CPUs)  load {res['load_before']}")
-    res["compute"] = time_compute(rows, a.threads, a.cycles, a.warmup, a.batch, a.eval_batches, log)
+    res["compute"] = time_compute(rows, a.threads, a.cycles, a.warmup, a.batch, a.eval_batches, log, a.defence)
     res["load_mid"] = loadavg()
     if not a.no_data:
         res["data"] = time_data(a.data_root, a.threads, a.batch, a.data_batches, log)
@@ -282,7 +306,7 @@ def main(argv=None) -> int:
 
     print(
         f"{res['date']}  {res['cpu']} ({res['cpus']} CPUs)  torch {res['torch']}  commit {res['commit']}  "
-        f"batch {a.batch}  load {res['load_before']} -> {res['load_after']}"
+        f"batch {a.batch}  defence {a.defence}  load {res['load_before']} -> {res['load_after']}"
     )
     print(
         f"{'row':28s} {'thr':>3s} {'step s':>8s} {'CPU s':>7s} {'speed-up':>9s} {'epoch 50k s':>12s} "

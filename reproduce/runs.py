@@ -54,6 +54,7 @@ def setup_defence(defence: Defence, model: SplitModel, config: dict, device) -> 
         device=device,
         total_epochs=config["epochs"],
         baseline_encoder_params=baseline,
+        bf16_autocast=bool(config.get("bf16_autocast")),
     )
 
 

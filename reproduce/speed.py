@@ -10,7 +10,9 @@ default) and a flag of ``python -m reproduce.train``. Measurements: ``docs/prese
   (``encoder.layers``) and the server's feature stack (``server.features``), in training mode only.
   Both return float32: the bottleneck conv and the Sigmoid that make ``z`` run in float32, so ``z``,
   the noise, CEM, the classifier and the loss stay float32. Evaluation (and every attack, which loads
-  the float32 weights) runs in float32. Needs oneDNN's bf16 kernels (AVX-512 BF16 or AMX).
+  the float32 weights) runs in float32. The trainer also hands the option to the defence's setup, so a
+  simulated attacker's decoder (ResSFL, Noise_ARL, PATROL) trains under it too. Needs oneDNN's bf16
+  kernels (AVX-512 BF16 or AMX).
 * ``compile``: ``nn.Module.compile()`` (inductor) of the encoder and of the server, in place, so the
   ``state_dict`` keys and the checkpoints stay those of the uncompiled model. The first step compiles.
   Not with PATROL (its pruning re-shapes the encoder) nor under torchrun.

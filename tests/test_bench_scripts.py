@@ -247,3 +247,28 @@ def test_gpu_check_dry_run(tmp_path):
     (tri,) = [ln for ln in summary if ln.startswith("PASS triton:")]
     for check in ("kernels", "loss", "nosync", "graph-step(skipped)", "timings", "fullcov", "refit"):
         assert check in tri.split(": ", 1)[1].split(", "), tri
+
+
+def test_epoch_speed_steps_the_trainers_defence_with_or_without_its_decoder_in_bf16(monkeypatch):
+    from bench import epoch_speed
+    from reproduce import speed
+    from reproduce.models import build_split_model
+
+    monkeypatch.setattr(speed, "bf16_supported", lambda: True)  # autocast runs (slowly) on any CPU
+    torch.manual_seed(0)
+    model = build_split_model("vgg11_bn", 10, 4, 32, bottleneck="noRELU_C8S1", sigmoid=True)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    rows = {name: epoch_speed.Row(name, 1, model, x, y, "noise_arl") for name in ("fp32", "bf16+fp32-defence", "bf16")}
+    assert {n: r.defence.parts[1].bf16_autocast for n, r in rows.items()} == {
+        "fp32": False,
+        "bf16+fp32-defence": False,
+        "bf16": True,
+    }
+    assert "fp32_defence" not in rows["bf16+fp32-defence"].cfg
+    decoder = rows["bf16"].defence.parts[1].decoder
+    before = [p.detach().clone() for p in decoder.parameters()]
+    wall, cpu = rows["bf16"].step()
+    assert wall > 0 and cpu > 0
+    assert any(not torch.equal(b, p) for b, p in zip(before, decoder.parameters()))  # the attacker took its step
+    with pytest.raises(ValueError, match=re.escape("row 'bf16+fp33'")):
+        epoch_speed.row_config("bf16+fp33")

@@ -201,6 +201,54 @@ def test_noise_arl_adversary_sees_clean_features_by_default_and_noisy_on_request
     assert not torch.equal(noisy.parts[1]._adversary_input(z), z)
 
 
+def test_ressfl_bf16_autocast_runs_the_decoder_in_bf16_and_keeps_weights_penalty_and_grads_float32():
+    torch.manual_seed(0)
+    model, fp32 = _ressfl(ssim_threshold=0.0)
+    bf16 = AdversarialReconstruction(pretrain_epochs=1, decoder_blocks=1, decoder_width=16, ssim_threshold=0.0)
+    bf16.setup(model, image_size=16, dataset="cifar10", total_epochs=4, bf16_autocast=True)
+    bf16.decoder.load_state_dict(fp32.decoder.state_dict())
+    assert (fp32.describe()["bf16_autocast"], bf16.describe()["bf16_autocast"]) == (False, True)
+    x, y = _batch()
+    z = model.encoder(x).detach().requires_grad_(True)
+    convs = []
+    hook = nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: convs.append(o.dtype) if isinstance(m, nn.Conv2d) else None
+    )
+    try:
+        out = bf16._decode(z)
+    finally:
+        hook.remove()
+    assert convs and set(convs) == {torch.bfloat16} and out.dtype == torch.float32
+    assert torch.allclose(out, fp32._decode(z), atol=3e-2)  # bf16 rounding of the same decoder
+    pen_bf16, pen_fp32 = bf16.regularizer(x, z, y, x_unit=x), fp32.regularizer(x, z, y, x_unit=x)
+    assert pen_bf16.dtype == torch.float32 and abs(float(pen_bf16.detach()) - float(pen_fp32.detach())) < 0.05 * float(
+        pen_fp32.detach()
+    )
+    (grad,) = torch.autograd.grad(pen_bf16, z)
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    before = [p.detach().clone() for p in bf16.decoder.parameters()]
+    bf16.adversary_step(x, z.detach())
+    assert all(p.dtype == torch.float32 for p in bf16.decoder.parameters())
+    assert any(not torch.equal(b, p) for b, p in zip(before, bf16.decoder.parameters()))
+
+
+def test_setup_defence_hands_the_runs_bf16_autocast_to_the_simulated_attacker():
+    from reproduce.runs import setup_defence
+
+    for flag in (False, True):
+        d = build_defence("noise_arl", sigma=0.025, decoder_blocks=1, decoder_width=8)
+        config = {
+            "extra_client_layer": False,
+            "image_size": 16,
+            "in_channels": 3,
+            "dataset": "cifar10",
+            "epochs": 2,
+            "bf16_autocast": flag,
+        }
+        setup_defence(d, TinySplit(), config, "cpu")
+        assert d.parts[1].bf16_autocast is flag and d.describe()["parts"][1]["bf16_autocast"] is flag
+
+
 def test_defaults_are_the_authors_shipped_strengths_and_settings():
     # run_exp.sh: AT_regularization_strength=0.3 (NoPeek's alpha1, ResSFL's alpha2), ssim_threshold=0.5
     assert NoPeek().strength == 0.3

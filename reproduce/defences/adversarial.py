@@ -31,6 +31,10 @@ Deliberate difference: the decoder is pretrained on the TRAINING split by defaul
 authors' pretraining uses the first 90 % of the test split, from which the inference-time
 attacker's data also comes (a leak between defence and evaluation). ``pretrain_split="test"``
 reproduces theirs.
+
+Speed: ``setup(..., bf16_autocast=True)`` (the trainer's ``--bf16-autocast``) runs the decoder's
+convolutions under CPU bf16 autocast in all three places; its weights, the SSIM and the penalty stay
+float32 (1.44x a Noise_ARL step at ``cpu-full``, ``docs/presets.md``).
 """
 
 from __future__ import annotations
@@ -102,6 +106,7 @@ class AdversarialReconstruction(Defence):
         self.pretrained = False
         self.decoder: Optional[nn.Module] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.bf16_autocast = False  # setup's: the decoder's convolutions under CPU bf16 autocast
         # Set by a combination (e.g. noise_arl): the perturbation applied before this defence.
         self.feature_transform: Callable[[torch.Tensor], torch.Tensor] = lambda z: z
 
@@ -116,6 +121,7 @@ class AdversarialReconstruction(Defence):
         device="cpu",
         total_epochs=1,
         baseline_encoder_params=None,
+        bf16_autocast=False,
     ):
         from reproduce.models import ResDecoder  # H1's decoder (Sigmoid output)
 
@@ -125,6 +131,7 @@ class AdversarialReconstruction(Defence):
         if self.ssim_threshold is None:
             self.ssim_threshold = default_ssim_threshold(dataset)
         self.total_epochs = int(total_epochs)
+        self.bf16_autocast = bool(bf16_autocast)
         self.decoder = ResDecoder(
             c, h, image_size, out_channels=in_channels, num_blocks=self.decoder_blocks, width=self.decoder_width
         ).to(device)
@@ -137,6 +144,14 @@ class AdversarialReconstruction(Defence):
     def _adversary_input(self, z: torch.Tensor) -> torch.Tensor:
         return self.feature_transform(z) if self.adversary_sees == "perturbed" else z
 
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The simulated attacker's reconstruction of ``z``, float32; its convolutions in bf16 under
+        ``bf16_autocast`` (the SSIM, the penalty and the decoder's weights stay float32)."""
+        if not self.bf16_autocast:
+            return self.decoder(z)
+        with torch.autocast(z.device.type, dtype=torch.bfloat16):
+            return self.decoder(z).float()
+
     # -- the three hooks ---------------------------------------------------------------------
     def adversary_step(self, x_unit: Optional[torch.Tensor], z: torch.Tensor) -> dict:
         self._require_setup()
@@ -148,7 +163,7 @@ class AdversarialReconstruction(Defence):
         score = None
         for _ in range(self.steps):
             self.optimizer.zero_grad(set_to_none=True)
-            score = ssim(self.decoder(z_in), x_unit)
+            score = ssim(self._decode(z_in), x_unit)
             (-score).backward()
             self.optimizer.step()
         return {"adv_ssim": score.detach()}
@@ -163,7 +178,7 @@ class AdversarialReconstruction(Defence):
         for p in self.decoder.parameters():
             p.requires_grad_(False)
         try:
-            score = ssim(self.decoder(self._adversary_input(z)), x_unit)
+            score = ssim(self._decode(self._adversary_input(z)), x_unit)
         finally:
             for p, f in zip(self.decoder.parameters(), flags):
                 p.requires_grad_(f)
@@ -191,7 +206,7 @@ class AdversarialReconstruction(Defence):
                 with torch.no_grad():
                     z_in = self._adversary_input(encoder(x))
                 opt.zero_grad(set_to_none=True)
-                loss = F.mse_loss(self.decoder(z_in), denormalize(x))
+                loss = F.mse_loss(self._decode(z_in), denormalize(x))
                 loss.backward()
                 opt.step()
                 total += loss.item() * x.shape[0]
@@ -237,4 +252,5 @@ class AdversarialReconstruction(Defence):
             "pretrain_epochs": self.pretrain_epochs,
             "pretrain_split": self.pretrain_split,
             "adversary_sees": self.adversary_sees,
+            "bf16_autocast": self.bf16_autocast,
         }

@@ -48,8 +48,10 @@ class Defence(nn.Module):
         device: torch.device | str = "cpu",
         total_epochs: int = 1,
         baseline_encoder_params: Optional[int] = None,
+        bf16_autocast: bool = False,
     ) -> None:
-        """Size defence-owned modules to ``model`` (smashed shape, image size). Default: nothing."""
+        """Size defence-owned modules to ``model`` (smashed shape, image size); ``bf16_autocast`` (the trainer's
+        ``--bf16-autocast``) runs their convolutions under CPU bf16 autocast. Default: nothing."""
 
     def perturb(self, z: torch.Tensor) -> torch.Tensor:
         """Return what the server sees. Default: ``z`` unchanged."""

@@ -162,6 +162,7 @@ class Patrol(AdversarialReconstruction):
         device="cpu",
         total_epochs=1,
         baseline_encoder_params=None,
+        bf16_autocast=False,
     ):
         super().setup(
             model,
@@ -170,6 +171,7 @@ class Patrol(AdversarialReconstruction):
             dataset=dataset,
             device=device,
             total_epochs=total_epochs,
+            bf16_autocast=bf16_autocast,
         )
         if self.prune_epoch is None:
             self.prune_epoch = max(1, round(PRUNE_FRACTION * total_epochs))
