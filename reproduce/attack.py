@@ -43,7 +43,8 @@ from cem_fast.audit.decoder import DecoderAttack, bf16_autocast_available, load_
 from cem_fast.audit.gan import GANAttack
 from cem_fast.audit.loop import BEST_NAME, CHECKPOINT_NAME, train_attack
 from cem_fast.audit.whitebox import run_whitebox
-from reproduce.attacks import SETTINGS, defence_noise_sigma, make_perturbation, record_path, state_dir, write_setting
+from reproduce.attacks import SETTINGS, defence_noise_sigma, make_perturbation, write_setting
+from reproduce.rundir import RunDir
 
 ATTACKS = ("decoder", "gan", "whitebox", "adaptive")
 BF16_ATTACKS = ("decoder", "adaptive")  # the attacks that can train under bf16 autocast
@@ -117,8 +118,6 @@ RUN_OPTIONS = (
 def check_finished_run(run_dir) -> Path:
     """Return ``run_dir`` as a Path if it holds a finished live training run (not a committed record), else
     raise with the reason and the command that finishes it."""
-    from reproduce.rundir import RunDir
-
     return RunDir(run_dir).check_attackable().path
 
 
@@ -315,10 +314,8 @@ def _decoder_for(job: _SettingJob) -> tuple:
 
     A decoder that is recorded but whose weights are gone (a run restored from a record keeps none) is
     retrained with its recorded settings, not the calling attack's preset, so that it is the recorded one."""
-    folder = state_dir(job.run_dir, "decoder", job.setting)
+    folder = RunDir(job.run_dir).attack_state_dir("decoder", job.setting)
     if not (folder / BEST_NAME).exists():
-        from reproduce.rundir import RunDir
-
         recorded = _runnable_here(RunDir(job.run_dir).attack_entry("decoder", job.setting).get("config"), job.device)
         _run_one("decoder", dataclasses.replace(job, preset=_with_recorded_decoder(job.preset, recorded)))
     model, saved = load_decoder(folder)
@@ -348,7 +345,7 @@ def bf16_choice(run_dir, attack: str, setting: str, device) -> dict:
     if attack not in BF16_ATTACKS:
         return {"bf16_autocast": False}
     available = bf16_autocast_available(device)
-    folder = state_dir(run_dir, attack, _setting_name(setting))
+    folder = RunDir(run_dir).attack_state_dir(attack, _setting_name(setting))
     saved = next((folder / n for n in (CHECKPOINT_NAME, BEST_NAME) if (folder / n).is_file()), None)
     if saved is None:
         return {"bf16_autocast": available}
@@ -375,7 +372,7 @@ def _with_recorded_decoder(preset: AuditPreset, recorded: Optional[dict]) -> Aud
 def _run_one(attack: str, job: _SettingJob) -> tuple:
     """Train (or resume) and score ``attack`` for ``job``, write its entry; returns (result, entry)."""
     preset, train, test, perturb = job.preset, job.train, job.test, job.perturb
-    folder = state_dir(job.run_dir, attack, job.setting)
+    folder = RunDir(job.run_dir).attack_state_dir(attack, job.setting)
     common = dict(num_classes=job.data.num_classes, device=job.device, progress=job.progress)
     decoder, init_info = _decoder_for(job) if attack != "decoder" else (None, {})
     print(
@@ -485,7 +482,7 @@ def run_attack(
         **_run_description(data.run),
     }
     if overrides.get("fresh"):
-        folder = state_dir(run_dir, attack, setting)
+        folder = RunDir(run_dir).attack_state_dir(attack, setting)
         if folder.exists():
             shutil.rmtree(folder)
     train, test, how = data.setting_data(setting)
@@ -630,7 +627,7 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 130
-    print(f"wrote {record_path(run_dir, args.attack)} in {time.perf_counter() - started:.1f} s")
+    print(f"wrote {RunDir(run_dir).attack_record_path(args.attack)} in {time.perf_counter() - started:.1f} s")
     return 0
 
 

@@ -15,26 +15,14 @@ import torch
 from reproduce.checkpoint import save_atomic, write_json_atomic
 from reproduce.rundir import RunDir
 
-__all__ = ["SETTINGS", "record_path", "samples_path", "state_dir", "read_record", "write_setting"]
+__all__ = ["SETTINGS", "read_record", "write_setting"]
 
 SETTINGS = ("train_time", "infer_time")
 
 
-def record_path(run_dir, attack: str) -> Path:
-    return RunDir(run_dir).attack_record_path(attack)
-
-
-def samples_path(run_dir, attack: str) -> Path:
-    return RunDir(run_dir).attack_samples_path(attack)
-
-
-def state_dir(run_dir, attack: str, setting: str) -> Path:
-    return RunDir(run_dir).attack_state_dir(attack, setting)
-
-
 def read_record(run_dir, attack: str) -> dict:
     """The attack's JSON record of a run ({} when it has none yet)."""
-    path = record_path(run_dir, attack)
+    path = RunDir(run_dir).attack_record_path(attack)
     if not path.exists():
         return {}
     with open(path) as f:
@@ -46,9 +34,10 @@ def write_setting(run_dir, attack: str, header: dict, setting: str, entry: dict,
     report = read_record(run_dir, attack)
     report.update(header)
     report.setdefault("settings", {})[setting] = entry
-    path = record_path(run_dir, attack)
+    rd = RunDir(run_dir)
+    path = rd.attack_record_path(attack)
     write_json_atomic(report, path)
-    spath = samples_path(run_dir, attack)
+    spath = rd.attack_samples_path(attack)
     saved = torch.load(spath, map_location="cpu", weights_only=True) if spath.exists() else {}
     saved.update({k: v for k, v in header.items() if k != "settings"})
     saved.setdefault("settings", {})[setting] = samples
