@@ -11,7 +11,7 @@ Tables 1-8: one row per defence without CEM and one with CEM, columns accuracy, 
 the decoder and GAN attacks, each beside the paper's number (``reproduce.paper_numbers``); then the
 gain of CEM per defence (MSE with CEM / MSE without) and on average. Table 9: parameters, MMAC per
 image and latency (a batch of 128) of the encoder and the server, PATROL and the others, with and
-without CEM. Writes ``T.md`` and ``T.csv``. Several ``--seeds``: mean ± std per cell.
+without CEM (``reproduce.table_efficiency``). Writes ``T.md`` and ``T.csv``. Several ``--seeds``: mean ± std per cell.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import math
 import shlex
 import statistics
 import sys
-import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -79,12 +78,9 @@ HEADERS = {
     "srv_mmac": "Server MMAC",
     "srv_time_ms": "Server time (ms)",
 }
-DECIMALS = {"acc": 2, "ssim": 3, "psnr": 2, "mse": 4, "params_m": 3, "mmac": 2, "time_ms": 2}
-# Table 9: latency repetitions per preset (the paper: 100 batches of 128 images).
-LATENCY_REPS = {"smoke": 2, "cpu": 10, "paper": 100}
-LATENCY_BATCH = 128
 # Table 9's rows: paper row -> the defence that stands for it.
 EFFICIENCY_ROWS = {"PATROL": "patrol", "OTHERS": "bottleneck"}
+DECIMALS = {"acc": 2, "ssim": 3, "psnr": 2, "mse": 4, "params_m": 3, "mmac": 2, "time_ms": 2}
 
 
 def _decimals(key: str) -> int:
@@ -339,13 +335,14 @@ def ensure_attacked(run_dir: Path, attack: str, seed: int, opts: Options) -> Non
         attack,
         ATTACK_SETTINGS,
         preset=opts.preset,
-        device=opts.device or _default_device(),
+        device=opts.device or default_device(),
         overrides={"seed": seed, **opts.attack_overrides},
         log=opts.log,
     )
 
 
-def _default_device() -> str:
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -459,7 +456,7 @@ def _fmt_ratio(r: Optional[float]) -> str:
 # ----------------------------------------------------------------------------- tables 1-8
 
 
-def _collect_cells(
+def collect_cells(
     arms: Sequence[Arm],
     columns: Sequence[str],
     opts: Options,
@@ -499,7 +496,8 @@ def _measure_what_exists(measure: Callable[[Path], dict], run_dir: Path, columns
         return dict.fromkeys(columns)
 
 
-def _wanted(arm: Arm, run_defences: Optional[set[str]]) -> bool:
+def wanted(arm: Arm, run_defences: Optional[set[str]]) -> bool:
+    """Whether ``--defences`` asks to train and attack ``arm`` (None: every arm)."""
     return run_defences is None or arm.defence in run_defences
 
 
@@ -511,14 +509,14 @@ def build_result_table(
     columns = table_columns(number)
 
     def produce(arm: Arm, seed: int) -> Path:
-        if not (run and _wanted(arm, run_defences)):
+        if not (run and wanted(arm, run_defences)):
             return run_dir_of(arm, seed, opts).path
         run_dir = ensure_trained(arm, seed, opts)
         for attack in opts.attacks:
             ensure_attacked(run_dir, attack, seed, opts)
         return run_dir
 
-    cells = _collect_cells(arms, columns, opts, errors, produce, collect_run)
+    cells = collect_cells(arms, columns, opts, errors, produce, collect_run)
     return {"number": number, "arms": arms, "columns": columns, "cells": cells}
 
 
@@ -680,117 +678,6 @@ def result_csv_rows(result: dict) -> list[dict]:
     return rows
 
 
-# ----------------------------------------------------------------------------- table 9
-
-
-def measure_efficiency(run_dir: Path, device: str, reps: int, batch: int = LATENCY_BATCH) -> dict:
-    """Parameters (M), MMAC per image and latency (ms per batch) of a trained run's encoder and server."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from reproduce.runs import load_run
-
-    loaded = load_run(run_dir, device=device)
-    model = loaded.model
-    cfg = loaded.config
-    x1 = torch.randn(1, cfg["in_channels"], cfg["image_size"], cfg["image_size"], device=device)
-    xb = torch.randn(batch, *x1.shape[1:], device=device)
-    out = {}
-    with torch.no_grad():
-        zb = model.encoder(xb)
-        for prefix, module, inp1, inpb in (("enc", model.encoder, x1, xb), ("srv", model.server, zb[:1], zb)):
-            out[f"{prefix}_params_m"] = sum(p.numel() for p in module.parameters()) / 1e6
-            counter = FlopCounterMode(display=False)
-            with counter:
-                module(inp1)
-            out[f"{prefix}_mmac"] = counter.get_total_flops() / 2 / 1e6  # FLOPs = 2 x multiply-accumulates
-            module(inpb)  # warm-up
-            times = []
-            for _ in range(reps):
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                module(inpb)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times.append(1000 * (time.perf_counter() - t0))
-            out[f"{prefix}_time_ms"] = statistics.median(times)
-    return out
-
-
-def build_efficiency_table(opts: Options, run: bool, run_defences: Optional[set[str]], errors: list[str]) -> dict:
-    arms = table_arms(9, **(opts.arm_options or {}))
-    columns = paper_numbers.EFFICIENCY_COLUMNS
-    device = opts.device or _default_device()
-    reps = LATENCY_REPS[opts.preset]
-
-    def produce(arm: Arm, seed: int) -> Path:
-        if run and _wanted(arm, run_defences):
-            return ensure_trained(arm, seed, opts)
-        return run_dir_of(arm, seed, opts).path
-
-    def measure(run_dir: Path) -> dict:
-        return measure_efficiency(run_dir, device, reps) if RunDir(run_dir).finished else dict.fromkeys(columns)
-
-    cells = _collect_cells(arms, columns, opts, errors, produce, measure)
-    return {"number": 9, "arms": arms, "columns": columns, "cells": cells, "device": device, "reps": reps}
-
-
-def efficiency_markdown(result: dict, opts: Options, errors: Sequence[str]) -> str:
-    columns = result["columns"]
-    lines = [
-        "# Table 9 (reproduction): efficiency of the encoder and the server, VGG11",
-        "",
-        f"- preset: `{opts.preset}`; seeds: {', '.join(map(str, opts.seeds))}; runs: `{opts.runs_label or opts.runs_root}`",
-        f"- data: {opts.data.note if opts.data else DATASET_MISSING}",
-        f"- MMAC: multiply-accumulates per image (torch.utils.flop_counter FLOPs / 2); time: median of "
-        f"{result['reps']} forward passes of a batch of {LATENCY_BATCH} on `{result['device']}` "
-        "(the paper: one RTX 4090)",
-        "- the paper reports PATROL and OTHERS once (CEM adds nothing at inference); its numbers stand "
-        "beside both our rows",
-        "",
-    ]
-    header = ["Method"] + [h for k in columns for h in (HEADERS[k], "paper")]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for arm in result["arms"]:
-        label = f"{'PATROL' if arm.row == 'PATROL' else 'Others (Bottleneck)'} — {'w/ CEM' if arm.cem else 'w/o CEM'}"
-        row = [label] + [
-            x
-            for k in columns
-            for x in (format_cell(result["cells"][arm][k], k), format_paper(paper_numbers.value(9, arm.row, k), k))
-        ]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "CEM overhead at inference (w/ CEM − w/o CEM):", ""]
-    for row in EFFICIENCY_ROWS:
-        a, b = (next(x for x in result["arms"] if x.row == row and x.cem == c) for c in (False, True))
-        diffs = []
-        for k in ("enc_params_m", "enc_mmac", "srv_params_m", "srv_mmac"):
-            va, vb = result["cells"][a][k].get("mean"), result["cells"][b][k].get("mean")
-            diffs.append(f"{HEADERS[k]} {MISSING if va is None or vb is None else f'{vb - va:+.4g}'}")
-        lines.append(f"- {row}: " + ", ".join(diffs))
-    if errors:
-        lines += ["", "Errors (these cells are missing):", *[f"- {e}" for e in errors]]
-    return "\n".join(lines) + "\n"
-
-
-def efficiency_csv_rows(result: dict) -> list[dict]:
-    rows = []
-    for arm in result["arms"]:
-        row = {"table": 9, "method": arm.label, "defence": arm.defence, "cem": int(arm.cem)}
-        status = ""
-        for k in result["columns"]:
-            c = result["cells"][arm][k]
-            status = status or (c.get("status") or "")
-            row[k] = "" if c.get("mean") is None else c["mean"]
-            row[f"{k}_std"] = "" if c.get("mean") is None else c["std"]
-            row[f"{k}_n"] = c.get("n", 0)
-            p = paper_numbers.value(9, arm.row, k)
-            row[f"{k}_paper"] = "" if p is None else p
-        row["status"] = status
-        rows.append(row)
-    return rows
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -823,6 +710,8 @@ def render_table(
     ``run_missing``): (result, markdown, csv rows, errors). Writes no file."""
     errors: list[str] = []
     if number == 9:
+        from reproduce.table_efficiency import build_efficiency_table, efficiency_csv_rows, efficiency_markdown
+
         result = build_efficiency_table(opts, run_missing, run_defences, errors)
         text, rows = efficiency_markdown(result, opts, errors), efficiency_csv_rows(result)
     else:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reproduce import paper_numbers, table
+from reproduce import paper_numbers, table, table_efficiency
 from reproduce.figures_curves import expand_runs, figure4, figure4_series, run_point
 
 # The paper's text is not part of the repository: point CEM_FAST_PAPER_TEXT at it to check the transcription.
@@ -293,7 +293,7 @@ def test_a_defence_outside_the_table_is_refused(tmp_path, capsys):
 
 def test_efficiency_of_a_real_run_and_table9_layout(smoke_table1, tmp_path):
     root, _ = smoke_table1
-    eff = table.measure_efficiency(_real(smoke_table1, "No_defense", False), "cpu", reps=1, batch=4)
+    eff = table_efficiency.measure_efficiency(_real(smoke_table1, "No_defense", False), "cpu", reps=1, batch=4)
     # VGG11 encoder without bottleneck on 32x32: conv 3->64 at 32x32 and conv 64->128 at 16x16 (MAC per image)
     convs = (3 * 64 * 9 * 32 * 32 + 64 * 128 * 9 * 16 * 16) / 1e6
     assert convs <= eff["enc_mmac"] <= convs * 1.05
