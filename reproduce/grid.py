@@ -351,6 +351,24 @@ def _left(job: RunJob, grid: Grid, root: Path, records_root: Optional[Path]) -> 
     return ["restore from its record"] + from_record  # a new machine: the record's missing attacks only
 
 
+def progress_text(grid: Grid, root: Path, records_root: Optional[Path]) -> str:
+    """How far ``grid`` is: run jobs done, trained with attacks left, half-trained in ``root``."""
+    done = trained = training = 0
+    for job in grid.jobs:
+        if not isinstance(job, RunJob):
+            continue
+        left = _left(job, grid, root, records_root)
+        if not left:
+            done += 1
+        elif not any(step.startswith("train (") for step in left):
+            trained += 1
+        elif RunDir(root / job.name).started:
+            training += 1
+    runs = sum(isinstance(j, RunJob) for j in grid.jobs)
+    where = f"{root}" + (" or its committed records" if records_root else "")
+    return f"{done}/{runs} run jobs done, {trained} more trained with attacks left, {training} part-trained, in {where}"
+
+
 def _restore_from_record(run_dir: Path, job: RunJob, grid: Grid, records_root, data_root, log) -> None:
     """A run missing here whose committed record exists (a new machine) is restored from it: the attacks
     left go on without retraining."""
@@ -440,10 +458,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for g in GRIDS.values():
             root = Path(args.runs_root or f"runs/{g.preset}")
             recs = RECORDS_ROOT if g.records and not args.no_records else None
-            left = sum(1 for j in g.jobs if isinstance(j, RunJob) and _left(j, g, root, recs))
-            runs = sum(isinstance(j, RunJob) for j in g.jobs)
-            where = f"{root}" + (" or its committed records" if recs else "")
-            print(f"{g.name}: {g.description}; {runs - left}/{runs} run jobs done in {where}")
+            print(f"{g.name}: {g.description}; {progress_text(g, root, recs)}")
         return 0
     if args.name is None:
         p.error("name a grid (or --list)")

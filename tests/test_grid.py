@@ -42,6 +42,11 @@ def test_smoke_grid_runs_then_reruns_as_a_no_op(tmp_path, monkeypatch, capsys):
     assert grid.main(["smoke", "--runs-root", str(root), "--dry-run"]) == 0
     assert grid.main(["--list", "--runs-root", str(root)]) == 0
     assert "smoke:" in capsys.readouterr().out
+    smoke = grid.GRIDS["smoke"]
+    assert grid.progress_text(smoke, root, None).startswith("2/2 run jobs done, 0 more trained")
+    (root / smoke.jobs[1].name / "attack_decoder.json").unlink()  # its attacks are left, not its training
+    assert grid.progress_text(smoke, root, None).startswith("1/2 run jobs done, 1 more trained with attacks left")
+    assert grid.progress_text(smoke, tmp_path / "empty", None).startswith("0/2 run jobs done, 0 more trained")
 
 
 def test_cpu_grid_replaces_the_shell_script():
