@@ -30,6 +30,7 @@ STEP_MODULES = (
     "reproduce.runs",
     "reproduce.train_data",
     "reproduce.table",
+    "reproduce.table_efficiency",
     "reproduce.strength",
 )
 
