@@ -352,11 +352,12 @@ def _left(job: RunJob, grid: Grid, root: Path, records_root: Optional[Path]) -> 
 
 
 def progress_text(grid: Grid, root: Path, records_root: Optional[Path]) -> str:
-    """How far ``grid`` is: run jobs done, trained with attacks left, half-trained in ``root``."""
-    done = trained = training = 0
+    """How far ``grid`` is: run jobs done, trained with attacks left, part-trained in ``root``."""
+    runs = done = trained = training = 0
     for job in grid.jobs:
         if not isinstance(job, RunJob):
             continue
+        runs += 1
         left = _left(job, grid, root, records_root)
         if not left:
             done += 1
@@ -364,7 +365,6 @@ def progress_text(grid: Grid, root: Path, records_root: Optional[Path]) -> str:
             trained += 1
         elif RunDir(root / job.name).started:
             training += 1
-    runs = sum(isinstance(j, RunJob) for j in grid.jobs)
     where = f"{root}" + (" or its committed records" if records_root else "")
     return f"{done}/{runs} run jobs done, {trained} more trained with attacks left, {training} part-trained, in {where}"
 
