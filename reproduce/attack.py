@@ -44,6 +44,7 @@ from cem_fast.audit.gan import GANAttack
 from cem_fast.audit.loop import BEST_NAME, CHECKPOINT_NAME, train_attack
 from cem_fast.audit.whitebox import run_whitebox
 from reproduce.attacks import SETTINGS, defence_noise_sigma, make_perturbation, write_setting
+from reproduce.machine import default_device
 from reproduce.rundir import RunDir
 
 ATTACKS = ("decoder", "gan", "whitebox", "adaptive")
@@ -569,7 +570,7 @@ def main(argv=None) -> int:
     if args.setting is None:
         args.setting = "both" if args.attack == "decoder" else "train_time"
     if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = default_device()
     for name in ("epochs", "batch_size", "max_train_images", "max_test_images", "threads"):
         value = getattr(args, name)
         if value is not None and value <= 0:

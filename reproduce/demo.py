@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from reproduce import pipeline
+from reproduce.machine import default_device
 from reproduce.rundir import RunDir
 
 ARMS = (("noise", 0.0), ("noise+CEM", 16.0))
@@ -57,14 +58,8 @@ def _attack(rd: RunDir, args) -> dict:
         "seed": args.seed,
     }
     return pipeline.ensure_attacked(
-        rd, "decoder", SETTINGS, preset="cpu", device=args.device or _device(), overrides=overrides
+        rd, "decoder", SETTINGS, preset="cpu", device=args.device or default_device(), overrides=overrides
     )
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def table(rows: list[dict]) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 from reproduce import pipeline
+from reproduce.machine import default_device
 from reproduce.rundir import RunDir
 
 DECODER_SETTINGS = ("train_time", "infer_time")
@@ -264,9 +265,7 @@ def run_grid(
     if data_root is None and grid.default_data_root is not None:
         data_root = grid.default_data_root()
     if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
     if not dry_run:
         pipeline.preload()
     done_lines = []

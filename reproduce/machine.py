@@ -7,7 +7,7 @@ import platform
 import subprocess
 from typing import Optional
 
-__all__ = ["cpu_model", "lscpu_model", "machine_info"]
+__all__ = ["cpu_model", "default_device", "lscpu_model", "machine_info"]
 
 
 def cpu_model() -> str:
@@ -29,6 +29,13 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``: the device every command uses when ``--device`` is not given."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def lscpu_model(text: str) -> Optional[str]:

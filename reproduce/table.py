@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from reproduce import paper_numbers, pipeline
+from reproduce.machine import default_device
 from reproduce.rundir import RunDir, find_runs
 from reproduce.train_config import DEFAULT_PRESET
 
@@ -339,13 +340,6 @@ def ensure_attacked(run_dir: Path, attack: str, seed: int, opts: Options) -> Non
         overrides={"seed": seed, **opts.attack_overrides},
         log=opts.log,
     )
-
-
-def default_device() -> str:
-    """``cuda`` when a GPU is visible, else ``cpu``."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def missing_runs_text(arms: Sequence[Arm], opts: Options) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from reproduce import paper_numbers
+from reproduce.machine import default_device
 from reproduce.rundir import RunDir
 from reproduce.table import (
     DATASET_MISSING,
@@ -21,7 +22,6 @@ from reproduce.table import (
     Arm,
     Options,
     collect_cells,
-    default_device,
     ensure_trained,
     format_cell,
     format_paper,

@@ -21,7 +21,7 @@ from reproduce import speed
 from reproduce.data import DATASETS, dataset_info
 from reproduce.data.augment import AUGMENTATIONS
 from reproduce.defences import DEFENCES, canonical_name, default_bottleneck, defence_options
-from reproduce.machine import machine_info
+from reproduce.machine import default_device, machine_info
 from reproduce.models import parse_bottleneck
 from reproduce.runs import build_run_defence
 from reproduce.schedules import CEM_SCHEDULES, LR_SCHEDULES
@@ -358,7 +358,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
     info = dataset_info(cfg["dataset"])
     cfg.update(image_size=info.image_size, in_channels=info.channels, num_classes=info.num_classes)
     cfg["extra_client_layer"] = cfg["defence"] == "patrol"
-    cfg["device"] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg["device"] = args.device or default_device()
     cfg["progress"] = bool(args.progress)
     cfg["threads"] = args.threads
     cfg["dtype"] = args.dtype or "float32"
