@@ -78,7 +78,7 @@ else
 fi
 "${RUN[@]}" --name kernel-grid --log "$LOG_BENCH" --timeout 60 -- "$PY" bench/bench_kernels.py "${GRID[@]}"
 "${RUN[@]}" --name train-step --log "$LOG_BENCH" --timeout $((DRY ? 120 : 60)) -- "$PY" bench/train_step.py "${STEP[@]}"
-"${RUN[@]}" --name inference --log "$LOG_BENCH" --timeout $((DRY ? 90 : 45)) -- \
+"${RUN[@]}" --name inference --log "$LOG_BENCH" --timeout $((DRY ? 90 : 75)) -- \
   "$PY" bench/inference_overhead.py "${INFER[@]}"
 if [ "$DRY" = 1 ]; then
   "${RUN[@]}" --name first-compile --log "$LOG_BENCH" --timeout 10 --skipped-if-ok "dry run: minutes on this CPU" -- true

@@ -27,6 +27,7 @@ import copy
 import hashlib
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -233,6 +234,10 @@ def compare(pair: Pair, devices: list, rounds: int, min_run_time: float) -> tupl
     """Markdown rows for one pair, and the identity checks."""
     a, b = pair.plain.eval(), pair.cem.eval()
     rows = []
+    started = time.perf_counter()
+
+    def progress(stage: str) -> None:  # where the time goes (the first GPU run ran past its limit unseen)
+        print(f"  [{pair.label}] {stage} ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
 
     def row(quantity, va, vb, r):
         rows.append(f"| {pair.label} | {quantity} | {va} | {vb} | {r} |")
@@ -243,9 +248,11 @@ def compare(pair: Pair, devices: list, rounds: int, min_run_time: float) -> tupl
     row("buffer elements (BN statistics)", f"{ba:,}", f"{bb:,}", ratio(ba, bb))
     fa, fb = flops(a, pair.image_size), flops(b, pair.image_size)
     row("FLOPs per image (conv + matmul)", f"{fa / 1e6:,.2f} M", f"{fb / 1e6:,.2f} M", ratio(fa, fb))
+    progress("counted parameters and FLOPs")
     for device in devices:
         for batch in LATENCY_BATCHES:
             ta, tb = latencies(pair, torch.device(device), batch, rounds, min_run_time)
+            progress(f"{device} latency at batch {batch}")
             row(
                 f"{device.upper()} latency, batch {batch} (median)",
                 f"{ta * 1e3:.3f} ms",
@@ -253,6 +260,7 @@ def compare(pair: Pair, devices: list, rounds: int, min_run_time: float) -> tupl
                 ratio(ta, tb),
             )
     ea, eb = export(a, pair.image_size), export(b, pair.image_size)
+    progress("exported both encoders")
     checks = {
         "module tree": structure(a) == structure(b),
         "exported graph code": ea.code == eb.code,
@@ -330,7 +338,11 @@ def main(argv=None) -> str:
     if args.runs:
         pairs = [loaded_pair(*args.runs)]
     else:
-        pairs = [trained_pair(name, args.train_steps, args.train_batch, args.seed) for name in args.models]
+        pairs = []
+        for name in args.models:
+            start = time.perf_counter()
+            pairs.append(trained_pair(name, args.train_steps, args.train_batch, args.seed))
+            print(f"  [{name}] trained both copies ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
     lines = [
         "| encoder | quantity | trained without CEM | trained with CEM | with / without |",
         "|---|---|---:|---:|---:|",

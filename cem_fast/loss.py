@@ -133,6 +133,9 @@ class CEMLoss(nn.Module):
         self._warned_once = set()  # warnings given once per loss ("strength")
         self._seen_since_refit = 0  # training-mode rows since the last refit (to check the refit's epoch size)
         self._steps = 0
+        # The same count inside torch.compile'd calls: there a Python int attribute changed by forward becomes a
+        # guard that fails on the next call (a recompile every step), so compiled calls count on the device.
+        self.register_buffer("_seen_compiled", torch.zeros((), dtype=torch.int64), persistent=False)
         C, m = self.num_classes, self.m
         self.register_buffer("centroids", torch.zeros(C, m, 0))
         self.register_buffer("pi", torch.zeros(C, m))
@@ -301,7 +304,7 @@ class CEMLoss(nn.Module):
             epoch_size = checks.positive_int("epoch_size", epoch_size)
             if epoch_size < N:
                 raise ValueError(f"epoch_size ({epoch_size}) is smaller than the number of features ({N})")
-        seen = self._seen_since_refit * world_size(self.process_group)
+        seen = (self._seen_since_refit + int(self._seen_compiled)) * world_size(self.process_group)
         if epoch_size is None and self.dataset_size is None and seen > N:
             warnings.warn(
                 f"cem_fast: refit on {N} samples, but the loss saw {seen} in training since the last "
@@ -338,6 +341,7 @@ class CEMLoss(nn.Module):
         self.fitted_size.fill_(size)
         self._fitted_size = size
         self._seen_since_refit = 0
+        self._seen_compiled.zero_()
         self.refits += 1
         self.last_refit_iterations = res.iterations
         self._choose_backend()
@@ -505,11 +509,17 @@ class CEMLoss(nn.Module):
     def _observe(self, z2d: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
         """Training-mode bookkeeping: the feature bank, the rows since the refit, the SNR monitor."""
         B = z2d.shape[0]
-        self._seen_since_refit += B
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            self._seen_compiled.add_(B)
+        else:
+            self._seen_since_refit += B
         if self.bank is not None:
             self.bank.add(
                 z2d, labels if self.class_conditional else torch.zeros(B, dtype=torch.int64, device=z2d.device)
             )
+        if compiling:  # the SNR monitor reads a float on the host: eager calls only
+            return
         if self.validate and B > 1 and self._steps % _SNR_EVERY == 0 and "collapse" not in self._warned:
             self._check_snr(_mean_variance(z2d.detach().float()), stacklevel=4)
         self._steps += 1

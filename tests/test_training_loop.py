@@ -295,6 +295,33 @@ def test_fullgraph_compile_is_the_first_call_in_a_fresh_process(backend):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
+def test_compiled_step_does_not_recompile_and_still_counts_the_epoch():
+    """A compiled training step compiles once: the loss's step counters do not become failing guards (they
+    made every call recompile, 7 s a step on an H200), and the refit still sees how many rows were trained on."""
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.rand(32, 12, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    enc = nn.Linear(12, 6)
+    opt = torch.optim.SGD(enc.parameters(), lr=0.01)
+    cem = CEMLoss(10, validate=False).refit(enc(x).detach(), y)
+
+    def step():
+        opt.zero_grad()
+        loss = cem(enc(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step)
+    compiled()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            compiled()
+    with pytest.warns(RuntimeWarning, match="saw 128 in training since the last refit"):
+        cem.refit(enc(x).detach(), y)
+    torch._dynamo.reset()
+
+
 def test_lightning_callback_refits_at_epoch_end(sample):
     pl = pytest.importorskip("lightning.pytorch", reason="lightning is not installed (pip install cem_fast[lightning])")
     from cem_fast.integrations.lightning import CEMRefit

@@ -237,17 +237,43 @@ def test_strided_inputs_and_int32_labels(backend, gen):
     ), gen.initial_seed()
 
 
-def test_cuda_rejects_bad_input(cuda_ext):
-    z = torch.randn(4, 3, device=DEV)
-    lab = torch.zeros(4, dtype=torch.int64, device=DEV)
-    with pytest.raises(RuntimeError, match="centroids must be Double"):
-        cuda_ext.assign_stats(z.double(), lab, torch.randn(2, 3, device=DEV), 1, True)
-    with pytest.raises(RuntimeError, match="z must be a CUDA tensor"):
-        cuda_ext.assign_stats(z.cpu(), lab.cpu(), torch.randn(2, 3), 1, True)
-    with pytest.raises(RuntimeError, match="not a multiple of m=3"):
-        cuda_ext.assign_stats(z, lab, torch.randn(4, 3, device=DEV), 3, True)
-    with pytest.raises(RuntimeError, match=r"coef must be \[K, D\]"):
-        cuda_ext.scatter_grad(z, lab, torch.randn(2, 3, device=DEV), torch.randn(2, 2, device=DEV))
+# Each bad call runs in a child process: on the first H200 run one of them crashed the interpreter (a segfault
+# while raising), which ended the whole tests/gpu session; now a crash fails its own case only.
+_BAD_INPUT_CASES = {
+    "centroids must be Double": "ext.assign_stats(z.double(), lab, torch.randn(2, 3, device=DEV), 1, True)",
+    "z must be a CUDA tensor": "ext.assign_stats(z.cpu(), lab.cpu(), torch.randn(2, 3), 1, True)",
+    "not a multiple of m=3": "ext.assign_stats(z, lab, torch.randn(4, 3, device=DEV), 3, True)",
+    "coef must be \\[K, D\\]": "ext.scatter_grad(z, lab, torch.randn(2, 3, device=DEV), torch.randn(2, 2, device=DEV))",
+}
+_BAD_INPUT_CHILD = """
+import re, torch
+from cem_fast.backends.extension import load_cuda_extension
+ext, DEV = load_cuda_extension(), "cuda"
+z = torch.randn(4, 3, device=DEV)
+lab = torch.zeros(4, dtype=torch.int64, device=DEV)
+try:
+    CALL
+except RuntimeError as err:
+    print("raised:", bool(re.search(PATTERN, str(err))), str(err).splitlines()[0])
+else:
+    print("raised: none")
+"""
+
+
+@pytest.mark.parametrize("pattern", list(_BAD_INPUT_CASES))
+def test_cuda_rejects_bad_input(cuda_ext, pattern):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    script = _BAD_INPUT_CHILD.replace("CALL", _BAD_INPUT_CASES[pattern]).replace("PATTERN", repr(pattern))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"the child crashed (exit {proc.returncode}): {proc.stderr[-3000:]}"
+    assert "raised: True" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
