@@ -115,7 +115,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pretrain_epochs": 3,
         # measured faster on the 2-core AMD EPYC (docs/presets.md): 2.2x per step at 1 thread together
         "channels_last": True,
-        "bf16_autocast": "auto",  # where the CPU has oneDNN bf16 kernels; config.json records the outcome
+        "bf16_autocast": "auto",  # where the CPU (oneDNN) or the GPU has bf16 kernels; config.json records it
         "data_pipeline": "batched",
     },
     "paper": {**_COMMON},

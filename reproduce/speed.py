@@ -1,4 +1,4 @@
-"""The trainer's CPU speed options: channels_last, bf16 autocast of the conv stacks, torch.compile.
+"""The trainer's speed options: channels_last, bf16 autocast of the conv stacks, torch.compile.
 
 Each is a setting of ``config.json`` (``channels_last``, ``bf16_autocast``, ``compile``; all off by
 default) and a flag of ``python -m reproduce.train``. Measurements: ``docs/presets.md``.
@@ -6,13 +6,14 @@ default) and a flag of ``python -m reproduce.train``. Measurements: ``docs/prese
 * ``channels_last``: the model's conv weights and each input batch in ``torch.channels_last``. The
   encoder hands ``z`` on in the default (NCHW) layout, so the noise drawn for it, the defences and CEM
   see exactly what they see without the option (the loss agrees with float32's to rounding).
-* ``bf16_autocast``: ``torch.autocast("cpu", bfloat16)`` around the encoder's cut layers
+* ``bf16_autocast``: ``torch.autocast(device, bfloat16)`` (CPU or CUDA) around the encoder's cut layers
   (``encoder.layers``) and the server's feature stack (``server.features``), in training mode only.
   Both return float32: the bottleneck conv and the Sigmoid that make ``z`` run in float32, so ``z``,
   the noise, CEM, the classifier and the loss stay float32. Evaluation (and every attack, which loads
   the float32 weights) runs in float32. The trainer also hands the option to the defence's setup, so a
   simulated attacker's decoder (ResSFL, Noise_ARL, PATROL) trains under it too. Needs oneDNN's bf16
-  kernels (AVX-512 BF16 or AMX).
+  kernels (AVX-512 BF16 or AMX) on the CPU, or a CUDA GPU with bf16. On a GPU it keeps a run's precision
+  that of the CPU runs that trained under it (a grid's arms compare like with like).
 * ``compile``: ``nn.Module.compile()`` (inductor) of the encoder and of the server, in place, so the
   ``state_dict`` keys and the checkpoints stay those of the uncompiled model. The first step compiles.
   Not with PATROL (its pruning re-shapes the encoder) nor under torchrun.
@@ -32,8 +33,11 @@ from torch import nn
 SPEED_OPTIONS = ("channels_last", "bf16_autocast", "compile")
 
 
-def bf16_supported() -> bool:
-    """Whether this machine's oneDNN has bf16 kernels (the CPU has AVX-512 BF16 or AMX)."""
+def bf16_supported(device_type: str = "cpu") -> bool:
+    """Whether ``device_type`` has bf16 kernels: oneDNN's on the CPU (AVX-512 BF16 or AMX), or a GPU that
+    torch says supports bf16 on CUDA."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     from cem_fast.audit.decoder import bf16_autocast_available
 
     return bf16_autocast_available("cpu")
@@ -46,9 +50,11 @@ def check_speed_options(cfg: dict) -> None:
             raise TypeError(f"{key} must be a bool, got {cfg[key]!r}")
     device = torch.device(cfg.get("device", "cpu"))
     if cfg.get("bf16_autocast"):
-        if device.type != "cpu":
-            raise ValueError(f"--bf16-autocast is a CPU option (CPU autocast); the device is {device}")
-        if not bf16_supported():
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--bf16-autocast runs on a CPU or a CUDA GPU; the device is {device}")
+        if device.type == "cuda" and not bf16_supported("cuda"):
+            raise ValueError("--bf16-autocast: no CUDA GPU with bf16 support is visible; train without it")
+        if device.type == "cpu" and not bf16_supported():
             raise ValueError(
                 "--bf16-autocast: this CPU has no bf16 support in oneDNN (needs AVX-512 BF16 or AMX; "
                 "torch.ops.mkldnn._is_mkldnn_bf16_supported() is False); train without it"
@@ -60,12 +66,13 @@ def check_speed_options(cfg: dict) -> None:
 
 
 class _Bf16Autocast(nn.Sequential):
-    """``nn.Sequential`` whose training-mode forward runs under CPU bf16 autocast and returns float32."""
+    """``nn.Sequential`` whose training-mode forward runs under bf16 autocast (on the input's device: CPU or
+    CUDA) and returns float32."""
 
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
             out = super().forward(x)
         return out.float()
 

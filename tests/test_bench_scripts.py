@@ -254,7 +254,7 @@ def test_epoch_speed_steps_the_trainers_defence_with_or_without_its_decoder_in_b
     from reproduce import speed
     from reproduce.models import build_split_model
 
-    monkeypatch.setattr(speed, "bf16_supported", lambda: True)  # autocast runs (slowly) on any CPU
+    monkeypatch.setattr(speed, "bf16_supported", lambda *_: True)  # autocast runs (slowly) on any CPU
     torch.manual_seed(0)
     model = build_split_model("vgg11_bn", 10, 4, 32, bottleneck="noRELU_C8S1", sigmoid=True)
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))

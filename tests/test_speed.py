@@ -71,7 +71,7 @@ def test_the_options_are_off_outside_cpu_full(tmp_path, monkeypatch):
         assert _speed_settings(_cfg("--preset", name)) == (False, False, False, "per-image")
     full = ["--preset", "cpu-full", "--data-root", str(tmp_path), "--device", "cpu"]
     for supported in (True, False):  # cpu-full: bf16 where the CPU has the kernels, recorded as a bool
-        monkeypatch.setattr(speed, "bf16_supported", lambda: supported)
+        monkeypatch.setattr(speed, "bf16_supported", lambda *_: supported)
         assert _speed_settings(_cfg(*full)) == (True, supported, False, "batched")
     off = _cfg(*full, "--no-channels-last", "--no-bf16-autocast", "--data-pipeline", "per-image")
     assert _speed_settings(off) == (False, False, False, "per-image")
@@ -80,19 +80,25 @@ def test_the_options_are_off_outside_cpu_full(tmp_path, monkeypatch):
 
 
 def test_channels_last_gives_the_default_loss_at_float32(tmp_path):
+    """channels_last runs other fp32 conv algorithms (which ones depends on the ISA): the first epoch agrees
+    with the default layout to rounding (3e-7 relative on an AVX2-only AMD EPYC). SGD then amplifies that
+    rounding, by the second epoch to 3.4e-4 relative in the CE on that machine, so the second epoch and the
+    weights (all together, in norm) get a looser bar (a layout bug moves them by O(1))."""
     args = ["--defense", "noise", "--cem-lambda", "16", "--epochs", "2"]
     base = _run(tmp_path, *args, name="base")
     cl = _run(tmp_path, *args, "--channels-last", name="cl")
     a, b = _metrics(base), _metrics(cl)
     for key in ("loss", "ce", "cem", "feature_var"):
-        for ra, rb in zip(a, b):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), key
+        assert b[0][key] == pytest.approx(a[0][key], rel=1e-5, abs=1e-7), key
+        assert b[-1][key] == pytest.approx(a[-1][key], rel=2e-3, abs=1e-7), key
     sa = torch.load(base / "final.pt", weights_only=False)["model"]
     sb = torch.load(cl / "final.pt", weights_only=False)["model"]
     assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sb[k].is_contiguous(), k  # the checkpoint is in the default layout
-        torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5)
+    assert all(sb[k].is_contiguous() for k in sb)  # the checkpoint is in the default layout
+    floats = [k for k in sa if sa[k].is_floating_point()]
+    diff = torch.cat([(sb[k] - sa[k]).flatten().double() for k in floats]).norm()
+    # all weights together: single tensors near zero (the conv biases before BN, ~1e-8) drift by more
+    assert diff <= 1e-3 * torch.cat([sa[k].flatten().double() for k in floats]).norm()
 
 
 def test_channels_last_model_hands_z_on_in_the_default_layout():
@@ -107,6 +113,27 @@ def test_channels_last_model_hands_z_on_in_the_default_layout():
     z = model.encoder(x)
     assert z.is_contiguous() and z.dtype == torch.float32
     assert speed.to_batch_format(torch.randn(2, 3, 4, 4), {}).is_contiguous()
+
+
+def test_bf16_autocast_follows_the_input_device_and_auto_asks_that_device(tmp_path, monkeypatch):
+    """The autocast region is the batch's device type (a GPU run gets CUDA autocast, as its CPU-trained pair
+    got CPU autocast), and the cpu-full preset's "auto" asks the run's device for bf16 kernels."""
+    import contextlib
+
+    seen = []
+
+    def fake_autocast(device_type, dtype):
+        seen.append((device_type, dtype))
+        return contextlib.nullcontext()
+
+    layers = speed._as(speed._Bf16Autocast, torch.nn.Sequential(torch.nn.Identity())).train()
+    monkeypatch.setattr(speed.torch, "autocast", fake_autocast)
+    layers(torch.zeros(2, 3))
+    assert seen == [("cpu", torch.bfloat16)]
+    asked = []
+    monkeypatch.setattr(speed, "bf16_supported", lambda device_type="cpu": asked.append(device_type) or False)
+    cfg = _cfg("--preset", "cpu-full", "--data-root", str(tmp_path), "--device", "cpu")
+    assert cfg["bf16_autocast"] is False and asked[0] == "cpu"
 
 
 @NEEDS_BF16
@@ -133,14 +160,16 @@ def test_bf16_autocast_runs_the_conv_stacks_in_bf16_and_keeps_z_fp32():
 
 
 def test_bf16_autocast_is_refused_without_cpu_support(monkeypatch):
-    monkeypatch.setattr(speed, "bf16_supported", lambda: False)
+    monkeypatch.setattr(speed, "bf16_supported", lambda *_: False)
     with pytest.raises(ValueError, match="bf16-autocast.*no bf16 support"):
         _cfg("--preset", "smoke", "--bf16-autocast", "--device", "cpu")
     with pytest.raises(SystemExit):
         train.main([*TINY, "--out", "unused", "--bf16-autocast", "--device", "cpu"])
-    monkeypatch.setattr(speed, "bf16_supported", lambda: True)
-    with pytest.raises(ValueError, match="CPU option"):
+    monkeypatch.setattr(speed, "bf16_supported", lambda device_type="cpu": device_type == "cpu")
+    with pytest.raises(ValueError, match="no CUDA GPU with bf16"):
         speed.check_speed_options({"bf16_autocast": True, "device": "cuda"})
+    with pytest.raises(ValueError, match="CPU or a CUDA GPU"):
+        speed.check_speed_options({"bf16_autocast": True, "device": "meta"})
     with pytest.raises(ValueError, match="float32"):
         speed.check_speed_options({"bf16_autocast": True, "device": "cpu", "dtype": "float64"})
     with pytest.raises(ValueError, match="patrol"):
