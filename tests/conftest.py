@@ -56,6 +56,7 @@ SLOW = {
     "test_training_loop::test_two_call_loop_matches_the_explicit_refit_loop",
     "test_training_loop::test_fullgraph_compile_from_the_first_call",  # torch.compile
     "test_training_loop::test_fullgraph_compile_is_the_first_call_in_a_fresh_process",  # a subprocess compiling
+    "test_training_loop::test_compiled_step_does_not_recompile_and_still_counts_the_epoch",  # torch.compile
     "test_training_loop::test_lightning_callback_refits_at_epoch_end",
     "test_bench_scripts::test_gpu_check_dry_run",  # the GPU check's plumbing on the CPU: ~90-220 s
     "test_bench_scripts::test_gpu_check_imports_need_no_torch_pruning",
