@@ -38,6 +38,8 @@ def bf16_supported(device_type: str = "cpu") -> bool:
     torch says supports bf16 on CUDA."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
     from cem_fast.audit.decoder import bf16_autocast_available
 
     return bf16_autocast_available("cpu")
@@ -52,11 +54,11 @@ def check_speed_options(cfg: dict) -> None:
     if cfg.get("bf16_autocast"):
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"--bf16-autocast runs on a CPU or a CUDA GPU; the device is {device}")
-        if device.type == "cuda" and not bf16_supported("cuda"):
-            raise ValueError("--bf16-autocast: no CUDA GPU with bf16 support is visible; train without it")
-        if device.type == "cpu" and not bf16_supported():
+        if not bf16_supported(device.type):
             raise ValueError(
-                "--bf16-autocast: this CPU has no bf16 support in oneDNN (needs AVX-512 BF16 or AMX; "
+                "--bf16-autocast: no CUDA GPU with bf16 support is visible; train without it"
+                if device.type == "cuda"
+                else "--bf16-autocast: this CPU has no bf16 support in oneDNN (needs AVX-512 BF16 or AMX; "
                 "torch.ops.mkldnn._is_mkldnn_bf16_supported() is False); train without it"
             )
         if cfg.get("dtype", "float32") != "float32":

@@ -363,10 +363,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
     cfg["threads"] = args.threads
     cfg["dtype"] = args.dtype or "float32"
     if cfg["bf16_autocast"] == "auto":  # a preset's "where the device has bf16 kernels"; config.json gets the bool
-        device_type = torch.device(cfg["device"]).type
-        cfg["bf16_autocast"] = (
-            device_type in ("cpu", "cuda") and cfg["dtype"] == "float32" and speed.bf16_supported(device_type)
-        )
+        cfg["bf16_autocast"] = cfg["dtype"] == "float32" and speed.bf16_supported(torch.device(cfg["device"]).type)
     speed.check_speed_options(cfg)
     check_data_pipeline(cfg)
     cfg["command"] = None
